@@ -1,0 +1,71 @@
+"""Atomic file writes: a temp file in the same folder, fsync, then ``os.replace``.
+
+A reader (or a resumed job) never sees a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def temp_path_for(path: Path) -> Path:
+    """A unique temp name beside ``path`` that keeps its extension (``.nii.gz`` included)."""
+    path = Path(path)
+    name = path.name
+    suffix = "".join(path.suffixes[-2:]) if name.endswith(".nii.gz") else path.suffix
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    return path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:12]}{suffix}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be fsynced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path to write; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp)`` and move the result into place atomically."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)

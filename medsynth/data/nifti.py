@@ -1,0 +1,276 @@
+"""Read and write volumes with their geometry.
+
+NIfTI (``.nii``, ``.nii.gz``) is read with nibabel, fully decoded, keeping the affine.
+MetaImage and NRRD (``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``) are read with SimpleITK and
+converted from ITK's LPS world to the RAS affine NIfTI uses.
+
+Arrays are in file index order ``(i, j, k)``; a 2D volume stored as ``(H, W)`` or ``(H, W, 1)``
+is returned as ``(H, W)``. The affine is always 4x4 (voxel index -> RAS millimetres).
+
+There is one writer, :func:`write_volume`: atomic, explicit dtype (labels ``uint8`` if the
+maximum is below 256 else ``uint16``, never scaled; images ``float32``), and a re-read of the
+temp file proving that data and affine on disk equal what was meant before it takes its name.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from medsynth.data.atomic import atomic_path
+from medsynth.errors import DataError
+
+Kind = Literal["image", "label"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass
+class Volume:
+    """A decoded volume.
+
+    array: voxel data in file index order, ``(H, W)`` for 2D or ``(X, Y, Z)`` for 3D
+        (a 4th axis only if the file has one that is not a trailing singleton).
+    affine: ``(4, 4)`` float64 voxel -> RAS mm.
+    header: raw facts the checks need (``sform_code``, ``qform_code``, ``qform``, ``sform``,
+        ``slope``, ``inter``, ``disk_dtype``, ``zooms``, ``raw_shape``).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path | None = None
+    header: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def spatial_ndim(self) -> int:
+        return min(self.array.ndim, 3)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each spatial axis (norms of the affine's columns)."""
+        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return tuple(float(v) for v in norms[: self.spatial_ndim])
+
+
+def volume_suffix(path: Path) -> str:
+    name = Path(path).name.lower()
+    for suffix in SUPPORTED_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def strip_suffix(path: Path) -> str:
+    """The file name without its volume suffix (``c0.nii.gz`` -> ``c0``)."""
+    name = Path(path).name
+    suffix = volume_suffix(path)
+    return name[: len(name) - len(suffix)] if suffix else Path(path).stem
+
+
+def _squeeze_trailing(array: np.ndarray) -> np.ndarray:
+    # (H, W, 1) is 2D; (X, Y, Z, 1) is 3D; never squeeze a leading or middle axis.
+    while array.ndim > 2 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
+
+
+def read_volume(path: str | Path, *, kind: Kind = "image") -> Volume:
+    """Read and fully decode one volume. Raises :class:`DataError` naming the file.
+
+    ``kind`` only chooses how the data is returned: labels keep their on-disk integer dtype
+    when no scaling is stored; images come back as stored (callers cast).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a volume file")
+    suffix = volume_suffix(path)
+    if not suffix:
+        raise DataError(
+            f"{path}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})"
+        )
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(path, suffix)
+    return _read_itk(path)
+
+
+def _read_nifti(path: Path, suffix: str) -> Volume:
+    import nibabel as nib
+
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if suffix == ".nii.gz" and head != GZIP_MAGIC:
+        raise DataError(f"{path}: named .nii.gz but is not gzip-compressed (rename it to .nii)")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for a bad header
+        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: not a NIfTI-1/2 image ({type(img).__name__})")
+    hdr = img.header
+    raw_shape = tuple(int(s) for s in img.shape)
+    if any(s == 0 for s in raw_shape) or len(raw_shape) == 0:
+        raise DataError(f"{path}: has a zero-size axis (shape {raw_shape})")
+    try:
+        # Decode every byte now: a truncated file must fail here, not read as zeros later.
+        array = np.asarray(img.dataobj)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise DataError(f"{path}: truncated or corrupt data ({type(exc).__name__}: {exc})") from None
+    if array.size != int(np.prod(raw_shape)):
+        raise DataError(f"{path}: decoded {array.size} voxels, header says shape {raw_shape}")
+    sform, sform_code = hdr.get_sform(coded=True)
+    qform, qform_code = hdr.get_qform(coded=True)
+    dataobj = img.dataobj
+    header = {
+        "format": "nifti",
+        "sform_code": int(sform_code) if sform_code is not None else 0,
+        "qform_code": int(qform_code) if qform_code is not None else 0,
+        "sform": None if sform is None else np.asarray(sform, dtype=np.float64),
+        "qform": None if qform is None else np.asarray(qform, dtype=np.float64),
+        "slope": float(getattr(dataobj, "slope", 1.0)),
+        "inter": float(getattr(dataobj, "inter", 0.0)),
+        "disk_dtype": np.dtype(hdr.get_data_dtype()).name,
+        "zooms": tuple(float(z) for z in hdr.get_zooms()),
+        "raw_shape": raw_shape,
+        "pixdim": tuple(float(v) for v in hdr["pixdim"][1 : 1 + len(raw_shape)]),
+    }
+    return Volume(
+        array=_squeeze_trailing(array),
+        affine=np.asarray(img.affine, dtype=np.float64),
+        path=path,
+        header=header,
+    )
+
+
+def _read_itk(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except Exception as exc:  # SimpleITK raises RuntimeError with its own text
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable image ({first})") from None
+    dim = img.GetDimension()
+    size = img.GetSize()
+    if any(s == 0 for s in size):
+        raise DataError(f"{path}: has a zero-size axis (size {size})")
+    # SimpleITK arrays are (z, y, x[, components]); ours are (x, y, z[, components]).
+    array = sitk.GetArrayFromImage(img)
+    spatial = array.ndim if img.GetNumberOfComponentsPerPixel() == 1 else array.ndim - 1
+    order = list(range(spatial))[::-1] + list(range(spatial, array.ndim))
+    array = np.ascontiguousarray(np.transpose(array, order))
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
+    origin = np.asarray(img.GetOrigin(), dtype=np.float64)
+    lps = np.eye(4)
+    lps[:dim, :dim] = direction @ np.diag(spacing)
+    lps[:dim, 3] = origin
+    # ITK world is LPS; NIfTI's is RAS: negate the first two world axes.
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    header = {
+        "format": "itk",
+        "sform_code": 1,
+        "qform_code": 1,
+        "sform": affine.copy(),
+        "qform": affine.copy(),
+        "slope": 1.0,
+        "inter": 0.0,
+        "disk_dtype": array.dtype.name,
+        "zooms": tuple(float(s) for s in spacing),
+        "raw_shape": tuple(int(s) for s in array.shape),
+        "pixdim": tuple(float(s) for s in spacing),
+    }
+    return Volume(array=_squeeze_trailing(array), affine=affine, path=path, header=header)
+
+
+def label_dtype(max_value: int) -> np.dtype:
+    """The on-disk dtype for a label map: uint8 if max < 256, else uint16."""
+    if max_value < 256:
+        return np.dtype(np.uint8)
+    if max_value < 65536:
+        return np.dtype(np.uint16)
+    raise DataError(f"label value {max_value} does not fit in uint16")
+
+
+def _label_array(array: np.ndarray, path: Path) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype.kind == "b":
+        array = array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise DataError(f"{path}: label data contains NaN or Inf")
+        if not np.array_equal(array, np.round(array)):
+            raise DataError(f"{path}: label data has non-integer values; round them explicitly first")
+    elif array.dtype.kind not in "iu":
+        raise DataError(f"{path}: label data has dtype {array.dtype}, expected integers")
+    if array.size and array.min() < 0:
+        raise DataError(f"{path}: label data has negative value {array.min()}")
+    max_value = int(array.max()) if array.size else 0
+    return array.astype(label_dtype(max_value))
+
+
+def write_volume(
+    path: str | Path, array: np.ndarray, affine: np.ndarray, *, kind: Kind
+) -> Path:
+    """Write ``array`` with ``affine`` to ``path`` (``.nii.gz`` or ``.nii``) atomically.
+
+    array: ``(H, W)`` or ``(X, Y, Z)``; labels non-negative integers, images finite.
+    affine: ``(4, 4)`` voxel -> RAS mm; stored as both sform and qform (code 1, scanner).
+    The temp file is re-read and compared (data exactly, affine to float32 precision)
+    before it is moved to ``path``.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if volume_suffix(path) not in NIFTI_SUFFIXES:
+        raise DataError(f"{path}: the writer writes NIfTI only (.nii.gz or .nii)")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise DataError(f"{path}: affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    array = np.asarray(array)
+    if array.ndim not in (2, 3) or array.size == 0:
+        raise DataError(f"{path}: can only write 2D or 3D volumes, got shape {array.shape}")
+    if kind == "label":
+        data = _label_array(array, path)
+    elif kind == "image":
+        data = np.asarray(array, dtype=np.float32)
+        if not np.all(np.isfinite(data)):
+            raise DataError(f"{path}: image data contains NaN or Inf")
+    else:
+        raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
+
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+        _verify_written(tmp, path, data, affine)
+    return path
+
+
+def _verify_written(tmp: Path, final: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    import nibabel as nib
+
+    back = nib.load(str(tmp))
+    on_disk = np.asarray(back.dataobj)
+    if on_disk.dtype != data.dtype or on_disk.shape != data.shape or not np.array_equal(on_disk, data):
+        raise DataError(f"{final}: re-read data differs from what was written (write aborted)")
+    if not np.allclose(back.affine, affine, rtol=1e-6, atol=1e-4):
+        raise DataError(f"{final}: re-read affine differs from what was written (write aborted)")
