@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -151,23 +152,32 @@ def _parse_labels_msd(raw: Any, path: Path) -> dict[int, str] | None:
     return dict(sorted(labels.items()))
 
 
-def _parse_channels(raw: Any) -> list[str]:
+def _parse_channels(raw: Any, path: Path) -> list[str]:
     if isinstance(raw, dict) and raw:
-        items = sorted(((int(k), str(v)) for k, v in raw.items()), key=lambda kv: kv[0])
+        items = []
+        for k, v in raw.items():
+            try:
+                items.append((int(k), str(v)))
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: channel key {k!r} is not an integer (expected {{\"0\": \"T1\", ...}})") from None
+        items.sort(key=lambda kv: kv[0])
+        if [i for i, _ in items] != list(range(len(items))):
+            raise DataError(f"{path}: channel keys {[i for i, _ in items]} must be 0, 1, 2, ...")
         return [v for _, v in items]
     return ["image"]
 
 
 def _resolve(root: Path, value: str) -> Path:
     p = Path(value).expanduser()
-    return p if p.is_absolute() else (root / p)
+    # normalised, so "../x" written for a file outside the folder reads back as the same Path
+    return Path(os.path.normpath(p if p.is_absolute() else (root / p)))
 
 
 def _read_msd(path: Path) -> Manifest:
     data = _load_json(path)
     root = path.parent.resolve()
     labels = _parse_labels_msd(data.get("labels"), path)
-    channels = _parse_channels(data.get("modality"))
+    channels = _parse_channels(data.get("modality"), path)
     cases: list[Case] = []
     for split_key, split in (("training", "train"), ("validation", "val"), ("test", "test")):
         entries = data.get(split_key, [])
@@ -203,7 +213,7 @@ def _msd_entry(entry: Any, i: int, split_key: str, split: str, root: Path, path:
     if not isinstance(entry, dict) or "image" not in entry:
         raise DataError(f"{path}: {split_key}[{i}] needs an \"image\" field")
     image = entry["image"]
-    images = [image] if isinstance(image, str) else list(image)
+    images = [image] if isinstance(image, str) else list(image) if isinstance(image, list) else []
     if not images or not all(isinstance(x, str) for x in images):
         raise DataError(f"{path}: {split_key}[{i}] \"image\" must be a path or a list of paths")
     label = entry.get("label")
@@ -231,7 +241,7 @@ def _read_nnunet(folder: Path) -> Manifest:
         if key not in data:
             raise DataError(f"{path}: missing \"{key}\" (required by nnU-Net v2)")
     ending = str(data["file_ending"])
-    channels = _parse_channels(data["channel_names"])
+    channels = _parse_channels(data["channel_names"], path)
     raw_labels = data["labels"]
     if not isinstance(raw_labels, dict):
         raise DataError(f"{path}: \"labels\" must map names to integers")
@@ -305,6 +315,8 @@ def _read_csv(path: Path) -> Manifest:
     cases: list[Case] = []
     seen: set[str] = set()
     for row_no, row in enumerate(reader, start=2):
+        if None in row:  # DictReader puts cells beyond the header under the key None
+            raise DataError(f"{path}: line {row_no} has more cells than the header has columns")
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not any(row.values()):
             continue
@@ -398,6 +410,8 @@ def _msd_text(m: Manifest, root: Path) -> str:
             e["label"] = _rel(c.label, root)
         if c.case_id != strip_suffix(Path(c.images[0])):
             e["case_id"] = c.case_id
+        if c.split not in {"train", "val", "test"}:  # free-text split: keep it
+            e["split"] = c.split
         e.update(c.extra)
         return e
 
@@ -407,10 +421,11 @@ def _msd_text(m: Manifest, root: Path) -> str:
     data: dict[str, Any] = {
         "name": m.name,
         "modality": {str(i): n for i, n in enumerate(m.channels)},
-        "labels": {str(k): v for k, v in (m.labels or {}).items()},
-        "numTraining": len(train),
-        "numTest": len(test),
     }
+    if m.labels is not None:  # an absent list stays absent (not an empty one)
+        data["labels"] = {str(k): v for k, v in m.labels.items()}
+    data["numTraining"] = len(train)
+    data["numTest"] = len(test)
     data.update({k: v for k, v in m.meta.items() if k not in data and not k.startswith("declared_")})
     data["training"] = train
     if val:

@@ -14,7 +14,12 @@ temp file proving that data and affine on disk equal what was meant before it ta
 
 from __future__ import annotations
 
+import gzip
+import io
+import logging
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -106,27 +111,67 @@ def read_volume(path: str | Path, *, kind: Kind = "image") -> Volume:
     return _read_itk(path)
 
 
-def _read_nifti(path: Path, suffix: str) -> Volume:
+def _nifti_class(raw: bytes, path: Path) -> Any:
+    """NIfTI-1 or NIfTI-2 image class from ``sizeof_hdr`` (348 or 540, either byte order)."""
     import nibabel as nib
 
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    if suffix == ".nii.gz" and head != GZIP_MAGIC:
-        raise DataError(f"{path}: named .nii.gz but is not gzip-compressed (rename it to .nii)")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
+    if len(raw) < 4:
+        raise DataError(f"{path}: too short to be a NIfTI file ({len(raw)} bytes)")
+    for order in ("little", "big"):
+        size = int.from_bytes(raw[:4], order)
+        if size == 348:
+            return nib.Nifti1Image
+        if size == 540:
+            return nib.Nifti2Image
+    raise DataError(f"{path}: not a NIfTI file (header size field is not 348 or 540)")
+
+
+@contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    # nibabel logs header fixes ("setting 0 dims to 1") to stderr; the raw facts are kept in
+    # Volume.header and reported by validation instead.
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for a bad header
-        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise DataError(f"{path}: not a NIfTI-1/2 image ({type(img).__name__})")
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _read_nifti(path: Path, suffix: str) -> Volume:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    if not raw:
+        raise DataError(f"{path}: file is empty")
+    compressed = raw[:2] == GZIP_MAGIC
+    if suffix == ".nii.gz" and not compressed:
+        raise DataError(f"{path}: named .nii.gz but is not gzip-compressed (rename it to .nii)")
+    if suffix == ".nii" and compressed:
+        raise DataError(f"{path}: named .nii but is gzip-compressed (rename it to .nii.gz)")
+    if compressed:
+        try:
+            # The whole stream, trailer included: a cut file or a bad CRC fails here, even when
+            # the cut only removed bytes nibabel would never read.
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise DataError(f"{path}: truncated or corrupt gzip data ({type(exc).__name__}: {exc})") from None
+    klass = _nifti_class(raw, path)
+    with _quiet_nibabel():
+        try:
+            # The header as stored (nibabel's loader silently replaces a zero pixdim by 1).
+            stored = klass.header_class.from_fileobj(io.BytesIO(raw), check=False)
+            img = klass.from_bytes(raw)
+        except Exception as exc:  # nibabel raises many types for a bad header
+            raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
     hdr = img.header
     raw_shape = tuple(int(s) for s in img.shape)
     if any(s == 0 for s in raw_shape) or len(raw_shape) == 0:
         raise DataError(f"{path}: has a zero-size axis (shape {raw_shape})")
     try:
-        # Decode every byte now: a truncated file must fail here, not read as zeros later.
+        # Decode every byte now: a short file must fail here, not read as zeros later.
         array = np.asarray(img.dataobj)
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise DataError(f"{path}: truncated or corrupt data ({type(exc).__name__}: {exc})") from None
@@ -146,7 +191,8 @@ def _read_nifti(path: Path, suffix: str) -> Volume:
         "disk_dtype": np.dtype(hdr.get_data_dtype()).name,
         "zooms": tuple(float(z) for z in hdr.get_zooms()),
         "raw_shape": raw_shape,
-        "pixdim": tuple(float(v) for v in hdr["pixdim"][1 : 1 + len(raw_shape)]),
+        # as stored in the file, before nibabel's fixes (0 -> 1, negative -> absolute value)
+        "pixdim": tuple(float(v) for v in stored["pixdim"][1 : 1 + len(raw_shape)]),
     }
     return Volume(
         array=_squeeze_trailing(array),

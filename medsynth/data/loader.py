@@ -1,0 +1,419 @@
+"""Training data: volumes from a validated manifest -> normalised arrays -> seeded patches/slices.
+
+Everything a model family needs to know about the data is in :class:`DataInfo` (stored in the run's
+model card so a Synthesizer can map masks and intensities the same way).
+
+Data order is a pure function of (seed, global sample index): sample ``g`` (global index
+``step * global_batch + rank * batch_size + b``) takes case ``perm(seed, epoch)[g % n]`` with
+``epoch = g // n``, and its crop/slice from ``default_rng([seed, g])``. A resumed run therefore needs
+only the step and the seed, and a torchrun job of P processes shards every global batch by rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medsynth.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from medsynth.config import DataConfig
+    from medsynth.data.manifest import Case, Manifest
+
+# cap on the voxels per channel used to estimate percentiles (deterministic stride subsample)
+_PERCENTILE_VOXELS = 20_000_000
+
+
+@dataclass
+class Normalization:
+    """Map dataset intensities to [0, 1] and back, per channel.
+
+    mode: ``ct_window`` or ``mri_percentiles``; lo/hi: per-channel bounds in dataset units;
+    percentiles: the percentiles used (mri_percentiles only).
+    ``to_unit``: ``clip((x - lo) / (hi - lo), 0, 1)``; ``from_unit``: ``u * (hi - lo) + lo``.
+    """
+
+    mode: str
+    lo: list[float]
+    hi: list[float]
+    percentiles: list[float] | None = None
+
+    def to_unit(self, image: np.ndarray) -> np.ndarray:
+        """image: (C, *spatial) in dataset units -> float32 in [0, 1]."""
+        lo = np.asarray(self.lo, np.float64).reshape(-1, *([1] * (image.ndim - 1)))
+        hi = np.asarray(self.hi, np.float64).reshape(lo.shape)
+        out = (image.astype(np.float64) - lo) / np.maximum(hi - lo, 1e-12)
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+    def from_unit(self, unit: np.ndarray) -> np.ndarray:
+        """unit: (C, *spatial) in [0, 1] -> float32 in dataset units."""
+        lo = np.asarray(self.lo, np.float64).reshape(-1, *([1] * (unit.ndim - 1)))
+        hi = np.asarray(self.hi, np.float64).reshape(lo.shape)
+        return (np.asarray(unit, np.float64) * (hi - lo) + lo).astype(np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "lo": list(self.lo), "hi": list(self.hi), "percentiles": self.percentiles}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Normalization:
+        return cls(mode=d["mode"], lo=[float(v) for v in d["lo"]], hi=[float(v) for v in d["hi"]],
+                   percentiles=d.get("percentiles"))
+
+
+@dataclass
+class DataInfo:
+    """Facts about the training data that networks and synthesizers need.
+
+    dim: 2 or 3 (the model's spatial dims); slice_axis: axis 2D slices came from (3D volumes);
+    volume_ndim: ndim of the source volumes (2 or 3); size: training patch/slice size;
+    labels: label values in one-hot channel order (background 0 first); label_names: value -> name;
+    channels: image channel names; classes: class-conditioning values (empty: none);
+    spacing: target spacing in mm (None: native grid); normalization: intensity mapping;
+    fingerprint: sha256 over the training arrays as read; num_cases: training cases.
+    """
+
+    dim: int
+    slice_axis: int
+    volume_ndim: int
+    size: list[int]
+    labels: list[int]
+    label_names: dict[int, str]
+    channels: list[str]
+    classes: list[str]
+    spacing: list[float] | None
+    normalization: Normalization
+    fingerprint: str = ""
+    num_cases: int = 0
+    class_key: str | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the conditioning map: one-hot labels + one-hot classes (when > 1 class)."""
+        return self.num_labels + (self.num_classes if self.num_classes > 1 else 0)
+
+    def label_lut(self) -> np.ndarray:
+        """Lookup table label value -> channel index (-1 for values not in ``labels``)."""
+        lut = np.full(max(self.labels) + 1, -1, dtype=np.int64)
+        lut[np.asarray(self.labels)] = np.arange(len(self.labels))
+        return lut
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dim": self.dim, "slice_axis": self.slice_axis, "volume_ndim": self.volume_ndim,
+            "size": list(self.size), "labels": list(self.labels),
+            "label_names": {str(k): v for k, v in self.label_names.items()},
+            "channels": list(self.channels), "classes": list(self.classes), "class_key": self.class_key,
+            "spacing": None if self.spacing is None else list(self.spacing),
+            "normalization": self.normalization.to_dict(), "fingerprint": self.fingerprint,
+            "num_cases": self.num_cases,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataInfo:
+        return cls(
+            dim=int(d["dim"]), slice_axis=int(d["slice_axis"]), volume_ndim=int(d["volume_ndim"]),
+            size=[int(s) for s in d["size"]], labels=[int(v) for v in d["labels"]],
+            label_names={int(k): str(v) for k, v in d.get("label_names", {}).items()},
+            channels=list(d["channels"]), classes=list(d.get("classes", [])),
+            spacing=None if d.get("spacing") is None else [float(s) for s in d["spacing"]],
+            normalization=Normalization.from_dict(d["normalization"]),
+            fingerprint=str(d.get("fingerprint", "")), num_cases=int(d.get("num_cases", 0)),
+            class_key=d.get("class_key"),
+        )
+
+
+@dataclass
+class CaseArrays:
+    """One training case in memory: image (C, *spatial) float32 in [0, 1]; index (*spatial) int16
+    label channel indices; fg_slices: slice indices along slice_axis holding foreground."""
+
+    case_id: str
+    image: np.ndarray
+    index: np.ndarray
+    class_index: int = 0
+    fg_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def one_hot(index: torch.Tensor, num: int) -> torch.Tensor:
+    """index: (N, *spatial) int64 channel indices -> (N, num, *spatial) float32 one-hot."""
+    import torch
+
+    out = torch.zeros((index.shape[0], num, *index.shape[1:]), dtype=torch.float32, device=index.device)
+    return out.scatter_(1, index.unsqueeze(1).long(), 1.0)
+
+
+def resample(array: np.ndarray, size: tuple[int, ...], *, label: bool) -> np.ndarray:
+    """Resample (C, *spatial) to ``size`` (labels nearest, images linear), exact output shape."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(array)).unsqueeze(0)
+    if label:
+        out = F.interpolate(t.float(), size=size, mode="nearest").to(t.dtype)
+    else:
+        mode = "bilinear" if len(size) == 2 else "trilinear"
+        out = F.interpolate(t.float(), size=size, mode=mode, align_corners=False)
+    return out[0].numpy()
+
+
+def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: list[float]) -> tuple[int, ...]:
+    """Grid size that covers the same extent at ``target`` spacing."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def pad_to(array: np.ndarray, size: list[int], value: float = 0) -> np.ndarray:
+    """Pad the trailing spatial axes of ``array`` symmetrically up to ``size`` (never crops)."""
+    spatial = array.shape[-len(size):]
+    pads = [(0, 0)] * (array.ndim - len(size))
+    for n, want in zip(spatial, size):
+        extra = max(0, want - n)
+        pads.append((extra // 2, extra - extra // 2))
+    if not any(p for pair in pads for p in pair):
+        return array
+    return np.pad(array, pads, mode="constant", constant_values=value)
+
+
+def _case_class(case: Case, key: str | None) -> str | None:
+    if key is None:
+        return None
+    if key not in case.extra:
+        raise DataError(f"case {case.case_id}: no {key!r} field for class conditioning (data.class_key)")
+    return str(case.extra[key])
+
+
+# ---------------------------------------------------------------------------- the dataset
+
+
+class TrainingData:
+    """Cases in memory and the seeded sampling of patches/slices.
+
+    ``sample(g)`` -> dict with ``image`` (C, *size) float32 in [0, 1], ``label_index`` (*size) int64,
+    ``class_index`` () int64, ``index`` () int64 (= g). Batches add ``label``: (N, L, *size) one-hot.
+    """
+
+    def __init__(self, cases: list[CaseArrays], info: DataInfo, seed: int) -> None:
+        self.cases = cases
+        self.info = info
+        self.seed = seed
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, g: int) -> dict[str, Any]:
+        return self.sample(int(g))
+
+    @staticmethod
+    def global_batch(batch_size: int, world_size: int) -> int:
+        return batch_size * world_size
+
+    def case_for(self, g: int) -> int:
+        n = len(self.cases)
+        epoch, pos = divmod(g, n)
+        perm = self._perm_cache.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, 1, epoch]).permutation(n)
+            self._perm_cache = {epoch: perm}  # one epoch at a time is enough
+        return int(perm[pos])
+
+    def sample(self, g: int) -> dict[str, Any]:
+        """Training sample ``g`` (a global index)."""
+        return self.draw(self.case_for(g), g)
+
+    def draw(self, case_idx: int, g: int) -> dict[str, Any]:
+        """The slice/crop of case ``case_idx`` drawn with the random stream of index ``g``."""
+        import torch
+
+        case = self.cases[case_idx]
+        rng = np.random.default_rng([self.seed, 2, g])
+        image, index = case.image, case.index
+        info = self.info
+        if info.dim == 2 and info.volume_ndim == 3:
+            axis = info.slice_axis
+            pool = case.fg_slices if len(case.fg_slices) else np.arange(index.shape[axis])
+            k = int(pool[rng.integers(len(pool))])
+            image = np.take(image, k, axis=axis + 1)
+            index = np.take(index, k, axis=axis)
+        image = pad_to(image, info.size, 0.0)
+        index = pad_to(index, info.size, 0)
+        starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(index.shape, info.size)]
+        sl = tuple(slice(a, a + s) for a, s in zip(starts, info.size))
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image[(slice(None), *sl)], dtype=np.float32)),
+            "label_index": torch.from_numpy(np.ascontiguousarray(index[sl]).astype(np.int64)),
+            "class_index": torch.tensor(case.class_index, dtype=torch.int64),
+            "index": torch.tensor(g, dtype=torch.int64),
+        }
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+        batch["label"] = one_hot(batch["label_index"], self.info.num_labels)
+        return batch
+
+    def fixed_batch(self, n: int) -> dict[str, Any]:
+        """A fixed batch for previews and evaluation: the first case order of a separate stream."""
+        rng = np.random.default_rng([self.seed, 3])
+        picks = rng.permutation(len(self.cases))[:n]
+        picks = np.resize(picks, n)
+        # indices from 2**62 on never occur in training: their own crop streams
+        return self.collate([self.draw(int(c), 2**62 + j) for j, c in enumerate(picks)])
+
+
+class StepBatchSampler:
+    """Yields, for each step in [start_step, max_steps), this rank's global sample indices."""
+
+    def __init__(self, start_step: int, max_steps: int, batch_size: int, rank: int, world_size: int) -> None:
+        self.start_step, self.max_steps = start_step, max_steps
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.max_steps - self.start_step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gb = self.batch_size * self.world_size
+        for step in range(self.start_step, self.max_steps):
+            first = step * gb + self.rank * self.batch_size
+            yield list(range(first, first + self.batch_size))
+
+
+def make_loader(data: TrainingData, *, start_step: int, max_steps: int, batch_size: int, rank: int = 0,
+                world_size: int = 1, workers: int = 0, pin_memory: bool = False) -> Any:
+    """A torch DataLoader yielding one collated batch per step from ``start_step``."""
+    from torch.utils.data import DataLoader
+
+    sampler = StepBatchSampler(start_step, max_steps, batch_size, rank, world_size)
+    return DataLoader(data, batch_sampler=sampler, num_workers=workers, collate_fn=data.collate,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _load_case(case: Case, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image (C, *spatial) float64 in dataset units, label (*spatial) int, affine)."""
+    from medsynth.data.nifti import read_volume
+
+    if case.label is None:
+        raise DataError(f"case {case.case_id}: has no label map")
+    label = read_volume(case.label, kind="label")
+    lab = np.asarray(label.array)
+    if lab.ndim not in (2, 3):
+        raise DataError(f"{case.label}: label map has shape {lab.shape}; expected a 2D or 3D volume")
+    chans = []
+    for p in case.images:
+        vol = read_volume(p, kind="image")
+        arr = np.asarray(vol.array, dtype=np.float64)
+        if arr.shape != lab.shape:
+            raise DataError(f"{p}: image shape {arr.shape} differs from its label's {lab.shape} ({case.label})")
+        if not np.all(np.isfinite(arr)):
+            raise DataError(f"{p}: image contains NaN or Inf")
+        chans.append(arr)
+    image = np.stack(chans)
+    if cfg.spacing is not None:
+        if len(cfg.spacing) != lab.ndim:
+            raise DataError(f"data.spacing has {len(cfg.spacing)} values but {case.label} is {lab.ndim}D")
+        shape = target_shape(lab.shape, label.spacing, cfg.spacing)
+        if shape != lab.shape:
+            image = resample(image, shape, label=False).astype(np.float64)
+            lab = resample(lab.astype(np.int32)[None], shape, label=True)[0]
+    return image, lab, label.affine
+
+
+def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int) -> TrainingData:
+    """Load every training case (``manifest.training_cases()``), fit the intensity normalisation on
+    them, map labels to channel indices and return the seeded :class:`TrainingData`."""
+    cases = manifest.training_cases()
+    if not cases:
+        raise DataError(f"{manifest.source}: no labelled training cases")
+    raw = [(c, *_load_case(c, cfg)) for c in cases]
+    ndims = {lab.ndim for _, _, lab, _ in raw}
+    if len(ndims) > 1:
+        raise DataError(f"{manifest.source}: mixes 2D and 3D volumes")
+    volume_ndim = ndims.pop()
+    if cfg.dim == 3 and volume_ndim == 2:
+        raise DataError(f"{manifest.source}: data.dim is 3 but the volumes are 2D (set data.dim: 2)")
+
+    # labels: the manifest's list (background 0 always included), else the values found
+    found = sorted({int(v) for _, _, lab, _ in raw for v in np.unique(lab)})
+    labels = sorted(set(manifest.labels) | {0}) if manifest.labels else sorted(set(found) | {0})
+    unknown = sorted(set(found) - set(labels))
+    if unknown:
+        raise DataError(f"{manifest.source}: label values {unknown} are not in the manifest's labels {labels}")
+    names = {v: (manifest.labels or {}).get(v, "background" if v == 0 else f"label_{v}") for v in labels}
+
+    # classes
+    class_values = [_case_class(c, cfg.class_key) for c, _, _, _ in raw]
+    if cfg.class_key is None:
+        classes: list[str] = []
+    elif cfg.classes is not None:
+        classes = list(cfg.classes)
+        bad = sorted({v for v in class_values if v not in classes})
+        if bad:
+            raise DataError(f"{manifest.source}: {cfg.class_key} values {bad} are not in data.classes {classes}")
+    else:
+        classes = sorted({v for v in class_values if v is not None})
+
+    # normalisation fitted on the training set (per channel)
+    nch = raw[0][1].shape[0]
+    if cfg.ct_window is not None:
+        norm = Normalization("ct_window", [float(cfg.ct_window[0])] * nch, [float(cfg.ct_window[1])] * nch)
+    else:
+        pcts = list(cfg.mri_percentiles or (0.5, 99.5))
+        total = sum(img[0].size for _, img, _, _ in raw)
+        stride = max(1, int(np.ceil(total / _PERCENTILE_VOXELS)))
+        lo, hi = [], []
+        for ch in range(nch):
+            values = np.concatenate([img[ch].ravel()[::stride] for _, img, _, _ in raw])
+            a, b = np.percentile(values, pcts)
+            if not b > a:
+                raise DataError(f"{manifest.source}: channel {ch} has constant intensity {a} over the "
+                                f"{pcts} percentiles; cannot normalise (use data.ct_window)")
+            lo.append(float(a))
+            hi.append(float(b))
+        norm = Normalization("mri_percentiles", lo, hi, pcts)
+
+    info = DataInfo(
+        dim=cfg.dim, slice_axis=cfg.slice_axis, volume_ndim=volume_ndim, size=list(cfg.size),
+        labels=labels, label_names=names, channels=list(manifest.channels), classes=classes,
+        spacing=None if cfg.spacing is None else list(cfg.spacing), normalization=norm,
+        num_cases=len(raw), class_key=cfg.class_key,
+    )
+    lut = info.label_lut()
+    digest = hashlib.sha256()
+    arrays = []
+    for (case, image, lab, _), cls in zip(raw, class_values):
+        digest.update(case.case_id.encode())
+        digest.update(np.ascontiguousarray(image, dtype=np.float32).tobytes())
+        digest.update(np.ascontiguousarray(lab, dtype=np.int64).tobytes())
+        index = lut[lab.astype(np.int64)].astype(np.int16)
+        fg: np.ndarray = np.zeros(0, np.int64)
+        if cfg.dim == 2 and volume_ndim == 3 and cfg.foreground_slices:
+            other = tuple(a for a in range(3) if a != cfg.slice_axis)
+            fg = np.nonzero((lab != 0).any(axis=other))[0].astype(np.int64)
+        arrays.append(CaseArrays(case.case_id, norm.to_unit(image), index,
+                                 classes.index(cls) if cls is not None else 0, fg))
+    info.fingerprint = digest.hexdigest()
+    return TrainingData(arrays, info, seed)

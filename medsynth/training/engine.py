@@ -1,0 +1,698 @@
+"""The training engine: one plain PyTorch loop for every model family.
+
+How a model family plugs in (the contract; read this before writing a family)
+-----------------------------------------------------------------------------
+A *family* (``gan`` in :mod:`medsynth.training.gan`, ``ldm`` in :mod:`medsynth.training.ldm`) is a
+class registered in :data:`FAMILIES` under the value of ``config.model.family`` (as a lazy
+``"module:Class"`` string, so importing the engine imports no family). Subclass :class:`FamilyBase`;
+the engine calls only these members::
+
+    family = Family(config: Config, info: DataInfo, rt: Runtime)
+        Build networks (on the CPU, then ``.to(rt.device)``), optimisers (``self.make_optimizer``),
+        EMA copies (``self.make_ema``), and register them in ``self.modules``, ``self.optimizers``,
+        ``self.schedulers``, ``self.emas``. The engine runs the constructor inside
+        ``torch.random.fork_rng`` seeded with ``training.seed``, so default initialisers are
+        reproducible without touching the caller's global RNG. Wrap a network for training with
+        ``rt.wrap(module)`` (DDP under torchrun, the module itself otherwise); keep the unwrapped
+        module in ``self.modules``. Raise ConfigError for settings that do not fit the data
+        (e.g. a size not divisible by the network's downsampling factor).
+    family.max_steps() -> int
+        Steps to train (default ``config.training.max_steps``; a stage may use its own count).
+    family.train_step(batch: dict[str, Tensor], step: int) -> dict[str, float]
+        One optimisation step on ``batch`` (see DataInfo / medsynth.data.loader.TrainingData for the
+        keys: ``image`` (N, C, *spatial) float32 in [0, 1]; ``label`` (N, L, *spatial) one-hot
+        float32 over ``info.labels``; ``label_index`` (N, *spatial) int64; ``class_index`` (N,) int64).
+        Every random draw comes from ``rt.generator(step, stream)`` (a CPU torch.Generator seeded
+        from (seed, step, rank, stream)), so a resumed run draws the same numbers. Use
+        ``rt.autocast()`` around forwards. Update EMA copies here. Return float losses for logging.
+    family.state_dict() / family.load_state_dict(state)
+        Everything the family owns, as tensors and plain Python types only (the default collects
+        modules, optimisers, schedulers, EMA copies, the GradScaler and ``extra_state()``); the engine
+        adds the step, every RNG state, the data order and the config itself.
+    family.evaluate(batch) -> dict[str, float]      (optional; default {})
+        Deterministic scores on the fixed preview batch, logged as ``{"kind": "eval", ...}`` records
+        at step 0, every ``preview_every`` steps and at the end (rank 0 only, no grad).
+    family.preview(batch) -> dict[str, Tensor]
+        Named image rows for the preview grid, each (N, C, *spatial) in [0, 1] (e.g. ``real``,
+        ``generated``); the engine adds the mask row and writes ``RUN/previews/step_XXXXXXXX.png``.
+    family.export(run_dir: Path) -> dict[str, Any]
+        Write the family's inference weights (``RUN/model.safetensors``; EMA weights when there are
+        any) and return extra facts for ``RUN/model_card.json`` (stored under ``"model"``). Rank 0 only.
+
+Runs, stages and the folder layout
+----------------------------------
+``train(config, run_dir, resume=False, stage=None)`` writes::
+
+    RUN/config.yaml                      the resolved recipe
+    RUN/metrics.jsonl                    {"kind": "train", "step", "samples_per_s", losses...} and
+                                         {"kind": "eval", "step", ...} records (a "stage" key if staged)
+    RUN/previews/[STAGE_]step_XXXXXXXX.png
+    RUN/checkpoints/[STAGE/]step_XXXXXXXX.pt   (see medsynth.training.checkpoint)
+    RUN/model.safetensors, RUN/model_card.json (written by family.export / the engine at the end)
+
+``stage`` (``--stage`` on the CLI) is passed to the family as ``rt.stage``; a staged family (LDM:
+``autoencoder`` then ``diffusion``) trains each stage as its own run of the loop with its own
+checkpoint folder in the same RUN. An existing RUN is refused without ``resume`` (for a stage:
+when that stage already has checkpoints). ``resume`` continues from the newest valid checkpoint and
+refuses a config that differs in anything but the step count, intervals and workers.
+
+Determinism: the data order is a function of (seed, step) (medsynth.data.loader), noise comes from
+``rt.generator(step, ...)``, and on the CPU ``torch.use_deterministic_algorithms`` is on, so N steps
++ resume to M equals M straight, bit for bit. Under torchrun each rank takes its own slice of every
+global batch (a DistributedSampler without padding), gradients are averaged by DDP, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medsynth.errors import CheckpointError, ConfigError, JobError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from medsynth.config import Config
+    from medsynth.data.loader import DataInfo
+    from medsynth.data.manifest import Manifest
+
+#: config.model.family -> "module:Class" (imported on use)
+FAMILIES: dict[str, str] = {
+    "gan": "medsynth.training.gan:GanFamily",
+    "ldm": "medsynth.training.ldm:LdmFamily",
+}
+
+# Settings that may change between a run and its resume.
+RESUME_MUTABLE = {
+    "training.max_steps",
+    "training.workers",
+    "training.log_every",
+    "training.preview_every",
+    "training.checkpoint_every",
+    "training.keep_last",
+    "training.device",
+}
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed from a tuple of non-negative ints (numpy SeedSequence; order matters)."""
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def family_class(name: str) -> type:
+    """The family class registered under ``name`` (ConfigError if unknown or not installed)."""
+    target = FAMILIES.get(name)
+    if target is None:
+        raise ConfigError(f"model.family: unknown family {name!r} (known: {', '.join(sorted(FAMILIES))})")
+    module_name, cls_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ConfigError(f"model.family: the {name!r} family is not available in this installation") from None
+        raise
+    return getattr(module, cls_name)
+
+
+# ---------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class Runtime:
+    """Where and how this process trains.
+
+    device: the torch device; rank/world_size/local_rank: torchrun's (0/1/0 without it);
+    stage: the ``--stage`` option (None when the family has no stages); run_dir: RUN.
+    """
+
+    config: Config
+    run_dir: Path
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    stage: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def seed(self) -> int:
+        return self.config.training.seed
+
+    @property
+    def amp_enabled(self) -> bool:
+        """bf16 autocast: only on CUDA (bf16 on this kind of CPU is 10-70x slower)."""
+        return self.config.training.amp and self.device.type == "cuda"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        import torch
+
+        if not self.amp_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DDP-wrap ``module`` under torchrun (its gradients are averaged across ranks)."""
+        if not self.distributed:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+    def generator(self, step: int, stream: int = 0) -> torch.Generator:
+        """A CPU generator seeded from (seed, step, rank, stream): draw, then ``.to(rt.device)``."""
+        import torch
+
+        return torch.Generator().manual_seed(derive_seed(self.seed, 7, step, self.rank, stream))
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+# ---------------------------------------------------------------------------- family base
+
+
+class FamilyBase:
+    """Shared machinery for model families (see the module docstring for the contract)."""
+
+    name = "base"
+
+    def __init__(self, config: Config, info: DataInfo, rt: Runtime) -> None:
+        import torch
+
+        self.config = config
+        self.info = info
+        self.rt = rt
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, Any] = {}
+        self.emas: dict[str, torch.optim.swa_utils.AveragedModel] = {}
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=False)
+
+    # -- helpers for subclasses
+    def make_optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
+        import torch
+
+        opt = self.config.optimizer
+        cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+        return cls(params, lr=lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+
+    def make_ema(self, module: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
+        """An EMA copy (AveragedModel + get_ema_multi_avg_fn) if ``training.ema`` is set."""
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        decay = self.config.training.ema
+        if decay is None:
+            return None
+        return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def clip_and_step(self, name: str, loss: torch.Tensor) -> None:
+        """Backward ``loss``, clip (``optimizer.grad_clip``) and step optimiser ``name``."""
+        import torch
+
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config.optimizer.grad_clip
+        if clip is not None:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched = self.schedulers.get(name)
+        if sched is not None:
+            sched.step()
+
+    def inference_module(self, name: str) -> torch.nn.Module:
+        """The EMA copy's module when there is one, else the raw module."""
+        ema = self.emas.get(name)
+        return ema.module if ema is not None else self.modules[name]
+
+    # -- the contract
+    def max_steps(self) -> int:
+        return self.config.training.max_steps
+
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, batch: dict[str, Any]) -> dict[str, float]:
+        return {}
+
+    def preview(self, batch: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def export(self, run_dir: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "emas": {k: e.state_dict() for k, e in self.emas.items()},
+            "scaler": self.scaler.state_dict(),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for group, owned in (("modules", self.modules), ("optimizers", self.optimizers),
+                             ("schedulers", self.schedulers), ("emas", self.emas)):
+            saved = state.get(group, {})
+            if set(saved) != set(owned):
+                raise CheckpointError(
+                    f"checkpoint holds {group} {sorted(saved)}, this model has {sorted(owned)}"
+                )
+            for key, obj in owned.items():
+                try:
+                    obj.load_state_dict(saved[key])
+                except (RuntimeError, ValueError, KeyError) as exc:
+                    first = str(exc).strip().splitlines()[0]
+                    raise CheckpointError(f"checkpoint {group}.{key} does not fit this model: {first}") from None
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.load_extra_state(state.get("extra", {}))
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did. ``family`` is the trained family object (weights in memory)."""
+
+    run_dir: Path
+    step: int
+    losses: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    family: Any = None
+
+
+# ---------------------------------------------------------------------------- setup helpers
+
+
+def _init_distributed(cfg: Config) -> tuple[torch.device, int, int, int, bool]:
+    """(device, rank, world_size, local_rank, we_initialised) from torchrun's environment."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.training.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("training.device: cuda was asked for but no CUDA device is available")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    ours = False
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        ours = True
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return device, rank, world, local_rank, ours
+
+
+def validated_manifest(path: Path | None) -> Manifest:
+    """Validate the whole dataset (every file decoded and checked) and return its manifest."""
+    if path is None:
+        raise ConfigError("data.manifest: no dataset given (set it in the recipe or pass --data)")
+    try:
+        from medsynth.data.validate import load_valid_dataset
+    except ImportError:  # validation module not installed yet: read the manifest only
+        from medsynth.data.manifest import read_manifest
+
+        return read_manifest(path)
+    return load_valid_dataset(path)
+
+
+def checkpoint_dir(run_dir: Path, stage: str | None) -> Path:
+    return run_dir / "checkpoints" if stage is None else run_dir / "checkpoints" / stage
+
+
+def _check_run_dir(run_dir: Path, stage: str | None, resume: bool) -> None:
+    ckpts = checkpoint_dir(run_dir, stage)
+    if resume:
+        if not run_dir.exists():
+            raise CheckpointError(f"{run_dir}: no such run to resume")
+        return
+    if stage is None:
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise JobError(f"{run_dir}: run folder exists; pass --resume to continue it, or choose another --out")
+    elif ckpts.exists() and any(ckpts.iterdir()):
+        raise JobError(f"{run_dir}: stage {stage!r} has checkpoints; pass --resume to continue it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise JobError(f"{run_dir}: exists and is not a folder")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUME_MUTABLE:
+            continue
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            diffs.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
+    return diffs
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after ``step`` (a run killed after its last checkpoint logged them)."""
+    from medsynth.data.atomic import atomic_write_text
+
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if int(rec.get("step", 0)) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if on:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    import torch
+
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def write_preview(path: Path, batch: dict[str, Any], rows: dict[str, Any], info: DataInfo) -> Path:
+    """A PNG grid: one row per entry (mask, then the family's rows), one column per sample.
+
+    3D samples show their middle slice along the last axis; channel 0 only; labels as a colour map.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from medsynth.data.atomic import atomic_path
+
+    def as_2d(t: Any) -> np.ndarray:
+        a = t.detach().float().cpu().numpy()
+        return a[..., a.shape[-1] // 2] if a.ndim == 3 else a
+
+    idx = batch["label_index"]
+    n = idx.shape[0]
+    named = [("mask", [as_2d(idx[i]) / max(1, len(info.labels) - 1) for i in range(n)])]
+    for name, t in rows.items():
+        named.append((name, [np.clip(as_2d(t[i, 0]), 0, 1) for i in range(n)]))
+    fig, axes = plt.subplots(len(named), n, figsize=(1.6 * n, 1.6 * len(named)), squeeze=False)
+    for r, (name, imgs) in enumerate(named):
+        for c, img in enumerate(imgs):
+            ax = axes[r][c]
+            ax.imshow(img.T, origin="lower", cmap="tab10" if name == "mask" else "gray",
+                      vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout(pad=0.2)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _progress(enabled: bool, total: int, start: int, description: str) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[losses]}"),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+    task = progress.add_task(description, total=total, completed=start, speed="", losses="")
+    return progress, task
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train(
+    config: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    stage: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``config.model.family`` on ``config.data.manifest`` into ``run_dir``.
+
+    Validates the run folder and the whole dataset before building any network. Under torchrun
+    (``WORLD_SIZE > 1``) every process calls this; rank 0 writes. Raises ConfigError, DataError,
+    CheckpointError or JobError for user mistakes.
+    """
+    device, rank, world, local_rank, ours = _init_distributed(config)
+    try:
+        rt = Runtime(config=config, run_dir=Path(run_dir), device=device, rank=rank,
+                     world_size=world, local_rank=local_rank, stage=stage)
+        deterministic = device.type == "cpu" or config.training.deterministic
+        with _deterministic(deterministic):
+            return _train(rt, resume=resume, progress=progress)
+    finally:
+        if ours:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(rt: Runtime, *, resume: bool, progress: bool) -> TrainResult:
+    import torch
+
+    from medsynth.data.atomic import atomic_write_text
+    from medsynth.data.loader import build_training_data, make_loader
+    from medsynth.training import checkpoint as ck
+
+    cfg, run_dir, stage = rt.config, rt.run_dir, rt.stage
+    family_cls = family_class(cfg.model.family)
+
+    # 1. the run folder, then the whole dataset: bad input fails before any network is built
+    _check_run_dir(run_dir, stage, resume)
+    rt.barrier()
+    manifest = validated_manifest(cfg.data.manifest)
+    data = build_training_data(manifest, cfg.data, seed=cfg.training.seed)
+
+    # 2. the family: networks, optimisers, EMA (seeded, without touching the global RNG)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.training.seed)
+        family = family_cls(cfg, data.info, rt)
+    max_steps = family.max_steps()
+
+    # 3. resume: newest valid checkpoint -> family state, RNG states, step
+    ckpt_dir = checkpoint_dir(run_dir, stage)
+    start_step = 0
+    state: dict[str, Any] = {}
+    if resume:
+        path, state = ck.load_latest_checkpoint(ckpt_dir)
+        diffs = _config_differences(json.loads(state["config_json"]), cfg.to_dict())
+        if diffs:
+            raise JobError(f"{run_dir}: the config differs from the run's ({'; '.join(diffs)}); "
+                           "resume with the same recipe or start a new run")
+        family.load_state_dict(state["family_state"])
+        ck.set_rng_state(state["rng"])
+        start_step = int(state["step"])
+        order = state.get("data_order", {})
+        if order.get("global_batch") not in (None, data.global_batch(cfg.training.batch_size, rt.world_size)):
+            warnings.warn(f"{run_dir}: resuming with a different global batch than the run used "
+                          f"({order.get('global_batch')}); the data order will not match an uninterrupted run",
+                          stacklevel=2)
+    ckpt_dir.mkdir(parents=True, exist_ok=True) if rt.is_main else None
+
+    # 4. the run's files
+    metrics_path = run_dir / "metrics.jsonl"
+    prefix = f"{stage}_" if stage else ""
+    if rt.is_main:
+        (run_dir / "previews").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        _truncate_metrics(metrics_path, start_step)
+        ck.remove_stale_temp_files(ckpt_dir)
+    rt.barrier()
+    tag = {"stage": stage} if stage else {}
+    preview_batch = data.fixed_batch(min(4, cfg.training.batch_size))
+
+    def evaluate_and_preview(step: int) -> None:
+        if not rt.is_main:
+            return
+        pb = _to_device(preview_batch, rt.device)
+        with torch.no_grad():
+            scores = family.evaluate(pb)
+            rows = family.preview(pb) if cfg.training.preview_every else {}
+        if scores:
+            _append_jsonl(metrics_path, {"kind": "eval", "step": step, **tag, **scores})
+        if rows:
+            write_preview(run_dir / "previews" / f"{prefix}step_{step:08d}.png", pb, rows, data.info)
+
+    def save(step: int, losses: dict[str, float]) -> Path | None:
+        if not rt.is_main:
+            return None
+        payload = ck.make_payload(
+            step=step, family=cfg.model.family, stage=stage, family_state=family.state_dict(),
+            config_json=json.dumps(cfg.to_dict()), losses=losses,
+            data_order={"seed": cfg.training.seed, "next_step": step,
+                        "global_batch": data.global_batch(cfg.training.batch_size, rt.world_size)},
+        )
+        return ck.save_checkpoint(ckpt_dir, step, payload, keep_last=cfg.training.keep_last)
+
+    # 5. the loop
+    loader = make_loader(data, start_step=start_step, max_steps=max_steps,
+                         batch_size=cfg.training.batch_size, rank=rt.rank, world_size=rt.world_size,
+                         workers=cfg.training.workers, pin_memory=rt.device.type == "cuda")
+    if start_step == 0:
+        evaluate_and_preview(0)
+    bar, task = _progress(progress and rt.is_main, max_steps, start_step, stage or cfg.model.family)
+    losses: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    count, t0, last_ckpt = 0, time.perf_counter(), None
+    step = start_step
+    with bar:
+        for batch in loader:
+            # 5a. one optimisation step
+            out = family.train_step(_to_device(batch, rt.device), step)
+            step += 1
+            losses = {k: float(v) for k, v in out.items()}
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            # 5b. logs, progress, previews, checkpoints
+            if step % cfg.training.log_every == 0 or step == max_steps:
+                dt = max(time.perf_counter() - t0, 1e-9)
+                rate = count * cfg.training.batch_size * rt.world_size / dt
+                if rt.is_main:
+                    rec = {"kind": "train", "step": step, **tag, "samples_per_s": round(rate, 3),
+                           **{k: v / count for k, v in sums.items()}}
+                    _append_jsonl(metrics_path, rec)
+                bar.update(task, speed=f"{count / dt:.2f} it/s",
+                           losses=" ".join(f"{k}={v / count:.3g}" for k, v in sums.items()))
+                sums, count, t0 = {}, 0, time.perf_counter()
+            bar.update(task, completed=step)
+            if cfg.training.preview_every and step % cfg.training.preview_every == 0 and step != max_steps:
+                evaluate_and_preview(step)
+            if step % cfg.training.checkpoint_every == 0 or step == max_steps:
+                last_ckpt = save(step, losses)
+            if any(not math.isfinite(v) for v in losses.values()):
+                raise JobError(f"{run_dir}: training diverged at step {step} (losses {losses}); "
+                               "lower the learning rate or check the data")
+
+    # 6. the end: final evaluation, preview, checkpoint, export and model card
+    if step > start_step or start_step == 0:
+        evaluate_and_preview(step)
+    if rt.is_main:
+        if last_ckpt is None and step > start_step:
+            last_ckpt = save(step, losses)
+        if not losses and resume:
+            losses = {k: float(v) for k, v in (state.get("losses") or {}).items()}
+        extras = family.export(run_dir)
+        _write_model_card(run_dir, cfg, data.info, family, stage, step, losses, extras)
+    rt.barrier()
+    return TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_ckpt, family=family)
+
+
+def _write_model_card(run_dir: Path, cfg: Config, info: DataInfo, family: Any, stage: str | None,
+                      step: int, losses: dict[str, float], extras: dict[str, Any]) -> None:
+    """RUN/model_card.json: what a Synthesizer needs (config, data facts) and what was trained."""
+    from medsynth import __version__
+    from medsynth.data.atomic import atomic_write_text
+
+    path = run_dir / "model_card.json"
+    card: dict[str, Any] = {}
+    if stage is not None and path.exists():
+        with contextlib.suppress(json.JSONDecodeError, OSError):
+            card = json.loads(path.read_text(encoding="utf-8"))
+    card.update({
+        "format": "medsynth-model-card",
+        "version": 1,
+        "medsynth_version": __version__,
+        "family": cfg.model.family,
+        "config": cfg.to_dict(),
+        "data": info.to_dict(),
+        "steps": step,
+        "final_losses": losses,
+    })
+    card.setdefault("model", {}).update(extras)
+    if stage is not None:
+        card.setdefault("stages", {})[stage] = {"steps": step, "final_losses": losses}
+    atomic_write_text(path, json.dumps(card, indent=2) + "\n")
+
+
+__all__ = [
+    "FAMILIES",
+    "FamilyBase",
+    "Runtime",
+    "TrainResult",
+    "checkpoint_dir",
+    "derive_seed",
+    "family_class",
+    "train",
+    "validated_manifest",
+    "write_preview",
+]

@@ -1,0 +1,246 @@
+"""The GAN family: one training step of a mask-conditioned SPADE GAN, its losses and its export.
+
+Step (pix2pixHD / SPADE recipe), images mapped from [0, 1] to [-1, 1]:
+  1. generator: fake = G(cond, noise); loss = w_adv * adv(D(fake|cond)) + w_fm * feature matching
+     (L1 between D's intermediate maps of fake and real, mean over scales) + w_l1 * |fake - real|
+     (+ w_p * perceptual); Adam step on G only (D frozen, not DDP-wrapped for this pass).
+  2. EMA update of G.
+  3. discriminator: D(real|cond) vs D(fake.detach()|cond) in one batch; hinge or least squares.
+Noise for step s is drawn from ``rt.generator(s)``, so resumed runs draw the same noise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medsynth.errors import ConfigError
+from medsynth.models.gan import build_discriminator, build_generator, check_sizes, condition_map
+from medsynth.training.engine import FamilyBase, derive_seed
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def adversarial_d_loss(real_out: list[torch.Tensor], fake_out: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """Discriminator loss over scales: hinge ``relu(1 - D(real)) + relu(1 + D(fake))`` or least
+    squares ``((D(real) - 1)^2 + D(fake)^2) / 2``; mean over patches, mean over scales."""
+    terms = []
+    for r, f in zip(real_out, fake_out):
+        r, f = r.float(), f.float()
+        if kind == "hinge":
+            terms.append(F.relu(1.0 - r).mean() + F.relu(1.0 + f).mean())
+        else:
+            terms.append(0.5 * ((r - 1.0) ** 2).mean() + 0.5 * (f**2).mean())
+    return torch.stack(terms).mean()
+
+
+def adversarial_g_loss(fake_out: list[torch.Tensor], kind: str) -> torch.Tensor:
+    """Generator adversarial loss: hinge ``-D(fake)`` or least squares ``(D(fake) - 1)^2``."""
+    terms = [(-f.float()).mean() if kind == "hinge" else ((f.float() - 1.0) ** 2).mean() for f in fake_out]
+    return torch.stack(terms).mean()
+
+
+def feature_matching_loss(fake_feats: list[list[torch.Tensor]], real_feats: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Mean over scales of the summed L1 between D's intermediate maps of fake and (detached) real."""
+    per_scale = []
+    for ff, rf in zip(fake_feats, real_feats):
+        per_scale.append(sum(F.l1_loss(a.float(), b.detach().float()) for a, b in zip(ff, rf)) / max(1, len(ff)))
+    return torch.stack(per_scale).mean()
+
+
+class PerceptualLoss(nn.Module):
+    """LPIPS-style distance between frozen MONAI-ResNet features (layers 1-4) of two images.
+
+    Weights come from a local file only (``.safetensors``, or a ``.pt`` state dict read with
+    weights_only=True; a ``module.`` prefix and ``fc.*`` keys are ignored). Each channel of the image
+    is fed separately (the network takes 1 channel). Inputs (N, C, *spatial) in [-1, 1].
+    """
+
+    def __init__(self, spatial_dims: int, network: str, weights_path: Path) -> None:
+        super().__init__()
+        from monai.networks.nets import resnet
+
+        weights_path = Path(weights_path)
+        if not weights_path.is_file():
+            raise ConfigError(f"model.loss.perceptual.weights_path: {weights_path}: file not found "
+                              "(the perceptual loss needs a local weights file; nothing is downloaded)")
+        depth = int(network.replace("resnet", ""))
+        bias_downsample, shortcut = resnet.get_medicalnet_pretrained_resnet_args(depth)
+        self.net = getattr(resnet, network)(spatial_dims=spatial_dims, n_input_channels=1, feed_forward=False,
+                                            shortcut_type=shortcut, bias_downsample=bias_downsample)
+        state = _read_state_dict(weights_path)
+        state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+        want = set(self.net.state_dict())
+        missing = sorted(want - set(state))
+        if missing:
+            raise ConfigError(f"model.loss.perceptual.weights_path: {weights_path} does not hold {network} "
+                              f"weights ({len(missing)} missing, e.g. {missing[:3]})")
+        try:
+            self.net.load_state_dict({k: state[k] for k in want})
+        except RuntimeError as exc:
+            raise ConfigError(f"model.loss.perceptual.weights_path: {weights_path}: "
+                              f"{str(exc).splitlines()[0]}") from None
+        self.net.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> PerceptualLoss:  # always frozen, BN in eval mode
+        return self
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        n = self.net
+        x = n.act(n.bn1(n.conv1(x)))
+        if not n.no_max_pool:
+            x = n.maxpool(x)
+        out = []
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+            out.append(x)
+        return out
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        total = fake.new_zeros(())
+        for c in range(fake.shape[1]):
+            ff, rf = self._features(fake[:, c : c + 1]), self._features(real[:, c : c + 1])
+            for a, b in zip(ff, rf):
+                a = a / (a.norm(dim=1, keepdim=True) + 1e-10)
+                b = b / (b.norm(dim=1, keepdim=True) + 1e-10)
+                total = total + ((a - b.detach()) ** 2).sum(dim=1).mean()
+        return total / fake.shape[1]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"model.loss.perceptual.weights_path: {path}: cannot be read safely "
+                          f"({type(exc).__name__})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConfigError(f"model.loss.perceptual.weights_path: {path}: not a state dict")
+    return obj
+
+
+# ---------------------------------------------------------------------------- the family
+
+
+class GanFamily(FamilyBase):
+    """Mask-conditioned SPADE GAN (see the module docstring)."""
+
+    name = "gan"
+
+    def __init__(self, config: Any, info: Any, rt: Any) -> None:
+        super().__init__(config, info, rt)
+        model = config.model
+        check_sizes(model, info.size)
+        self.loss_cfg = model.loss
+        dev = rt.device
+        self.G = build_generator(model, info).to(dev)
+        self.D = build_discriminator(model, info).to(dev)
+        self.modules = {"generator": self.G, "discriminator": self.D}
+        self.optimizers = {
+            "generator": self.make_optimizer(self.G.parameters(), config.training.lr),
+            "discriminator": self.make_optimizer(self.D.parameters(), config.training.lr_d),
+        }
+        ema = self.make_ema(self.G)
+        if ema is not None:
+            self.emas["generator"] = ema
+        self.G_train = rt.wrap(self.G)
+        self.D_train = rt.wrap(self.D)
+        p = model.loss.perceptual
+        self.perceptual = (PerceptualLoss(info.dim, p.network, p.weights_path).to(dev)
+                           if p.weight > 0 and p.weights_path is not None else None)
+
+    # -- helpers
+    def cond(self, batch: dict[str, Any]) -> torch.Tensor:
+        return condition_map(batch["label"], batch.get("class_index"), self.info.num_classes)
+
+    def noise(self, n: int, spatial: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        z = torch.randn((n, *self.G.noise_shape(spatial)), generator=gen)
+        return z.to(self.rt.device)
+
+    # -- contract
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        lc, rt = self.loss_cfg, self.rt
+        real = batch["image"] * 2.0 - 1.0
+        cond = self.cond(batch)
+        n = real.shape[0]
+        z = self.noise(n, tuple(real.shape[2:]), rt.generator(step))
+
+        # 1. generator step (D frozen; the raw D, so no DDP sync for D here)
+        self.D.requires_grad_(False)
+        with rt.autocast():
+            fake = self.G_train(cond, z)
+            outs, feats = self.D(torch.cat([torch.cat([fake, cond], 1), torch.cat([real, cond], 1)], 0))
+        fake_out = [o[:n] for o in outs]
+        fake_feats = [[f[:n] for f in fs] for fs in feats]
+        real_feats = [[f[n:] for f in fs] for fs in feats]
+        fake = fake.float()
+        g_adv = adversarial_g_loss(fake_out, lc.adversarial)
+        g_fm = feature_matching_loss(fake_feats, real_feats)
+        g_l1 = F.l1_loss(fake, real)
+        loss_g = lc.adversarial_weight * g_adv + lc.feature_matching_weight * g_fm + lc.l1_weight * g_l1
+        logs = {"g_adv": g_adv.item(), "g_fm": g_fm.item(), "g_l1": g_l1.item()}
+        if self.perceptual is not None:
+            g_p = self.perceptual(fake, real)
+            loss_g = loss_g + lc.perceptual.weight * g_p
+            logs["g_perceptual"] = g_p.item()
+        self.clip_and_step("generator", loss_g)
+        self.D.requires_grad_(True)
+
+        # 2. EMA of the generator
+        ema = self.emas.get("generator")
+        if ema is not None:
+            ema.update_parameters(self.G)
+
+        # 3. discriminator step on real and detached fake in one batch
+        with rt.autocast():
+            outs, _ = self.D_train(torch.cat([torch.cat([real, cond], 1), torch.cat([fake.detach(), cond], 1)], 0))
+        loss_d = adversarial_d_loss([o[:n] for o in outs], [o[n:] for o in outs], lc.adversarial)
+        self.clip_and_step("discriminator", loss_d)
+        logs["d"] = loss_d.item()
+        logs["g_total"] = loss_g.item()
+        return logs
+
+    def _fixed_noise(self, batch: dict[str, Any]) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(derive_seed(self.rt.seed, 11))
+        return self.noise(batch["image"].shape[0], tuple(batch["image"].shape[2:]), gen)
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, Any]) -> dict[str, float]:
+        """L1 (in [0, 1] units) of the raw and EMA generators to the real images, fixed noise."""
+        cond, z = self.cond(batch), self._fixed_noise(batch)
+        out = {"l1": float((self.G(cond, z) * 0.5 + 0.5 - batch["image"]).abs().mean())}
+        if "generator" in self.emas:
+            ema = self.emas["generator"].module
+            out["l1_ema"] = float((ema(cond, z) * 0.5 + 0.5 - batch["image"]).abs().mean())
+        return out
+
+    @torch.no_grad()
+    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        g = self.inference_module("generator")
+        fake = g(self.cond(batch), self._fixed_noise(batch)) * 0.5 + 0.5
+        return {"real": batch["image"], "generated": fake}
+
+    def export(self, run_dir: Path) -> dict[str, Any]:
+        """RUN/model.safetensors: the generator's (EMA) weights."""
+        from safetensors.torch import save_file
+
+        from medsynth.data.atomic import atomic_path
+
+        g = self.inference_module("generator")
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in g.state_dict().items()}
+        with atomic_path(Path(run_dir) / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "medsynth-gan-generator", "ema": str("generator" in self.emas)})
+        return {"weights": WEIGHTS_FILE, "network": "SpadeGenerator", "ema": "generator" in self.emas,
+                "size_multiple": self.G.factor, "noise_channels": self.G.noise_channels}
