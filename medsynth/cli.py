@@ -107,6 +107,53 @@ def phantoms(
 # ------------------------------------------------------------------------------------ augment
 # (implemented in medsynth.augment; see issue 6)
 
+
+@app.command()
+@user_errors
+def augment(
+    input: Annotated[Path, typer.Argument(help="An MSD dataset JSON, a CSV manifest or an nnU-Net raw folder.")],
+    method: Annotated[str, typer.Option(help="synthseg, classic, gan or ldm.")],
+    num: Annotated[int, typer.Option(help="Number of synthetic cases to make.")],
+    out: Annotated[Path, typer.Option(help="Output folder (written in the input's format).")],
+    seed: Annotated[int, typer.Option(help="Job seed: same seed, same bytes.")] = 0,
+    model: Annotated[Optional[Path], typer.Option(help="Trained run folder (for --method gan or ldm).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUT (same settings).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier augment output in OUT.")] = False,
+    synthetic_only: Annotated[bool, typer.Option("--synthetic-only", help="List only synthetic cases in the manifest.")] = False,
+    workers: Annotated[int, typer.Option(help="Parallel CPU worker processes (results do not depend on it).")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="Augment recipe YAML (see configs/augment.yaml).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Grow a segmentation dataset with synthetic image/label pairs (safely, resumably)."""
+    from medsynth.augment import AugmentOptions, load_augment_config, run_augment
+
+    options = AugmentOptions(
+        input=input, out=out, method=method, num=num, seed=seed, model=model, resume=resume,  # type: ignore[arg-type]
+        overwrite=overwrite, synthetic_only=synthetic_only, workers=workers, dry_run=dry_run,
+        config=load_augment_config(config), progress=progress and not json_out,
+    )
+    summary = run_augment(options)
+    if json_out:
+        print_json({**summary.to_dict(), "plan": [vars(p) for p in summary.plan] if dry_run else None})
+        return
+    if dry_run:
+        typer.echo(f"plan: {summary.real_cases} real + {summary.synthetic_cases} synthetic cases -> {summary.out}")
+        for p in summary.plan:
+            outputs = " ".join([*p.images, p.label])
+            typer.echo(f"{p.case_id}  source={p.source}  donor={p.donor or '-'}  {outputs}")
+        typer.echo("dry run: nothing written")
+        return
+    if summary.manifest is None:  # a torchrun rank other than 0
+        typer.echo(f"rank {summary.rank}: made {summary.generated} case(s), {summary.reused} already done")
+        return
+    typer.echo(
+        f"wrote {summary.manifest}: {summary.real_cases} real + {summary.synthetic_cases} synthetic cases "
+        f"({summary.generated} made now, {summary.reused} verified from before, {summary.redraws} QC redraw(s)) "
+        f"in {summary.seconds:.1f} s"
+    )
+
 # ------------------------------------------------------------------------------------ demo
 
 

@@ -164,3 +164,20 @@ def test_nnunet_missing_channel_file(tmp_path: Path) -> None:
         {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0}, "numTraining": 1, "file_ending": ".nii.gz"}))
     with pytest.raises(DataError, match="c1_0001.nii.gz"):
         read_manifest(tmp_path)
+
+
+def test_example_manifests_parse(tmp_path: Path) -> None:
+    examples = Path(__file__).resolve().parents[1] / "data_manifests"
+    msd = read_manifest(examples / "example_msd.json")
+    assert msd.format == "msd" and len(msd.training_cases()) == 3 and msd.labels[5] == "ventricles"
+    assert msd.cases[0].images == [examples / "imagesTr/sub-01.nii.gz"]
+    csv_m = read_manifest(examples / "example.csv")
+    assert [c.split for c in csv_m.cases] == ["train", "train", "val", "test"]
+    # the nnU-Net example is a dataset.json only; give it (empty) files to list
+    root = tmp_path / "Dataset042_BrainExample"
+    root.mkdir()
+    (root / "dataset.json").write_text((examples / "example_nnunet/dataset.json").read_text())
+    for cid in ("sub-01", "sub-02"):
+        _touch(root / f"imagesTr/{cid}_0000.nii.gz", root / f"imagesTr/{cid}_0001.nii.gz", root / f"labelsTr/{cid}.nii.gz")
+    nn = read_manifest(root)
+    assert nn.channels == ["T1", "FLAIR"] and len(nn.cases) == 2 and nn.meta["declared_numTraining"] == 2

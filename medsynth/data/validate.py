@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -374,7 +375,7 @@ def check_label_declared(label: Volume, counts: dict[float, int], labels: dict[i
     """#15: every integer value is declared (0 always counts as background); all background warns."""
     problems = []
     if labels is not None:
-        undeclared = sorted(v for v in counts if isinstance(v, int) and v != 0 and v not in labels)
+        undeclared = sorted(v for v in counts if isinstance(v, int) and v > 0 and v not in labels)
         if undeclared:
             shown = ", ".join(str(v) for v in undeclared[:MAX_LISTED]) + (", ..." if len(undeclared) > MAX_LISTED else "")
             plural = "s" if len(undeclared) > 1 else ""
@@ -403,7 +404,9 @@ def _read(path: Path, kind: Kind) -> tuple[Volume | None, list[Problem]]:
     from medsynth.data.nifti import read_volume
 
     try:
-        return read_volume(path, kind=kind), []
+        with warnings.catch_warnings():  # header oddities nibabel warns about are checked here instead
+            warnings.simplefilter("ignore")
+            return read_volume(path, kind=kind), []
     except DataError as exc:
         text = str(exc)
         prefix = f"{path}: "
@@ -736,6 +739,7 @@ def load_valid_dataset(path: str | Path, *, progress: bool = False) -> Manifest:
 def print_report(report: ValidationReport, console: Console | None = None) -> None:
     """Print problems (one line each: severity, file, problem), then the fingerprint, with rich."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
@@ -760,7 +764,7 @@ def print_report(report: ValidationReport, console: Console | None = None) -> No
         return
     info = Table(title="Fingerprint", show_header=False, title_justify="left")
     info.add_row("cases", f"{fp['cases']} ({fp['labelled_cases']} labelled)")
-    info.add_row("channels", ", ".join(f"{i}: {c}" for i, c in enumerate(fp["channels"])))
+    info.add_row("channels", escape(", ".join(f"{i}: {c}" for i, c in enumerate(fp["channels"]))))
     info.add_row("dimensionality", f"{fp['dimensionality']}D")
     for key, unit in (("shapes", "voxels"), ("spacings", "mm")):
         d = fp[key]
@@ -773,16 +777,16 @@ def print_report(report: ValidationReport, console: Console | None = None) -> No
     total = sum(by_value.values()) or 1
     names = fp["labels"] or {}
     for v, n in by_value.items():
-        labels.add_row(v, names.get(v, ""), str(n), f"{n / total:.4f}", str(fp["label_voxels"]["cases_with_value"][v]))
+        labels.add_row(v, escape(names.get(v, "")), str(n), f"{n / total:.4f}", str(fp["label_voxels"]["cases_with_value"][v]))
     console.print(labels)
     inten = Table(title="Foreground intensity (label > 0)", title_justify="left")
     for col in ("channel", "p0.5", "median", "p99.5", "mean", "std"):
         inten.add_column(col, justify="right" if col != "channel" else "left")
     for ch, d in fp["intensity_foreground"].items():
         if d is None:
-            inten.add_row(ch, "-", "-", "-", "-", "-")
+            inten.add_row(escape(ch), "-", "-", "-", "-", "-")
         else:
-            inten.add_row(ch, *(f"{d[k]:.4g}" for k in ("percentile_00_5", "median", "percentile_99_5", "mean", "std")))
+            inten.add_row(escape(ch), *(f"{d[k]:.4g}" for k in ("percentile_00_5", "median", "percentile_99_5", "mean", "std")))
     console.print(inten)
 
 

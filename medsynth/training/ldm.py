@@ -1,0 +1,520 @@
+"""The latent diffusion family: two stages in one run, each its own loop of the engine.
+
+Stage ``autoencoder`` (MONAI AutoencoderKL + PatchDiscriminator), images in [0, 1]:
+  1. reconstruction of ``z = mu + sigma * eps`` (eps from ``rt.generator(step)``);
+     loss = L1 + ssim_weight * (1 - SSIM) + kl_weight * KL (+ perceptual) (+ adv_weight * least-squares
+     patch adversarial term from step ``adv_start`` on); Adam step on the autoencoder.
+  2. from ``adv_start`` on: the patch discriminator on real vs detached reconstructions.
+
+Stage ``diffusion`` (the autoencoder frozen, read from the newest autoencoder checkpoint):
+  1. latents ``z0 = scale * (mu + sigma * eps)``; ``scale = 1 / std`` of the first stage-2 batch's
+     latents (over all ranks), kept in the checkpoints, the model card and the weights file;
+  2. condition dropout (zero mask, null class) with probability ``cond_dropout`` for guidance;
+  3. noise and timestep from the run's generators, ``z_t = process.add_noise(z0, noise, t)``;
+     MSE of the UNet's prediction to the process's target; Adam step; EMA update.
+
+:func:`train_ldm` runs the stages in order (or one). A run whose autoencoder changed after its
+diffusion checkpoints were written (a finished run resumed with a larger ``--max-steps``) retrains
+the diffusion stage from its seed, so 10 steps resumed to 20 equal 20 straight.
+
+Export (end of the diffusion stage): ``RUN/model.safetensors`` holds ``autoencoder.*`` and the EMA
+``unet.*`` weights; the model card's ``model`` entry holds the scale factor, conditioning, noise
+process and sampler defaults (see :func:`medsynth.synthesis.ldm.LatentDiffusionPipeline.from_run`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medsynth.errors import CheckpointError, ConfigError, JobError
+from medsynth.models.autoencoder import (
+    build_autoencoder,
+    build_discriminator,
+    decode,
+    downsample_factor,
+    encode,
+)
+from medsynth.models.diffusion import MaskConditionedUNet
+from medsynth.synthesis.samplers import Condition, NoiseProcess, sample_latents
+from medsynth.training.engine import FamilyBase, checkpoint_dir, derive_seed
+
+STAGES: tuple[str, ...] = ("autoencoder", "diffusion")
+WEIGHTS_FILE = "model.safetensors"
+
+# generator streams of one step (rt.generator(step, stream))
+_ENCODE, _NOISE, _TIME, _DROP = 0, 1, 2, 3
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def ssim_loss(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """``1 - SSIM`` (differentiable), images ``(N, C, *spatial)``.
+
+    The Wang et al. (2004) setting of :mod:`medsynth.evaluation.metrics` (Gaussian sigma 1.5 taps
+    from its ``gaussian_window``, K1 0.01, K2 0.03, valid region) as separable float32 convolutions;
+    the window shrinks to fit sides shorter than 11. (The metric itself detaches its inputs and works
+    in float64, so it cannot be a training loss.)
+    """
+    from medsynth.evaluation.metrics import gaussian_window
+
+    sd = x.ndim - 2
+    radius = min(5, (min(x.shape[2:]) - 1) // 2)
+    taps = torch.as_tensor(gaussian_window(truncate=radius / 1.5 + 1e-9), dtype=torch.float32, device=x.device)
+    x, y = x.float(), y.float()
+    c = x.shape[1]
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    conv = F.conv2d if sd == 2 else F.conv3d
+    for axis in range(sd):
+        shape = [5 * c, 1] + [taps.numel() if a == axis else 1 for a in range(sd)]
+        stack = conv(stack, taps.reshape([1, 1] + shape[2:]).expand(shape), groups=5 * c)
+    ux, uy, uxx, uyy, uxy = stack.split(c, dim=1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return 1.0 - s.mean()
+
+
+def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) summed over latent voxels, mean over the batch."""
+    per = 0.5 * (mu.float() ** 2 + sigma.float() ** 2 - torch.log(sigma.float() ** 2 + 1e-12) - 1.0)
+    return per.flatten(1).sum(1).mean()
+
+
+def lsgan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
+    """Least-squares patch adversarial loss (MONAI ``PatchAdversarialLoss(criterion="least_squares")``)."""
+    target = 1.0 if real else 0.0
+    return ((logits.float() - target) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names and bytes (the identity of an autoencoder's weights)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def stage_steps(config: Any, stage: str) -> int:
+    """Steps of ``stage``: its own ``max_steps`` when set, capped by ``training.max_steps``."""
+    own = getattr(config.model, stage).max_steps
+    cap = config.training.max_steps
+    return cap if own is None else min(own, cap)
+
+
+def use_flash(config: Any, device: torch.device) -> bool:
+    flag = config.model.use_flash_attention
+    return device.type == "cuda" if flag == "auto" else bool(flag)
+
+
+def check_sizes(config: Any, size: list[int]) -> None:
+    """ConfigError when ``data.size`` does not suit the autoencoder's factor or the discriminator."""
+    ae = config.model.autoencoder
+    f = downsample_factor(ae)
+    bad = [s for s in size if s % f]
+    if bad:
+        raise ConfigError(f"data.size {size}: each value must be divisible by {f} "
+                          f"(2 ** (len(model.autoencoder.channels) - 1))")
+    if min(size) // 2**ae.disc_layers < 2:
+        raise ConfigError(f"model.autoencoder.disc_layers={ae.disc_layers} is too deep for data.size {size} "
+                          f"(each layer halves it; lower disc_layers or raise data.size)")
+
+
+def load_autoencoder_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """The autoencoder's weights and step from the run's newest valid autoencoder checkpoint."""
+    from medsynth.training import checkpoint as ck
+
+    folder = checkpoint_dir(Path(run_dir), "autoencoder")
+    if not ck.checkpoint_paths(folder):
+        raise CheckpointError(f"{run_dir}: no autoencoder checkpoint; train the autoencoder stage first "
+                              "(medsynth train ... --stage autoencoder, or without --stage)")
+    _, state = ck.load_latest_checkpoint(folder)
+    try:
+        return state["family_state"]["modules"]["autoencoder"], int(state["step"])
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{folder}: checkpoint holds no autoencoder weights") from None
+
+
+# ---------------------------------------------------------------------------- the family
+
+
+class _Reconstructor(torch.nn.Module):
+    """``(image, eps) -> (reconstruction, mu, sigma)`` with explicit noise: the training forward of an
+    AutoencoderKL (whose own forward draws global noise), in one call so DDP can wrap it."""
+
+    def __init__(self, autoencoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, image: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, sigma = self.autoencoder.encode(image)
+        return self.autoencoder.decode(mu + eps.to(mu.dtype) * sigma), mu, sigma
+
+
+
+class LdmFamily(FamilyBase):
+    """Latent diffusion: ``rt.stage`` is ``autoencoder`` or ``diffusion`` (see the module docstring)."""
+
+    name = "ldm"
+    stages = STAGES
+
+    def __init__(self, config: Any, info: Any, rt: Any) -> None:
+        super().__init__(config, info, rt)
+        if rt.stage not in STAGES:
+            raise ConfigError(f"the ldm family trains in stages {', '.join(STAGES)}; got stage {rt.stage!r} "
+                              "(use medsynth.training.ldm.train_ldm, which runs them in order)")
+        self.stage = rt.stage
+        m = config.model
+        self.ae_cfg, self.df_cfg = m.autoencoder, m.diffusion
+        check_sizes(config, list(info.size))
+        self.factor = downsample_factor(self.ae_cfg)
+        self.num_classes = info.num_classes if info.num_classes > 1 else 0
+        dev = rt.device
+        flash = use_flash(config, dev)
+        self.autoencoder = build_autoencoder(self.ae_cfg, spatial_dims=info.dim, in_channels=info.num_channels,
+                                             use_flash_attention=flash).to(dev)
+        if self.stage == "autoencoder":
+            self._init_autoencoder_stage(info)
+        else:
+            self._init_diffusion_stage(info, flash)
+
+    # ------------------------------------------------------------------ construction
+    def _optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
+        """The engine's Adam(W) settings; fused kernels on CUDA."""
+        if self.rt.device.type != "cuda":
+            return self.make_optimizer(params, lr)
+        opt = self.config.optimizer
+        cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+        return cls(params, lr=lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, fused=True)
+
+    def _init_autoencoder_stage(self, info: Any) -> None:
+        from medsynth.training.gan import PerceptualLoss
+
+        self.discriminator = build_discriminator(self.ae_cfg, spatial_dims=info.dim,
+                                                 in_channels=info.num_channels).to(self.rt.device)
+        self.modules = {"autoencoder": self.autoencoder, "discriminator": self.discriminator}
+        self.optimizers = {
+            "autoencoder": self._optimizer(self.autoencoder.parameters(), self.ae_cfg.lr),
+            "discriminator": self._optimizer(self.discriminator.parameters(), self.config.training.lr_d),
+        }
+        self.ae_train = self.rt.wrap(_Reconstructor(self.autoencoder))
+        self.disc_train = self.rt.wrap(self.discriminator)
+        p = self.ae_cfg.perceptual
+        self.perceptual = (PerceptualLoss(info.dim, p.network, p.weights_path).to(self.rt.device)
+                           if p.weight > 0 and p.weights_path is not None else None)
+
+    def _init_diffusion_stage(self, info: Any, flash: bool) -> None:
+        ae_state, self.ae_step = load_autoencoder_state(self.rt.run_dir)
+        try:
+            self.autoencoder.load_state_dict(ae_state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.rt.run_dir}: the autoencoder checkpoint does not fit "
+                                  f"model.autoencoder ({str(exc).splitlines()[0]})") from None
+        self.ae_digest = state_digest(ae_state)
+        self.autoencoder.eval().requires_grad_(False)
+        self.unet = MaskConditionedUNet(
+            self.df_cfg, spatial_dims=info.dim, latent_channels=self.ae_cfg.latent_channels,
+            num_labels=info.num_labels, num_classes=self.num_classes, downsample_factor=self.factor,
+            use_flash_attention=flash,
+        ).to(self.rt.device)
+        self.modules = {"unet": self.unet}
+        self.optimizers = {"unet": self._optimizer(self.unet.parameters(), self.config.training.lr)}
+        ema = self.make_ema(self.unet)
+        if ema is not None:
+            self.emas["unet"] = ema
+        self.unet_train = self.rt.wrap(self.unet)
+        self.latent_size = [s // self.factor for s in info.size]
+        base = 1
+        for s in self.latent_size:
+            base *= s
+        self.base_numel = base
+        self.process = make_process(self.df_cfg, info.dim, base)
+        self.scale_factor: float | None = None
+
+    # ------------------------------------------------------------------ stage 1
+    def _autoencoder_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        c, rt = self.ae_cfg, self.rt
+        real = batch["image"]
+        adv_on = c.adv_weight > 0 and step >= c.adv_start
+        # 1. autoencoder: reconstruction, SSIM, KL (+ perceptual, + adversarial)
+        self.discriminator.requires_grad_(False)
+        latent = (real.shape[0], c.latent_channels, *(s // self.factor for s in real.shape[2:]))
+        eps = torch.randn(latent, generator=rt.generator(step, _ENCODE)).to(rt.device)
+        with rt.autocast():
+            recon, mu, sigma = self.ae_train(real, eps)
+        recon = recon.float()
+        l1 = F.l1_loss(recon, real)
+        ssim = ssim_loss(recon, real) if c.ssim_weight > 0 else recon.new_zeros(())
+        kl = kl_loss(mu, sigma)
+        loss = l1 + c.ssim_weight * ssim + c.kl_weight * kl
+        logs = {"l1": l1.item(), "ssim_loss": float(ssim), "kl": kl.item()}
+        if self.perceptual is not None:
+            p = self.perceptual(recon * 2 - 1, real * 2 - 1)
+            loss = loss + c.perceptual.weight * p
+            logs["perceptual"] = p.item()
+        if adv_on:
+            with rt.autocast():
+                g_adv = lsgan_loss(self.discriminator(recon)[-1], real=True)
+            loss = loss + c.adv_weight * g_adv
+            logs["g_adv"] = g_adv.item()
+        self.clip_and_step("autoencoder", loss)
+        self.discriminator.requires_grad_(True)
+        # 2. patch discriminator (after the warm-up)
+        if adv_on:
+            with rt.autocast():
+                out = self.disc_train(torch.cat([real, recon.detach()]))[-1]
+            n = real.shape[0]
+            d = 0.5 * (lsgan_loss(out[:n], real=True) + lsgan_loss(out[n:], real=False))
+            self.clip_and_step("discriminator", c.adv_weight * d)
+            logs["d"] = d.item()
+        logs["loss"] = loss.item()
+        return logs
+
+    @torch.no_grad()
+    def _reconstruct(self, image: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean reconstruction ``(N, C, *spatial)`` (eval and previews)."""
+        return self.autoencoder.decode(self.autoencoder.encode(image)[0]).float()
+
+    # ------------------------------------------------------------------ stage 2
+    @torch.no_grad()
+    def latents(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Unscaled latents ``(N, Cz, *size/f)`` of images in [0, 1], reparameterised with ``generator``."""
+        with self.rt.autocast():
+            z, _, _ = encode(self.autoencoder, image, generator=generator)
+        return z.float()
+
+    def _set_scale(self, z: torch.Tensor) -> None:
+        """scale = 1 / std of ``z`` over every rank's batch."""
+        stats = torch.stack([z.sum(), (z * z).sum(), torch.tensor(float(z.numel()), device=z.device)]).double()
+        if self.rt.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+        mean = stats[0] / stats[2]
+        var = stats[1] / stats[2] - mean * mean
+        self.scale_factor = float(1.0 / var.clamp_min(1e-12).sqrt())
+
+    def condition(self, batch: dict[str, Any]) -> Condition:
+        labels = batch.get("class_index") if self.num_classes > 0 else None
+        return Condition(mask=batch["label"], class_labels=labels)
+
+    def _diffusion_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        rt = self.rt
+        # 1. scaled latents of the frozen autoencoder
+        z = self.latents(batch["image"], rt.generator(step, _ENCODE))
+        if self.scale_factor is None:
+            self._set_scale(z)
+        z0 = z * self.scale_factor
+        n = z0.shape[0]
+        # 2. condition dropout for classifier-free guidance
+        cond = self.condition(batch)
+        mask, labels = cond.mask, cond.class_labels
+        if self.df_cfg.cond_dropout > 0:
+            drop = torch.rand((n,), generator=rt.generator(step, _DROP)) < self.df_cfg.cond_dropout
+            drop = drop.to(rt.device)
+            null_mask, null_labels = self.unet.null_condition(mask, labels)
+            mask = torch.where(drop.view(-1, *([1] * (mask.ndim - 1))), null_mask, mask)
+            if labels is not None:
+                labels = torch.where(drop, null_labels, labels)
+        # 3. noise, timesteps, prediction, loss
+        noise = torch.randn(z0.shape, generator=rt.generator(step, _NOISE)).to(rt.device)
+        t = self.process.training_timesteps(n, tuple(z0.shape), rt.generator(step, _TIME), rt.device)
+        z_t = self.process.add_noise(z0, noise, t)
+        with rt.autocast():
+            pred = self.unet_train(z_t, t, mask, labels)
+        loss = F.mse_loss(pred.float(), self.process.target(z0, noise, t))
+        self.clip_and_step("unet", loss)
+        ema = self.emas.get("unet")
+        if ema is not None:
+            ema.update_parameters(self.unet)
+        return {"mse": loss.item()}
+
+    # ------------------------------------------------------------------ the contract
+    def max_steps(self) -> int:
+        return stage_steps(self.config, self.stage)
+
+    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        if self.stage == "autoencoder":
+            return self._autoencoder_step(batch, step)
+        return self._diffusion_step(batch, step)
+
+    def _fixed_generator(self, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.rt.seed, 13, stream))
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, Any]) -> dict[str, float]:
+        """Autoencoder: L1 and 1-SSIM of the posterior-mean reconstruction. Diffusion: the loss on
+        fixed noise and timesteps for the raw and EMA UNets (once the scale is known)."""
+        if self.stage == "autoencoder":
+            recon = self._reconstruct(batch["image"])
+            return {"l1": float(F.l1_loss(recon, batch["image"])), "ssim_loss": float(ssim_loss(recon, batch["image"]))}
+        if self.scale_factor is None:
+            return {}
+        z0 = self.latents(batch["image"], self._fixed_generator(0)) * self.scale_factor
+        noise = torch.randn(z0.shape, generator=self._fixed_generator(1)).to(z0.device)
+        t = self.process.training_timesteps(z0.shape[0], tuple(z0.shape), self._fixed_generator(2), z0.device)
+        z_t = self.process.add_noise(z0, noise, t)
+        target = self.process.target(z0, noise, t)
+        cond = self.condition(batch)
+        out = {}
+        for name, net in (("mse", self.unet), ("mse_ema", self.emas["unet"].module if "unet" in self.emas else None)):
+            if net is not None:
+                net.eval()
+                out[name] = float(F.mse_loss(net(z_t, t, cond.mask, cond.class_labels).float(), target))
+                net.train()
+        return out
+
+    @torch.no_grad()
+    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.stage == "autoencoder":
+            return {"real": batch["image"], "reconstruction": self._reconstruct(batch["image"]).clamp(0, 1)}
+        if self.scale_factor is None:
+            return {}
+        net = self.inference_module("unet").eval()
+        z = sample_latents(net, self.condition(batch), (batch["image"].shape[0], self.ae_cfg.latent_channels,
+                                                        *self.latent_size),
+                           process=self.process, sampler=self.df_cfg.sampler, steps=self.df_cfg.sample_steps,
+                           generator=self._fixed_generator(3))
+        self.unet.train()
+        image = self.autoencoder.decode(z / self.scale_factor).float()
+        return {"real": batch["image"], "generated": image.clamp(0, 1)}
+
+    def extra_state(self) -> dict[str, Any]:
+        if self.stage == "autoencoder":
+            return {}
+        return {"scale_factor": self.scale_factor, "autoencoder_digest": self.ae_digest,
+                "autoencoder_step": self.ae_step}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.stage == "autoencoder":
+            return
+        if state.get("autoencoder_digest") != self.ae_digest:
+            raise CheckpointError(f"{self.rt.run_dir}: the diffusion checkpoints were trained on another "
+                                  "autoencoder; retrain the diffusion stage (medsynth.training.ldm.train_ldm "
+                                  "does this on --resume)")
+        sf = state.get("scale_factor")
+        self.scale_factor = None if sf is None else float(sf)
+
+    def export(self, run_dir: Path) -> dict[str, Any]:
+        """After stage 1: the autoencoder facts. After stage 2: ``RUN/model.safetensors`` with
+        ``autoencoder.*`` and (EMA) ``unet.*`` weights, and everything sampling needs."""
+        facts: dict[str, Any] = {
+            "network": "AutoencoderKL+DiffusionModelUNet",
+            "downsample_factor": self.factor,
+            "latent_channels": self.ae_cfg.latent_channels,
+        }
+        if self.stage == "autoencoder":
+            return facts
+        if self.scale_factor is None:
+            return facts  # no diffusion step was trained: nothing to sample with yet
+        from safetensors.torch import save_file
+
+        from medsynth.data.atomic import atomic_path
+
+        facts.update({
+            "weights": WEIGHTS_FILE,
+            "scale_factor": self.scale_factor,
+            "conditioning": self.df_cfg.conditioning,
+            "num_labels": self.info.num_labels,
+            "num_classes": self.num_classes,
+            "scheduler": self.df_cfg.scheduler,
+            "prediction_type": self.process.prediction_type,
+            "num_train_timesteps": self.df_cfg.num_train_timesteps,
+            "base_numel": self.base_numel,
+            "sampler": self.df_cfg.sampler,
+            "sample_steps": self.df_cfg.sample_steps,
+            "guidance": self.df_cfg.guidance,
+            "cond_dropout": self.df_cfg.cond_dropout,
+            "ema": "unet" in self.emas,
+            "autoencoder_step": self.ae_step,
+            "autoencoder_digest": self.ae_digest,
+        })
+        tensors = {f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()}
+        tensors.update({f"unet.{k}": v for k, v in self.inference_module("unet").state_dict().items()})
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        meta = {"format": "medsynth-ldm", "scale_factor": repr(self.scale_factor),
+                "conditioning": self.df_cfg.conditioning, "ema": str("unet" in self.emas)}
+        with atomic_path(Path(run_dir) / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return facts
+
+
+def make_process(cfg: Any, spatial_dims: int, base_numel: int | None) -> NoiseProcess:
+    """The noise process of a ``model.diffusion`` section (rflow's timestep shift keyed to the
+    training latents' voxel count)."""
+    return NoiseProcess(cfg.scheduler, num_train_timesteps=cfg.num_train_timesteps,
+                        prediction_type=cfg.prediction_type, base_numel=base_numel, spatial_dims=spatial_dims)
+
+
+# ---------------------------------------------------------------------------- the stages in order
+
+
+def _diffusion_is_stale(run_dir: Path) -> bool:
+    """True when the newest diffusion checkpoint was trained on other autoencoder weights than the
+    newest autoencoder checkpoint's (or cannot say which)."""
+    from medsynth.training import checkpoint as ck
+
+    try:
+        _, state = ck.load_latest_checkpoint(checkpoint_dir(run_dir, "diffusion"))
+        recorded = state["family_state"]["extra"]["autoencoder_digest"]
+    except (CheckpointError, KeyError, TypeError):
+        return True
+    ae_state, _ = load_autoencoder_state(run_dir)
+    return recorded != state_digest(ae_state)
+
+
+def _clear_diffusion(run_dir: Path, rank: int) -> None:
+    folder = checkpoint_dir(run_dir, "diffusion")
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    deadline = time.monotonic() + 120
+    while folder.exists() and time.monotonic() < deadline:  # rank 0 removes it
+        time.sleep(0.1)
+
+
+def train_ldm(config: Any, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
+              progress: bool = True) -> Any:
+    """Train the latent diffusion stages into ``run_dir``: both in order, or only ``stage``.
+
+    ``resume`` continues each stage from its newest valid checkpoint; when the autoencoder is no
+    longer the one the diffusion checkpoints were trained on, they are removed (with a warning) and
+    the diffusion stage is trained again from its seed. Returns the engine's ``TrainResult`` of the
+    last stage trained.
+    """
+    from medsynth.training import checkpoint as ck
+    from medsynth.training.engine import train
+
+    run_dir = Path(run_dir)
+    if stage is not None and stage not in STAGES:
+        raise ConfigError(f"--stage: the ldm family has stages {', '.join(STAGES)}, got {stage!r}")
+    if resume and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run to resume")
+    if stage is None and not resume and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise JobError(f"{run_dir}: run folder exists; pass --resume to continue it, or choose another --out")
+    rank = int(os.environ.get("RANK", "0"))
+    result = None
+    for s in (STAGES if stage is None else (stage,)):
+        has_ckpts = bool(ck.checkpoint_paths(checkpoint_dir(run_dir, s)))
+        if s == "diffusion" and resume and has_ckpts and _diffusion_is_stale(run_dir):
+            warnings.warn(f"{run_dir}: the autoencoder changed since the diffusion stage was trained; "
+                          "training the diffusion stage again from its seed", stacklevel=2)
+            _clear_diffusion(run_dir, rank)
+            has_ckpts = False
+        result = train(config, run_dir, resume=resume and has_ckpts, stage=s, progress=progress)
+    return result
