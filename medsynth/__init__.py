@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "read_volume": "medsynth.data.nifti",
     "write_volume": "medsynth.data.nifti",
     "validate_dataset": "medsynth.data.validate",
+    "load_valid_dataset": "medsynth.data.validate",
     "make_phantom_dataset": "medsynth.data.phantoms",
     # evaluation
     "ssim": "medsynth.evaluation.metrics",

@@ -174,6 +174,7 @@ class AugmentSummary:
     redraws: int = 0
     failed_tries: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    generate_seconds: float = 0.0
     dry_run: bool = False
     rank: int = 0
     world_size: int = 1
@@ -184,7 +185,7 @@ class AugmentSummary:
             "manifest": None if self.manifest is None else str(self.manifest),
             "real_cases": self.real_cases, "synthetic_cases": self.synthetic_cases,
             "generated": self.generated, "reused": self.reused, "redraws": self.redraws,
-            "seconds": round(self.seconds, 3), "dry_run": self.dry_run,
+            "seconds": round(self.seconds, 3), "generate_seconds": round(self.generate_seconds, 3), "dry_run": self.dry_run,
             "rank": self.rank, "world_size": self.world_size,
         }
 
@@ -292,14 +293,15 @@ class DatasetFacts:
     spatial_ndim: int
 
 
-def _load_manifest(path: Path) -> Any:
+def _load_manifest(path: Path, progress: bool = False) -> Any:
+    """The dataset's manifest after full validation (every file decoded and checked)."""
     try:
         from medsynth.data.validate import load_valid_dataset
-    except ImportError:  # validation module not installed in this build: read and check as we go
+    except ImportError:  # validation module absent in this build: cases are checked as they are read
         from medsynth.data.manifest import read_manifest
 
         return read_manifest(path)
-    return load_valid_dataset(path)
+    return load_valid_dataset(path, progress=progress)
 
 
 def _read_case_arrays(case: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
@@ -535,15 +537,21 @@ def _model_labels(card: dict[str, Any]) -> set[int] | None:
     return None
 
 
-def check_model(run: Path, method: str, labels: list[int]) -> str:
-    """Check a gan/ldm run folder against the dataset; return the sha256 of model.safetensors."""
+def model_checksum(run: Path) -> str:
+    """sha256 of ``RUN/model.safetensors`` (the model checksum recorded in provenance)."""
     run = Path(run)
     if not run.is_dir():
         raise CheckpointError(f"--model {run}: not a run folder")
     weights = run / "model.safetensors"
-    card_path = run / "model_card.json"
     if not weights.is_file():
         raise CheckpointError(f"--model {run}: no model.safetensors (export the run first)")
+    return sha256_file(weights)
+
+
+def check_model(run: Path, method: str, labels: list[int]) -> None:
+    """Check a gan/ldm run's model card (kind and label set) against the method and dataset."""
+    run = Path(run)
+    card_path = run / "model_card.json"
     if not card_path.is_file():
         raise CheckpointError(f"--model {run}: no model_card.json")
     try:
@@ -560,7 +568,6 @@ def check_model(run: Path, method: str, labels: list[int]) -> str:
         raise ConfigError(
             f"the run {run} was trained with labels {sorted(run_labels)}, the dataset has {sorted(labels)}"
         )
-    return sha256_file(weights)
 
 
 _SYNTHESIZERS: dict[str, Any] = {}
@@ -906,8 +913,10 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
     # 1. options
     _check_options(options)
     out = Path(options.out).expanduser().absolute()
-    # 2. dataset
-    manifest = _load_manifest(Path(options.input))
+    # 2. dataset: the manifest now (cheap), every file decoded and checked after the output checks
+    from medsynth.data.manifest import read_manifest
+
+    manifest = read_manifest(Path(options.input))
     layout = _layout_for(manifest)
     sources = [c for c in manifest.cases if c.label is not None and c.split == "train"]
     if not sources:
@@ -915,20 +924,24 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
     clash = sorted(c.case_id for c in manifest.cases if c.case_id.startswith(SYNTHETIC_PREFIX))
     if clash:
         raise DataError(f"{manifest.source}: case id(s) {clash[:5]} use the prefix {SYNTHETIC_PREFIX!r} kept for synthetic cases")
-    # 3. output location (before any work)
+    # 3. output location and state (read-only, before any work)
     check_output_location(out, manifest)
+    model = None if options.model is None else Path(options.model).expanduser().resolve()
+    model_sha = None if model is None else model_checksum(model)
+    settings = job_settings(options, manifest, model_sha)
+    state = check_output_state(out, settings, options.resume, options.overwrite)
     ranks = _ranks_from_env() if not options.dry_run else _Ranks()
     show = options.progress and ranks.rank == 0
-    # 4. facts from the real data
+    # 4. validate, then facts from the real data
+    manifest = _load_manifest(Path(options.input), show)
+    sources = [c for c in manifest.cases if c.label is not None and c.split == "train"]
     facts = gather_facts(manifest, sources, progress=show)
     if options.method != "classic":
         from medsynth.data.transforms import check_edit_labels
 
         check_edit_labels(options.config.edits, facts.labels)
-    model_sha = None
-    model = None if options.model is None else Path(options.model).expanduser().resolve()
     if model is not None:
-        model_sha = check_model(model, options.method, facts.labels)
+        check_model(model, options.method, facts.labels)
     # 5. plan
     plan = plan_cases(options, sources, facts, layout)
     real = [] if options.synthetic_only else _real_cases_out(manifest, out)
@@ -936,8 +949,6 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
         out=out, format=manifest.format, method=options.method, plan=plan, real_cases=len(real),
         synthetic_cases=len(plan), dry_run=options.dry_run, rank=ranks.rank, world_size=ranks.world,
     )
-    settings = job_settings(options, manifest, model_sha)
-    state = check_output_state(out, settings, options.resume, options.overwrite)
     if options.dry_run:
         summary.seconds = time.perf_counter() - t0
         return summary
@@ -968,6 +979,7 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
         sources={c.case_id: c for c in sources}, model=model, model_sha=model_sha,
     )
     error: BaseException | None = None
+    t_gen = time.perf_counter()
     try:
         for result in _generate(ctx, todo, options.workers, show):
             journal.append({"key": f"syn:{result.case_id}", "files": result.files, "provenance": result.provenance})
@@ -975,6 +987,7 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
             summary.redraws += result.redraws
     except BaseException as exc:  # let the other ranks reach the barrier, then fail
         error = exc
+    summary.generate_seconds = time.perf_counter() - t_gen
     ranks.barrier()
     if error is not None:
         raise error

@@ -104,6 +104,88 @@ def phantoms(
 # ------------------------------------------------------------------------------------ train / sample
 # (implemented in medsynth.training and medsynth.synthesis; see issues 4 and 5)
 
+
+def _plain_warnings() -> Any:
+    """A context in which Python warnings print as one ``warning: ...`` line on stderr."""
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def ctx() -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda message, *a, **k: typer.echo(f"warning: {message}", err=True)
+            yield
+
+    return ctx()
+
+
+@app.command()
+@user_errors
+def train(
+    config: Annotated[Path, typer.Argument(help="A training recipe (YAML), e.g. configs/tiny/gan2d.yaml.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder to create (refused if it exists, unless --resume).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset manifest (overrides data.manifest).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Total steps (overrides training.max_steps).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (overrides training.seed).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest valid checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (dotted key, YAML value); repeatable.")] = None,
+    stage: Annotated[Optional[str], typer.Option(help="Training stage of a staged family (ldm: autoencoder or diffusion).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a mask-conditioned generator (GAN or latent diffusion) on a labelled dataset."""
+    from medsynth.config import load_config
+
+    overrides = list(set_ or [])
+    if data is not None:
+        overrides.append(f"data.manifest={json.dumps(str(data.resolve()))}")
+    if max_steps is not None:
+        overrides.append(f"training.max_steps={max_steps}")
+    if seed is not None:
+        overrides.append(f"training.seed={seed}")
+    if stage is not None and stage not in ("autoencoder", "diffusion"):
+        fail(f"--stage {stage!r}: expected autoencoder or diffusion")
+    cfg = load_config(config, overrides)
+    from medsynth.training.engine import train as run_training
+
+    with _plain_warnings():
+        result = run_training(cfg, out, resume=resume, stage=stage, progress=progress)
+    losses = " ".join(f"{k}={v:.4g}" for k, v in result.losses.items())
+    typer.echo(f"trained {result.step} steps: {out}" + (f" ({losses})" if losses else ""))
+
+
+@app.command()
+@user_errors
+def sample(
+    run: Annotated[Path, typer.Argument(help="A trained run folder (holds model_card.json).")],
+    mask: Annotated[Path, typer.Option("--mask", help="Label map (NIfTI) to generate an image for.")],
+    out: Annotated[Path, typer.Option("--out", help="Output image (.nii.gz), written with the mask's shape and affine.")],
+    seed: Annotated[int, typer.Option(help="Seed of the latent (same seed, same image).")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (diffusion runs).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim or rflow (diffusion runs).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (diffusion runs).")] = None,
+    class_value: Annotated[Optional[str], typer.Option("--class", help="Condition class (class-conditioned runs).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Generate one image for a label map from a trained run."""
+    if sampler is not None and sampler not in ("ddpm", "ddim", "rflow"):
+        fail(f"--sampler {sampler!r}: expected ddpm, ddim or rflow")
+    if device not in ("auto", "cpu", "cuda"):
+        fail(f"--device {device!r}: expected auto, cpu or cuda")
+    if out.exists() and not overwrite:
+        fail(f"{out}: exists; pass --overwrite to replace it")
+    from medsynth.data.nifti import read_volume, write_volume
+    from medsynth.synthesis.synthesizer import Synthesizer
+
+    with _plain_warnings():
+        synth = Synthesizer.from_run(run, device=device)
+        label = read_volume(mask, kind="label")
+        image = synth.generate_volume(label, seed, class_value=class_value, steps=steps, sampler=sampler,
+                                      guidance=guidance)
+    write_volume(out, image.array, label.affine, kind="image")
+    typer.echo(f"wrote {out} (shape {tuple(image.array.shape)}, seed {seed})")
+
 # ------------------------------------------------------------------------------------ augment
 # (implemented in medsynth.augment; see issue 6)
 

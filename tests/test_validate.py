@@ -306,7 +306,7 @@ def test_duplicate_ids_and_mixed_dimensions(tmp_path: Path) -> None:
     write_volume(tmp_path / "imagesTr/case_2.nii.gz", _image(2)[..., 0], AFFINE, kind="image")
     write_volume(tmp_path / "labelsTr/case_2.nii.gz", _label(2)[..., 0], AFFINE, kind="label")
     result = invoke(ds)
-    assert result.exit_code == 1
+    assert result.exit_code == 0, result.stdout  # a warning: volumes plus slices is a valid dataset
     assert "dataset.json: cases mix 2D and 3D volumes: 1 2D (case_2); 2 3D (case_0, case_1)" in result.stdout
 
 

@@ -92,7 +92,7 @@ class ClassicConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bias_prob: float = Field(0.5, ge=0, le=1, description="Probability of a smooth multiplicative bias field.")
-    bias_coeff: float = Field(0.3, ge=0, le=1, description="Largest bias-field polynomial coefficient (MONAI).")
+    bias_coeff: float = Field(0.15, ge=0, le=1, description="Largest bias-field polynomial coefficient (MONAI).")
     gamma_prob: float = Field(0.5, ge=0, le=1, description="Probability of a gamma contrast change.")
     gamma_range: tuple[float, float] = Field((0.7, 1.5), description="Gamma drawn in this range.")
     scale_prob: float = Field(0.3, ge=0, le=1, description="Probability of scaling intensities.")

@@ -569,7 +569,9 @@ def _check_dimensionality(stats: list[_CaseStats], source: Any) -> list[Problem]
     if len(dims) <= 1:
         return []
     parts = [f"{len(ids)} {d}D ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})" for d, ids in sorted(dims.items())]
-    return [error(source, "cases mix 2D and 3D volumes: " + "; ".join(parts))]
+    # A dataset of volumes plus slices is legitimate (2D runs draw slices from 3D volumes), so this
+    # is a warning; a 3D recipe refuses 2D cases when it loads them.
+    return [warning(source, "cases mix 2D and 3D volumes: " + "; ".join(parts))]
 
 
 # ---------------------------------------------------------------------------- fingerprint
@@ -587,8 +589,14 @@ def fingerprint(manifest: Manifest, stats: list[_CaseStats]) -> dict[str, Any]:
     cases; intensity over foreground (label > 0) voxels per channel: mean/std/min/max exact,
     percentiles 0.5/50/99.5 over up to ``INTENSITY_SAMPLES`` voxels per case.
     """
-    shapes = np.array([s.shape for s in stats], dtype=np.float64)
-    spacings = np.array([s.spacing for s in stats], dtype=np.float64)
+    # Summaries over the most common dimensionality (a dataset may mix volumes and slices).
+    dim_counts: dict[int, int] = {}
+    for s in stats:
+        dim_counts[len(s.shape)] = dim_counts.get(len(s.shape), 0) + 1
+    main_dim = max(dim_counts, key=lambda d: (dim_counts[d], d)) if dim_counts else 0
+    main = [s for s in stats if len(s.shape) == main_dim]
+    shapes = np.array([s.shape for s in main], dtype=np.float64).reshape(len(main), main_dim)
+    spacings = np.array([s.spacing for s in main], dtype=np.float64).reshape(len(main), main_dim)
     labelled = [s for s in stats if s.label_counts is not None]
     by_value: dict[int, int] = {}
     cases_with: dict[int, int] = {}
@@ -625,7 +633,8 @@ def fingerprint(manifest: Manifest, stats: list[_CaseStats]) -> dict[str, Any]:
         "cases": len(stats),
         "labelled_cases": len(labelled),
         "channels": list(manifest.channels),
-        "dimensionality": int(shapes.shape[1]) if len(stats) else None,
+        "dimensionality": main_dim if len(stats) else None,
+        "cases_per_dimensionality": {f"{d}D": n for d, n in sorted(dim_counts.items())},
         "shapes": {
             "per_case": {s.case_id: list(s.shape) for s in stats},
             "median": np.median(shapes, axis=0).tolist() if len(stats) else None,

@@ -56,10 +56,19 @@ class Condition:
     class_labels: torch.Tensor | None = None
 
 
-def cpu_randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor | None = None,
-              device: torch.device | str | None = None) -> torch.Tensor:
-    """Standard normal noise drawn on the CPU from ``generator``, then moved to ``device``."""
-    noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+def cpu_randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
+              like: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard normal noise drawn on the CPU, then moved to ``device`` (or ``like``'s device).
+
+    generator: one generator for the whole tensor, or one per item along the first axis (so an
+    item's noise depends only on its own seed, whatever else is in the batch).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+    else:
+        noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
     target = device if device is not None else (like.device if like is not None else "cpu")
     return noise.to(target)
 
@@ -189,7 +198,7 @@ class NoiseProcess:
         return [float(t) for t in self.scheduler.timesteps]
 
     def step(self, sampler: Sampler, pred: torch.Tensor, z_t: torch.Tensor, t: float, t_next: float | None,
-             generator: torch.Generator | None) -> torch.Tensor:
+             generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
         """One update from ``t`` to ``t_next`` (None: the clean end). ``pred`` is the model output."""
         if sampler == "rflow":
             nxt = 0.0 if t_next is None else t_next
@@ -234,7 +243,7 @@ def sample_latents(
     sampler: Sampler = "rflow",
     steps: int = 30,
     guidance: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     null: Condition | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -242,7 +251,7 @@ def sample_latents(
 
     net: ``net(z, t, mask, class_labels) -> prediction`` (eval mode).
     null: the dropped condition for classifier-free guidance (needed when ``guidance != 1``).
-    generator: a CPU generator; it alone decides the noise.
+    generator: a CPU generator, or one per item; it alone decides the noise.
     autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in float32.
     """
     device = cond.mask.device

@@ -476,23 +476,44 @@ def write_preview(path: Path, batch: dict[str, Any], rows: dict[str, Any], info:
     return path
 
 
-def _progress(enabled: bool, total: int, start: int, description: str) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class _Progress:
+    """A rich progress bar (stderr) on a terminal; a plain line per log interval otherwise."""
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[speed]}"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[losses]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
-    task = progress.add_task(description, total=total, completed=start, speed="", losses="")
-    return progress, task
+    def __init__(self, enabled: bool, total: int, start: int, description: str) -> None:
+        import sys
+
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.total = total
+        self.description = description
+        self.tty = enabled and sys.stderr.isatty()
+        self.lines = enabled and not self.tty
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
+            console=Console(stderr=True), disable=not self.tty,
+        )
+        self.task = self.bar.add_task(description, total=total, completed=start, speed="", losses="")
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def step(self, step: int) -> None:
+        self.bar.update(self.task, completed=step)
+
+    def log(self, step: int, rate: float, losses: dict[str, float]) -> None:
+        text = " ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        self.bar.update(self.task, speed=f"{rate:.2f} it/s", losses=text)
+        if self.lines:
+            import sys
+
+            sys.stderr.write(f"{self.description} step {step}/{self.total}  {rate:.2f} it/s  {text}\n")
+            sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -609,39 +630,41 @@ def _train(rt: Runtime, *, resume: bool, progress: bool) -> TrainResult:
                          workers=cfg.training.workers, pin_memory=rt.device.type == "cuda")
     if start_step == 0:
         evaluate_and_preview(0)
-    bar, task = _progress(progress and rt.is_main, max_steps, start_step, stage or cfg.model.family)
+    bar = _Progress(progress and rt.is_main, max_steps, start_step, stage or cfg.model.family)
     losses: dict[str, float] = {}
     sums: dict[str, float] = {}
-    count, t0, last_ckpt = 0, time.perf_counter(), None
+    count, busy, last_ckpt = 0, 0.0, None
     step = start_step
     with bar:
+        mark = time.perf_counter()
         for batch in loader:
-            # 5a. one optimisation step
+            # 5a. one optimisation step (timed with its data loading)
             out = family.train_step(_to_device(batch, rt.device), step)
-            step += 1
             losses = {k: float(v) for k, v in out.items()}
+            busy += time.perf_counter() - mark
+            step += 1
+            if any(not math.isfinite(v) for v in losses.values()):
+                raise JobError(f"{run_dir}: training diverged at step {step} (losses {losses}); "
+                               "lower the learning rate or check the data")
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
-            # 5b. logs, progress, previews, checkpoints
+            # 5b. logs, progress, previews, checkpoints (not timed)
             if step % cfg.training.log_every == 0 or step == max_steps:
-                dt = max(time.perf_counter() - t0, 1e-9)
-                rate = count * cfg.training.batch_size * rt.world_size / dt
+                means = {k: v / count for k, v in sums.items()}
+                rate = count / max(busy, 1e-9)
                 if rt.is_main:
-                    rec = {"kind": "train", "step": step, **tag, "samples_per_s": round(rate, 3),
-                           **{k: v / count for k, v in sums.items()}}
-                    _append_jsonl(metrics_path, rec)
-                bar.update(task, speed=f"{count / dt:.2f} it/s",
-                           losses=" ".join(f"{k}={v / count:.3g}" for k, v in sums.items()))
-                sums, count, t0 = {}, 0, time.perf_counter()
-            bar.update(task, completed=step)
+                    _append_jsonl(metrics_path, {
+                        "kind": "train", "step": step, **tag,
+                        "samples_per_s": round(rate * cfg.training.batch_size * rt.world_size, 3), **means})
+                bar.log(step, rate, means)
+                sums, count, busy = {}, 0, 0.0
+            bar.step(step)
             if cfg.training.preview_every and step % cfg.training.preview_every == 0 and step != max_steps:
                 evaluate_and_preview(step)
             if step % cfg.training.checkpoint_every == 0 or step == max_steps:
                 last_ckpt = save(step, losses)
-            if any(not math.isfinite(v) for v in losses.values()):
-                raise JobError(f"{run_dir}: training diverged at step {step} (losses {losses}); "
-                               "lower the learning rate or check the data")
+            mark = time.perf_counter()
 
     # 6. the end: final evaluation, preview, checkpoint, export and model card
     if step > start_step or start_step == 0:

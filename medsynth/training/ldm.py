@@ -262,7 +262,7 @@ class LdmFamily(FamilyBase):
         ssim = ssim_loss(recon, real) if c.ssim_weight > 0 else recon.new_zeros(())
         kl = kl_loss(mu, sigma)
         loss = l1 + c.ssim_weight * ssim + c.kl_weight * kl
-        logs = {"l1": l1.item(), "ssim_loss": float(ssim), "kl": kl.item()}
+        logs = {"l1": l1.item(), "ssim_loss": ssim.item(), "kl": kl.item()}
         if self.perceptual is not None:
             p = self.perceptual(recon * 2 - 1, real * 2 - 1)
             loss = loss + c.perceptual.weight * p
@@ -469,10 +469,10 @@ def _diffusion_is_stale(run_dir: Path) -> bool:
     newest autoencoder checkpoint's (or cannot say which)."""
     from medsynth.training import checkpoint as ck
 
+    _, state = ck.load_latest_checkpoint(checkpoint_dir(run_dir, "diffusion"))
     try:
-        _, state = ck.load_latest_checkpoint(checkpoint_dir(run_dir, "diffusion"))
         recorded = state["family_state"]["extra"]["autoencoder_digest"]
-    except (CheckpointError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return True
     ae_state, _ = load_autoencoder_state(run_dir)
     return recorded != state_digest(ae_state)

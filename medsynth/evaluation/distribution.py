@@ -1,0 +1,648 @@
+"""Distribution metrics for an unpaired real set against a synthetic set, with no downloaded weights.
+
+- :func:`radiomic_features` / :func:`compare_radiomics`: a radiomic feature vector per image computed
+  with scikit-image (first-order statistics and GLCM texture, per label region or over the
+  foreground), z-normalised with the *reference* set's mean and standard deviation, then compared
+  with a Frechet distance (:func:`frechet_distance`) and an RBF-kernel MMD (:func:`mmd`). These are
+  scikit-image features: the numbers are not comparable with published values of the Frechet
+  Radiomic Distance, which uses pyradiomics.
+- :func:`fid`: a Frechet distance over the features of a network the user names by a *local* file
+  (TorchScript, or a state dict for a model the caller builds). Off unless called; nothing downloads.
+- :func:`diversity`: mean pairwise MS-SSIM inside the synthetic set (lower = more diverse).
+- :func:`memorisation`: for each synthetic image, the highest SSIM to any training image, flagged
+  at or above a threshold (default 0.95).
+
+Images are numpy arrays, ``(H, W)`` or ``(D, H, W)``, in their intensity units; label maps have the
+same shape with non-negative integers. Conventions and the exact feature list: ``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsynth.errors import CheckpointError, DataError
+
+__all__ = [
+    "FIRST_ORDER_FEATURES",
+    "TEXTURE_FEATURES",
+    "DiversityResult",
+    "FeatureSet",
+    "MemorisationCase",
+    "MemorisationResult",
+    "RadiomicComparison",
+    "compare_radiomics",
+    "diversity",
+    "fid",
+    "frechet_distance",
+    "median_bandwidth",
+    "memorisation",
+    "mmd",
+    "pairwise_ssim",
+    "radiomic_features",
+    "zscore",
+]
+
+FIRST_ORDER_FEATURES = ("mean", "std", "skewness", "kurtosis", "p10", "p50", "p90", "entropy", "energy")
+TEXTURE_FEATURES = ("contrast", "homogeneity", "energy", "correlation", "dissimilarity")
+GLCM_ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)
+GLCM_DISTANCE = 1
+
+
+# ------------------------------------------------------------------------------------ features
+
+
+@dataclass
+class FeatureSet:
+    """Radiomic features of a set of images.
+
+    values: ``(n_images, n_features)`` float64, raw (not normalised).
+    names: one per feature, ``"<region>_<feature>"`` (region ``fg`` or ``label<k>``; texture
+    features prefixed ``glcm_``).
+    regions: the label values used, or None for the foreground.
+    intensity_range: ``(low, high)`` used for the histogram and the GLCM quantisation.
+    """
+
+    values: np.ndarray
+    names: list[str]
+    regions: list[int] | None
+    intensity_range: tuple[float, float]
+    levels: int
+
+
+def _check_image(image: Any, what: str) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise DataError(f"{what}: expected a 2D or 3D image, got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{what}: dtype {arr.dtype} is not real-valued")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(arr)):
+        raise DataError(f"{what}: contains NaN or Inf")
+    return arr
+
+
+def _foreground(image: np.ndarray) -> np.ndarray:
+    from skimage.filters import threshold_otsu
+
+    if image.max() == image.min():
+        return np.ones(image.shape, dtype=bool)
+    return image > threshold_otsu(image)
+
+
+def _quantise(values: np.ndarray, low: float, high: float, levels: int) -> np.ndarray:
+    """Intensities -> bins 0..levels-1 over ``[low, high]`` (values outside are clipped)."""
+    scaled = (values - low) / (high - low) * levels
+    return np.clip(np.floor(scaled), 0, levels - 1).astype(np.int64)
+
+
+def _first_order(v: np.ndarray, low: float, high: float, levels: int) -> list[float]:
+    mean = float(v.mean())
+    std = float(v.std())
+    if std > 0:
+        z = (v - mean) / std
+        skew = float(np.mean(z**3))
+        kurt = float(np.mean(z**4) - 3.0)
+    else:
+        skew = kurt = 0.0
+    p10, p50, p90 = (float(p) for p in np.percentile(v, (10, 50, 90)))
+    counts = np.bincount(_quantise(v, low, high, levels), minlength=levels).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    entropy = float(-(p * np.log2(p)).sum())
+    energy = float(np.mean(v * v))
+    return [mean, std, skew, kurt, p10, p50, p90, entropy, energy]
+
+
+def _slices_25d(region: np.ndarray, per_plane: int) -> list[tuple[int, int]]:
+    """(axis, index) of the 2.5D slices through a 3D region: ``per_plane`` evenly spaced within its
+    bounding box on each of the three axes (the middle one when 1), each moved to the nearest slice
+    that holds region voxels."""
+    out: list[tuple[int, int]] = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        present = np.flatnonzero(region.any(axis=other))
+        if present.size == 0:
+            continue
+        lo, hi = int(present[0]), int(present[-1])
+        for i in range(per_plane):
+            target = lo + (hi - lo) * (i + 1) / (per_plane + 1)
+            idx = int(present[np.argmin(np.abs(present - target))])
+            if (axis, idx) not in out:
+                out.append((axis, idx))
+    return out
+
+
+def _texture(
+    image: np.ndarray, region: np.ndarray, low: float, high: float, levels: int, per_plane: int
+) -> list[float]:
+    from skimage.feature import graycomatrix, graycoprops
+
+    q = np.where(region, _quantise(image, low, high, levels) + 1, 0).astype(np.uint8)
+    if q.ndim == 2:
+        planes = [q]
+    else:
+        planes = [np.take(q, idx, axis=axis) for axis, idx in _slices_25d(region, per_plane)]
+    glcm = np.zeros((levels + 1, levels + 1, 1, len(GLCM_ANGLES)), dtype=np.float64)
+    for plane in planes:
+        glcm += graycomatrix(plane, [GLCM_DISTANCE], list(GLCM_ANGLES), levels=levels + 1, symmetric=True)
+    glcm = glcm[1:, 1:]  # drop pairs that touch voxels outside the region
+    counts = glcm.sum(axis=(0, 1))[0]  # per angle
+    used = counts > 0
+    if not used.any():
+        return [math.nan] * len(TEXTURE_FEATURES)
+    glcm = glcm[..., used]
+    return [float(graycoprops(glcm, prop)[0].mean()) for prop in TEXTURE_FEATURES]
+
+
+def _names(regions: list[int] | None) -> list[str]:
+    tags = ["fg"] if regions is None else [f"label{r}" for r in regions]
+    return [
+        name
+        for tag in tags
+        for name in [f"{tag}_{f}" for f in FIRST_ORDER_FEATURES] + [f"{tag}_glcm_{f}" for f in TEXTURE_FEATURES]
+    ]
+
+
+def radiomic_features(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray] | None = None,
+    *,
+    regions: Sequence[int] | None = None,
+    intensity_range: tuple[float, float],
+    levels: int = 32,
+    slices_per_plane: int = 1,
+    ids: Sequence[str] | None = None,
+) -> FeatureSet:
+    """One radiomic feature vector per image (scikit-image only).
+
+    images: 2D ``(H, W)`` or 3D ``(D, H, W)`` arrays in intensity units.
+    labels: label maps of the same shapes, required when ``regions`` is given.
+    regions: label values to describe (14 features each); None: the foreground (voxels above the
+        image's Otsu threshold).
+    intensity_range: ``(low, high)`` for the entropy histogram and the GLCM quantisation into
+        ``levels`` bins (use the reference set's range for every set that is compared).
+    slices_per_plane: 3D texture is 2.5D: this many slices per orthogonal plane through each region.
+
+    Per region: first-order ``mean, std, skewness, kurtosis`` (excess), ``p10, p50, p90``,
+    ``entropy`` (bits, ``levels``-bin histogram), ``energy`` (mean of squared intensities), over all
+    the region's voxels; GLCM ``contrast, homogeneity, energy, correlation, dissimilarity`` (distance
+    1, symmetric, averaged over the angles 0, 45, 90, 135 degrees) with co-occurrences counted only
+    between two region voxels and summed over the 2.5D slices. A region absent from an image is an error.
+    """
+    low, high = (float(v) for v in intensity_range)
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise DataError(f"intensity_range must be two finite numbers low < high, got {intensity_range!r}")
+    if not 2 <= int(levels) <= 255:
+        raise DataError(f"levels must be in 2..255, got {levels!r}")
+    if int(slices_per_plane) < 1:
+        raise DataError(f"slices_per_plane must be >= 1, got {slices_per_plane!r}")
+    if regions is not None and labels is None:
+        raise DataError("regions need label maps: pass labels=")
+    if labels is not None and len(labels) != len(images):
+        raise DataError(f"{len(images)} images but {len(labels)} label maps")
+    region_list = None if regions is None else [int(r) for r in regions]
+    if region_list is not None and not region_list:
+        raise DataError("regions is empty; pass None to use the foreground")
+    rows = []
+    for i, image in enumerate(images):
+        name = ids[i] if ids is not None else f"image {i}"
+        arr = _check_image(image, name)
+        if region_list is None:
+            masks = [_foreground(arr)]
+        else:
+            lab = np.asarray(labels[i])  # type: ignore[index]
+            if lab.shape != arr.shape:
+                raise DataError(f"{name}: label shape {lab.shape} differs from image shape {arr.shape}")
+            masks = [lab == r for r in region_list]
+        row: list[float] = []
+        for r, mask in zip(region_list or ["fg"], masks):
+            if not mask.any():
+                raise DataError(f"{name}: region {r} has no voxels")
+            row += _first_order(arr[mask], low, high, int(levels))
+            row += _texture(arr, mask, low, high, int(levels), int(slices_per_plane))
+        rows.append(row)
+    values = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+    return FeatureSet(values, _names(region_list), region_list, (low, high), int(levels))
+
+
+def zscore(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Z-normalise feature matrices ``(n, F)`` with the reference's per-feature mean and std.
+
+    A feature that is constant over the reference is only centred (its std is taken as 1).
+    NaN entries (a GLCM with no co-occurrences) are set to the reference mean (z = 0).
+    Returns ``[reference_z, *others_z]``.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    mean = np.nanmean(ref, axis=0)
+    mean = np.where(np.isfinite(mean), mean, 0.0)
+    std = np.nanstd(ref, axis=0)
+    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+    out = []
+    for m in (ref, *others):
+        z = (np.asarray(m, dtype=np.float64) - mean) / std
+        out.append(np.where(np.isfinite(z), z, 0.0))
+    return out
+
+
+# ------------------------------------------------------------------------------------ distances
+
+
+def _check_sets(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise DataError(f"{what}: expected two (n, F) feature matrices with the same F, got {a.shape} and {b.shape}")
+    if len(a) < 2 or len(b) < 2:
+        raise DataError(f"{what}: needs at least 2 samples in each set (got {len(a)} and {len(b)})")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise DataError(f"{what}: features contain NaN or Inf")
+    return a, b
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``(n, F)`` and ``(m, F)``.
+
+    ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b))`` with sample covariances. When the
+    product is singular (fewer samples than features), ``1e-6 I`` is added to both covariances
+    (as pytorch-fid does); an imaginary part from round-off is dropped. Never negative.
+    """
+    from scipy import linalg
+
+    a, b = _check_sets(a, b, "frechet_distance")
+    mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
+    s1 = np.atleast_2d(np.cov(a, rowvar=False))
+    s2 = np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.all(np.isfinite(covmean)):
+        offset = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    covmean = np.real(covmean)
+    diff = mu1 - mu2
+    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+    return max(value, 0.0)
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.maximum(d, 0.0)
+
+
+def median_bandwidth(a: np.ndarray, b: np.ndarray) -> float:
+    """The median heuristic: the median Euclidean distance between distinct samples of the pooled set."""
+    pooled = np.concatenate([np.asarray(a, np.float64), np.asarray(b, np.float64)])
+    d = np.sqrt(_sq_dists(pooled, pooled))
+    iu = np.triu_indices(len(pooled), k=1)
+    positive = d[iu][d[iu] > 0]
+    return float(np.median(positive)) if positive.size else 1.0
+
+
+def mmd(a: np.ndarray, b: np.ndarray, *, bandwidth: float | None = None) -> float:
+    """Unbiased estimate of the squared MMD with the RBF kernel ``exp(-|u-v|^2 / (2 sigma^2))``.
+
+    a: ``(n, F)``, b: ``(m, F)``; bandwidth sigma (None: :func:`median_bandwidth` of the pooled
+    samples). Diagonal terms are left out of the within-set sums, so the value is ~0 (and may be
+    slightly negative) for two samples of one distribution.
+    """
+    a, b = _check_sets(a, b, "mmd")
+    sigma = median_bandwidth(a, b) if bandwidth is None else float(bandwidth)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise DataError(f"mmd bandwidth must be > 0, got {bandwidth!r}")
+    gamma = 1.0 / (2.0 * sigma * sigma)
+    kaa = np.exp(-gamma * _sq_dists(a, a))
+    kbb = np.exp(-gamma * _sq_dists(b, b))
+    kab = np.exp(-gamma * _sq_dists(a, b))
+    n, m = len(a), len(b)
+    term_a = (kaa.sum() - np.trace(kaa)) / (n * (n - 1))
+    term_b = (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
+    return float(term_a + term_b - 2.0 * kab.mean())
+
+
+@dataclass
+class RadiomicComparison:
+    """Reference set vs candidate set in z-normalised radiomic feature space."""
+
+    frechet_distance: float
+    mmd2: float  # unbiased MMD^2, RBF kernel
+    bandwidth: float  # the RBF sigma (median heuristic)
+    n_reference: int
+    n_candidate: int
+    n_features: int
+    regions: list[int] | None
+    intensity_range: tuple[float, float]
+    levels: int
+    feature_names: list[str] = field(repr=False)
+    reference_z: np.ndarray = field(repr=False)
+    candidate_z: np.ndarray = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("reference_z", "candidate_z"):
+            d.pop(key)
+        d["intensity_range"] = list(self.intensity_range)
+        d["features"] = "scikit-image first-order + GLCM (not comparable with published FRD values)"
+        return d
+
+
+def compare_radiomics(
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    reference_labels: Sequence[np.ndarray] | None = None,
+    candidate_labels: Sequence[np.ndarray] | None = None,
+    *,
+    regions: Sequence[int] | None = None,
+    intensity_range: tuple[float, float] | None = None,
+    levels: int = 32,
+    slices_per_plane: int = 1,
+    reference_ids: Sequence[str] | None = None,
+    candidate_ids: Sequence[str] | None = None,
+) -> RadiomicComparison:
+    """Radiomic features of both sets, z-normalised with the reference, then Frechet distance and MMD.
+
+    intensity_range: default the reference set's ``(min, max)``. regions: default, when both sets
+    have label maps, the non-zero label values present in every label map of both sets (else the
+    foreground). See :func:`radiomic_features` for the features.
+    """
+    if len(reference) < 2 or len(candidate) < 2:
+        raise DataError(f"compare_radiomics needs at least 2 images per set (got {len(reference)} and {len(candidate)})")
+    if intensity_range is None:
+        intensity_range = (
+            float(min(np.min(r) for r in reference)),
+            float(max(np.max(r) for r in reference)),
+        )
+        if intensity_range[1] <= intensity_range[0]:
+            raise DataError("the reference images are all one constant value; pass intensity_range")
+    if regions is None and reference_labels is not None and candidate_labels is not None:
+        regions = common_regions([*reference_labels, *candidate_labels]) or None
+    use_labels = regions is not None
+    common = dict(regions=regions, intensity_range=intensity_range, levels=levels, slices_per_plane=slices_per_plane)
+    ref = radiomic_features(reference, reference_labels if use_labels else None, ids=reference_ids, **common)
+    cand = radiomic_features(candidate, candidate_labels if use_labels else None, ids=candidate_ids, **common)
+    ref_z, cand_z = zscore(ref.values, cand.values)
+    bandwidth = median_bandwidth(ref_z, cand_z)
+    return RadiomicComparison(
+        frechet_distance=frechet_distance(ref_z, cand_z),
+        mmd2=mmd(ref_z, cand_z, bandwidth=bandwidth),
+        bandwidth=bandwidth,
+        n_reference=len(reference),
+        n_candidate=len(candidate),
+        n_features=ref.values.shape[1],
+        regions=ref.regions,
+        intensity_range=ref.intensity_range,
+        levels=ref.levels,
+        feature_names=ref.names,
+        reference_z=ref_z,
+        candidate_z=cand_z,
+    )
+
+
+def common_regions(labels: Sequence[np.ndarray]) -> list[int]:
+    """The non-zero label values present in every one of the label maps (sorted)."""
+    common: set[int] | None = None
+    for lab in labels:
+        present = {int(v) for v in np.unique(np.asarray(lab))} - {0}
+        common = present if common is None else common & present
+    return sorted(common or [])
+
+
+# ------------------------------------------------------------------------------------ FID
+
+
+def fid(
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    *,
+    feature_weights: str | Path,
+    model: Any = None,
+    device: str = "cpu",
+) -> float:
+    """Frechet distance over the features of a network loaded from a local file (off by default).
+
+    feature_weights: a TorchScript file (``torch.jit.save``) when ``model`` is None, else a state dict
+        (loaded with ``torch.load(weights_only=True)``) for the ``torch.nn.Module`` given as ``model``.
+    Each image is fed alone as a float32 ``(1, 1, *spatial)`` tensor in its own units (scale it first
+    if the network expects otherwise); the output is flattened, after a global average over any
+    spatial axes, into one feature vector. medsynth never downloads weights.
+    """
+    import torch
+
+    path = Path(feature_weights).expanduser()
+    if not path.is_file():
+        raise DataError(
+            f"FID feature weights not found: {path} (FID needs a local network file you provide; "
+            "medsynth downloads nothing)"
+        )
+    if model is None:
+        try:
+            net = torch.jit.load(str(path), map_location=device)
+        except Exception as exc:  # torch raises RuntimeError/ValueError for a non-TorchScript file
+            raise CheckpointError(
+                f"{path}: not a TorchScript file ({type(exc).__name__}); for a state dict pass model="
+            ) from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot be loaded as plain weights ({type(exc).__name__}: {exc})") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: weights do not fit the model ({exc})") from None
+        net = model.to(device)
+    net.eval()
+
+    def features(images: Sequence[np.ndarray], what: str) -> np.ndarray:
+        rows = []
+        with torch.no_grad():
+            for i, image in enumerate(images):
+                arr = _check_image(image, f"{what} image {i}")
+                t = torch.from_numpy(arr.astype(np.float32))[None, None].to(device)
+                out = net(t)
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                if out.ndim > 2:
+                    out = out.flatten(2).mean(-1)
+                rows.append(out.reshape(-1).double().cpu().numpy())
+        return np.stack(rows)
+
+    return frechet_distance(features(reference, "reference"), features(candidate, "candidate"))
+
+
+# ------------------------------------------------------------------------------------ SSIM sets
+
+
+def _check_set(images: Sequence[np.ndarray], what: str) -> list[np.ndarray]:
+    return [_check_image(im, f"{what} image {i}") for i, im in enumerate(images)]
+
+
+def pairwise_ssim(
+    a: Sequence[np.ndarray], b: Sequence[np.ndarray], *, data_range: float
+) -> np.ndarray:
+    """SSIM of every image of ``a`` with every image of ``b``: ``(len(a), len(b))`` float64.
+
+    Equal to :func:`medsynth.evaluation.metrics.ssim` for each pair, but each image's local mean and
+    second moment are filtered once, so a pair costs one filtered map instead of five.
+    Pairs whose shapes differ are NaN.
+    """
+    import torch
+
+    from medsynth.evaluation import metrics as M
+
+    if not (isinstance(data_range, (int, float)) and math.isfinite(data_range) and data_range > 0):
+        raise DataError(f"data_range must be a finite number > 0, got {data_range!r}")
+    a = _check_set(a, "first set")
+    b = _check_set(b, "second set")
+    for i, im in enumerate([*a, *b]):
+        if min(im.shape) < M.WINDOW_SIZE:
+            raise DataError(f"image {i} of shape {im.shape} is smaller than the 11-voxel SSIM window")
+
+    def stats(im: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+        t = torch.from_numpy(im.astype(np.float64))
+        mean = float(t.mean())
+        tc = (t - mean).to(torch.float32)[None, None]
+        both = torch.cat([tc, tc * tc], dim=1)
+        f = M._filter_valid(both, im.ndim)
+        return tc, f, mean
+
+    sa = [stats(im) for im in a]
+    sb = [stats(im) for im in b]
+    c1 = (M.K1 * data_range) ** 2
+    c2 = (M.K2 * data_range) ** 2
+    out = np.full((len(a), len(b)), np.nan)
+    for i, (xa, fa, ma) in enumerate(sa):
+        ux, uxx = fa[0, 0], fa[0, 1]
+        vx = uxx - ux * ux
+        mux = ux + ma
+        for j, (xb, fb, mb) in enumerate(sb):
+            if xa.shape != xb.shape:
+                continue
+            uy, uyy = fb[0, 0], fb[0, 1]
+            uxy = M._filter_valid(xa * xb, xa.ndim - 2)[0, 0]
+            vy = uyy - uy * uy
+            vxy = uxy - ux * uy
+            muy = uy + mb
+            s = (2 * mux * muy + c1) * (2 * vxy + c2) / ((mux * mux + muy * muy + c1) * (vx + vy + c2))
+            out[i, j] = float(s.mean(dtype=torch.float64))
+    return out
+
+
+@dataclass
+class DiversityResult:
+    """Mean pairwise similarity inside a set (lower = more diverse)."""
+
+    mean: float
+    std: float
+    pairs: int
+    metric: str  # "ms_ssim" or "ssim"
+    scales: int  # MS-SSIM scales used (1 for SSIM)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def diversity(
+    images: Sequence[np.ndarray], *, data_range: float, max_pairs: int = 200, seed: int = 0
+) -> DiversityResult:
+    """Mean pairwise MS-SSIM inside one (synthetic) set.
+
+    images: same-shape 2D/3D arrays (pairs of different shapes are skipped).
+    MS-SSIM uses as many of Wang's scales as the image size allows (``side // 2**(M-1) >= 11``), with
+    the first M weights renormalised to sum to 1; when only one scale fits it is plain SSIM.
+    At most ``max_pairs`` pairs, drawn without replacement with ``numpy.random.default_rng(seed)``.
+    """
+    from medsynth.evaluation.metrics import MS_SSIM_WEIGHTS, max_scales, ms_ssim, ssim
+
+    ims = _check_set(images, "diversity")
+    pairs = [(i, j) for i in range(len(ims)) for j in range(i + 1, len(ims)) if ims[i].shape == ims[j].shape]
+    if not pairs:
+        raise DataError("diversity needs at least two images of the same shape")
+    if len(pairs) > max_pairs:
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(len(pairs), size=max_pairs, replace=False))
+        pairs = [pairs[k] for k in pick]
+    values = []
+    scales_used = 1
+    for i, j in pairs:
+        m = min(max_scales(ims[i].shape), len(MS_SSIM_WEIGHTS))
+        if m >= 2:
+            w = np.asarray(MS_SSIM_WEIGHTS[:m])
+            values.append(ms_ssim(ims[i], ims[j], data_range=data_range, weights=tuple(w / w.sum())))
+            scales_used = m
+        else:
+            values.append(ssim(ims[i], ims[j], data_range=data_range))
+    arr = np.asarray(values)
+    return DiversityResult(
+        mean=float(arr.mean()),
+        std=float(arr.std()),
+        pairs=len(values),
+        metric="ms_ssim" if scales_used >= 2 else "ssim",
+        scales=scales_used,
+    )
+
+
+@dataclass
+class MemorisationCase:
+    case_id: str
+    nearest_id: str | None  # the most similar training image (None: no training image of this shape)
+    max_ssim: float | None
+    flagged: bool
+
+
+@dataclass
+class MemorisationResult:
+    """For each synthetic image, its highest SSIM to any training image."""
+
+    threshold: float
+    cases: list[MemorisationCase]
+
+    @property
+    def flagged(self) -> list[str]:
+        return [c.case_id for c in self.cases if c.flagged]
+
+    def to_dict(self) -> dict[str, Any]:
+        values = [c.max_ssim for c in self.cases if c.max_ssim is not None]
+        return {
+            "threshold": self.threshold,
+            "flagged": len(self.flagged),
+            "flagged_cases": self.flagged,
+            "max_ssim_mean": float(np.mean(values)) if values else None,
+            "max_ssim_max": float(np.max(values)) if values else None,
+            "cases": [asdict(c) for c in self.cases],
+        }
+
+
+def memorisation(
+    synthetic: Sequence[np.ndarray],
+    training: Sequence[np.ndarray],
+    *,
+    data_range: float,
+    threshold: float = 0.95,
+    synthetic_ids: Sequence[str] | None = None,
+    training_ids: Sequence[str] | None = None,
+) -> MemorisationResult:
+    """Flag synthetic images that nearly copy a training image: max SSIM >= ``threshold``.
+
+    Only same-shape pairs are compared (a synthetic image with no same-shape training image gets
+    ``max_ssim=None`` and is not flagged). SSIM as :func:`medsynth.ssim` with ``data_range``.
+    """
+    if not 0 < float(threshold) <= 1:
+        raise DataError(f"threshold must be in (0, 1], got {threshold!r}")
+    if not training:
+        raise DataError("memorisation needs at least one training image")
+    sids = list(synthetic_ids) if synthetic_ids is not None else [f"synthetic_{i}" for i in range(len(synthetic))]
+    tids = list(training_ids) if training_ids is not None else [f"training_{j}" for j in range(len(training))]
+    table = pairwise_ssim(synthetic, training, data_range=data_range)
+    cases = []
+    for i, row in enumerate(table):
+        if np.all(np.isnan(row)):
+            cases.append(MemorisationCase(sids[i], None, None, False))
+            continue
+        j = int(np.nanargmax(row))
+        cases.append(MemorisationCase(sids[i], tids[j], float(row[j]), bool(row[j] >= threshold)))
+    return MemorisationResult(float(threshold), cases)

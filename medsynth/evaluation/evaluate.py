@@ -1,0 +1,492 @@
+"""The ``medsynth evaluate`` job: paired metrics for a pair of files or two datasets, or (unpaired)
+distribution metrics for two datasets; optionally a report folder.
+
+Inputs are NIfTI (or MetaImage/NRRD) files read with :func:`medsynth.data.nifti.read_volume`, or
+datasets read with :func:`medsynth.data.manifest.read_manifest` (MSD JSON, CSV, nnU-Net folder)
+and paired by case id. The result is one plain ``dict`` (JSON-ready: non-finite numbers are None).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from medsynth.errors import DataError
+
+T = TypeVar("T")
+
+#: Paired metric keys, in report order.
+PAIRED_METRICS = ("ssim", "psnr", "mae", "ms_ssim")
+AFFINE_TOLERANCE_MM = 1e-3
+
+CONVENTIONS = {
+    "ssim": "Wang et al. 2004 = skimage structural_similarity(gaussian_weights=True, sigma=1.5, "
+    "use_sample_covariance=False): 11-tap Gaussian, mean over the valid region (5-voxel borders left out)",
+    "psnr": "10*log10(R^2/MSE) per case; the set value is the mean of the per-case dB values",
+    "mae": "mean |reference - candidate| / R",
+    "ms_ssim": "Wang 2003, 5 scales (weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333); only for images "
+    "with every side >= 176, else null",
+    "mask": "PSNR/MAE over the mask's voxels; SSIM = mean of the SSIM map over mask voxels in the valid region",
+}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def parse_data_range(value: str | float) -> float | str:
+    """``"auto"`` or a finite number > 0 (as given on the command line)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"--data-range must be a number > 0 or 'auto', got {value!r}") from None
+    if not (math.isfinite(number) and number > 0):
+        raise DataError(f"--data-range must be a number > 0 or 'auto', got {value!r}")
+    return number
+
+
+def jsonable(value: Any) -> Any:
+    """Replace non-finite floats (and numpy scalars) by JSON-safe values: NaN/Inf -> None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _progress(items: Sequence[T], description: str, enabled: bool) -> Iterator[T]:
+    """Iterate with a rich progress bar on stderr (only for several items on a terminal)."""
+    if not enabled or len(items) < 2 or not sys.stderr.isatty():
+        yield from items
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def _is_volume_path(path: Path) -> bool:
+    from medsynth.data.nifti import volume_suffix
+
+    return bool(volume_suffix(path)) and not path.is_dir()
+
+
+def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from medsynth.data.nifti import read_volume
+
+    vol = read_volume(path, kind="image")
+    if vol.array.ndim not in (2, 3):
+        raise DataError(f"{path}: expected a 2D or 3D image, got shape {vol.array.shape} (one channel per file)")
+    arr = np.asarray(vol.array)
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"{path}: image dtype {arr.dtype} is not real-valued")
+    arr = arr.astype(np.float32) if arr.dtype != np.float64 else arr
+    if not np.all(np.isfinite(arr)):
+        raise DataError(f"{path}: image contains NaN or Inf")
+    return arr, vol.affine
+
+
+def _read_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from medsynth.data.nifti import read_volume
+
+    vol = read_volume(path, kind="label")
+    arr = np.asarray(vol.array)
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise DataError(f"{path}: mask contains NaN or Inf")
+    return arr != 0, vol.affine
+
+
+def _same_geometry(a_path: Path, a_shape: tuple, a_aff: np.ndarray, b_path: Path, b_shape: tuple, b_aff: np.ndarray) -> None:
+    if tuple(a_shape) != tuple(b_shape):
+        raise DataError(f"geometry differs: {a_path} has shape {tuple(a_shape)}, {b_path} has shape {tuple(b_shape)}")
+    if not np.allclose(a_aff, b_aff, rtol=0.0, atol=AFFINE_TOLERANCE_MM):
+        worst = float(np.max(np.abs(a_aff - b_aff)))
+        raise DataError(
+            f"geometry differs: the affines of {a_path} and {b_path} differ by up to {worst:.4g} mm "
+            f"(tolerance {AFFINE_TOLERANCE_MM} mm)"
+        )
+
+
+def _list_ids(ids: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(ids[:limit])
+    return shown + (f", ... ({len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+# ------------------------------------------------------------------------------------ paired
+
+
+@dataclass
+class PairSpec:
+    """One reference/candidate pair: paths per channel and an optional mask file."""
+
+    case_id: str
+    reference: list[Path]
+    candidate: list[Path]
+    mask: Path | None = None
+
+
+@dataclass
+class Preview:
+    """Middle slices kept for the montage (channel 0; the last axis's middle slice for 3D)."""
+
+    case_id: str
+    reference: np.ndarray
+    candidate: np.ndarray
+
+
+def _middle_slice(arr: np.ndarray) -> np.ndarray:
+    return arr if arr.ndim == 2 else arr[..., arr.shape[-1] // 2]
+
+
+def _pairs(reference: Path, candidate: Path, mask: str | None) -> tuple[str, list[PairSpec], list[str]]:
+    """Resolve the inputs into pairs: ``(mode, pairs, reference ids without a candidate)``."""
+    ref_is_file, cand_is_file = _is_volume_path(reference), _is_volume_path(candidate)
+    if ref_is_file != cand_is_file:
+        raise DataError(
+            f"REFERENCE and CANDIDATE must both be image files or both be datasets "
+            f"(got {reference} and {candidate})"
+        )
+    if ref_is_file:
+        if mask is not None and mask.strip().lower() == "labels":
+            raise DataError("--mask labels needs datasets; for two files pass a mask file")
+        mask_path = None if mask is None else Path(mask)
+        from medsynth.data.nifti import strip_suffix
+
+        return "pair", [PairSpec(strip_suffix(candidate), [reference], [candidate], mask_path)], []
+    from medsynth.data.manifest import read_manifest
+
+    ref_m = read_manifest(reference)
+    cand_m = read_manifest(candidate)
+    ref_cases = {c.case_id: c for c in ref_m.cases}
+    missing = [c.case_id for c in cand_m.cases if c.case_id not in ref_cases]
+    if missing:
+        raise DataError(
+            f"{len(missing)} candidate case id(s) have no reference case in {reference}: {_list_ids(missing)}"
+        )
+    if not cand_m.cases:
+        raise DataError(f"{candidate}: the dataset has no cases")
+    use_labels = mask is not None and mask.strip().lower() == "labels"
+    mask_file = None if (mask is None or use_labels) else Path(mask)
+    pairs = []
+    for c in cand_m.cases:
+        r = ref_cases[c.case_id]
+        if len(r.images) != len(c.images):
+            raise DataError(f"case {c.case_id}: {len(r.images)} reference channel(s) but {len(c.images)} candidate channel(s)")
+        if use_labels and r.label is None:
+            raise DataError(f"case {c.case_id}: --mask labels, but the reference case has no label map")
+        pairs.append(PairSpec(c.case_id, list(r.images), list(c.images), r.label if use_labels else mask_file))
+    matched = {p.case_id for p in pairs}
+    unmatched = [cid for cid in ref_cases if cid not in matched]
+    return "dataset", pairs, unmatched
+
+
+def _evaluate_pair(spec: PairSpec, data_range: float | str) -> tuple[dict[str, Any], Preview]:
+    from medsynth.evaluation.metrics import MS_SSIM_WEIGHTS, WINDOW_SIZE, mae, ms_ssim, psnr, ssim
+
+    refs, cands = [], []
+    ref_affine = None
+    for rp, cp in zip(spec.reference, spec.candidate):
+        ra, raff = _read_image(rp)
+        ca, caff = _read_image(cp)
+        _same_geometry(rp, ra.shape, raff, cp, ca.shape, caff)
+        if refs and ra.shape != refs[0].shape:
+            raise DataError(f"case {spec.case_id}: channel files have different shapes ({rp})")
+        refs.append(ra)
+        cands.append(ca)
+        ref_affine = raff if ref_affine is None else ref_affine
+    ref = np.stack(refs)[None]  # (1, C, *spatial)
+    cand = np.stack(cands)[None]
+    spatial = ref.shape[2:]
+    mask = None
+    if spec.mask is not None:
+        m, maff = _read_mask(spec.mask)
+        _same_geometry(spec.reference[0], spatial, ref_affine, spec.mask, m.shape, maff)
+        if not m.any():
+            raise DataError(f"{spec.mask}: the mask is empty")
+        mask = m
+    if data_range == "auto":
+        r = float(ref.max()) - float(ref.min())
+        if not r > 0:
+            raise DataError(f"case {spec.case_id}: the reference image is constant, so 'auto' gives range 0; pass --data-range R")
+    else:
+        r = float(data_range)
+    if min(spatial) < WINDOW_SIZE:
+        raise DataError(f"case {spec.case_id}: image of shape {tuple(spatial)} is smaller than the 11-voxel SSIM window")
+    kw = {"data_range": r, "spatial_dims": len(spatial), "mask": mask}
+    try:
+        row: dict[str, Any] = {
+            "case_id": spec.case_id,
+            "ssim": float(ssim(ref, cand, **kw)[0]),
+            "psnr": float(psnr(ref, cand, **kw)[0]),
+            "mae": float(mae(ref, cand, **kw)[0]),
+            "ms_ssim": None,
+        }
+        if all(s // 2 ** (len(MS_SSIM_WEIGHTS) - 1) >= WINDOW_SIZE for s in spatial):
+            row["ms_ssim"] = float(ms_ssim(ref, cand, **kw)[0])
+    except DataError as exc:
+        raise DataError(f"case {spec.case_id}: {exc}") from None
+    row["data_range"] = r
+    row["shape"] = list(spatial)
+    preview = Preview(spec.case_id, _middle_slice(ref[0, 0]), _middle_slice(cand[0, 0]))
+    return row, preview
+
+
+def _stats(values: Iterable[float | None]) -> dict[str, float | None] | None:
+    vals = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if vals.size == 0:
+        return None
+    with np.errstate(invalid="ignore"):
+        return {
+            "mean": float(vals.mean()),
+            "std": float(vals.std()),
+            "median": float(np.median(vals)),
+            "min": float(vals.min()),
+            "max": float(vals.max()),
+        }
+
+
+def evaluate_paired(
+    reference: str | Path,
+    candidate: str | Path,
+    *,
+    data_range: float | str,
+    mask: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], list[Preview]]:
+    """Paired SSIM, PSNR, MAE (and MS-SSIM where the images are large enough) per case.
+
+    reference, candidate: two image files, or two datasets paired by case id (every candidate case
+        must exist in the reference; reference cases without a candidate are listed, not evaluated).
+    data_range: R > 0, or ``"auto"``: each reference image's ``max - min`` (recorded per case).
+    mask: a mask file (non-zero voxels; same geometry) or ``"labels"`` (each reference case's label map).
+    Returns ``(summary, previews)``: the JSON-ready summary (top-level means ``ssim``, ``psnr``,
+    ``mae``, ``ms_ssim``; ``cases``) and middle slices for the montage.
+    """
+    data_range = parse_data_range(data_range)
+    reference, candidate = Path(reference), Path(candidate)
+    mask_arg = None if mask is None else str(mask)
+    mode, pairs, unmatched = _pairs(reference, candidate, mask_arg)
+    rows, previews = [], []
+    for spec in _progress(pairs, "evaluate", progress):
+        row, preview = _evaluate_pair(spec, data_range)
+        rows.append(row)
+        previews.append(preview)
+    summary: dict[str, Any] = {
+        "mode": mode,
+        "reference": str(reference),
+        "candidate": str(candidate),
+        "data_range": data_range,
+        "mask": mask_arg,
+        "n_cases": len(rows),
+    }
+    for key in PAIRED_METRICS:
+        st = _stats(row[key] for row in rows)
+        summary[key] = None if st is None else st["mean"]
+    summary["stats"] = {key: _stats(row[key] for row in rows) for key in PAIRED_METRICS}
+    summary["reference_cases_without_candidate"] = unmatched
+    summary["conventions"] = CONVENTIONS
+    summary["cases"] = rows
+    return jsonable(summary), previews
+
+
+# ------------------------------------------------------------------------------------ unpaired
+
+
+@dataclass
+class LoadedSet:
+    ids: list[str]
+    images: list[np.ndarray]
+    labels: list[np.ndarray] | None
+
+
+def _load_set(path: Path, what: str, progress: bool) -> LoadedSet:
+    from medsynth.data.manifest import read_manifest
+    from medsynth.data.nifti import read_volume
+
+    if _is_volume_path(path):
+        raise DataError(f"--unpaired compares two datasets; {what} {path} is a single image file")
+    manifest = read_manifest(path)
+    if not manifest.cases:
+        raise DataError(f"{path}: the dataset has no cases")
+    missing = [str(p) for c in manifest.cases for p in [c.images[0], *([c.label] if c.label else [])] if not Path(p).exists()]
+    if missing:
+        raise DataError(f"{what} {path}: {len(missing)} file(s) not found: {_list_ids(missing, 10)}")
+    with_labels = all(c.label is not None for c in manifest.cases)
+    ids, images, labels = [], [], []
+    for case in _progress(manifest.cases, f"read {what}", progress):
+        arr, _ = _read_image(case.images[0])
+        ids.append(case.case_id)
+        images.append(arr)
+        if with_labels:
+            lab = np.asarray(read_volume(case.label, kind="label").array)  # type: ignore[arg-type]
+            if lab.shape != arr.shape:
+                raise DataError(f"case {case.case_id}: label shape {lab.shape} differs from image shape {arr.shape}")
+            labels.append(lab)
+    return LoadedSet(ids, images, labels if with_labels else None)
+
+
+@dataclass
+class UnpairedExtras:
+    """What the unpaired report draws besides the summary."""
+
+    reference: LoadedSet
+    candidate: LoadedSet
+    reference_z: np.ndarray
+    candidate_z: np.ndarray
+
+
+def evaluate_unpaired(
+    reference: str | Path,
+    candidate: str | Path,
+    *,
+    data_range: float | str,
+    threshold: float = 0.95,
+    max_pairs: int = 200,
+    seed: int = 0,
+    fid_weights: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], UnpairedExtras]:
+    """Distribution metrics of a candidate (synthetic) dataset against a reference (real) dataset.
+
+    Uses channel 0 of each case. data_range: R, or ``"auto"`` = the reference set's ``max - min``
+    over all its images (used for diversity and memorisation SSIM). Radiomic features use label
+    regions when both datasets have label maps (the values present in all of them), else the
+    foreground; they are z-normalised with the reference set. Memorisation compares each candidate
+    with every reference image (the reference plays the training set). FID only with ``fid_weights``.
+    """
+    from medsynth.evaluation.distribution import compare_radiomics, diversity, fid, memorisation
+
+    data_range = parse_data_range(data_range)
+    reference, candidate = Path(reference), Path(candidate)
+    ref = _load_set(reference, "reference", progress)
+    cand = _load_set(candidate, "candidate", progress)
+    if len(ref.images) < 2 or len(cand.images) < 2:
+        raise DataError(f"--unpaired needs at least 2 cases per dataset (got {len(ref.images)} and {len(cand.images)})")
+    low = float(min(im.min() for im in ref.images))
+    high = float(max(im.max() for im in ref.images))
+    if data_range == "auto":
+        if not high > low:
+            raise DataError("the reference images are all one constant value, so 'auto' gives range 0; pass --data-range R")
+        r = high - low
+    else:
+        r = float(data_range)
+    radiomics = compare_radiomics(
+        ref.images,
+        cand.images,
+        ref.labels,
+        cand.labels,
+        intensity_range=(low, high) if high > low else (low, low + r),
+        reference_ids=ref.ids,
+        candidate_ids=cand.ids,
+    )
+    div = diversity(cand.images, data_range=r, max_pairs=max_pairs, seed=seed)
+    mem = memorisation(cand.images, ref.images, data_range=r, threshold=threshold, synthetic_ids=cand.ids, training_ids=ref.ids)
+    summary: dict[str, Any] = {
+        "mode": "unpaired",
+        "reference": str(reference),
+        "candidate": str(candidate),
+        "n_reference": len(ref.images),
+        "n_candidate": len(cand.images),
+        "data_range": r,
+        "data_range_source": "auto (reference set max - min)" if data_range == "auto" else "given",
+        "radiomics": radiomics.to_dict(),
+        "diversity": div.to_dict(),
+        "memorisation": mem.to_dict(),
+        "fid": None,
+        "fid_note": "off; pass --fid-weights FILE (a local TorchScript network) to compute it",
+    }
+    if fid_weights is not None:
+        summary["fid"] = fid(ref.images, cand.images, feature_weights=fid_weights)
+        summary["fid_note"] = f"features from {fid_weights}"
+    extras = UnpairedExtras(ref, cand, radiomics.reference_z, radiomics.candidate_z)
+    return jsonable(summary), extras
+
+
+# ------------------------------------------------------------------------------------ the job
+
+
+def run_evaluate(
+    reference: str | Path,
+    candidate: str | Path,
+    *,
+    data_range: float | str,
+    mask: str | Path | None = None,
+    unpaired: bool = False,
+    out: str | Path | None = None,
+    fid_weights: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The job behind ``medsynth evaluate``: compute, optionally write the report folder, return the summary."""
+    out_path = None if out is None else Path(out)
+    if out_path is not None and out_path.exists() and not out_path.is_dir():
+        raise DataError(f"--out {out_path} exists and is not a folder")
+    if unpaired:
+        if mask is not None:
+            raise DataError("--mask applies to paired evaluation only")
+        summary, extras = evaluate_unpaired(
+            reference, candidate, data_range=data_range, fid_weights=fid_weights, progress=progress
+        )
+        if out_path is not None:
+            from medsynth.evaluation.report import write_unpaired_report
+
+            summary["files"] = [str(p) for p in write_unpaired_report(summary, extras, out_path)]
+        return summary
+    if fid_weights is not None:
+        raise DataError("--fid-weights applies to --unpaired evaluation only")
+    summary, previews = evaluate_paired(reference, candidate, data_range=data_range, mask=mask, progress=progress)
+    if out_path is not None:
+        from medsynth.evaluation.report import write_paired_report
+
+        summary["files"] = [str(p) for p in write_paired_report(summary, previews, out_path)]
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short human-readable text of a summary (what the CLI prints without --json)."""
+
+    def num(v: Any, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = []
+    if summary["mode"] == "unpaired":
+        rad, div, mem = summary["radiomics"], summary["diversity"], summary["memorisation"]
+        lines.append(f"{summary['n_candidate']} candidate vs {summary['n_reference']} reference images (unpaired, R = {summary['data_range']:g})")
+        regions = "foreground" if rad["regions"] is None else f"labels {rad['regions']}"
+        lines.append(f"  radiomic Frechet distance {num(rad['frechet_distance'], '.4g')}   MMD^2 {num(rad['mmd2'], '.4g')}   ({rad['n_features']} scikit-image features, {regions})")
+        lines.append(f"  diversity: mean pairwise {div['metric']} {num(div['mean'], '.4f')} over {div['pairs']} pairs (lower = more diverse)")
+        lines.append(f"  memorisation: {mem['flagged']} of {summary['n_candidate']} with SSIM >= {mem['threshold']} to a reference image (max {num(mem['max_ssim_max'], '.4f')})")
+        if mem["flagged_cases"]:
+            lines.append(f"    flagged: {_list_ids(mem['flagged_cases'])}")
+        lines.append(f"  FID: {num(summary['fid'], '.4g')} ({summary['fid_note']})")
+    else:
+        st = summary["stats"]
+        lines.append(f"{summary['n_cases']} case(s), data range {summary['data_range']}" + (f", mask {summary['mask']}" if summary["mask"] else ""))
+        for key, fmt in (("ssim", ".4f"), ("psnr", ".2f"), ("mae", ".4g"), ("ms_ssim", ".4f")):
+            if st.get(key):
+                s = st[key]
+                lines.append(f"  {key:8s} mean {num(s['mean'], fmt)}  std {num(s['std'], fmt)}  min {num(s['min'], fmt)}  max {num(s['max'], fmt)}")
+        if summary["reference_cases_without_candidate"]:
+            lines.append(f"  ({len(summary['reference_cases_without_candidate'])} reference case(s) without a candidate were skipped)")
+    if summary.get("files"):
+        lines.append(f"  wrote {len(summary['files'])} file(s) to {Path(summary['files'][0]).parent}")
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""Sampling from a trained latent diffusion run: mask -> latents -> image.
+
+:class:`LatentDiffusionPipeline` loads ``RUN/model.safetensors`` (``autoencoder.*`` and EMA
+``unet.*`` weights, read as tensors only) and ``RUN/model_card.json`` (recipe, data facts, scale
+factor, sampler defaults), and turns one-hot masks into images in [0, 1]. Geometry (reading the mask,
+label values -> channels, slices of a 3D mask for a 2D run, intensity units, writing) is the
+:class:`~medsynth.synthesis.synthesizer.Synthesizer`'s job; this module works on tensors.
+
+Stages of :meth:`LatentDiffusionPipeline.__call__`:
+  1. pad the mask with background up to a multiple of the autoencoder's downsampling factor;
+  2. sample scaled latents with the chosen sampler (noise from a CPU generator seeded by ``seed``);
+  3. unscale and decode (in overlapping latent tiles when ``model.autoencoder.decode_tile`` is set);
+  4. crop back to the mask's size and clamp to [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medsynth.errors import CheckpointError, ConfigError
+from medsynth.synthesis.samplers import SAMPLERS, Condition, NoiseProcess, sample_latents
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class SamplingDefaults:
+    """The recipe's sampling settings (each overridable per call)."""
+
+    sampler: str
+    steps: int
+    guidance: float
+
+
+class LatentDiffusionPipeline:
+    """Autoencoder + conditioned UNet + noise process of one run, in eval mode on ``device``.
+
+    Call it with ``mask (N, L, *spatial)`` one-hot float over the run's labels and optional
+    ``class_labels (N,)`` to get images ``(N, C, *spatial)`` in [0, 1].
+    """
+
+    def __init__(self, autoencoder: torch.nn.Module, unet: torch.nn.Module, process: NoiseProcess, *,
+                 scale_factor: float, factor: int, latent_channels: int, defaults: SamplingDefaults,
+                 decode_tile: int | None = None, decode_overlap: float = 0.25, can_guide: bool = True) -> None:
+        self.autoencoder = autoencoder.eval()
+        self.unet = unet.eval()
+        self.process = process
+        self.scale_factor = float(scale_factor)
+        self.factor = int(factor)
+        self.latent_channels = int(latent_channels)
+        self.defaults = defaults
+        self.decode_tile = decode_tile
+        self.decode_overlap = decode_overlap
+        self.can_guide = can_guide
+        self.num_labels = int(unet.num_labels)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, *, device: str | torch.device | None = None) -> LatentDiffusionPipeline:
+        """Load a finished LDM run (CheckpointError when it is incomplete or does not fit)."""
+        from medsynth.data.loader import DataInfo
+        from medsynth.synthesis.synthesizer import read_model_card
+
+        card = read_model_card(Path(run_dir))
+        if card["family"] != "ldm":
+            raise CheckpointError(f"{run_dir}: a {card['family']!r} run, not a latent diffusion run")
+        info = DataInfo.from_dict(card["data"])
+        dev = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        return load_ldm_backend(Path(run_dir), card, info, dev)
+
+    @classmethod
+    def from_parts(cls, model: Any, info: Any, facts: dict[str, Any], weights: Path,
+                   device: torch.device) -> LatentDiffusionPipeline:
+        """Build the networks of ``model`` (an LdmModelConfig) for ``info`` and load ``weights``."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from medsynth.models.autoencoder import build_autoencoder, downsample_factor
+        from medsynth.models.diffusion import MaskConditionedUNet
+        from medsynth.training.ldm import make_process
+
+        flash = device.type == "cuda" if model.use_flash_attention == "auto" else bool(model.use_flash_attention)
+        with torch.random.fork_rng(devices=[]):  # initial values are overwritten; keep global RNG as it was
+            ae = build_autoencoder(model.autoencoder, spatial_dims=info.dim, in_channels=info.num_channels,
+                                   use_flash_attention=flash)
+            unet = MaskConditionedUNet(model.diffusion, spatial_dims=info.dim,
+                                       latent_channels=model.autoencoder.latent_channels,
+                                       num_labels=info.num_labels, num_classes=int(facts.get("num_classes", 0)),
+                                       downsample_factor=downsample_factor(model.autoencoder),
+                                       use_flash_attention=flash)
+        try:
+            tensors = load_file(str(weights))
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"{weights}: cannot read the weights ({exc})") from None
+        for prefix, net in (("autoencoder.", ae), ("unet.", unet)):
+            part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            try:
+                net.load_state_dict(part)
+            except RuntimeError as exc:
+                raise CheckpointError(f"{weights}: {prefix.rstrip('.')} weights do not fit the run's recipe "
+                                      f"({str(exc).splitlines()[0]})") from None
+        process = make_process(model.diffusion, info.dim, facts.get("base_numel"))
+        defaults = SamplingDefaults(facts.get("sampler", model.diffusion.sampler),
+                                    int(facts.get("sample_steps", model.diffusion.sample_steps)),
+                                    float(facts.get("guidance", model.diffusion.guidance)))
+        return cls(ae.to(device), unet.to(device), process, scale_factor=facts["scale_factor"],
+                   factor=downsample_factor(model.autoencoder), latent_channels=model.autoencoder.latent_channels,
+                   defaults=defaults, decode_tile=model.autoencoder.decode_tile,
+                   decode_overlap=model.autoencoder.decode_overlap,
+                   can_guide=float(facts.get("cond_dropout", model.diffusion.cond_dropout)) > 0)
+
+    def resolve(self, sampler: str | None, steps: int | None, guidance: float | None) -> SamplingDefaults:
+        """Per-call settings over the recipe's defaults, checked (ConfigError names the option)."""
+        s = self.defaults.sampler if sampler is None else sampler
+        k = self.defaults.steps if steps is None else int(steps)
+        g = self.defaults.guidance if guidance is None else float(guidance)
+        if s not in SAMPLERS:
+            raise ConfigError(f"--sampler: must be one of {', '.join(SAMPLERS)}, got {s!r}")
+        if k < 1:
+            raise ConfigError(f"--steps: must be at least 1, got {k}")
+        if not g >= 0:
+            raise ConfigError(f"--guidance: must be >= 0, got {g}")
+        if g != 1.0 and not self.can_guide:
+            raise ConfigError("--guidance: this run was trained without condition dropout "
+                              "(model.diffusion.cond_dropout: 0), so it cannot use guidance other than 1")
+        self.process.timesteps(s, k, (1, 1, *([1] * self.process.spatial_dims)))  # validates sampler/steps
+        return SamplingDefaults(s, k, g)
+
+    @property
+    def size_multiple(self) -> int:
+        """Mask sides are padded to a multiple of this (the autoencoder's downsampling factor)."""
+        return self.factor
+
+    @torch.no_grad()
+    def __call__(self, mask: torch.Tensor, *, class_labels: torch.Tensor | None = None,
+                 seed: int | list[int] = 0, sampler: str | None = None, steps: int | None = None,
+                 guidance: float | None = None) -> torch.Tensor:
+        """mask: ``(N, L, *spatial)`` one-hot float; class_labels: ``(N,)`` long or None; seed: one
+        seed for the batch, or one per item (an item's image then depends only on its own seed).
+        Returns ``(N, C, *spatial)`` float32 in [0, 1] on the CPU."""
+        opts = self.resolve(sampler, steps, guidance)
+        if isinstance(seed, (list, tuple)):
+            generator: torch.Generator | list[torch.Generator] = [torch.Generator().manual_seed(int(s)) for s in seed]
+        else:
+            generator = torch.Generator().manual_seed(int(seed))
+        return self._generate(mask, class_labels, opts, generator)
+
+    def generate(self, index: torch.Tensor, class_index: torch.Tensor, seeds: list[int],
+                 options: dict[str, Any]) -> torch.Tensor:
+        """The Synthesizer's backend call: index ``(N, *spatial)`` int64 label channels, class_index
+        ``(N,)``, one seed per item, options ``steps``/``sampler``/``guidance`` (None: the run's
+        defaults) -> ``(N, C, *spatial)`` float in [0, 1]."""
+        from medsynth.data.loader import one_hot
+
+        mask = one_hot(index.long(), self.num_labels)
+        labels = class_index.long() if self.unet.num_classes > 0 else None
+        return self(mask, class_labels=labels, seed=[int(s) for s in seeds], sampler=options.get("sampler"),
+                    steps=options.get("steps"), guidance=options.get("guidance"))
+
+    def _generate(self, mask: torch.Tensor, class_labels: torch.Tensor | None, opts: SamplingDefaults,
+                  generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+        from medsynth.models.autoencoder import decode
+
+        dev = self.device
+        spatial = tuple(mask.shape[2:])
+        # 1. pad with background to a multiple of the downsampling factor
+        pads = [(-s) % self.factor for s in spatial]
+        mask = mask.to(dev, torch.float32)
+        if any(pads):
+            flat = [p for pad in reversed(pads) for p in (0, pad)]
+            bg = torch.zeros_like(mask[:, :1])
+            mask = torch.cat([F.pad(bg, flat, value=1.0), F.pad(mask[:, 1:], flat, value=0.0)], dim=1)
+        latent = (mask.shape[0], self.latent_channels, *(s // self.factor for s in mask.shape[2:]))
+        labels = class_labels.to(dev).long() if class_labels is not None else None
+        if labels is None and self.unet.num_classes > 0:
+            labels = torch.full((mask.shape[0],), self.unet.null_class, dtype=torch.long, device=dev)
+        cond = Condition(mask=mask, class_labels=labels)
+        null = Condition(*self.unet.null_condition(mask, labels))
+        # 2. latents
+        amp = torch.bfloat16 if dev.type == "cuda" else None
+        z = sample_latents(self.unet, cond, latent, process=self.process, sampler=opts.sampler, steps=opts.steps,
+                           guidance=opts.guidance, generator=generator, null=null, autocast_dtype=amp)
+        # 3. decode (tiled when configured), 4. crop and clamp
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            image = decode(self.autoencoder, z / self.scale_factor, tile=self.decode_tile,
+                           overlap=self.decode_overlap)
+        crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
+        return image.float()[crop].clamp(0.0, 1.0).cpu()
+
+
+def load_ldm_backend(run_dir: Path, card: dict[str, Any], info: Any, device: torch.device) -> LatentDiffusionPipeline:
+    """The Synthesizer's loader for ``family: ldm`` runs (see medsynth.synthesis.synthesizer.BACKENDS)."""
+    from medsynth.config import LdmModelConfig
+
+    facts = card.get("model", {})
+    if "scale_factor" not in facts:
+        raise CheckpointError(f"{run_dir}: the diffusion stage has not finished (no scale factor in the "
+                              "model card); train it first")
+    try:
+        model = LdmModelConfig.model_validate(card["config"]["model"])
+    except Exception as exc:  # pydantic ValidationError
+        raise CheckpointError(f"{run_dir}/model_card.json: malformed model section ({exc})") from None
+    weights = Path(run_dir) / facts.get("weights", WEIGHTS_FILE)
+    if not weights.is_file():
+        raise CheckpointError(f"{run_dir}: no {weights.name} (has the training finished?)")
+    return LatentDiffusionPipeline.from_parts(model, info, facts, weights, torch.device(device))
