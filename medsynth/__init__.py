@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "mae": "medsynth.evaluation.metrics",
     # synthesis
     "Synthesizer": "medsynth.synthesis.synthesizer",
+    "RandSyntheticPaird": "medsynth.synthesis.online",
+    "SyntheticMixDataset": "medsynth.synthesis.online",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -60,4 +62,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from medsynth.data.nifti import Volume, read_volume, write_volume
     from medsynth.errors import CheckpointError, ConfigError, DataError, JobError, MedsynthError
     from medsynth.evaluation.metrics import mae, ms_ssim, psnr, ssim
+    from medsynth.synthesis.online import RandSyntheticPaird, SyntheticMixDataset
     from medsynth.synthesis.synthesizer import Synthesizer

@@ -101,6 +101,50 @@ def phantoms(
 # ------------------------------------------------------------------------------------ evaluate
 # (implemented in medsynth.evaluation; see issue 3)
 
+
+@app.command()
+@user_errors
+def evaluate(
+    reference: Annotated[Path, typer.Argument(help="Real images: one NIfTI file, or a dataset (MSD JSON, CSV, nnU-Net folder).")],
+    candidate: Annotated[Path, typer.Argument(help="Synthetic images: one NIfTI file, or a dataset paired by case id.")],
+    data_range: Annotated[
+        str,
+        typer.Option("--data-range", help="Intensity range R for SSIM/PSNR: a number, or 'auto' (max - min of each reference image; recorded)."),
+    ],
+    mask: Annotated[
+        Optional[str],
+        typer.Option(help="Restrict paired metrics to a mask: a NIfTI file, or 'labels' (each reference case's label map)."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (means and a 'cases' list).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Write metrics.csv, summary.json and PNG pictures into this folder.")] = None,
+    unpaired: Annotated[
+        bool,
+        typer.Option(help="Compare two datasets as distributions: radiomic Frechet distance, MMD, diversity, memorisation."),
+    ] = False,
+    fid_weights: Annotated[
+        Optional[Path],
+        typer.Option(help="With --unpaired: a local TorchScript feature network for FID (off by default; nothing is downloaded)."),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Compare synthetic images with real ones: SSIM, PSNR, MAE, MS-SSIM, or distribution metrics."""
+    from medsynth.evaluation.evaluate import format_summary, run_evaluate
+
+    summary = run_evaluate(
+        reference,
+        candidate,
+        data_range=data_range,
+        mask=mask,
+        unpaired=unpaired,
+        out=out,
+        fid_weights=fid_weights,
+        progress=progress,
+    )
+    if json_out:
+        print_json(summary)
+    else:
+        typer.echo(format_summary(summary))
+
 # ------------------------------------------------------------------------------------ train / sample
 # (implemented in medsynth.training and medsynth.synthesis; see issues 4 and 5)
 
@@ -148,6 +192,8 @@ def train(
     cfg = load_config(config, overrides)
     from medsynth.training.engine import train as run_training
 
+    if cfg.model.family == "ldm":  # two stages (autoencoder, then diffusion), each a loop of the engine
+        from medsynth.training.ldm import train_ldm as run_training
     with _plain_warnings():
         result = run_training(cfg, out, resume=resume, stage=stage, progress=progress)
     losses = " ".join(f"{k}={v:.4g}" for k, v in result.losses.items())

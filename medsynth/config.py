@@ -201,6 +201,7 @@ class LdmAutoencoderConfig(StrictModel):
     use_checkpoint: activation checkpointing (less memory, ~1.4x the time).
     lr: the autoencoder's learning rate (the patch discriminator uses training.lr_d).
     max_steps: this stage's steps (None: training.max_steps); training.max_steps caps it either way.
+    batch_size: this stage's batch (None: training.batch_size).
     kl_weight / ssim_weight / adv_weight: loss weights of the KL term, (1 - SSIM) and the
         least-squares patch adversarial term; adv_start: steps before the adversarial term starts.
     disc_channels / disc_layers: MONAI PatchDiscriminator size.
@@ -217,6 +218,7 @@ class LdmAutoencoderConfig(StrictModel):
     use_checkpoint: bool = False
     lr: float = Field(default=1e-4, gt=0)
     max_steps: int | None = Field(default=None, ge=0)
+    batch_size: int | None = Field(default=None, gt=0)
     kl_weight: float = Field(default=1e-6, ge=0)
     ssim_weight: float = Field(default=0.5, ge=0)
     adv_weight: float = Field(default=0.01, ge=0)
@@ -246,7 +248,11 @@ class LdmDiffusionConfig(StrictModel):
     scheduler: the noise process trained on: ``rflow`` (rectified flow, velocity prediction) or
         ``ddpm`` (with ``prediction_type``).
     sampler / sample_steps / guidance: sampling defaults (each overridable at sampling time).
-    max_steps: this stage's steps (None: training.max_steps); training.max_steps caps it either way.
+    max_steps / batch_size: this stage's steps and batch (None: training.max_steps / batch_size);
+        training.max_steps caps the steps either way. The UNet's learning rate is training.lr.
+    num_head_channels: channels per attention head, one value or one per level (MONAI's convention;
+        a level narrower than the value gets one head; the value of a level without attention is unused
+        except at the last level, whose mid block always attends).
     spade_channels / controlnet_channels: hidden channels of the SPADE modulation / the first
         ControlNet embedding level.
     """
@@ -254,7 +260,7 @@ class LdmDiffusionConfig(StrictModel):
     channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 64, 64], min_length=1)
     num_res_blocks: int = Field(default=1, ge=1)
     attention_levels: list[bool] | None = None
-    num_head_channels: int = Field(default=32, gt=0)
+    num_head_channels: int | list[Annotated[int, Field(ge=0)]] = Field(default=32)
     norm_num_groups: int = Field(default=16, ge=1)
     conditioning: Literal["concat", "controlnet", "spade"] = "concat"
     mask_resample: Literal["area", "nearest"] = "area"
@@ -266,15 +272,25 @@ class LdmDiffusionConfig(StrictModel):
     sample_steps: int = Field(default=30, ge=1)
     guidance: float = Field(default=1.0, ge=0)
     max_steps: int | None = Field(default=None, ge=0)
+    batch_size: int | None = Field(default=None, gt=0)
     spade_channels: int = Field(default=64, gt=0)
     controlnet_channels: int = Field(default=16, gt=0)
+
+    def head_channels(self) -> list[int]:
+        """Channels per attention head at each level (an int applies to all, capped at the level's width)."""
+        h = self.num_head_channels
+        return [min(h, c) for c in self.channels] if isinstance(h, int) else list(h)
 
     @model_validator(mode="after")
     def _check(self) -> LdmDiffusionConfig:
         _check_levels(self)
-        bad = [c for c in self.channels if c > self.num_head_channels and c % self.num_head_channels]
-        if bad:
-            raise ValueError(f"channels {bad} are not multiples of num_head_channels={self.num_head_channels}")
+        heads = self.head_channels()
+        if len(heads) != len(self.channels):
+            raise ValueError(f"num_head_channels needs one value per level ({len(self.channels)}), got {len(heads)}")
+        levels = self.attention_levels or [False] * len(self.channels)
+        for i, (c, h) in enumerate(zip(self.channels, heads)):
+            if (levels[i] or i == len(heads) - 1) and (h <= 0 or c % h):
+                raise ValueError(f"level {i}: {c} channels are not a multiple of num_head_channels {h}")
         if self.scheduler == "ddpm" and self.sampler == "rflow":
             raise ValueError("sampler 'rflow' needs scheduler 'rflow' (a ddpm-trained model samples with ddpm or ddim)")
         if self.sample_steps > self.num_train_timesteps:
@@ -387,9 +403,11 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         parts = [str(p) for p in err["loc"]]
         if len(parts) >= 2 and parts[0] == "model" and parts[1] in ("gan", "ldm"):
             loc = ".".join(["model", *parts[2:]])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc = f"{loc}.{str(err.get('ctx', {}).get('discriminator', 'family')).strip(chr(39))}"
         got = err.get("input")
         shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc or '(top level)'}: {msg}{shown}")

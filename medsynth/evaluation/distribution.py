@@ -19,6 +19,7 @@ same shape with non-negative integers. Conventions and the exact feature list: `
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -277,10 +278,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
     s1 = np.atleast_2d(np.cov(a, rowvar=False))
     s2 = np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.all(np.isfinite(covmean)):
-        offset = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # singular products are handled below
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.all(np.isfinite(covmean)):
+            offset = np.eye(s1.shape[0]) * 1e-6
+            covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     covmean = np.real(covmean)
     diff = mu1 - mu2
     value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
@@ -422,8 +425,9 @@ def fid(
 ) -> float:
     """Frechet distance over the features of a network loaded from a local file (off by default).
 
-    feature_weights: a TorchScript file (``torch.jit.save``) when ``model`` is None, else a state dict
-        (loaded with ``torch.load(weights_only=True)``) for the ``torch.nn.Module`` given as ``model``.
+    feature_weights: when ``model`` is None, a ``torch.export`` program (``torch.export.save``, ``.pt2``)
+        or a TorchScript file (``torch.jit.save``); else a state dict (loaded with
+        ``torch.load(weights_only=True)``) for the ``torch.nn.Module`` given as ``model``.
     Each image is fed alone as a float32 ``(1, 1, *spatial)`` tensor in its own units (scale it first
     if the network expects otherwise); the output is flattened, after a global average over any
     spatial axes, into one feature vector. medsynth never downloads weights.
@@ -437,12 +441,7 @@ def fid(
             "medsynth downloads nothing)"
         )
     if model is None:
-        try:
-            net = torch.jit.load(str(path), map_location=device)
-        except Exception as exc:  # torch raises RuntimeError/ValueError for a non-TorchScript file
-            raise CheckpointError(
-                f"{path}: not a TorchScript file ({type(exc).__name__}); for a state dict pass model="
-            ) from None
+        net = _load_network_file(path, device)
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -455,7 +454,10 @@ def fid(
         except Exception as exc:
             raise CheckpointError(f"{path}: weights do not fit the model ({exc})") from None
         net = model.to(device)
-    net.eval()
+    try:
+        net.eval()
+    except NotImplementedError:  # a torch.export module: already in inference form
+        pass
 
     def features(images: Sequence[np.ndarray], what: str) -> np.ndarray:
         rows = []
@@ -472,6 +474,27 @@ def fid(
         return np.stack(rows)
 
     return frechet_distance(features(reference, "reference"), features(candidate, "candidate"))
+
+
+def _load_network_file(path: Path, device: str) -> Any:
+    """A ``torch.export`` program, else a TorchScript module, from a local file."""
+    import warnings
+
+    import torch
+
+    try:
+        return torch.export.load(str(path)).module().to(device)
+    except Exception:  # not an exported program: try TorchScript below
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.10 deprecates TorchScript
+            return torch.jit.load(str(path), map_location=device)
+    except Exception as exc:  # torch raises RuntimeError/ValueError for other files
+        raise CheckpointError(
+            f"{path}: neither a torch.export program nor a TorchScript file ({type(exc).__name__}); "
+            "for a state dict pass model="
+        ) from None
 
 
 # ------------------------------------------------------------------------------------ SSIM sets

@@ -85,8 +85,7 @@ class MaskConditionedUNet(nn.Module):
             channels=tuple(cfg.channels),
             attention_levels=tuple(levels),
             norm_num_groups=cfg.norm_num_groups,
-            # one head per level narrower than num_head_channels (the mid block always attends)
-            num_head_channels=tuple(min(cfg.num_head_channels, c) for c in cfg.channels),
+            num_head_channels=tuple(cfg.head_channels()),
             num_class_embeds=num_classes + 1 if num_classes > 0 else None,
             use_flash_attention=use_flash_attention,
         )

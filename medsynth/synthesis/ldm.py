@@ -7,7 +7,7 @@ label values -> channels, slices of a 3D mask for a 2D run, intensity units, wri
 :class:`~medsynth.synthesis.synthesizer.Synthesizer`'s job; this module works on tensors.
 
 Stages of :meth:`LatentDiffusionPipeline.__call__`:
-  1. pad the mask with background up to a multiple of the autoencoder's downsampling factor;
+  1. pad the mask with background up to a multiple of the networks' downsampling (autoencoder x UNet);
   2. sample scaled latents with the chosen sampler (noise from a CPU generator seeded by ``seed``);
   3. unscale and decode (in overlapping latent tiles when ``model.autoencoder.decode_tile`` is set);
   4. crop back to the mask's size and clamp to [0, 1].
@@ -45,13 +45,14 @@ class LatentDiffusionPipeline:
     """
 
     def __init__(self, autoencoder: torch.nn.Module, unet: torch.nn.Module, process: NoiseProcess, *,
-                 scale_factor: float, factor: int, latent_channels: int, defaults: SamplingDefaults,
+                 scale_factor: float, factor: int, multiple: int, latent_channels: int, defaults: SamplingDefaults,
                  decode_tile: int | None = None, decode_overlap: float = 0.25, can_guide: bool = True) -> None:
         self.autoencoder = autoencoder.eval()
         self.unet = unet.eval()
         self.process = process
         self.scale_factor = float(scale_factor)
         self.factor = int(factor)
+        self.multiple = int(multiple)
         self.latent_channels = int(latent_channels)
         self.defaults = defaults
         self.decode_tile = decode_tile
@@ -86,7 +87,7 @@ class LatentDiffusionPipeline:
 
         from medsynth.models.autoencoder import build_autoencoder, downsample_factor
         from medsynth.models.diffusion import MaskConditionedUNet
-        from medsynth.training.ldm import make_process
+        from medsynth.training.ldm import make_process, size_multiple
 
         flash = device.type == "cuda" if model.use_flash_attention == "auto" else bool(model.use_flash_attention)
         with torch.random.fork_rng(devices=[]):  # initial values are overwritten; keep global RNG as it was
@@ -113,7 +114,7 @@ class LatentDiffusionPipeline:
                                     int(facts.get("sample_steps", model.diffusion.sample_steps)),
                                     float(facts.get("guidance", model.diffusion.guidance)))
         return cls(ae.to(device), unet.to(device), process, scale_factor=facts["scale_factor"],
-                   factor=downsample_factor(model.autoencoder), latent_channels=model.autoencoder.latent_channels,
+                   factor=downsample_factor(model.autoencoder), multiple=size_multiple(model), latent_channels=model.autoencoder.latent_channels,
                    defaults=defaults, decode_tile=model.autoencoder.decode_tile,
                    decode_overlap=model.autoencoder.decode_overlap,
                    can_guide=float(facts.get("cond_dropout", model.diffusion.cond_dropout)) > 0)
@@ -137,8 +138,8 @@ class LatentDiffusionPipeline:
 
     @property
     def size_multiple(self) -> int:
-        """Mask sides are padded to a multiple of this (the autoencoder's downsampling factor)."""
-        return self.factor
+        """Mask sides are padded to a multiple of this (autoencoder and UNet downsampling)."""
+        return self.multiple
 
     @torch.no_grad()
     def __call__(self, mask: torch.Tensor, *, class_labels: torch.Tensor | None = None,
@@ -173,7 +174,7 @@ class LatentDiffusionPipeline:
         dev = self.device
         spatial = tuple(mask.shape[2:])
         # 1. pad with background to a multiple of the downsampling factor
-        pads = [(-s) % self.factor for s in spatial]
+        pads = [(-s) % self.multiple for s in spatial]
         mask = mask.to(dev, torch.float32)
         if any(pads):
             flat = [p for pad in reversed(pads) for p in (0, pad)]

@@ -176,7 +176,7 @@ class Runtime:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=ids)
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
         """A CPU generator seeded from (seed, step, rank, stream): draw, then ``.to(rt.device)``."""
@@ -533,13 +533,17 @@ def train(
     (``WORLD_SIZE > 1``) every process calls this; rank 0 writes. Raises ConfigError, DataError,
     CheckpointError or JobError for user mistakes.
     """
+    # 0. cheap checks before torch is even imported: the run folder, then the whole dataset
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir, stage, resume)
+    manifest = validated_manifest(config.data.manifest)
     device, rank, world, local_rank, ours = _init_distributed(config)
     try:
-        rt = Runtime(config=config, run_dir=Path(run_dir), device=device, rank=rank,
+        rt = Runtime(config=config, run_dir=run_dir, device=device, rank=rank,
                      world_size=world, local_rank=local_rank, stage=stage)
         deterministic = device.type == "cpu" or config.training.deterministic
         with _deterministic(deterministic):
-            return _train(rt, resume=resume, progress=progress)
+            return _train(rt, manifest, resume=resume, progress=progress)
     finally:
         if ours:
             import torch.distributed as dist
@@ -547,7 +551,7 @@ def train(
             dist.destroy_process_group()
 
 
-def _train(rt: Runtime, *, resume: bool, progress: bool) -> TrainResult:
+def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> TrainResult:
     import torch
 
     from medsynth.data.atomic import atomic_write_text
@@ -557,10 +561,7 @@ def _train(rt: Runtime, *, resume: bool, progress: bool) -> TrainResult:
     cfg, run_dir, stage = rt.config, rt.run_dir, rt.stage
     family_cls = family_class(cfg.model.family)
 
-    # 1. the run folder, then the whole dataset: bad input fails before any network is built
-    _check_run_dir(run_dir, stage, resume)
-    rt.barrier()
-    manifest = validated_manifest(cfg.data.manifest)
+    # 1. the training arrays (normalisation fitted on the training set)
     data = build_training_data(manifest, cfg.data, seed=cfg.training.seed)
 
     # 2. the family: networks, optimisers, EMA (seeded, without touching the global RNG)

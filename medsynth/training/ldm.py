@@ -50,6 +50,7 @@ from medsynth.training.engine import FamilyBase, checkpoint_dir, derive_seed
 STAGES: tuple[str, ...] = ("autoencoder", "diffusion")
 WEIGHTS_FILE = "model.safetensors"
 
+EVAL_LEVELS = 8  # timesteps per item in the diffusion stage's evaluation
 # generator streams of one step (rt.generator(step, stream))
 _ENCODE, _NOISE, _TIME, _DROP = 0, 1, 2, 3
 
@@ -117,19 +118,37 @@ def stage_steps(config: Any, stage: str) -> int:
     return cap if own is None else min(own, cap)
 
 
+def stage_config(config: Any, stage: str) -> Any:
+    """The recipe one stage trains with: ``training.batch_size`` replaced by the stage's own
+    ``batch_size`` when it sets one (the stage's checkpoints and resume checks hold this config)."""
+    own = getattr(config.model, stage).batch_size
+    if own is None or own == config.training.batch_size:
+        return config
+    cfg = config.model_copy(deep=True)
+    cfg.training.batch_size = own
+    return cfg
+
+
 def use_flash(config: Any, device: torch.device) -> bool:
     flag = config.model.use_flash_attention
     return device.type == "cuda" if flag == "auto" else bool(flag)
 
 
+def size_multiple(model: Any) -> int:
+    """Image sides must be multiples of this: the autoencoder's factor times the UNet's
+    ``2 ** (len(model.diffusion.channels) - 1)`` (its latent is halved at each level)."""
+    return downsample_factor(model.autoencoder) * 2 ** (len(model.diffusion.channels) - 1)
+
+
 def check_sizes(config: Any, size: list[int]) -> None:
-    """ConfigError when ``data.size`` does not suit the autoencoder's factor or the discriminator."""
+    """ConfigError when ``data.size`` does not suit the networks' downsampling or the discriminator."""
     ae = config.model.autoencoder
-    f = downsample_factor(ae)
-    bad = [s for s in size if s % f]
+    m = size_multiple(config.model)
+    bad = [s for s in size if s % m]
     if bad:
-        raise ConfigError(f"data.size {size}: each value must be divisible by {f} "
-                          f"(2 ** (len(model.autoencoder.channels) - 1))")
+        raise ConfigError(f"data.size {size}: each value must be divisible by {m} "
+                          f"(the autoencoder's 2 ** (len(model.autoencoder.channels) - 1) times the UNet's "
+                          f"2 ** (len(model.diffusion.channels) - 1))")
     if min(size) // 2**ae.disc_layers < 2:
         raise ConfigError(f"model.autoencoder.disc_layers={ae.disc_layers} is too deep for data.size {size} "
                           f"(each layer halves it; lower disc_layers or raise data.size)")
@@ -358,25 +377,32 @@ class LdmFamily(FamilyBase):
 
     @torch.no_grad()
     def evaluate(self, batch: dict[str, Any]) -> dict[str, float]:
-        """Autoencoder: L1 and 1-SSIM of the posterior-mean reconstruction. Diffusion: the loss on
-        fixed noise and timesteps for the raw and EMA UNets (once the scale is known)."""
+        """Autoencoder: L1 and 1-SSIM of the posterior-mean reconstruction. Diffusion: the loss of the
+        raw and EMA UNets on fixed noise at 8 evenly spread timesteps (once the scale is known, i.e.
+        not before the first diffusion step)."""
         if self.stage == "autoencoder":
             recon = self._reconstruct(batch["image"])
             return {"l1": float(F.l1_loss(recon, batch["image"])), "ssim_loss": float(ssim_loss(recon, batch["image"]))}
         if self.scale_factor is None:
             return {}
-        z0 = self.latents(batch["image"], self._fixed_generator(0)) * self.scale_factor
+        # every item at EVAL_LEVELS stratified timesteps, fixed noise: a low-variance loss estimate
+        k = EVAL_LEVELS
+        z0 = (self.latents(batch["image"], self._fixed_generator(0)) * self.scale_factor).repeat(k, *[1] * (batch["image"].ndim - 1))
+        n = batch["image"].shape[0]
+        levels = (torch.arange(k, dtype=torch.float32) + 0.5) / k * self.process.T
+        t = levels.repeat_interleave(n).to(z0.device)
+        if self.process.kind == "ddpm":
+            t = t.long()
         noise = torch.randn(z0.shape, generator=self._fixed_generator(1)).to(z0.device)
-        t = self.process.training_timesteps(z0.shape[0], tuple(z0.shape), self._fixed_generator(2), z0.device)
         z_t = self.process.add_noise(z0, noise, t)
         target = self.process.target(z0, noise, t)
         cond = self.condition(batch)
+        mask = cond.mask.repeat(k, *[1] * (cond.mask.ndim - 1))
+        labels = None if cond.class_labels is None else cond.class_labels.repeat(k)
         out = {}
         for name, net in (("mse", self.unet), ("mse_ema", self.emas["unet"].module if "unet" in self.emas else None)):
             if net is not None:
-                net.eval()
-                out[name] = float(F.mse_loss(net(z_t, t, cond.mask, cond.class_labels).float(), target))
-                net.train()
+                out[name] = float(F.mse_loss(net(z_t, t, mask, labels).float(), target))
         return out
 
     @torch.no_grad()
@@ -492,7 +518,8 @@ def train_ldm(config: Any, run_dir: str | Path, *, resume: bool = False, stage: 
               progress: bool = True) -> Any:
     """Train the latent diffusion stages into ``run_dir``: both in order, or only ``stage``.
 
-    ``resume`` continues each stage from its newest valid checkpoint; when the autoencoder is no
+    Each stage trains with :func:`stage_config` (its own batch size when set) for
+    :func:`stage_steps` steps. ``resume`` continues each stage from its newest valid checkpoint; when the autoencoder is no
     longer the one the diffusion checkpoints were trained on, they are removed (with a warning) and
     the diffusion stage is trained again from its seed. Returns the engine's ``TrainResult`` of the
     last stage trained.
@@ -516,5 +543,5 @@ def train_ldm(config: Any, run_dir: str | Path, *, resume: bool = False, stage: 
                           "training the diffusion stage again from its seed", stacklevel=2)
             _clear_diffusion(run_dir, rank)
             has_ckpts = False
-        result = train(config, run_dir, resume=resume and has_ckpts, stage=s, progress=progress)
+        result = train(stage_config(config, s), run_dir, resume=resume and has_ckpts, stage=s, progress=progress)
     return result

@@ -1,0 +1,232 @@
+"""The ``--out`` report folder of ``medsynth evaluate``: ``metrics.csv``, ``summary.json`` and PNGs.
+
+Pictures are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch),
+and every file is written atomically.
+
+Paired: ``metrics.csv`` (one row per case), ``summary.json``, ``metrics.png`` (per-case
+distribution of each metric: box plot with the cases as points), ``montage.png`` (middle slices of
+up to four cases, best / median / worst SSIM: reference, candidate, absolute difference).
+Unpaired: ``metrics.csv`` (one row per candidate: nearest reference image and its SSIM),
+``summary.json``, ``features.png`` (the two sets in the first two principal components of the
+z-normalised radiomic features), ``memorisation.png`` (histogram of each candidate's highest SSIM
+to a reference image, with the threshold) and ``montage.png`` (the most similar candidate/reference
+pairs).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medsynth.data.atomic import atomic_write_text, atomic_write_with
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+    from medsynth.evaluation.evaluate import Preview, UnpairedExtras
+
+PAIRED_COLUMNS = ("case_id", "ssim", "psnr", "mae", "ms_ssim", "data_range")
+METRIC_LABELS = {"ssim": "SSIM", "psnr": "PSNR (dB)", "mae": "MAE / R", "ms_ssim": "MS-SSIM"}
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def _json(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, indent=2, allow_nan=False) + "\n"
+
+
+# ------------------------------------------------------------------------------------ paired
+
+
+def write_paired_report(summary: dict[str, Any], previews: Sequence[Preview], out: Path) -> list[Path]:
+    """Write the paired report files into ``out`` (created if needed). Returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary["cases"]
+    written = [
+        atomic_write_text(out / "metrics.csv", _csv(rows, PAIRED_COLUMNS)),
+        atomic_write_text(out / "summary.json", _json(summary)),
+        _save(_distribution_figure(rows), out / "metrics.png"),
+    ]
+    if previews:
+        written.append(_save(_paired_montage(rows, previews), out / "montage.png"))
+    return written
+
+
+def _distribution_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    keys = [k for k in METRIC_LABELS if any(r.get(k) is not None for r in rows)]
+    fig = _figure(3.0 * max(len(keys), 1), 4.0)
+    axes = fig.subplots(1, max(len(keys), 1), squeeze=False)[0]
+    rng = np.random.default_rng(0)  # horizontal jitter of the points only
+    for ax, key in zip(axes, keys):
+        values = np.asarray([r[key] for r in rows if r.get(key) is not None], dtype=np.float64)
+        ax.boxplot(values, widths=0.5, showfliers=False)
+        ax.scatter(1 + rng.uniform(-0.12, 0.12, size=values.size), values, s=14, alpha=0.7, color="tab:blue", zorder=3)
+        ax.set_title(f"{METRIC_LABELS[key]}\nmean {values.mean():.4g} (n={values.size})", fontsize=10)
+        ax.set_xticks([])
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("per-case metrics", fontsize=11)
+    return fig
+
+
+def _pick_cases(rows: Sequence[dict[str, Any]], limit: int = 4) -> list[int]:
+    """Indices of up to ``limit`` cases spanning the SSIM range: best, median(s), worst."""
+    order = sorted(range(len(rows)), key=lambda i: -(rows[i]["ssim"] if rows[i]["ssim"] is not None else -np.inf))
+    if len(order) <= limit:
+        return order
+    picks = np.linspace(0, len(order) - 1, limit).round().astype(int)
+    return [order[p] for p in picks]
+
+
+def _show(ax: Any, image: np.ndarray, vmin: float, vmax: float, cmap: str = "gray") -> Any:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax.imshow(np.asarray(image).T, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest")
+
+
+def _paired_montage(rows: Sequence[dict[str, Any]], previews: Sequence[Preview]) -> Figure:
+    picks = _pick_cases(rows)
+    fig = _figure(9.0, 3.0 * len(picks))
+    axes = fig.subplots(len(picks), 3, squeeze=False)
+    for r, i in enumerate(picks):
+        p, row = previews[i], rows[i]
+        lo = float(min(p.reference.min(), p.candidate.min()))
+        hi = float(max(p.reference.max(), p.candidate.max()))
+        diff = np.abs(p.reference.astype(np.float64) - p.candidate.astype(np.float64))
+        _show(axes[r, 0], p.reference, lo, hi)
+        _show(axes[r, 1], p.candidate, lo, hi)
+        im = _show(axes[r, 2], diff, 0.0, float(diff.max()) or 1.0, cmap="magma")
+        fig.colorbar(im, ax=axes[r, 2], fraction=0.046)
+        ssim_txt = "n/a" if row["ssim"] is None else f"{row['ssim']:.4f}"
+        psnr_txt = "inf" if row["psnr"] is None else f"{row['psnr']:.2f} dB"
+        axes[r, 0].set_ylabel(f"{p.case_id}\nSSIM {ssim_txt}\nPSNR {psnr_txt}", fontsize=9)
+    axes[0, 0].set_title("reference")
+    axes[0, 1].set_title("candidate")
+    axes[0, 2].set_title("|difference|")
+    return fig
+
+
+# ------------------------------------------------------------------------------------ unpaired
+
+
+def write_unpaired_report(summary: dict[str, Any], extras: UnpairedExtras, out: Path) -> list[Path]:
+    """Write the unpaired report files into ``out`` (created if needed). Returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mem = summary["memorisation"]
+    rows = [
+        {"case_id": c["case_id"], "nearest_reference": c["nearest_id"], "max_ssim": c["max_ssim"], "flagged": c["flagged"]}
+        for c in mem["cases"]
+    ]
+    written = [
+        atomic_write_text(out / "metrics.csv", _csv(rows, ("case_id", "nearest_reference", "max_ssim", "flagged"))),
+        atomic_write_text(out / "summary.json", _json(summary)),
+        _save(_feature_figure(summary, extras), out / "features.png"),
+        _save(_memorisation_figure(mem), out / "memorisation.png"),
+    ]
+    montage = _nearest_montage(mem, extras)
+    if montage is not None:
+        written.append(_save(montage, out / "montage.png"))
+    return written
+
+
+def _feature_figure(summary: dict[str, Any], extras: UnpairedExtras) -> Figure:
+    ref, cand = extras.reference_z, extras.candidate_z
+    centre = ref.mean(axis=0)
+    # principal axes of the reference set (z-normalised features)
+    _, _, vt = np.linalg.svd(ref - centre, full_matrices=False)
+    comps = vt[: min(2, vt.shape[0])]
+    pr, pc = (ref - centre) @ comps.T, (cand - centre) @ comps.T
+    if pr.shape[1] == 1:
+        pr = np.hstack([pr, np.zeros_like(pr)])
+        pc = np.hstack([pc, np.zeros_like(pc)])
+    fig = _figure(5.5, 5.0)
+    ax = fig.subplots()
+    ax.scatter(pr[:, 0], pr[:, 1], s=22, alpha=0.75, label=f"reference (n={len(ref)})")
+    ax.scatter(pc[:, 0], pc[:, 1], s=22, alpha=0.75, marker="^", label=f"candidate (n={len(cand)})")
+    rad = summary["radiomics"]
+    fd = rad["frechet_distance"]
+    mmd2 = rad["mmd2"]
+    ax.set_title(
+        f"radiomic features, reference PCA\nFrechet distance {fd:.4g}   MMD^2 {mmd2:.4g}" if fd is not None and mmd2 is not None
+        else "radiomic features, reference PCA",
+        fontsize=10,
+    )
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _memorisation_figure(mem: dict[str, Any]) -> Figure:
+    values = np.asarray([c["max_ssim"] for c in mem["cases"] if c["max_ssim"] is not None], dtype=np.float64)
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    if values.size:
+        ax.hist(values, bins=min(30, max(5, values.size)), color="tab:blue", alpha=0.8)
+    ax.axvline(mem["threshold"], color="tab:red", linestyle="--", label=f"threshold {mem['threshold']}")
+    ax.set_xlabel("highest SSIM of a candidate to any reference image")
+    ax.set_ylabel("candidates")
+    ax.set_title(f"memorisation check: {mem['flagged']} flagged", fontsize=10)
+    ax.legend(fontsize=9)
+    return fig
+
+
+def _nearest_montage(mem: dict[str, Any], extras: UnpairedExtras, limit: int = 4) -> Figure | None:
+    from medsynth.evaluation.evaluate import _middle_slice
+
+    cases = [c for c in mem["cases"] if c["max_ssim"] is not None]
+    if not cases:
+        return None
+    cases = sorted(cases, key=lambda c: -c["max_ssim"])[:limit]
+    cand_index = {cid: i for i, cid in enumerate(extras.candidate.ids)}
+    ref_index = {cid: i for i, cid in enumerate(extras.reference.ids)}
+    fig = _figure(6.5, 3.0 * len(cases))
+    axes = fig.subplots(len(cases), 2, squeeze=False)
+    for r, c in enumerate(cases):
+        a = _middle_slice(extras.candidate.images[cand_index[c["case_id"]]])
+        b = _middle_slice(extras.reference.images[ref_index[c["nearest_id"]]])
+        lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
+        _show(axes[r, 0], a, lo, hi)
+        _show(axes[r, 1], b, lo, hi)
+        flag = "  FLAGGED" if c["flagged"] else ""
+        axes[r, 0].set_ylabel(f"{c['case_id']}\nSSIM {c['max_ssim']:.4f}{flag}", fontsize=9)
+        axes[r, 1].set_ylabel(c["nearest_id"], fontsize=9)
+    axes[0, 0].set_title("candidate")
+    axes[0, 1].set_title("nearest reference")
+    return fig

@@ -1,0 +1,226 @@
+"""Distribution metrics: hand-computed distances, scikit-image features, SSIM sets, FID from a local file."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from skimage.feature import graycomatrix, graycoprops
+
+from medsynth.errors import CheckpointError, DataError
+from medsynth.evaluation import distribution as D
+from medsynth.evaluation.metrics import ssim
+
+
+def phantom(rng: np.random.Generator, shape=(24, 26, 22), shift: float = 0.0, noise: float = 20.0):
+    """A sphere (label 1) with a core (label 2), intensities ~0..600 plus noise; float32 image, uint8 labels."""
+    grid = np.indices(shape, dtype=np.float64)
+    centre = np.asarray(shape, dtype=np.float64)[:, None, None, None] / 2 + rng.uniform(-1.5, 1.5, (3, 1, 1, 1))
+    r = np.sqrt(((grid - centre) ** 2).sum(0))
+    label = np.zeros(shape, np.uint8)
+    label[r < 9] = 1
+    label[r < 4] = 2
+    image = np.select([label == 2, label == 1], [600.0, 300.0], 0.0) + rng.normal(0, noise, shape) + shift * (label > 0)
+    return image.astype(np.float32), label
+
+
+# ------------------------------------------------------------------------------------ distances
+
+
+def test_frechet_distance_by_hand():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 5))
+    assert D.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # a pure mean shift of 1 in every feature: |d mu|^2 = 5, the covariance terms cancel
+    assert D.frechet_distance(a, a + 1.0) == pytest.approx(5.0, abs=1e-6)
+    # 1D: (mu1 - mu2)^2 + (s1 - s2)^2 with sample standard deviations
+    x, y = rng.normal(0, 1, (30, 1)), rng.normal(2, 3, (25, 1))
+    hand = (x.mean() - y.mean()) ** 2 + (x.std(ddof=1) - y.std(ddof=1)) ** 2
+    assert D.frechet_distance(x, y) == pytest.approx(hand, rel=1e-8)
+    # fewer samples than features: singular covariances are handled
+    few = rng.normal(size=(4, 10))
+    assert math.isfinite(D.frechet_distance(few, few + 0.5))
+
+
+def test_mmd_by_hand_and_behaviour():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(6, 2)), rng.normal(size=(5, 2))
+    sigma = 0.9
+    k = lambda u, v: math.exp(-np.sum((u - v) ** 2) / (2 * sigma**2))  # noqa: E731
+    kaa = sum(k(a[i], a[j]) for i in range(6) for j in range(6) if i != j) / (6 * 5)
+    kbb = sum(k(b[i], b[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    kab = sum(k(u, v) for u in a for v in b) / 30
+    assert D.mmd(a, b, bandwidth=sigma) == pytest.approx(kaa + kbb - 2 * kab, rel=1e-10)
+
+    pooled = np.concatenate([a, b])
+    dists = [np.linalg.norm(pooled[i] - pooled[j]) for i in range(11) for j in range(i + 1, 11)]
+    assert D.median_bandwidth(a, b) == pytest.approx(np.median(dists), rel=1e-10)
+
+    x = rng.normal(size=(60, 4))
+    same = D.mmd(x[:30], x[30:])
+    shifted = D.mmd(x[:30], x[30:] + 1.5)
+    assert abs(same) < 0.05
+    assert shifted > 0.3
+
+
+def test_distance_errors():
+    with pytest.raises(DataError, match="at least 2"):
+        D.frechet_distance(np.ones((1, 3)), np.ones((5, 3)))
+    with pytest.raises(DataError, match="same F"):
+        D.mmd(np.ones((3, 3)), np.ones((5, 2)))
+    with pytest.raises(DataError, match="NaN"):
+        D.frechet_distance(np.full((3, 2), np.nan), np.ones((3, 2)))
+
+
+# ------------------------------------------------------------------------------------ features
+
+
+def test_first_order_and_glcm_equal_direct_computation_2d():
+    rng = np.random.default_rng(2)
+    image = rng.normal(100.0, 25.0, (30, 34)).astype(np.float32)
+    label = np.ones(image.shape, np.uint8)  # the whole image as region 1
+    lo, hi = 0.0, 200.0
+    fs = D.radiomic_features([image], [label], regions=[1], intensity_range=(lo, hi), levels=16)
+    got = dict(zip(fs.names, fs.values[0]))
+    v = image.astype(np.float64).ravel()
+    assert got["label1_mean"] == pytest.approx(v.mean())
+    assert got["label1_std"] == pytest.approx(v.std())
+    assert got["label1_skewness"] == pytest.approx(stats.skew(v), abs=1e-9)
+    assert got["label1_kurtosis"] == pytest.approx(stats.kurtosis(v), abs=1e-9)
+    assert got["label1_p90"] == pytest.approx(np.percentile(v, 90))
+    assert got["label1_energy"] == pytest.approx(np.mean(v * v))
+    hist, _ = np.histogram(np.clip(v, lo, hi - 1e-9), bins=16, range=(lo, hi))
+    p = hist[hist > 0] / hist.sum()
+    assert got["label1_entropy"] == pytest.approx(-(p * np.log2(p)).sum(), abs=1e-9)
+    q = np.clip(np.floor((image.astype(np.float64) - lo) / (hi - lo) * 16), 0, 15).astype(np.uint8)
+    angles = [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4]
+    glcm = graycomatrix(q, [1], angles, levels=16, symmetric=True, normed=True)
+    for prop in ("contrast", "homogeneity", "energy", "correlation", "dissimilarity"):
+        assert got[f"label1_glcm_{prop}"] == pytest.approx(graycoprops(glcm, prop).mean(), rel=1e-9)
+
+
+def test_features_3d_regions_and_foreground():
+    rng = np.random.default_rng(3)
+    image, label = phantom(rng)
+    fs = D.radiomic_features([image], [label], regions=[1, 2], intensity_range=(-100.0, 700.0), slices_per_plane=2)
+    assert fs.values.shape == (1, 28) and len(fs.names) == 28
+    assert fs.names[0] == "label1_mean" and fs.names[14] == "label2_mean"
+    assert np.all(np.isfinite(fs.values))
+    got = dict(zip(fs.names, fs.values[0]))
+    assert got["label2_mean"] == pytest.approx(float(image[label == 2].mean()), rel=1e-6)
+    fg = D.radiomic_features([image], intensity_range=(-100.0, 700.0))
+    assert fg.regions is None and fg.values.shape == (1, 14) and fg.names[0] == "fg_mean"
+    with pytest.raises(DataError, match="region 3 has no voxels"):
+        D.radiomic_features([image], [label], regions=[3], intensity_range=(0.0, 1.0))
+    with pytest.raises(DataError, match="intensity_range"):
+        D.radiomic_features([image], intensity_range=(5.0, 5.0))
+
+
+def test_compare_radiomics_self_shifted_and_regions():
+    rng = np.random.default_rng(4)
+    ref = [phantom(rng) for _ in range(8)]
+    same = [phantom(rng) for _ in range(8)]
+    shifted = [phantom(rng, shift=150.0) for _ in range(8)]
+    imgs = lambda s: [i for i, _ in s]  # noqa: E731
+    labs = lambda s: [lab for _, lab in s]  # noqa: E731
+    self_cmp = D.compare_radiomics(imgs(ref), imgs(ref), labs(ref), labs(ref))
+    assert self_cmp.regions == [1, 2] and self_cmp.n_features == 28
+    assert self_cmp.frechet_distance == pytest.approx(0.0, abs=1e-6)
+    near = D.compare_radiomics(imgs(ref), imgs(same), labs(ref), labs(same))
+    far = D.compare_radiomics(imgs(ref), imgs(shifted), labs(ref), labs(shifted))
+    assert far.frechet_distance > 5 * near.frechet_distance
+    assert far.mmd2 > near.mmd2 + 0.2
+    d = far.to_dict()
+    assert "reference_z" not in d and d["n_features"] == 28
+    # reference features are z-normalised: mean 0 per feature (std 1 where not constant)
+    np.testing.assert_allclose(far.reference_z.mean(axis=0), 0.0, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------ SSIM sets
+
+
+def test_pairwise_ssim_equals_ssim_and_memorisation_flags_a_copy():
+    rng = np.random.default_rng(5)
+    train = [phantom(rng)[0] for _ in range(3)]
+    synthetic = [train[1].copy(), phantom(rng, noise=80.0)[0], phantom(rng, shape=(20, 20, 20))[0]]
+    table = D.pairwise_ssim(synthetic, train, data_range=700.0)
+    assert table.shape == (3, 3)
+    for i in range(2):
+        for j in range(3):
+            assert table[i, j] == pytest.approx(ssim(synthetic[i], train[j], data_range=700.0), abs=1e-5)
+    assert np.all(np.isnan(table[2]))  # different shape: not compared
+    result = D.memorisation(synthetic, train, data_range=700.0, synthetic_ids=["s0", "s1", "s2"], training_ids=["t0", "t1", "t2"])
+    c0, c1, c2 = result.cases
+    assert c0.flagged and c0.nearest_id == "t1" and c0.max_ssim == pytest.approx(1.0, abs=1e-6)
+    assert not c1.flagged and c1.max_ssim < 0.95
+    assert c2.max_ssim is None and not c2.flagged
+    assert result.flagged == ["s0"]
+    assert result.to_dict()["flagged"] == 1
+    with pytest.raises(DataError, match="threshold"):
+        D.memorisation(synthetic, train, data_range=700.0, threshold=1.5)
+
+
+def test_diversity():
+    rng = np.random.default_rng(6)
+    one = phantom(rng)[0]
+    copies = D.diversity([one, one.copy(), one.copy()], data_range=700.0)
+    assert copies.mean == pytest.approx(1.0, abs=1e-6) and copies.pairs == 3
+    assert copies.metric == "ms_ssim" and copies.scales == 2  # 22 // 2 >= 11, 22 // 4 < 11
+    varied = D.diversity([phantom(rng, noise=60.0)[0] for _ in range(5)], data_range=700.0, max_pairs=4, seed=1)
+    assert varied.pairs == 4 and varied.mean < 0.9
+    small = D.diversity([rng.random((16, 16)), rng.random((16, 16))], data_range=1.0)
+    assert small.metric == "ssim"
+    with pytest.raises(DataError, match="same shape"):
+        D.diversity([rng.random((16, 16)), rng.random((16, 17))], data_range=1.0)
+
+
+# ------------------------------------------------------------------------------------ FID
+
+
+class TinyFeatures(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x / 600.0))
+
+
+def test_fid_from_local_files(tmp_path):
+    rng = np.random.default_rng(7)
+    torch.manual_seed(0)  # only the network's initial weights
+    net = TinyFeatures().eval()
+    ref = [phantom(rng, shape=(14, 14, 14))[0] for _ in range(6)]
+    shifted = [im + 200.0 for im in ref]
+    exported = tmp_path / "features.pt2"
+    torch.export.save(torch.export.export(net, (torch.zeros(1, 1, 14, 14, 14),)), str(exported))
+    assert D.fid(ref, ref, feature_weights=exported) == pytest.approx(0.0, abs=1e-6)
+    far = D.fid(ref, shifted, feature_weights=exported)
+    assert far > 1e-3
+    # the same network as a state dict for a model the caller builds
+    weights = tmp_path / "weights.pt"
+    torch.save(net.state_dict(), weights)
+    assert D.fid(ref, shifted, feature_weights=weights, model=TinyFeatures()) == pytest.approx(far, rel=1e-5)
+    with pytest.raises(DataError, match="not found"):
+        D.fid(ref, ref, feature_weights=tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="TorchScript"):
+        D.fid(ref, ref, feature_weights=weights)  # a state dict without model=
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fid_from_torchscript(tmp_path):
+    rng = np.random.default_rng(8)
+    torch.manual_seed(0)
+    net = TinyFeatures().eval()
+    scripted = tmp_path / "features.ts"
+    torch.jit.save(torch.jit.script(net), str(scripted))
+    ref = [phantom(rng, shape=(14, 14, 14))[0] for _ in range(4)]
+    shifted = [im + 200.0 for im in ref]
+    weights = tmp_path / "weights.pt"
+    torch.save(net.state_dict(), weights)
+    assert D.fid(ref, shifted, feature_weights=scripted) == pytest.approx(
+        D.fid(ref, shifted, feature_weights=weights, model=TinyFeatures()), rel=1e-5
+    )

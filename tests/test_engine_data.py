@@ -1,0 +1,97 @@
+"""Training data: normalisation, one-hot labels, slices/patches, and a data order that is a function of
+(seed, step) and shards by rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsynth.config import load_config
+from medsynth.data.loader import Normalization, StepBatchSampler, build_training_data, one_hot
+from medsynth.data.manifest import read_manifest
+from medsynth.data.nifti import read_volume
+from medsynth.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def data3d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medsynth.data.phantoms import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path_factory.mktemp("d3") / "p3", dim=3, cases=3, size=16, seed=2)
+
+
+def _data(manifest: Path, *overrides: str, seed: int = 0):
+    cfg = load_config(None, [*overrides])
+    return build_training_data(read_manifest(manifest), cfg.data, seed=seed)
+
+
+def test_engine_data_order_is_a_function_of_seed_and_index(data3d: Path) -> None:
+    a = _data(data3d, "data.size=[8, 8, 8]")
+    b = _data(data3d, "data.size=[8, 8, 8]")
+    for g in (0, 1, 7, 1000):
+        sa, sb = a.sample(g), b[g]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    n = len(a)
+    for epoch in range(3):  # each epoch visits every case once, in a seeded order
+        assert sorted(a.case_for(epoch * n + i) for i in range(n)) == list(range(n))
+    other = _data(data3d, "data.size=[8, 8, 8]", seed=1)
+    assert any(not torch.equal(a.sample(g)["image"], other.sample(g)["image"]) for g in range(6))
+    assert a.sample(0)["image"].shape == (1, 8, 8, 8) and a.sample(0)["label_index"].dtype == torch.int64
+
+
+def test_engine_data_rank_shards_cover_the_global_batch() -> None:
+    single = list(StepBatchSampler(3, 6, batch_size=4, rank=0, world_size=1))
+    r0 = list(StepBatchSampler(3, 6, batch_size=2, rank=0, world_size=2))
+    r1 = list(StepBatchSampler(3, 6, batch_size=2, rank=1, world_size=2))
+    assert len(single) == len(r0) == 3
+    for s, a, b in zip(single, r0, r1):
+        assert sorted(a + b) == s and not set(a) & set(b)
+    assert single[0] == [12, 13, 14, 15]  # step 3 of a global batch of 4
+
+
+def test_engine_data_slices_from_volumes_along_the_axis(data3d: Path) -> None:
+    data = _data(data3d, "data.dim=2", "data.size=[16, 16]", "data.slice_axis=0")
+    for g in range(6):
+        s = data.sample(g)
+        assert s["image"].shape == (1, 16, 16)
+        case = data.cases[data.case_for(g)]
+        # the slice equals the volume's slice k along axis 0 for some k with foreground
+        matches = [k for k in range(16) if np.array_equal(case.index[k], s["label_index"].numpy())
+                   and np.array_equal(case.image[0, k], s["image"][0].numpy())]
+        assert matches and (s["label_index"] != 0).any()
+
+
+def test_engine_data_normalisation_and_one_hot(data3d: Path) -> None:
+    ct = Normalization("ct_window", [-100.0], [100.0])
+    x = np.array([[-200.0, -100.0, 0.0, 50.0, 300.0]])
+    np.testing.assert_allclose(ct.to_unit(x), [[0.0, 0.0, 0.5, 0.75, 1.0]])
+    np.testing.assert_allclose(ct.from_unit(np.array([[0.0, 0.25, 1.0]])), [[-100.0, -50.0, 100.0]])
+    data = _data(data3d, "data.size=[16, 16, 16]", "data.mri_percentiles=[1, 99]")
+    images = [read_volume(c.images[0]).array for c in read_manifest(data3d).cases]
+    lo, hi = np.percentile(np.concatenate([a.ravel() for a in images]), [1, 99])
+    assert data.info.normalization.lo[0] == pytest.approx(lo) and data.info.normalization.hi[0] == pytest.approx(hi)
+    assert all(0.0 <= c.image.min() and c.image.max() <= 1.0 for c in data.cases)
+    idx = torch.tensor([[[0, 2], [1, 2]]])
+    want = np.eye(3, dtype=np.float32)[idx.numpy()].transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(one_hot(idx, 3).numpy(), want)
+    batch = data.collate([data.sample(0), data.sample(1)])
+    assert batch["label"].shape == (2, len(data.info.labels), 16, 16, 16)
+    assert torch.equal(batch["label"].argmax(1), batch["label_index"])
+
+
+def test_engine_data_spacing_and_dimension_checks(data3d: Path, tmp_path: Path) -> None:
+    data = _data(data3d, "data.size=[8, 8, 8]", "data.spacing=[2.0, 2.0, 2.4]")  # phantoms: 1 x 1 x 1.2 mm
+    assert data.cases[0].image.shape == (1, 8, 8, 8) and data.cases[0].index.shape == (8, 8, 8)
+    from medsynth.data.phantoms import make_phantom_dataset
+
+    flat = make_phantom_dataset(tmp_path / "p2", dim=2, cases=2, size=16, seed=0)
+    with pytest.raises(DataError, match="data.dim is 3 but the volumes are 2D"):
+        _data(flat, "data.size=[8, 8, 8]")
+    m = read_manifest(flat)
+    m.labels = {0: "background", 1: "skull"}  # the volumes hold more labels than declared
+    cfg = load_config(None, ["data.dim=2", "data.size=[16, 16]"])
+    with pytest.raises(DataError, match=r"label values \[2, 3"):
+        build_training_data(m, cfg.data, seed=0)

@@ -1,0 +1,228 @@
+"""Latent diffusion end to end on tiny phantoms, through the CLI: the stages learn, samples keep the
+mask's geometry, seeds decide samples, resume across the stage boundary is exact, a malicious
+checkpoint is refused without running, bad data is refused before training."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medsynth.cli import app
+from medsynth.data.nifti import read_volume, write_volume
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAST = ["--set", "training.batch_size=2", "--set", "model.autoencoder.adv_start=2", "--set", "training.log_every=1",
+        "--set", "training.checkpoint_every=3", "--no-progress"]
+
+
+def cli(*args: object, ok: bool = True):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def records(run: Path, kind: str, stage: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind and r.get("stage") == stage]
+
+
+@pytest.fixture(scope="module")
+def data2d(tmp_path_factory) -> Path:
+    from medsynth.data.phantoms import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path_factory.mktemp("p2") / "ds", dim=2, cases=4, seed=0, size=32)
+
+
+@pytest.fixture(scope="module")
+def data3d(tmp_path_factory) -> Path:
+    from medsynth.data.phantoms import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path_factory.mktemp("p3") / "ds", dim=3, cases=3, seed=0, size=20)
+
+
+def _label(manifest: Path) -> Path:
+    return sorted((manifest.parent / "labelsTr").glob("*.nii.gz"))[0]
+
+
+def _odd_mask(src: Path, out: Path, shape: tuple[int, ...]) -> Path:
+    """A crop of a phantom label map with a shape that is no multiple of 4 and a rotated, shifted affine."""
+    lab = read_volume(src, kind="label").array[tuple(slice(0, s) for s in shape)]
+    affine = np.eye(4)
+    c, s = np.cos(0.3), np.sin(0.3)
+    affine[:2, :2] = [[0.9 * c, -0.9 * s], [0.9 * s, 0.9 * c]]
+    affine[:3, 3] = [-12.5, 7.0, 3.25]
+    return write_volume(out, lab, affine, kind="label")
+
+
+def _check_sample(out: Path, mask: Path) -> np.ndarray:
+    img, lab = nib.load(str(out)), nib.load(str(mask))
+    data = np.asarray(img.dataobj)
+    assert data.shape == lab.shape
+    np.testing.assert_allclose(img.affine, lab.affine, atol=1e-5)
+    assert np.all(np.isfinite(data)) and data.std() > 0
+    return data
+
+
+@pytest.fixture(scope="module")
+def run2d(data2d, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A 2D run trained stage by stage; returns it and the autoencoder stage's metrics."""
+    run = tmp_path_factory.mktemp("r2") / "run"
+    base = ["train", CONFIGS / "tiny/ldm2d.yaml", "--data", data2d, "--out", run, *FAST]
+    cli(*base, "--stage", "autoencoder", "--max-steps", 16)
+    ae_records = records(run, "eval", "autoencoder")
+    cli(*base, "--stage", "diffusion", "--max-steps", 24, "--set", "training.preview_every=4")
+    return run, ae_records
+
+
+def test_autoencoder_reconstruction_improves(run2d):
+    _, evals = run2d
+    first, last = evals[0], evals[-1]
+    assert first["step"] == 0 and last["step"] == 16
+    assert last["l1"] < 0.8 * first["l1"]
+    assert last["ssim_loss"] < first["ssim_loss"]
+
+
+def test_diffusion_loss_falls(run2d):
+    run, _ = run2d
+    assert len(records(run, "train", "diffusion")) == 24
+    evals = records(run, "eval", "diffusion")  # fixed noise and timesteps, every 4 steps
+    assert [r["step"] for r in evals] == [4, 8, 12, 16, 20, 24]
+    assert evals[-1]["mse"] < 0.95 * evals[0]["mse"]
+    assert evals[-1]["mse_ema"] < evals[0]["mse_ema"]
+    assert len(list((run / "previews").glob("diffusion_step_*.png"))) == 6
+    card = json.loads((run / "model_card.json").read_text())
+    assert card["model"]["scale_factor"] > 0 and card["model"]["conditioning"] == "concat"
+    assert set(card["stages"]) == {"autoencoder", "diffusion"}
+
+
+def test_2d_samples_keep_mask_geometry_and_follow_seeds(run2d, data2d, tmp_path):
+    run, _ = run2d
+    mask = _odd_mask(_label(data2d), tmp_path / "mask.nii.gz", (30, 27))
+    outs = {}
+    for name, extra in (("a", ["--seed", 1]), ("b", ["--seed", 1]), ("c", ["--seed", 2]),
+                        ("ddpm", ["--sampler", "ddpm", "--steps", 2]), ("ddim", ["--sampler", "ddim", "--steps", 3]),
+                        ("cfg", ["--seed", 1, "--guidance", 2.0])):
+        out = tmp_path / f"{name}.nii.gz"
+        cli("sample", run, "--mask", mask, "--out", out, "--steps", 4, "--device", "cpu", *extra)
+        outs[name] = _check_sample(out, mask)
+    assert np.array_equal(outs["a"], outs["b"])
+    assert not np.array_equal(outs["a"], outs["c"])
+    assert not np.array_equal(outs["a"], outs["cfg"])
+    bad = cli("sample", run, "--mask", mask, "--out", tmp_path / "x.nii.gz", "--steps", 0, ok=False)
+    assert bad.exit_code == 1 and "--steps" in bad.output and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_3d_recipe_trains_both_stages_and_samples(data3d, tmp_path):
+    run = tmp_path / "run"
+    cli("train", CONFIGS / "tiny/ldm3d.yaml", "--data", data3d, "--out", run, "--max-steps", 4, *FAST)
+    ckpts = {p.relative_to(run / "checkpoints").as_posix() for p in (run / "checkpoints").rglob("*.pt")}
+    assert ckpts == {"autoencoder/step_00000003.pt", "autoencoder/step_00000004.pt",
+                     "diffusion/step_00000003.pt", "diffusion/step_00000004.pt"}
+    mask = _odd_mask(_label(data3d), tmp_path / "mask.nii.gz", (19, 20, 14))
+    a = _check_sample(cli("sample", run, "--mask", mask, "--out", tmp_path / "a.nii.gz", "--steps", 4,
+                          "--seed", 5) and tmp_path / "a.nii.gz", mask)
+    b = _check_sample(cli("sample", run, "--mask", mask, "--out", tmp_path / "b.nii.gz", "--steps", 4,
+                          "--seed", 5) and tmp_path / "b.nii.gz", mask)
+    assert np.array_equal(a, b)
+    again = cli("train", CONFIGS / "tiny/ldm3d.yaml", "--data", data3d, "--out", run, "--max-steps", 4, ok=False)
+    assert again.exit_code == 1 and "--resume" in again.output
+
+
+def _final_state(run: Path, stage: str, step: int) -> dict:
+    return torch.load(run / "checkpoints" / stage / f"step_{step:08d}.pt", weights_only=True)["family_state"]
+
+
+def _assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_across_the_stage_boundary_is_exact(data2d, tmp_path):
+    def train(run: Path, steps: int, *extra: object):
+        return cli("train", CONFIGS / "tiny/ldm2d.yaml", "--data", data2d, "--out", run, "--max-steps", steps,
+                   *FAST, *extra)
+
+    straight, resumed, killed = tmp_path / "straight", tmp_path / "resumed", tmp_path / "killed"
+    train(straight, 6)
+    # a finished run of 3 resumed to 6: the autoencoder continues, the diffusion stage is retrained
+    train(resumed, 3)
+    out = train(resumed, 6, "--resume")
+    assert "training the diffusion stage again" in out.output
+    # a run stopped inside the diffusion stage: it continues from its checkpoint
+    train(killed, 6, "--stage", "autoencoder")
+    train(killed, 3, "--stage", "diffusion")
+    out = train(killed, 6, "--resume")
+    assert "again" not in out.output
+    for run in (resumed, killed):
+        for stage in ("autoencoder", "diffusion"):
+            _assert_same(_final_state(straight, stage, 6), _final_state(run, stage, 6), f"{run.name}/{stage}")
+        from safetensors.torch import load_file
+
+        _assert_same(load_file(straight / "model.safetensors"), load_file(run / "model.safetensors"))
+
+
+class _RunsCode:
+    """Unpickling this calls Path.touch(sentinel): code that a safe loader must never run."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (Path.touch, (self.sentinel,))
+
+
+def test_malicious_checkpoint_is_refused_without_running(data2d, tmp_path, monkeypatch):
+    run, sentinel = tmp_path / "run", tmp_path / "pwned"
+    base = ["train", CONFIGS / "tiny/ldm2d.yaml", "--data", data2d, "--out", run, "--max-steps", 3, *FAST]
+    cli(*base)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    payload = {"format": "medsynth-checkpoint", "version": 1, "step": 9, "evil": _RunsCode(sentinel)}
+    for stage in ("autoencoder", "diffusion"):
+        with open(run / "checkpoints" / stage / "step_00000009.pt", "wb") as fh:
+            pickle.dump(payload, fh)
+        torch.save(payload, run / "checkpoints" / stage / "step_00000008.pt")
+    # newest checkpoints refused with a warning; the run resumes from the valid ones
+    out = cli(*base, "--resume")
+    assert "refused" in out.output and not sentinel.exists()
+    # only malicious autoencoder checkpoints: the diffusion stage cannot start, cleanly
+    for p in (run / "checkpoints" / "autoencoder").glob("step_0000000[0-7].pt"):
+        p.unlink()
+    bad = cli(*base, "--stage", "diffusion", "--resume", ok=False)
+    assert bad.exit_code == 1 and "error:" in bad.output and "Traceback" not in bad.output
+    assert not sentinel.exists()
+    assert os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] == "1"
+
+
+def test_bad_data_is_refused_before_training(data2d, tmp_path):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(data2d.parent, ds)
+    img_path = sorted((ds / "imagesTr").glob("*.nii.gz"))[1]
+    img = nib.load(str(img_path))
+    arr = np.asarray(img.dataobj).astype(np.float32)
+    arr[3, 4] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), str(img_path))
+    run = tmp_path / "run"
+    res = cli("train", CONFIGS / "tiny/ldm2d.yaml", "--data", ds / data2d.name, "--out", run, "--no-progress", ok=False)
+    assert res.exit_code == 1 and img_path.name in res.output and "Traceback" not in res.output
+    assert not (run / "checkpoints").exists()
