@@ -39,6 +39,10 @@ _EXPORTS: dict[str, str] = {
     "Synthesizer": "medsynth.synthesis.synthesizer",
     "RandSyntheticPaird": "medsynth.synthesis.online",
     "SyntheticMixDataset": "medsynth.synthesis.online",
+    # augment
+    "AugmentOptions": "medsynth.augment",
+    "AugmentConfig": "medsynth.augment",
+    "run_augment": "medsynth.augment",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -58,6 +62,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from medsynth.augment import AugmentConfig, AugmentOptions, run_augment
     from medsynth.data.manifest import Case, Manifest, read_manifest, write_manifest
     from medsynth.data.nifti import Volume, read_volume, write_volume
     from medsynth.errors import CheckpointError, ConfigError, DataError, JobError, MedsynthError

@@ -519,55 +519,85 @@ def claim_output(out: Path, settings: dict[str, Any], state: str) -> None:
 # ------------------------------------------------------------------------------------ model (gan / ldm)
 
 
-def _model_labels(card: dict[str, Any]) -> set[int] | None:
-    raw = card.get("labels")
-    if raw is None:
-        return None
-    if isinstance(raw, dict):
-        keys_int = all(str(k).strip().lstrip("-").isdigit() for k in raw)
-        if keys_int:
-            return {int(k) for k in raw}
+@dataclass
+class RunInfo:
+    """What augment needs from a trained run's ``model_card.json``."""
+
+    path: Path
+    family: str | None
+    labels: list[int] | None
+    channels: int | None
+    class_key: str | None
+    classes: list[str]
+    weights: Path
+
+
+def _card_labels(raw: Any) -> list[int] | None:
+    if isinstance(raw, list):
+        return sorted(int(x) for x in raw)
+    if isinstance(raw, dict):  # {"0": "background"} or nnU-Net style {"background": 0}
+        if all(str(k).strip().isdigit() for k in raw):
+            return sorted(int(k) for k in raw)
         values: set[int] = set()
         for v in raw.values():
-            for x in v if isinstance(v, list) else [v]:
-                values.add(int(x))
-        return values
-    if isinstance(raw, list):
-        return {int(x) for x in raw}
+            values.update(int(x) for x in (v if isinstance(v, list) else [v]))
+        return sorted(values)
     return None
 
 
-def model_checksum(run: Path) -> str:
-    """sha256 of ``RUN/model.safetensors`` (the model checksum recorded in provenance)."""
+def read_run(run: Path) -> RunInfo:
+    """Read ``RUN/model_card.json`` (family, label set, channels, classes, weights file)."""
     run = Path(run)
     if not run.is_dir():
         raise CheckpointError(f"--model {run}: not a run folder")
-    weights = run / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"--model {run}: no model.safetensors (export the run first)")
-    return sha256_file(weights)
-
-
-def check_model(run: Path, method: str, labels: list[int]) -> None:
-    """Check a gan/ldm run's model card (kind and label set) against the method and dataset."""
-    run = Path(run)
     card_path = run / "model_card.json"
     if not card_path.is_file():
-        raise CheckpointError(f"--model {run}: no model_card.json")
+        raise CheckpointError(f"--model {run}: no model_card.json (has the training finished?)")
     try:
         card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{card_path}: unreadable ({exc})") from None
-    kind = next((card.get(k) for k in ("method", "kind", "model_type", "model") if isinstance(card.get(k), str)), None)
-    if kind in METHODS and kind != method:
-        raise ConfigError(f"--method {method} but the run {run} is a {kind} model")
-    run_labels = _model_labels(card)
-    if run_labels is None:
-        raise CheckpointError(f"{card_path}: no \"labels\" (the run's label set)")
-    if run_labels != set(labels):
-        raise ConfigError(
-            f"the run {run} was trained with labels {sorted(run_labels)}, the dataset has {sorted(labels)}"
-        )
+        if not isinstance(card, dict):
+            raise ValueError("not a JSON object")
+        data = card.get("data") if isinstance(card.get("data"), dict) else {}
+        model = card.get("model") if isinstance(card.get("model"), dict) else {}
+        family = next((card[k] for k in ("family", "method", "kind") if isinstance(card.get(k), str)), None)
+        labels = _card_labels(data.get("labels", card.get("labels")))
+        channels = data.get("channels")
+        classes = [str(c) for c in data.get("classes") or []]
+        class_key = data.get("class_key")
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{card_path}: unreadable model card ({exc})") from None
+    return RunInfo(
+        path=run, family=family, labels=labels,
+        channels=len(channels) if isinstance(channels, list) else None,
+        class_key=str(class_key) if class_key else None, classes=classes,
+        weights=run / str(model.get("weights", "model.safetensors")),
+    )
+
+
+def model_checksum(info: RunInfo) -> str:
+    """sha256 of the run's weights file (``RUN/model.safetensors``): the provenance checksum."""
+    if not info.weights.is_file():
+        raise CheckpointError(f"--model {info.path}: no {info.weights.name} (has the training finished?)")
+    return sha256_file(info.weights)
+
+
+def check_model(info: RunInfo, method: str, labels: list[int], channels: int, sources: list[Any]) -> None:
+    """Refuse a run that does not fit the method or the dataset (kind, label set, channels, classes)."""
+    if info.family in METHODS and info.family != method:
+        raise ConfigError(f"--method {method} but the run {info.path} is a {info.family} model")
+    if info.labels is None:
+        raise CheckpointError(f"{info.path}/model_card.json: no label set (data.labels)")
+    if info.labels != sorted(labels):
+        raise ConfigError(f"the run {info.path} was trained with labels {info.labels}, the dataset has {sorted(labels)}")
+    if info.channels is not None and info.channels != channels:
+        raise ConfigError(f"the run {info.path} makes {info.channels} image channel(s), the dataset has {channels}")
+    if len(info.classes) > 1:
+        missing = [c.case_id for c in sources if str(c.extra.get(info.class_key, "")) not in info.classes]
+        if missing:
+            raise DataError(
+                f"the run {info.path} is conditioned on {info.class_key!r} ({info.classes}); training case(s) "
+                f"{missing[:5]} lack a known value in the manifest's {info.class_key!r} field"
+            )
 
 
 _SYNTHESIZERS: dict[str, Any] = {}
@@ -581,16 +611,12 @@ def _synthesizer(run: Path) -> Any:
             from medsynth.synthesis.synthesizer import Synthesizer
         except ImportError as exc:
             raise ConfigError(f"--method gan/ldm needs medsynth.synthesis.synthesizer, which is not available ({exc})") from None
-        import inspect
+        import torch
 
-        kwargs: dict[str, Any] = {}
         local_rank = os.environ.get("LOCAL_RANK")
-        if local_rank is not None and "device" in inspect.signature(Synthesizer.from_run).parameters:
-            import torch
-
-            if torch.cuda.is_available():
-                kwargs["device"] = f"cuda:{int(local_rank) % torch.cuda.device_count()}"
-        _SYNTHESIZERS[key] = Synthesizer.from_run(run, **kwargs)
+        if local_rank is not None and torch.cuda.is_available():  # one GPU per torchrun process
+            torch.cuda.set_device(int(local_rank) % torch.cuda.device_count())
+        _SYNTHESIZERS[key] = Synthesizer.from_run(run)
     return _SYNTHESIZERS[key]
 
 
@@ -610,6 +636,7 @@ class JobContext:
     sources: dict[str, Any]
     model: Path | None
     model_sha: str | None
+    class_key: str | None = None
 
 
 def qc_sample(
@@ -648,7 +675,7 @@ def qc_sample(
 
 def _draw_sample(
     ctx: JobContext, plan: PlannedCase, attempt: int, images: np.ndarray, label: np.ndarray,
-    spacing: tuple[float, ...], donor: np.ndarray | None,
+    affine: np.ndarray, spacing: tuple[float, ...], donor: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One random draw for a case: (images (C, *spatial) float32, label, record)."""
     from medsynth.data import transforms as T
@@ -679,7 +706,18 @@ def _draw_sample(
         return np.stack(out), new_label, record
     assert ctx.model is not None
     int_seed = attempt_int_seed(ctx.seed, plan.index, attempt)
-    generated = np.asarray(_synthesizer(ctx.model).generate(new_label, seed=int_seed), dtype=np.float32)
+    synth = _synthesizer(ctx.model)
+    kwargs: dict[str, Any] = {}
+    if ctx.class_key is not None:  # class-conditioned run: the source case's class
+        kwargs["class_value"] = str(ctx.sources[plan.source].extra[ctx.class_key])
+        record["class_value"] = kwargs["class_value"]
+    if hasattr(synth, "generate_volume"):  # resamples to the run's spacing and back when they differ
+        from medsynth.data.nifti import Volume
+
+        generated = synth.generate_volume(Volume(array=new_label, affine=affine), seed=int_seed, **kwargs).array
+    else:
+        generated = synth.generate(new_label, seed=int_seed, **kwargs)
+    generated = np.asarray(generated, dtype=np.float32)
     if generated.ndim == new_label.ndim:
         generated = generated[None]
     record["generator_seed"] = int_seed
@@ -699,7 +737,7 @@ def make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
     ranges = [s.plausible(margin) for s in ctx.facts.stats]
     failures: list[str] = []
     for attempt in range(ctx.config.qc.max_tries):
-        out_images, out_label, record = _draw_sample(ctx, plan, attempt, images, label, spacing, donor)
+        out_images, out_label, record = _draw_sample(ctx, plan, attempt, images, label, affine, spacing, donor)
         reason = qc_sample(
             out_images, out_label, shape=label.shape, affine=affine, source_affine=affine,
             labels=ctx.facts.labels, ranges=ranges,
@@ -744,12 +782,10 @@ _WORKER_CTX: JobContext | None = None
 def _worker_init(ctx: JobContext) -> None:
     global _WORKER_CTX
     _WORKER_CTX = ctx
-    try:
+    if ctx.method != "synthseg":  # synthseg never imports torch: keep worker start-up light
         import torch
 
         torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def _worker_make(plan: PlannedCase) -> CaseResult:
@@ -927,7 +963,8 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
     # 3. output location and state (read-only, before any work)
     check_output_location(out, manifest)
     model = None if options.model is None else Path(options.model).expanduser().resolve()
-    model_sha = None if model is None else model_checksum(model)
+    run_info = None if model is None else read_run(model)
+    model_sha = None if run_info is None else model_checksum(run_info)
     settings = job_settings(options, manifest, model_sha)
     state = check_output_state(out, settings, options.resume, options.overwrite)
     ranks = _ranks_from_env() if not options.dry_run else _Ranks()
@@ -940,8 +977,8 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
         from medsynth.data.transforms import check_edit_labels
 
         check_edit_labels(options.config.edits, facts.labels)
-    if model is not None:
-        check_model(model, options.method, facts.labels)
+    if run_info is not None:
+        check_model(run_info, options.method, facts.labels, manifest.num_channels, sources)
     # 5. plan
     plan = plan_cases(options, sources, facts, layout)
     real = [] if options.synthetic_only else _real_cases_out(manifest, out)
@@ -977,6 +1014,7 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
     ctx = JobContext(
         out=out, method=options.method, seed=options.seed, config=options.config, layout=layout, facts=facts,
         sources={c.case_id: c for c in sources}, model=model, model_sha=model_sha,
+        class_key=run_info.class_key if run_info is not None and len(run_info.classes) > 1 else None,
     )
     error: BaseException | None = None
     t_gen = time.perf_counter()
@@ -1008,7 +1046,7 @@ def _generate(ctx: JobContext, todo: list[PlannedCase], workers: int, show: bool
                 advance()
             return
         import multiprocessing as mp
-        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         pool = ProcessPoolExecutor(
             max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
@@ -1017,7 +1055,7 @@ def _generate(ctx: JobContext, todo: list[PlannedCase], workers: int, show: bool
         try:
             pending = {pool.submit(_worker_make, plan) for plan in todo}
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     yield fut.result()
                     advance()

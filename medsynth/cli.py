@@ -119,11 +119,11 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option(help="Write metrics.csv, summary.json and PNG pictures into this folder.")] = None,
     unpaired: Annotated[
         bool,
-        typer.Option(help="Compare two datasets as distributions: radiomic Frechet distance, MMD, diversity, memorisation."),
+        typer.Option("--unpaired", help="Compare two datasets as distributions: radiomic Frechet distance, MMD, diversity, memorisation."),
     ] = False,
     fid_weights: Annotated[
         Optional[Path],
-        typer.Option(help="With --unpaired: a local TorchScript feature network for FID (off by default; nothing is downloaded)."),
+        typer.Option(help="With --unpaired: a local feature network (torch.export or TorchScript file) for FID; off by default, nothing is downloaded."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
 ) -> None:
@@ -262,7 +262,8 @@ def augment(
         overwrite=overwrite, synthetic_only=synthetic_only, workers=workers, dry_run=dry_run,
         config=load_augment_config(config), progress=progress and not json_out,
     )
-    summary = run_augment(options)
+    with _plain_warnings():  # e.g. "2D run given a 3D mask" as one line
+        summary = run_augment(options)
     if json_out:
         print_json({**summary.to_dict(), "plan": [vars(p) for p in summary.plan] if dry_run else None})
         return
@@ -290,13 +291,13 @@ def augment(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data, runs and report.")] = Path("medsynth-demo"),
     overwrite: Annotated[bool, typer.Option(help="Replace an existing demo folder.")] = False,
+    quick: Annotated[bool, typer.Option(help="A smoke run: every stage, tiny sizes (seconds; numbers not meaningful).")] = False,
 ) -> None:
-    """Run the whole job on the built-in phantom dataset and write a report."""
-    try:
-        from medsynth.demo import run_demo
-    except ImportError:
-        fail("medsynth demo is not yet available")
-    run_demo(out, overwrite=overwrite)
+    """Run the whole job on the built-in phantom dataset and write DIR/report.md."""
+    from medsynth.demo import run_demo
+
+    result = run_demo(out, overwrite=overwrite, quick=quick)
+    typer.echo(str(result.report))
 
 
 def main() -> None:

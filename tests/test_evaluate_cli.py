@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -63,8 +64,9 @@ def test_pair_json_equals_api(pair_files):
     result = invoke(ref_path, cand_path, "--data-range", "auto", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    ref = read_volume(ref_path).array
-    cand = read_volume(cand_path).array
+    # the CLI works in float64, as nibabel's get_fdata() returns the data
+    ref = nib.load(ref_path).get_fdata()
+    cand = nib.load(cand_path).get_fdata()
     r = float(ref.max()) - float(ref.min())
     assert out["n_cases"] == 1 and out["data_range"] == "auto"
     case = out["cases"][0]
@@ -85,8 +87,8 @@ def test_pair_with_mask_file(pair_files, tmp_path):
     mask[3:15, 2:12, 4:12] = 1
     mask_path = write_volume(tmp_path / "mask.nii.gz", mask, AFFINE, kind="label")
     out = json.loads(invoke(ref_path, cand_path, "--data-range", "1000", "--mask", mask_path, "--json").stdout)
-    ref, cand = read_volume(ref_path).array, read_volume(cand_path).array
-    d = ref[mask > 0].astype(np.float64) - cand[mask > 0]
+    ref, cand = nib.load(ref_path).get_fdata(), nib.load(cand_path).get_fdata()
+    d = ref[mask > 0] - cand[mask > 0]
     assert out["psnr"] == pytest.approx(10 * np.log10(1000.0**2 / np.mean(d * d)), abs=1e-4)
     assert out["ssim"] == pytest.approx(medsynth.ssim(ref, cand, data_range=1000.0, mask=mask), abs=1e-12)
 
@@ -141,8 +143,8 @@ def test_datasets_pair_by_case_id_and_out_files(tmp_path):
     assert [c["case_id"] for c in out["cases"]] == ["c3", "c1", "c2"]
     assert out["reference_cases_without_candidate"] == ["c4"]
     for case in out["cases"]:
-        ref = read_volume(tmp_path / "ref" / "imagesTr" / f"{case['case_id']}.nii.gz").array
-        cand = read_volume(tmp_path / "cand" / "imagesTr" / f"{case['case_id']}.nii.gz").array
+        ref = read_volume(tmp_path / "ref" / "imagesTr" / f"{case['case_id']}.nii.gz").array.astype(np.float64)
+        cand = read_volume(tmp_path / "cand" / "imagesTr" / f"{case['case_id']}.nii.gz").array.astype(np.float64)
         r = float(ref.max()) - float(ref.min())
         assert case["data_range"] == pytest.approx(r)
         assert case["ssim"] == pytest.approx(medsynth.ssim(ref, cand, data_range=r), abs=1e-12)
@@ -170,10 +172,18 @@ def test_datasets_pair_by_case_id_and_out_files(tmp_path):
     result = invoke(ref_m, extra, "--data-range", "auto")
     assert result.exit_code == 1 and "zz9" in result.output and "zz7" in result.output
 
+    # files a manifest names but that are missing are all listed in one error
+    (tmp_path / "cand" / "imagesTr" / "c1.nii.gz").unlink()
+    (tmp_path / "cand" / "imagesTr" / "c2.nii.gz").unlink()
+    result = invoke(ref_m, cand_m, "--data-range", "auto")
+    assert result.exit_code == 1 and "2 file(s) not found" in result.output
+    assert "c1.nii.gz" in result.output and "c2.nii.gz" in result.output
+    cand_m = make_dataset(tmp_path / "cand", ["c3", "c1", "c2"], seed=50, noise=20.0)
+
     # --mask labels: each reference case's label map
     masked = json.loads(invoke(ref_m, cand_m, "--data-range", "500", "--mask", "labels", "--json").stdout)
-    ref = read_volume(tmp_path / "ref" / "imagesTr" / "c3.nii.gz").array
-    cand = read_volume(tmp_path / "cand" / "imagesTr" / "c3.nii.gz").array
+    ref = read_volume(tmp_path / "ref" / "imagesTr" / "c3.nii.gz").array.astype(np.float64)
+    cand = read_volume(tmp_path / "cand" / "imagesTr" / "c3.nii.gz").array.astype(np.float64)
     label = read_volume(tmp_path / "ref" / "labelsTr" / "c3.nii.gz", kind="label").array
     assert masked["cases"][0]["psnr"] == pytest.approx(medsynth.psnr(ref, cand, data_range=500.0, mask=label), abs=1e-9)
 

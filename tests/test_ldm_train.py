@@ -35,6 +35,31 @@ def records(run: Path, kind: str, stage: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind and r.get("stage") == stage]
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 32, 24), (1, 2, 16, 16, 14)])
+def test_ssim_loss_matches_the_metric(shape):
+    from medsynth.evaluation.metrics import ssim
+    from medsynth.training.ldm import ssim_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=g)
+    y = (x + 0.2 * torch.randn(shape, generator=g)).clamp(0, 1).requires_grad_(True)
+    loss = ssim_loss(y, x)
+    reference = ssim(x, y.detach(), data_range=1.0, spatial_dims=len(shape) - 2).mean()  # scikit-image setting
+    assert abs((1 - loss.item()) - float(reference)) < 1e-4
+    loss.backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
+
+
+def test_kl_loss_is_the_closed_form():
+    from medsynth.training.ldm import kl_loss
+
+    mu = torch.tensor([[[0.5, -1.0]], [[0.0, 2.0]]])
+    sigma = torch.tensor([[[1.0, 0.5]], [[2.0, 1.0]]])
+    per_item = [0.5 * (0.25 + 0.0) + 0.5 * (1.0 + 0.25 - np.log(0.25) - 1.0),
+                0.5 * (4.0 - np.log(4.0) - 1.0) + 0.5 * 4.0]
+    assert abs(kl_loss(mu, sigma).item() - np.mean(per_item)) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def data2d(tmp_path_factory) -> Path:
     from medsynth.data.phantoms import make_phantom_dataset

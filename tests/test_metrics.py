@@ -133,15 +133,30 @@ def test_integer_and_mixed_inputs():
 
 
 def test_gpu_filter_path_equals_cpu_path():
-    # The GPU path (one grouped convolution per axis) must equal the CPU shifted-slice path.
+    # The GPU path (one grouped convolution per axis) must equal the CPU banded-matrix path, and
+    # both equal scipy's Gaussian filter cropped to the valid region (long axes go in blocks).
     rng = np.random.default_rng(3)
-    for shape in ((2, 10, 19, 23), (1, 5, 17, 14, 20)):
+    for shape in ((2, 10, 19, 23), (1, 5, 17, 14, 20), (1, 2, 300, 21)):
         t = torch.from_numpy(rng.random(shape))
         sd = len(shape) - 2
-        np.testing.assert_allclose(M._filter_conv(t, sd).numpy(), M._filter_shift(t, sd).numpy(), atol=1e-12)
-        # and both equal scipy's Gaussian filter cropped to the valid region
-        ref = ndimage.gaussian_filter(t[0, 0].numpy(), 1.5, truncate=3.5)[(slice(5, -5),) * sd]
-        np.testing.assert_allclose(M._filter_shift(t, sd)[0, 0].numpy(), ref, atol=1e-12)
+        cpu = M._filter_valid(t, sd).numpy()
+        np.testing.assert_allclose(M._filter_conv(t, sd).numpy(), cpu, atol=1e-12)
+        ref = ndimage.gaussian_filter(t[0, 1].numpy(), 1.5, truncate=3.5)[(slice(5, -5),) * sd]
+        np.testing.assert_allclose(cpu[0, 1], ref, atol=1e-12)
+
+
+def test_slabs_give_the_same_values(monkeypatch):
+    # large volumes are processed slab by slab along the first axis; force tiny slabs here
+    a, b = pair((41, 23, 19), 3000.0, -1000.0, seed=6)
+    mask = np.zeros(a.shape, bool)
+    mask[3:30, 4:20, 2:17] = True
+    whole = (ssim(a, b, data_range=3000.0), ssim(a, b, data_range=3000.0, mask=mask))
+    monkeypatch.setattr(M, "SLAB_BYTES", 5 * 23 * 19 * 4 * 17)  # 7 output planes per slab
+    assert ssim(a, b, data_range=3000.0) == pytest.approx(whole[0], abs=1e-12)
+    assert ssim(a, b, data_range=3000.0, mask=mask) == pytest.approx(whole[1], abs=1e-12)
+    monkeypatch.setattr(M, "SLAB_BYTES", 1)  # one output plane per slab
+    exact = structural_similarity(a.astype(np.float64), b.astype(np.float64), data_range=3000.0, **WANG)
+    assert ssim(a.astype(np.float64), b.astype(np.float64), data_range=3000.0) == pytest.approx(exact, abs=1e-12)
 
 
 def test_top_level_exports():

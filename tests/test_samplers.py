@@ -132,3 +132,19 @@ def test_rflow_sampler_needs_a_rectified_flow_model():
         proc.timesteps("rflow", 4, (1, 2, 4, 4))
     with pytest.raises(ConfigError, match="steps"):
         proc.timesteps("ddim", 0, (1, 2, 4, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("conditioning", ["concat", "controlnet"])
+def test_cuda_graph_sampling_equals_eager(conditioning):
+    net = _tiny_net(3, conditioning, num_classes=2).cuda()
+    proc = NoiseProcess("rflow", spatial_dims=3)
+    mask = _mask(2, (8, 8, 8)).cuda()
+    cond = Condition(mask=mask, class_labels=torch.tensor([0, 1], device="cuda"))
+    null = Condition(mask=torch.zeros_like(mask), class_labels=torch.tensor([2, 2], device="cuda"))
+
+    def run(graph):
+        return sample_latents(net, cond, (2, 2, 4, 4, 4), process=proc, sampler="ddpm", steps=5, guidance=1.5,
+                              null=null, generator=torch.Generator().manual_seed(0), cuda_graph=graph)
+
+    torch.testing.assert_close(run(True), run(False), atol=1e-4, rtol=1e-4)

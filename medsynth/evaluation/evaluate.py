@@ -3,7 +3,8 @@ distribution metrics for two datasets; optionally a report folder.
 
 Inputs are NIfTI (or MetaImage/NRRD) files read with :func:`medsynth.data.nifti.read_volume`, or
 datasets read with :func:`medsynth.data.manifest.read_manifest` (MSD JSON, CSV, nnU-Net folder)
-and paired by case id. The result is one plain ``dict`` (JSON-ready: non-finite numbers are None).
+and paired by case id. Images are converted to float64 (as nibabel's ``get_fdata()`` does), so the
+metrics are computed in float64 and equal ``medsynth.ssim(img.get_fdata(), ...)`` exactly. The result is one plain ``dict`` (JSON-ready: non-finite numbers are None).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     arr = np.asarray(vol.array)
     if arr.dtype.kind not in "biuf":
         raise DataError(f"{path}: image dtype {arr.dtype} is not real-valued")
-    arr = arr.astype(np.float32) if arr.dtype != np.float64 else arr
+    arr = arr.astype(np.float64)  # like nibabel's get_fdata(): the metrics then run in float64
     if not np.all(np.isfinite(arr)):
         raise DataError(f"{path}: image contains NaN or Inf")
     return arr, vol.affine
@@ -195,6 +196,10 @@ def _pairs(reference: Path, candidate: Path, mask: str | None) -> tuple[str, lis
         if use_labels and r.label is None:
             raise DataError(f"case {c.case_id}: --mask labels, but the reference case has no label map")
         pairs.append(PairSpec(c.case_id, list(r.images), list(c.images), r.label if use_labels else mask_file))
+    files = [f for p in pairs for f in [*p.reference, *p.candidate, *([p.mask] if p.mask else [])]]
+    missing_files = list(dict.fromkeys(str(f) for f in files if not Path(f).is_file()))
+    if missing_files:
+        raise DataError(f"{len(missing_files)} file(s) not found: {_list_ids(missing_files, 10)}")
     matched = {p.case_id for p in pairs}
     unmatched = [cid for cid in ref_cases if cid not in matched]
     return "dataset", pairs, unmatched
@@ -413,7 +418,7 @@ def evaluate_unpaired(
         "diversity": div.to_dict(),
         "memorisation": mem.to_dict(),
         "fid": None,
-        "fid_note": "off; pass --fid-weights FILE (a local TorchScript network) to compute it",
+        "fid_note": "off; pass --fid-weights FILE (a local torch.export or TorchScript network) to compute it",
     }
     if fid_weights is not None:
         summary["fid"] = fid(ref.images, cand.images, feature_weights=fid_weights)

@@ -34,8 +34,9 @@ does not centre, can be off by 1e-4 on such data). On a GPU everything is float6
 memory-bound); Apple MPS has no float64 and uses the centred float32 path.
 
 The separable filter works on all five local maps (x, y, x*x, y*y, x*y) stacked as ``5*C``
-channels: on the CPU as a sum of 11 shifted slices per axis (measured 3-4x faster than torch's
-grouped convolution on one thread), on a GPU as one grouped (depthwise) convolution per axis.
+channels. On the CPU each axis is one product with a banded (Toeplitz) matrix of the 11 taps
+(BLAS; on one thread measured ~2.5x faster than 11 shifted-slice additions and ~6x faster than
+torch's grouped convolution); on a GPU it is one grouped (depthwise) convolution per axis.
 
 Bad inputs (NaN/Inf, different shapes, a side shorter than the 11-voxel window, ``data_range`` <= 0,
 an empty mask) raise :class:`MetricInputError`, which is both a :class:`~medsynth.errors.DataError`
@@ -44,6 +45,7 @@ and a ``ValueError``.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -252,9 +254,9 @@ def _prepare(
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    # A float64 sum is NaN/Inf exactly when an element is (float32 values cannot overflow it);
-    # it is 10x faster than isfinite().all() on the CPU. Confirm the rare non-finite sum.
-    if math.isfinite(float(t.sum(dtype=torch.float64))):
+    # A sum is NaN/Inf when an element is, and otherwise only on overflow: 10x faster than
+    # isfinite().all() on the CPU. A non-finite sum is confirmed element by element.
+    if math.isfinite(float(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -274,22 +276,51 @@ def _finish(values: torch.Tensor, inp: _Inputs) -> Result:
 def _filter_valid(t: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     """Gaussian-filter the last ``spatial_dims`` axes of ``(N, K, *spatial)``, valid region only.
 
-    Returns ``(N, K, *(s - 10 for s in spatial))``. Shifted slices on the CPU, convolution elsewhere.
+    Returns ``(N, K, *(s - 10 for s in spatial))``. Banded matrix products on the CPU (and MPS),
+    grouped convolutions on a GPU.
     """
-    if t.device.type in ("cpu", "mps"):
-        return _filter_shift(t, spatial_dims)
-    return _filter_conv(t, spatial_dims)
-
-
-def _filter_shift(t: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    # 11 shifted slices per axis: on one CPU thread 4x faster than torch's depthwise convolution.
+    if t.device.type == "cuda":
+        return _filter_conv(t, spatial_dims)
     for ax in range(t.ndim - 1, t.ndim - 1 - spatial_dims, -1):
-        n = t.shape[ax] - (WINDOW_SIZE - 1)
-        out = t.narrow(ax, 0, n) * _TAPS[0]
-        for k in range(1, WINDOW_SIZE):
-            out.add_(t.narrow(ax, k, n), alpha=_TAPS[k])
-        t = out
+        t = _filter_axis_matmul(t, ax)
     return t
+
+
+#: outputs per banded block: an axis of up to BLOCK + 10 samples is one matrix product
+BLOCK = 128
+
+
+@functools.lru_cache(maxsize=32)
+def _banded(n_out: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``(n_out, n_out + 10)`` matrix whose row j holds the 11 taps at columns j..j+10."""
+    k = np.zeros((n_out, n_out + WINDOW_SIZE - 1))
+    for j, w in enumerate(_TAPS):
+        k += w * np.eye(n_out, n_out + WINDOW_SIZE - 1, j)
+    return torch.as_tensor(k, dtype=dtype, device=device)
+
+
+def _filter_axis_matmul(t: torch.Tensor, ax: int) -> torch.Tensor:
+    # One axis as products with a banded (Toeplitz) matrix: BLAS does the 11 taps for every line
+    # at once, 2-4x faster than 11 shifted-slice passes on one CPU thread. Long axes go in
+    # blocks of BLOCK outputs so the wasted multiplications by zero stay bounded.
+    length = t.shape[ax]
+    n = length - (WINDOW_SIZE - 1)
+    lead = math.prod(t.shape[:ax])
+    rest = math.prod(t.shape[ax + 1 :])
+    x = t.reshape(lead, length, rest)
+    outs = []
+    for start in range(0, n, BLOCK):
+        size = min(BLOCK, n - start)
+        band = _banded(size, t.dtype, str(t.device))
+        xs = x.narrow(1, start, size + WINDOW_SIZE - 1)
+        if rest == 1:
+            outs.append((xs.reshape(lead, -1) @ band.T).reshape(lead, size, 1))
+        else:
+            outs.append(torch.matmul(band, xs))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    shape = list(t.shape)
+    shape[ax] = n
+    return out.reshape(shape)
 
 
 def _filter_conv(t: torch.Tensor, spatial_dims: int) -> torch.Tensor:
@@ -306,21 +337,23 @@ def _filter_conv(t: torch.Tensor, spatial_dims: int) -> torch.Tensor:
 
 
 def _ssim_cs_maps(
-    x: torch.Tensor, y: torch.Tensor, data_range: torch.Tensor
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: torch.Tensor,
+    centre: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SSIM and contrast-structure maps over the valid region.
 
     x, y: ``(N, C, *spatial)`` in the compute dtype; data_range: ``(N,)``.
+    centre: ``(mx, my)``, each ``(N, C, 1, ...)``, subtracted before the products (default each
+    image's mean). Subtracting a constant changes no variance or covariance and keeps the second
+    moments small, so E[x^2] - E[x]^2 does not cancel.
     Returns two ``(N, C, *(s - 10))`` maps in the compute dtype.
     """
     sd = x.ndim - 2
     n, c = x.shape[:2]
     spatial = tuple(x.shape[2:])
-    red = tuple(range(2, x.ndim))
-    # Centre each image (subtracting its mean changes no variance or covariance, and keeps the
-    # second moments small so E[x^2] - E[x]^2 does not cancel).
-    mx = x.mean(dim=red, keepdim=True)
-    my = y.mean(dim=red, keepdim=True)
+    mx, my = _centres(x, y) if centre is None else centre
     buf = torch.empty((n, 5, c, *spatial), dtype=x.dtype, device=x.device)
     torch.sub(x, mx, out=buf[:, 0])
     torch.sub(y, my, out=buf[:, 1])
@@ -329,39 +362,81 @@ def _ssim_cs_maps(
     torch.mul(buf[:, 0], buf[:, 1], out=buf[:, 4])
     f = _filter_valid(buf.view(n, 5 * c, *spatial), sd)
     f = f.view(n, 5, c, *f.shape[2:])
+    # f is ours: work in place on its five maps (fewer passes over memory).
     ux, uy, uxx, uyy, uxy = f.unbind(1)
-    vx = uxx - ux * ux
-    vy = uyy - uy * uy
-    vxy = uxy - ux * uy
-    ux = ux + mx
-    uy = uy + my
     r = data_range.to(x.dtype).reshape(n, *([1] * (x.ndim - 1)))
     c1 = (K1 * r) ** 2
     c2 = (K2 * r) ** 2
-    cs = (2 * vxy + c2) / (vx + vy + c2)
-    lum = (2 * ux * uy + c1) / (ux * ux + uy * uy + c1)
-    return lum * cs, cs
+    vx = uxx.sub_(ux * ux)
+    vy = uyy.sub_(uy * uy)
+    vxy = uxy.sub_(ux * uy)
+    cs = vxy.mul_(2.0).add_(c2).div_(vx.add_(vy).add_(c2))  # (2 vxy + C2) / (vx + vy + C2)
+    ux.add_(mx)
+    uy.add_(my)
+    lum = (ux * uy).mul_(2.0).add_(c1)
+    lum.div_(ux.square_().add_(uy.square_()).add_(c1))  # (2 ux uy + C1) / (ux^2 + uy^2 + C1)
+    return lum.mul_(cs), cs
+
+
+def _centres(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    red = tuple(range(2, x.ndim))
+    return x.mean(dim=red, keepdim=True), y.mean(dim=red, keepdim=True)
+
+
+#: Work memory per slab of the SSIM computation (the five maps); larger images go slab by slab.
+SLAB_BYTES = 256 * 2**20
+
+
+def _ssim_means(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: torch.Tensor,
+    mask: torch.Tensor | None,
+    what: str = "SSIM",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel means of the SSIM map and of the contrast-structure map over the valid region
+    (over the mask's voxels in it when given): two ``(N, C)`` float64 tensors.
+
+    Large images are processed in slabs along the first spatial axis (each with the 10 planes of
+    overlap the window needs), so memory stays near :data:`SLAB_BYTES` whatever the volume size.
+    """
+    n, c = x.shape[:2]
+    spatial = tuple(x.shape[2:])
+    depth = spatial[0] - (WINDOW_SIZE - 1)
+    plane_bytes = 5 * n * c * math.prod(spatial[1:]) * x.element_size()
+    step = max(1, min(depth, SLAB_BYTES // max(plane_bytes, 1) - (WINDOW_SIZE - 1)))
+    centre = _centres(x, y)
+    cropped = None if mask is None else _crop(mask)
+    red = tuple(range(2, x.ndim))
+    sum_s = torch.zeros((n, c), dtype=torch.float64, device=x.device)
+    sum_cs = torch.zeros_like(sum_s)
+    count = torch.zeros_like(sum_s)
+    for z0 in range(0, depth, step):
+        z = min(step, depth - z0)
+        s, cs = _ssim_cs_maps(
+            x.narrow(2, z0, z + WINDOW_SIZE - 1), y.narrow(2, z0, z + WINDOW_SIZE - 1), data_range, centre
+        )
+        if cropped is None:
+            sum_s += s.sum(dim=red, dtype=torch.float64)
+            sum_cs += cs.sum(dim=red, dtype=torch.float64)
+            count += float(s[0, 0].numel())
+        else:
+            mk = cropped.narrow(2, z0, z).expand_as(s)
+            zero = torch.zeros((), dtype=s.dtype, device=s.device)
+            sum_s += torch.where(mk, s, zero).sum(dim=red, dtype=torch.float64)
+            sum_cs += torch.where(mk, cs, zero).sum(dim=red, dtype=torch.float64)
+            count += mk.sum(dim=red, dtype=torch.float64)
+    if mask is not None and bool((count == 0).any()):
+        raise MetricInputError(
+            f"mask has no voxels inside the {what} valid region (5 voxels in from every border) "
+            "for at least one image"
+        )
+    return sum_s / count, sum_cs / count
 
 
 def _crop(mask: torch.Tensor, radius: int = RADIUS) -> torch.Tensor:
     index = (slice(None), slice(None)) + tuple(slice(radius, s - radius) for s in mask.shape[2:])
     return mask[index]
-
-
-def _mean_per_channel(m: torch.Tensor, mask: torch.Tensor | None, what: str) -> torch.Tensor:
-    """``(N, C, *valid)`` map -> ``(N, C)`` float64 means (over the cropped mask when given)."""
-    red = tuple(range(2, m.ndim))
-    if mask is None:
-        return m.mean(dim=red, dtype=torch.float64)
-    mk = _crop(mask).expand_as(m)
-    count = mk.sum(dim=red, dtype=torch.float64)
-    if bool((count == 0).any()):
-        raise MetricInputError(
-            f"mask has no voxels inside the {what} valid region (5 voxels in from every border) "
-            "for at least one image"
-        )
-    total = torch.where(mk, m, torch.zeros((), dtype=m.dtype, device=m.device)).sum(dim=red, dtype=torch.float64)
-    return total / count
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -384,8 +459,8 @@ def ssim(
     Returns a float (unbatched) or ``(N,)`` float64 values (mean over channels), see the module doc.
     """
     inp = _prepare(x, y, data_range, spatial_dims, mask)
-    s, _ = _ssim_cs_maps(inp.x, inp.y, inp.data_range)
-    return _finish(_mean_per_channel(s, inp.mask, "SSIM").mean(dim=1), inp)
+    s, _ = _ssim_means(inp.x, inp.y, inp.data_range, inp.mask)
+    return _finish(s.mean(dim=1), inp)
 
 
 def ssim_map(x: ArrayLike, y: ArrayLike, *, data_range: float) -> np.ndarray:
@@ -487,9 +562,9 @@ def ms_ssim(
     xs, ys, ms = inp.x, inp.y, inp.mask
     values: list[torch.Tensor] = []
     for j in range(scales):
-        s, cs = _ssim_cs_maps(xs, ys, inp.data_range)
+        s, cs = _ssim_means(xs, ys, inp.data_range, ms, "MS-SSIM")
         last = j == scales - 1
-        values.append(torch.relu(_mean_per_channel(s if last else cs, ms, "MS-SSIM")))
+        values.append(torch.relu(s if last else cs))
         if not last:
             xs = pool(xs, kernel_size=2)
             ys = pool(ys, kernel_size=2)

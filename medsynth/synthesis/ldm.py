@@ -8,13 +8,15 @@ label values -> channels, slices of a 3D mask for a 2D run, intensity units, wri
 
 Stages of :meth:`LatentDiffusionPipeline.__call__`:
   1. pad the mask with background up to a multiple of the networks' downsampling (autoencoder x UNet);
-  2. sample scaled latents with the chosen sampler (noise from a CPU generator seeded by ``seed``);
+  2. sample scaled latents with the chosen sampler (noise from a CPU generator seeded by ``seed``;
+     on CUDA the UNet forward is captured once in a CUDA graph and replayed at each step);
   3. unscale and decode (in overlapping latent tiles when ``model.autoencoder.decode_tile`` is set);
   4. crop back to the mask's size and clamp to [0, 1].
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,7 @@ class LatentDiffusionPipeline:
         self.decode_tile = decode_tile
         self.decode_overlap = decode_overlap
         self.can_guide = can_guide
+        self.cuda_graph = True  # on CUDA: replay one captured UNet forward per step
         self.num_labels = int(unet.num_labels)
 
     @property
@@ -188,8 +191,24 @@ class LatentDiffusionPipeline:
         null = Condition(*self.unet.null_condition(mask, labels))
         # 2. latents
         amp = torch.bfloat16 if dev.type == "cuda" else None
-        z = sample_latents(self.unet, cond, latent, process=self.process, sampler=opts.sampler, steps=opts.steps,
-                           guidance=opts.guidance, generator=generator, null=null, autocast_dtype=amp)
+        kwargs = dict(process=self.process, sampler=opts.sampler, steps=opts.steps, guidance=opts.guidance,
+                      null=null, autocast_dtype=amp)
+        if self.cuda_graph and dev.type == "cuda":
+            state = [g.get_state() for g in generator] if isinstance(generator, list) else generator.get_state()
+            try:
+                z = sample_latents(self.unet, cond, latent, generator=generator, cuda_graph=True, **kwargs)
+            except RuntimeError as exc:  # an op that cannot be captured: run eagerly from the same draws
+                warnings.warn(f"CUDA graph capture failed ({str(exc).splitlines()[0][:120]}); sampling eagerly",
+                              stacklevel=3)
+                self.cuda_graph = False
+                if isinstance(generator, list):
+                    for g, st in zip(generator, state):
+                        g.set_state(st)
+                else:
+                    generator.set_state(state)
+                z = sample_latents(self.unet, cond, latent, generator=generator, **kwargs)
+        else:
+            z = sample_latents(self.unet, cond, latent, generator=generator, **kwargs)
         # 3. decode (tiled when configured), 4. crop and clamp
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             image = decode(self.autoencoder, z / self.scale_factor, tile=self.decode_tile,

@@ -36,13 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from medsynth.errors import CheckpointError, ConfigError, JobError
-from medsynth.models.autoencoder import (
-    build_autoencoder,
-    build_discriminator,
-    decode,
-    downsample_factor,
-    encode,
-)
+from medsynth.models.autoencoder import build_autoencoder, build_discriminator, downsample_factor, encode
 from medsynth.models.diffusion import MaskConditionedUNet
 from medsynth.synthesis.samplers import Condition, NoiseProcess, sample_latents
 from medsynth.training.engine import FamilyBase, checkpoint_dir, derive_seed
@@ -51,8 +45,8 @@ STAGES: tuple[str, ...] = ("autoencoder", "diffusion")
 WEIGHTS_FILE = "model.safetensors"
 
 EVAL_LEVELS = 8  # timesteps per item in the diffusion stage's evaluation
-# generator streams of one step (rt.generator(step, stream))
-_ENCODE, _NOISE, _TIME, _DROP = 0, 1, 2, 3
+# generator streams of one step (rt.generator(step, stream)), distinct across the two stages
+_AE_EPS, _ENCODE, _NOISE, _TIME, _DROP = 0, 1, 2, 3, 4
 
 
 # ---------------------------------------------------------------------------- losses
@@ -89,6 +83,21 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) summed over latent voxels, mean over the batch."""
     per = 0.5 * (mu.float() ** 2 + sigma.float() ** 2 - torch.log(sigma.float() ** 2 + 1e-12) - 1.0)
     return per.flatten(1).sum(1).mean()
+
+
+def denoising_loss(net: Any, process: NoiseProcess, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   mask: torch.Tensor, labels: torch.Tensor | None, autocast: Any = None) -> torch.Tensor:
+    """MSE between ``net(z_t, t, mask, labels)`` and the process's target, ``z_t = add_noise(z0, noise, t)``.
+
+    z0, noise: ``(N, Cz, *latent)``; t: ``(N,)``; mask: one-hot ``(N, L, *image)``; autocast: a context
+    for the forward (e.g. bf16 on CUDA) or None.
+    """
+    import contextlib
+
+    z_t = process.add_noise(z0, noise, t)
+    with autocast if autocast is not None else contextlib.nullcontext():
+        pred = net(z_t, t, mask, labels)
+    return F.mse_loss(pred.float(), process.target(z0, noise, t))
 
 
 def lsgan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
@@ -185,7 +194,6 @@ class _Reconstructor(torch.nn.Module):
         return self.autoencoder.decode(mu + eps.to(mu.dtype) * sigma), mu, sigma
 
 
-
 class LdmFamily(FamilyBase):
     """Latent diffusion: ``rt.stage`` is ``autoencoder`` or ``diffusion`` (see the module docstring)."""
 
@@ -234,8 +242,12 @@ class LdmFamily(FamilyBase):
         self.ae_train = self.rt.wrap(_Reconstructor(self.autoencoder))
         self.disc_train = self.rt.wrap(self.discriminator)
         p = self.ae_cfg.perceptual
-        self.perceptual = (PerceptualLoss(info.dim, p.network, p.weights_path).to(self.rt.device)
-                           if p.weight > 0 and p.weights_path is not None else None)
+        self.perceptual = None
+        if p.weight > 0 and p.weights_path is not None:
+            if not Path(p.weights_path).is_file():
+                raise ConfigError(f"model.autoencoder.perceptual.weights_path: {p.weights_path}: file not found "
+                                  "(the perceptual loss needs a local weights file; nothing is downloaded)")
+            self.perceptual = PerceptualLoss(info.dim, p.network, p.weights_path).to(self.rt.device)
 
     def _init_diffusion_stage(self, info: Any, flash: bool) -> None:
         ae_state, self.ae_step = load_autoencoder_state(self.rt.run_dir)
@@ -273,7 +285,7 @@ class LdmFamily(FamilyBase):
         # 1. autoencoder: reconstruction, SSIM, KL (+ perceptual, + adversarial)
         self.discriminator.requires_grad_(False)
         latent = (real.shape[0], c.latent_channels, *(s // self.factor for s in real.shape[2:]))
-        eps = torch.randn(latent, generator=rt.generator(step, _ENCODE)).to(rt.device)
+        eps = torch.randn(latent, generator=rt.generator(step, _AE_EPS)).to(rt.device)
         with rt.autocast():
             recon, mu, sigma = self.ae_train(real, eps)
         recon = recon.float()
@@ -353,10 +365,7 @@ class LdmFamily(FamilyBase):
         # 3. noise, timesteps, prediction, loss
         noise = torch.randn(z0.shape, generator=rt.generator(step, _NOISE)).to(rt.device)
         t = self.process.training_timesteps(n, tuple(z0.shape), rt.generator(step, _TIME), rt.device)
-        z_t = self.process.add_noise(z0, noise, t)
-        with rt.autocast():
-            pred = self.unet_train(z_t, t, mask, labels)
-        loss = F.mse_loss(pred.float(), self.process.target(z0, noise, t))
+        loss = denoising_loss(self.unet_train, self.process, z0, noise, t, mask, labels, rt.autocast())
         self.clip_and_step("unet", loss)
         ema = self.emas.get("unet")
         if ema is not None:
