@@ -76,7 +76,10 @@ def run_cpu(size: int, repeats: int, monai_on: bool) -> None:
 
     ms, v = timed(lambda: ssim(a, b, data_range=R), repeats)
     results["medsynth"] = ms
-    emit(metric="ssim", impl="medsynth", ms=round(ms, 2), value=v, **common)
+    emit(metric="ssim", impl="medsynth", dtype="float32", ms=round(ms, 2), value=v, **common)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    ms64, v64 = timed(lambda: ssim(a64, b64, data_range=R), repeats)
+    emit(metric="ssim", impl="medsynth", dtype="float64", ms=round(ms64, 2), value=v64, **common)
 
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -87,7 +90,9 @@ def run_cpu(size: int, repeats: int, monai_on: bool) -> None:
         repeats,
     )
     results["skimage"] = ms
-    emit(metric="ssim", impl="skimage", ms=round(ms, 2), value=float(v_sk), abs_diff=abs(v - v_sk), **common)
+    emit(metric="ssim", impl="skimage", dtype="float32", ms=round(ms, 2), value=float(v_sk), abs_diff=abs(v - v_sk), **common)
+    v_sk64 = structural_similarity(a64, b64, data_range=R, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    emit(metric="ssim", impl="skimage", dtype="float64", value=float(v_sk64), abs_diff_float32=abs(v - v_sk64), abs_diff_float64=abs(v64 - v_sk64), **common)
 
     if monai_on:
         from monai.metrics import SSIMMetric

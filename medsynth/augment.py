@@ -172,7 +172,6 @@ class AugmentSummary:
     generated: int = 0
     reused: int = 0
     redraws: int = 0
-    failed_tries: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     generate_seconds: float = 0.0
     dry_run: bool = False

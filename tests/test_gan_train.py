@@ -171,6 +171,8 @@ def test_gan_resume_skips_a_malicious_newest_checkpoint(run20, tmp_path: Path, d
     with pytest.warns(UserWarning, match="step_00000030.pt: refused"):
         result = train(_cfg(data2d, "training.max_steps=21"), run, resume=True, progress=False)
     assert result.step == 21 and not marker.exists()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_00000020.pt", "step_00000021.pt", "step_00000030.pt.rejected"]
 
 
 # ---------------------------------------------------------------------------- CLI

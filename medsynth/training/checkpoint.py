@@ -150,10 +150,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError (refused code), RuntimeError (truncated zip), EOFError, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "WeightsUnpickler" in str(exc):
+        text = str(exc)
+        first = (text.strip().splitlines() or [type(exc).__name__])[0]
+        if "weights_only" in text.lower() or "Unsupported global" in text or "WeightsUnpickler" in text:
+            found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", text)
+            what = f"it references {found.group(1)}" if found else "weights_only load failed"
             raise CheckpointError(f"{path}: refused: it holds objects that would run code when loaded "
-                                  f"({first[:200]})") from None
+                                  f"({what})") from None
         raise CheckpointError(f"{path}: unreadable or truncated ({type(exc).__name__}: {first[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a medsynth checkpoint")
@@ -163,6 +166,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if not isinstance(state.get(key), typ):
             raise CheckpointError(f"{path}: malformed checkpoint ({key!r} missing or wrong type)")
     return state
+
+
+def set_aside_newer(folder: Path, step: int) -> list[Path]:
+    """Rename checkpoints newer than ``step`` (ones skipped as invalid) to ``*.pt.rejected`` so that
+    keep-last never keeps them in place of valid ones and a later save cannot collide with them."""
+    moved = []
+    for p in checkpoint_paths(folder):
+        m = NAME_RE.match(p.name)
+        if m and int(m.group(1)) > step:
+            target = p.with_name(p.name + ".rejected")
+            p.replace(target)
+            moved.append(target)
+    return moved
 
 
 def load_latest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:

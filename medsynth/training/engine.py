@@ -583,6 +583,10 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
         family.load_state_dict(state["family_state"])
         ck.set_rng_state(state["rng"])
         start_step = int(state["step"])
+        rt.barrier()  # every rank has read its checkpoint before rank 0 renames skipped ones
+        if rt.is_main:
+            for moved in ck.set_aside_newer(ckpt_dir, start_step):
+                warnings.warn(f"renamed the skipped checkpoint to {moved}", stacklevel=2)
         order = state.get("data_order", {})
         if order.get("global_batch") not in (None, data.global_batch(cfg.training.batch_size, rt.world_size)):
             warnings.warn(f"{run_dir}: resuming with a different global batch than the run used "
