@@ -419,5 +419,6 @@ def test_gan_method_with_a_tiny_trained_run(msd3d, tmp_path):
     sha = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
     assert all(p["model_sha256"] == sha and p["method"] == "gan" for p in prov) and s.generated == 2
     check_pairs(tmp_path / "g", prov, label_paths(msd3d))
-    again = run_augment(opts(msd3d, tmp_path / "g2", method="gan", model=run, num=2))
+    with pytest.warns(UserWarning, match="2D run given a 3D mask"):
+        again = run_augment(opts(msd3d, tmp_path / "g2", method="gan", model=run, num=2))
     assert tree(tmp_path / "g") == tree(tmp_path / "g2") and again.manifest.read_bytes() == s.manifest.read_bytes()

@@ -168,8 +168,11 @@ def test_gan_resume_skips_a_malicious_newest_checkpoint(run20, tmp_path: Path, d
             return (os.system, (f"touch {marker}",))
 
     torch.save({"format": "medsynth-checkpoint", "x": Evil()}, run / "checkpoints/step_00000030.pt")
-    with pytest.warns(UserWarning, match="step_00000030.pt: refused"):
+    with pytest.warns(UserWarning) as caught:
         result = train(_cfg(data2d, "training.max_steps=21"), run, resume=True, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("step_00000030.pt: refused" in m for m in messages)
+    assert any("renamed the skipped checkpoint" in m for m in messages)
     assert result.step == 21 and not marker.exists()
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["step_00000020.pt", "step_00000021.pt", "step_00000030.pt.rejected"]
