@@ -148,10 +148,14 @@ def test_2d_samples_keep_mask_geometry_and_follow_seeds(run2d, data2d, tmp_path)
 
 def test_3d_recipe_trains_both_stages_and_samples(data3d, tmp_path):
     run = tmp_path / "run"
-    cli("train", CONFIGS / "tiny/ldm3d.yaml", "--data", data3d, "--out", run, "--max-steps", 4, *FAST)
+    cli("train", CONFIGS / "tiny/ldm3d.yaml", "--data", data3d, "--out", run, "--max-steps", 4, *FAST,
+        "--set", "model.diffusion.batch_size=3")
     ckpts = {p.relative_to(run / "checkpoints").as_posix() for p in (run / "checkpoints").rglob("*.pt")}
     assert ckpts == {"autoencoder/step_00000003.pt", "autoencoder/step_00000004.pt",
-                     "diffusion/step_00000003.pt", "diffusion/step_00000004.pt"}
+                     "diffusion/step_00000003.pt", "diffusion/step_00000004.pt"}  # --max-steps caps each stage
+    for stage, batch in (("autoencoder", 2), ("diffusion", 3)):  # a stage's own batch size
+        state = torch.load(run / "checkpoints" / stage / "step_00000004.pt", weights_only=True)
+        assert state["data_order"]["global_batch"] == batch
     mask = _odd_mask(_label(data3d), tmp_path / "mask.nii.gz", (19, 20, 14))
     a = _check_sample(cli("sample", run, "--mask", mask, "--out", tmp_path / "a.nii.gz", "--steps", 4,
                           "--seed", 5) and tmp_path / "a.nii.gz", mask)
@@ -251,3 +255,21 @@ def test_bad_data_is_refused_before_training(data2d, tmp_path):
     res = cli("train", CONFIGS / "tiny/ldm2d.yaml", "--data", ds / data2d.name, "--out", run, "--no-progress", ok=False)
     assert res.exit_code == 1 and img_path.name in res.output and "Traceback" not in res.output
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("conditioning,scheduler", [("controlnet", "ddpm"), ("spade", "rflow")])
+def test_other_conditionings_train_and_sample_through_the_api(data2d, tmp_path, conditioning, scheduler):
+    from medsynth import Synthesizer
+
+    run = tmp_path / "run"
+    cli("train", CONFIGS / "tiny/ldm2d.yaml", "--data", data2d, "--out", run, "--max-steps", 2, "--no-progress",
+        "--set", f"model.diffusion.conditioning={conditioning}", "--set", f"model.diffusion.scheduler={scheduler}",
+        "--set", "model.diffusion.sampler=ddim", "--set", "model.diffusion.prediction_type=v_prediction",
+        "--set", "training.batch_size=2")
+    synth = Synthesizer.from_run(run, device="cpu")
+    mask = read_volume(_label(data2d), kind="label").array[:29, :31]
+    a = synth.generate(mask, seed=3, steps=3, guidance=2.0)
+    assert a.shape == mask.shape and np.isfinite(a).all() and a.std() > 0
+    assert np.array_equal(a, synth.generate(mask, seed=3, steps=3, guidance=2.0))
+    assert not np.array_equal(a, synth.generate(mask, seed=4, steps=3, guidance=2.0))
+    assert not np.array_equal(a, synth.generate(mask, seed=3, steps=3, sampler="ddpm", guidance=2.0))

@@ -90,9 +90,9 @@ class LatentDiffusionPipeline:
 
         from medsynth.models.autoencoder import build_autoencoder, downsample_factor
         from medsynth.models.diffusion import MaskConditionedUNet
-        from medsynth.training.ldm import make_process, size_multiple
+        from medsynth.training.ldm import make_process, size_multiple, use_flash
 
-        flash = device.type == "cuda" if model.use_flash_attention == "auto" else bool(model.use_flash_attention)
+        flash = use_flash(model, device)
         with torch.random.fork_rng(devices=[]):  # initial values are overwritten; keep global RNG as it was
             ae = build_autoencoder(model.autoencoder, spatial_dims=info.dim, in_channels=info.num_channels,
                                    use_flash_attention=flash)
@@ -117,9 +117,9 @@ class LatentDiffusionPipeline:
                                     int(facts.get("sample_steps", model.diffusion.sample_steps)),
                                     float(facts.get("guidance", model.diffusion.guidance)))
         return cls(ae.to(device), unet.to(device), process, scale_factor=facts["scale_factor"],
-                   factor=downsample_factor(model.autoencoder), multiple=size_multiple(model), latent_channels=model.autoencoder.latent_channels,
-                   defaults=defaults, decode_tile=model.autoencoder.decode_tile,
-                   decode_overlap=model.autoencoder.decode_overlap,
+                   factor=downsample_factor(model.autoencoder), multiple=size_multiple(model),
+                   latent_channels=model.autoencoder.latent_channels, defaults=defaults,
+                   decode_tile=model.autoencoder.decode_tile, decode_overlap=model.autoencoder.decode_overlap,
                    can_guide=float(facts.get("cond_dropout", model.diffusion.cond_dropout)) > 0)
 
     def resolve(self, sampler: str | None, steps: int | None, guidance: float | None) -> SamplingDefaults:

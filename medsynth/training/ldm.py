@@ -138,8 +138,9 @@ def stage_config(config: Any, stage: str) -> Any:
     return cfg
 
 
-def use_flash(config: Any, device: torch.device) -> bool:
-    flag = config.model.use_flash_attention
+def use_flash(model: Any, device: torch.device) -> bool:
+    """``model.use_flash_attention`` resolved for ``device`` (auto: on for CUDA)."""
+    flag = model.use_flash_attention
     return device.type == "cuda" if flag == "auto" else bool(flag)
 
 
@@ -212,7 +213,7 @@ class LdmFamily(FamilyBase):
         self.factor = downsample_factor(self.ae_cfg)
         self.num_classes = info.num_classes if info.num_classes > 1 else 0
         dev = rt.device
-        flash = use_flash(config, dev)
+        flash = use_flash(m, dev)
         self.autoencoder = build_autoencoder(self.ae_cfg, spatial_dims=info.dim, in_channels=info.num_channels,
                                              use_flash_attention=flash).to(dev)
         if self.stage == "autoencoder":
@@ -396,8 +397,10 @@ class LdmFamily(FamilyBase):
             return {}
         # every item at EVAL_LEVELS stratified timesteps, fixed noise: a low-variance loss estimate
         k = EVAL_LEVELS
-        z0 = (self.latents(batch["image"], self._fixed_generator(0)) * self.scale_factor).repeat(k, *[1] * (batch["image"].ndim - 1))
-        n = batch["image"].shape[0]
+        image = batch["image"]
+        z0 = self.latents(image, self._fixed_generator(0)) * self.scale_factor
+        z0 = z0.repeat(k, *[1] * (image.ndim - 1))
+        n = image.shape[0]
         levels = (torch.arange(k, dtype=torch.float32) + 0.5) / k * self.process.T
         t = levels.repeat_interleave(n).to(z0.device)
         if self.process.kind == "ddpm":
@@ -527,11 +530,11 @@ def train_ldm(config: Any, run_dir: str | Path, *, resume: bool = False, stage: 
               progress: bool = True) -> Any:
     """Train the latent diffusion stages into ``run_dir``: both in order, or only ``stage``.
 
-    Each stage trains with :func:`stage_config` (its own batch size when set) for
-    :func:`stage_steps` steps. ``resume`` continues each stage from its newest valid checkpoint; when the autoencoder is no
-    longer the one the diffusion checkpoints were trained on, they are removed (with a warning) and
-    the diffusion stage is trained again from its seed. Returns the engine's ``TrainResult`` of the
-    last stage trained.
+    Each stage trains with :func:`stage_config` (its own batch size when set) for :func:`stage_steps`
+    steps. ``resume`` continues each stage from its newest valid checkpoint; when the autoencoder is
+    no longer the one the diffusion checkpoints were trained on, they are removed (with a warning)
+    and the diffusion stage is trained again from its seed. Returns the engine's ``TrainResult`` of
+    the last stage trained.
     """
     from medsynth.training import checkpoint as ck
     from medsynth.training.engine import train
