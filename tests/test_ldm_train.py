@@ -127,6 +127,8 @@ def test_diffusion_loss_falls(run2d):
     card = json.loads((run / "model_card.json").read_text())
     assert card["model"]["scale_factor"] > 0 and card["model"]["conditioning"] == "concat"
     assert set(card["stages"]) == {"autoencoder", "diffusion"}
+    # starting the diffusion stage keeps the autoencoder stage's log
+    assert records(run, "eval", "autoencoder") == run2d[1]
 
 
 def test_2d_samples_keep_mask_geometry_and_follow_seeds(run2d, data2d, tmp_path):

@@ -395,8 +395,10 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records after ``step`` (a run killed after its last checkpoint logged them)."""
+def _truncate_metrics(path: Path, step: int, stage: str | None = None) -> None:
+    """Drop this stage's records after ``step`` (a run killed after its last checkpoint logged them).
+
+    Records of other stages (the autoencoder's, when the diffusion stage starts) are kept."""
     from medsynth.data.atomic import atomic_write_text
 
     if not path.exists():
@@ -407,7 +409,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-        if int(rec.get("step", 0)) <= step:
+        if rec.get("stage") != stage or int(rec.get("step", 0)) <= step:
             kept.append(line)
     atomic_write_text(path, "".join(x + "\n" for x in kept))
 
@@ -600,7 +602,7 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
     if rt.is_main:
         (run_dir / "previews").mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        _truncate_metrics(metrics_path, start_step)
+        _truncate_metrics(metrics_path, start_step, stage)
         ck.remove_stale_temp_files(ckpt_dir)
     rt.barrier()
     tag = {"stage": stage} if stage else {}
