@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -128,3 +129,17 @@ def test_checkpoint_refused_even_with_force_no_weights_only_env(tmp_path: Path) 
     assert lines[0].split() == ["step_00000010.pt", "10", "True"]
     assert lines[1] == "marker after ours: False"
     assert lines[2] == "marker after plain: True"
+
+
+def test_save_weights_is_byte_reproducible_and_round_trips(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from medsynth.training.checkpoint import save_weights
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(4, dtype=torch.float16)}
+    meta = {"format": "x", "ema": True, "scale_factor": 0.5, "conditioning": "concat", "z": [1, 2]}
+    blobs = {save_weights(tmp_path / f"w{i}.safetensors", tensors, meta).read_bytes() for i in range(8)}
+    assert len(blobs) == 1  # safetensors' own metadata map is hash-ordered; ours must not be
+    with safe_open(str(tmp_path / "w0.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["medsynth"]) == meta
+        assert torch.equal(f.get_tensor("b.weight"), tensors["b.weight"])

@@ -86,8 +86,9 @@ class MultiScaleDiscriminator(nn.Module):
         self.spatial_dims = spatial_dims
         self.nets = nn.ModuleList(
             PatchDiscriminator(spatial_dims=spatial_dims, channels=channels, in_channels=in_channels,
-                               out_channels=1, num_layers_d=num_layers, norm="INSTANCE",
-                               last_conv_kernel_size=1)
+                               out_channels=1, num_layers_d=num_layers, norm="INSTANCE")
+            # The last conv must be spatial (MONAI's default 4x4): a 1x1 conv over instance-normalised
+            # features gives every image nearly the same mean score, and a hinge D then never learns.
             for _ in range(num_d)
         )
 

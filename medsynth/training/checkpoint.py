@@ -195,3 +195,20 @@ def load_latest_checkpoint(folder: Path) -> tuple[Path, dict[str, Any]]:
             problems.append(str(exc))
             warnings.warn(f"skipping checkpoint {exc}", stacklevel=2)
     raise CheckpointError(f"{folder}: no valid checkpoint:\n  " + "\n  ".join(problems))
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write inference weights as safetensors, atomically and byte-for-byte reproducibly.
+
+    safetensors stores its metadata map in hash order, so several keys can come out in a different
+    order from run to run; the metadata is therefore one key, ``"medsynth"``, holding sorted JSON.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"medsynth": json.dumps(metadata, sort_keys=True, default=str)}
+    with atomic_path(Path(path)) as tmp:
+        save_file(plain, str(tmp), metadata=meta)
+    return Path(path)

@@ -234,13 +234,10 @@ class GanFamily(FamilyBase):
 
     def export(self, run_dir: Path) -> dict[str, Any]:
         """RUN/model.safetensors: the generator's (EMA) weights."""
-        from safetensors.torch import save_file
-
-        from medsynth.data.atomic import atomic_path
+        from medsynth.training.checkpoint import save_weights
 
         g = self.inference_module("generator")
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in g.state_dict().items()}
-        with atomic_path(Path(run_dir) / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "medsynth-gan-generator", "ema": str("generator" in self.emas)})
+        save_weights(Path(run_dir) / WEIGHTS_FILE, g.state_dict(),
+                     {"format": "medsynth-gan-generator", "ema": "generator" in self.emas})
         return {"weights": WEIGHTS_FILE, "network": "SpadeGenerator", "ema": "generator" in self.emas,
                 "size_multiple": self.G.factor, "noise_channels": self.G.noise_channels}

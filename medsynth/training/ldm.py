@@ -460,9 +460,7 @@ class LdmFamily(FamilyBase):
             return facts
         if self.scale_factor is None:
             return facts  # no diffusion step was trained: nothing to sample with yet
-        from safetensors.torch import save_file
-
-        from medsynth.data.atomic import atomic_path
+        from medsynth.training.checkpoint import save_weights
 
         facts.update({
             "weights": WEIGHTS_FILE,
@@ -484,11 +482,9 @@ class LdmFamily(FamilyBase):
         })
         tensors = {f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()}
         tensors.update({f"unet.{k}": v for k, v in self.inference_module("unet").state_dict().items()})
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        meta = {"format": "medsynth-ldm", "scale_factor": repr(self.scale_factor),
-                "conditioning": self.df_cfg.conditioning, "ema": str("unet" in self.emas)}
-        with atomic_path(Path(run_dir) / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        save_weights(Path(run_dir) / WEIGHTS_FILE, tensors,
+                     {"format": "medsynth-ldm", "scale_factor": self.scale_factor,
+                      "conditioning": self.df_cfg.conditioning, "ema": "unet" in self.emas})
         return facts
 
 
