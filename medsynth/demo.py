@@ -188,9 +188,9 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
         name: run_evaluate(real2d, manifest, data_range="auto", out=ev / f"paired_{name}")
         for name, manifest in paired.items()
     }
-    halves = _split_halves(real2d, ev / "real_halves")
+    halves2d = _split_halves(real2d, ev / "real_halves")
     unpaired_sets = {
-        "real 2D, half A vs half B (floor)": (halves[0], halves[1]),
+        "real 2D, half A vs half B (floor)": (halves2d[0], halves2d[1]),
         "GAN 2D vs real 2D": (real2d, _synthetic_only(summaries["gan2d"].manifest, ev / "sets" / "gan2d.json")),
         "LDM 2D vs real 2D": (real2d, _synthetic_only(summaries["ldm2d"].manifest, ev / "sets" / "ldm2d.json")),
         "synthseg 3D vs real 3D": (real3d, _synthetic_only(summaries["synthseg3d"].manifest, ev / "sets" / "synthseg3d.json")),
@@ -203,7 +203,7 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
     st.start("report", "writing the report")
     figures = out / "figures"
     figs = {
-        "data": _data_figure(real3d, real2d, figures / "phantoms.png"),
+        "data": _data_figure(real3d, figures / "phantoms.png"),
         "methods": _methods_figure(real2d, paired, figures / "gan_ldm_from_real_masks.png"),
         "augmented": _augmented_figure(summaries, figures / "augmented_cases.png"),
         "losses": _loss_figure({"GAN": gan_run, "LDM": ldm_run}, figures / "training_losses.png"),
@@ -303,11 +303,11 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _data_figure(real3d: Path, real2d: Path, path: Path) -> Path:
+def _data_figure(real3d: Path, path: Path) -> Path:
     from medsynth.data.manifest import read_manifest
     from medsynth.data.nifti import read_volume
 
-    m3, m2 = read_manifest(real3d), read_manifest(real2d)
+    m3 = read_manifest(real3d)
     fig, axes = _figure(2, 6)
     for r, case in enumerate(m3.cases[:2]):
         img = read_volume(case.images[0]).array
@@ -343,19 +343,24 @@ def _methods_figure(real2d: Path, paired: dict[str, Path], path: Path, n: int = 
 
 
 def _augmented_figure(summaries: dict[str, Any], path: Path, n: int = 3) -> Path:
+    """One row per augmented output: (new mask, synthetic image) for its first ``n`` synthetic cases."""
     from medsynth.data.manifest import read_manifest
     from medsynth.data.nifti import read_volume
 
-    rows = []
-    for name, summary in summaries.items():
-        m = read_manifest(summary.manifest)
-        rows += [(name, c) for c in m.cases if c.case_id.startswith("syn_")][:n]
-    fig, axes = _figure(len(rows), 2)
-    for r, (name, case) in enumerate(rows):
-        img = _middle(read_volume(case.images[0]).array)
-        lo, hi = np.percentile(img, [0.5, 99.5])
-        _show(axes[r, 0], _middle(read_volume(case.label, kind="label").array), label=True, title=f"{name} {case.case_id}: new mask")
-        _show(axes[r, 1], img, vmin=lo, vmax=hi, title="synthetic image")
+    rows = {name: [c for c in read_manifest(s.manifest).cases if c.case_id.startswith("syn_")][:n]
+            for name, s in summaries.items()}
+    fig, axes = _figure(len(rows), 2 * n)
+    for r, (name, cases) in enumerate(rows.items()):
+        for k in range(n):
+            if k >= len(cases):
+                axes[r, 2 * k].axis("off")
+                axes[r, 2 * k + 1].axis("off")
+                continue
+            img = _middle(read_volume(cases[k].images[0]).array)
+            lo, hi = np.percentile(img, [0.5, 99.5])
+            _show(axes[r, 2 * k], _middle(read_volume(cases[k].label, kind="label").array), label=True,
+                  title=f"{name} {cases[k].case_id}")
+            _show(axes[r, 2 * k + 1], img, vmin=lo, vmax=hi, title="image")
     _save(fig, path)
     return path
 
@@ -479,6 +484,8 @@ def _write_report(out: Path, plan: DemoPlan, fingerprints: dict[str, Any], resul
         "scikit-image features (first-order intensity statistics and GLCM texture per label region), "
         "z-normalised with the real set. 0 = same distribution; compare against the *real vs real* row, "
         "which is the floor for sets this small. This is not the published FRD (no pyradiomics), so do not compare with papers.",
+        "- `synthseg` draws a new random contrast per label on purpose (so a segmenter learns shape, not one "
+        "scanner's contrast): its distance to the real set is large by design; judge it by the segmenter it trains.",
         "- **Diversity**: mean pairwise similarity inside the synthetic set; lower = more varied.",
         "- **Memorised**: synthetic images whose most similar real image has SSIM above the threshold "
         "(a copy of the training data would be flagged).",
