@@ -86,26 +86,13 @@ def load_augment_config(path: str | Path | None) -> AugmentConfig:
     """Read an augment recipe (YAML). ``None``: the defaults. Every bad field is reported."""
     if path is None:
         return AugmentConfig()
-    import yaml
+    from medsynth.config import format_validation_error, read_yaml_mapping
 
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (deform, edits, synthseg, classic, qc)")
+    raw = read_yaml_mapping(Path(path))
     try:
         return AugmentConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(format_validation_error(exc, str(path))) from None
 
 
 # ------------------------------------------------------------------------------------ options / results
@@ -305,29 +292,10 @@ def _load_manifest(path: Path, progress: bool = False) -> Any:
 
 def _read_case_arrays(case: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
     """(images (C, *spatial) float32, label (*spatial) int, affine (4, 4), spacing mm) of a case."""
-    from medsynth.data.nifti import read_volume
+    from medsynth.data.nifti import read_case_arrays
 
-    lab = read_volume(case.label, kind="label")
-    label = np.asarray(lab.array)
-    if label.dtype.kind == "f":
-        if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
-            raise DataError(f"{case.label}: label has non-integer values")
-        label = label.astype(np.int64)
-    elif label.dtype.kind not in "iu":
-        raise DataError(f"{case.label}: label has dtype {label.dtype}, expected integers")
-    if label.ndim not in (2, 3):
-        raise DataError(f"{case.label}: augment needs 2D or 3D label maps, got shape {label.shape}")
-    channels = []
-    for p in case.images:
-        vol = read_volume(p, kind="image")
-        arr = np.asarray(vol.array, dtype=np.float32)
-        if arr.shape != label.shape:
-            raise DataError(f"{p}: image shape {arr.shape} differs from label shape {label.shape} ({case.label})")
-        if not np.all(np.isfinite(arr)):
-            raise DataError(f"{p}: image contains NaN or Inf")
-        channels.append(arr)
-    spacing = tuple(float(s) for s in np.linalg.norm(lab.affine[:3, :3], axis=0)[: label.ndim])
-    return np.stack(channels), label, lab.affine, spacing
+    arrays = read_case_arrays(case.images, case.label)
+    return arrays.images, arrays.label, arrays.affine, arrays.spacing
 
 
 def gather_facts(manifest: Any, sources: list[Any], progress: bool = False) -> DatasetFacts:

@@ -456,29 +456,35 @@ def validate_config(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); ConfigError otherwise."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe (or start from defaults when ``path`` is None), apply ``key=value``
     overrides, validate. Raises :class:`ConfigError` for an unreadable file or any bad field."""
-    import yaml
-
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        data = loaded
+        data = read_yaml_mapping(path)
     from_file = (data.get("data") or {}).get("manifest") if isinstance(data.get("data"), dict) else None
     data = apply_overrides(data, list(overrides or []))
     cfg = validate_config(data, source)

@@ -212,8 +212,11 @@ def test_kill_then_resume_is_byte_identical(msd3d, tmp_path):
     assert not (out / "dataset.json").exists(), "the job finished before the kill; make it longer"
     written = _journal_cases(out)
     assert 2 <= written < n
-    # corrupt a finished file: resume must check content, not existence
-    victim = out / "imagesTr" / "syn_00000.nii.gz"
+    # corrupt a finished file: resume must check content, not existence. With two workers the
+    # journal need not start at syn_00000, so take the first case it records.
+    first = next(json.loads(line) for line in (out / ".journal.jsonl").read_text().splitlines()
+                 if '"key": "syn:' in line)
+    victim = out / next(f for f in first["files"] if f.startswith("imagesTr/"))
     raw = bytearray(victim.read_bytes())
     raw[-10] ^= 0xFF
     victim.write_bytes(bytes(raw))
@@ -344,7 +347,7 @@ def test_config_file_is_the_defaults_and_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError) as err:
         A.load_augment_config(bad)
     assert "deform.rotate_degs" in str(err.value) and "qc.max_tries" in str(err.value)
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         A.load_augment_config(tmp_path / "missing.yaml")
 
 

@@ -314,32 +314,20 @@ def make_loader(data: TrainingData, *, start_step: int, max_steps: int, batch_si
 
 def _load_case(case: Case, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image (C, *spatial) float64 in dataset units, label (*spatial) int, affine)."""
-    from medsynth.data.nifti import read_volume
+    from medsynth.data.nifti import read_case_arrays
 
     if case.label is None:
         raise DataError(f"case {case.case_id}: has no label map")
-    label = read_volume(case.label, kind="label")
-    lab = np.asarray(label.array)
-    if lab.ndim not in (2, 3):
-        raise DataError(f"{case.label}: label map has shape {lab.shape}; expected a 2D or 3D volume")
-    chans = []
-    for p in case.images:
-        vol = read_volume(p, kind="image")
-        arr = np.asarray(vol.array, dtype=np.float64)
-        if arr.shape != lab.shape:
-            raise DataError(f"{p}: image shape {arr.shape} differs from its label's {lab.shape} ({case.label})")
-        if not np.all(np.isfinite(arr)):
-            raise DataError(f"{p}: image contains NaN or Inf")
-        chans.append(arr)
-    image = np.stack(chans)
+    arrays = read_case_arrays(case.images, case.label)
+    image, lab = arrays.images.astype(np.float64), arrays.label
     if cfg.spacing is not None:
         if len(cfg.spacing) != lab.ndim:
             raise DataError(f"data.spacing has {len(cfg.spacing)} values but {case.label} is {lab.ndim}D")
-        shape = target_shape(lab.shape, label.spacing, cfg.spacing)
+        shape = target_shape(lab.shape, arrays.spacing, cfg.spacing)
         if shape != lab.shape:
             image = resample(image, shape, label=False).astype(np.float64)
             lab = resample(lab.astype(np.int32)[None], shape, label=True)[0]
-    return image, lab, label.affine
+    return image, lab, arrays.affine
 
 
 def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int) -> TrainingData:

@@ -320,3 +320,43 @@ def _verify_written(tmp: Path, final: Path, data: np.ndarray, affine: np.ndarray
         raise DataError(f"{final}: re-read data differs from what was written (write aborted)")
     if not np.allclose(back.affine, affine, rtol=1e-6, atol=1e-4):
         raise DataError(f"{final}: re-read affine differs from what was written (write aborted)")
+
+
+@dataclass
+class CaseArrays:
+    """A labelled case in memory.
+
+    images: ``(C, *spatial)`` float32 in the dataset's intensity units, one channel per file.
+    label: ``(*spatial)`` int64 label values. affine: the label map's ``(4, 4)`` voxel -> RAS mm.
+    """
+
+    images: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0)[: self.label.ndim])
+
+
+def read_case_arrays(image_paths: list[Path], label_path: Path) -> CaseArrays:
+    """Read a case's channels and label map; DataError unless the label is integer-valued 2D/3D and
+    every channel is finite with the label's shape. (Full geometry checks are :mod:`validate`'s job.)"""
+    lab = read_volume(label_path, kind="label")
+    label = np.asarray(lab.array)
+    if label.dtype.kind == "f":
+        if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
+            raise DataError(f"{label_path}: label has non-integer values")
+    elif label.dtype.kind not in "iu":
+        raise DataError(f"{label_path}: label has dtype {label.dtype}, expected integers")
+    if label.ndim not in (2, 3):
+        raise DataError(f"{label_path}: label map has shape {label.shape}; expected a 2D or 3D volume")
+    channels = []
+    for p in image_paths:
+        arr = np.asarray(read_volume(p, kind="image").array, dtype=np.float32)
+        if arr.shape != label.shape:
+            raise DataError(f"{p}: image shape {arr.shape} differs from its label's {label.shape} ({label_path})")
+        if not np.all(np.isfinite(arr)):
+            raise DataError(f"{p}: image contains NaN or Inf")
+        channels.append(arr)
+    return CaseArrays(images=np.stack(channels), label=label.astype(np.int64), affine=lab.affine)
