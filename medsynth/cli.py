@@ -190,10 +190,8 @@ def train(
     if stage is not None and stage not in ("autoencoder", "diffusion"):
         fail(f"--stage {stage!r}: expected autoencoder or diffusion")
     cfg = load_config(config, overrides)
-    from medsynth.training.engine import train as run_training
+    from medsynth.training import run_training
 
-    if cfg.model.family == "ldm":  # two stages (autoencoder, then diffusion), each a loop of the engine
-        from medsynth.training.ldm import train_ldm as run_training
     with _plain_warnings():
         result = run_training(cfg, out, resume=resume, stage=stage, progress=progress)
     losses = " ".join(f"{k}={v:.4g}" for k, v in result.losses.items())

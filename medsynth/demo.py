@@ -125,8 +125,7 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
     from medsynth.data.phantoms import make_phantom_dataset
     from medsynth.data.validate import validate_dataset
     from medsynth.evaluation.evaluate import run_evaluate
-    from medsynth.training.engine import train
-    from medsynth.training.ldm import train_ldm
+    from medsynth.training import run_training
 
     out = Path(out).absolute()
     plan = DemoPlan.quick() if quick else DemoPlan()
@@ -157,7 +156,7 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
                                              f"training.checkpoint_every={plan.gan_steps}", f"training.preview_every={every}",
                                              "training.keep_last=1"])
     gan_run = runs / "gan2d"
-    gan_result = train(gan_cfg, gan_run, progress=progress)
+    gan_result = run_training(gan_cfg, gan_run, progress=progress)
     ldm_cfg = load_config(_recipe("ldm2d"), [f"data.manifest={json.dumps(str(real2d))}", *LDM_DEMO_SETTINGS,
                                              f"training.max_steps={plan.diffusion_steps}",
                                              f"model.autoencoder.max_steps={plan.ae_steps}",
@@ -165,7 +164,7 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
                                              f"training.preview_every={max(1, plan.diffusion_steps // 3)}",
                                              f"model.diffusion.sample_steps={plan.sample_steps}"])
     ldm_run = runs / "ldm2d"
-    ldm_result = train_ldm(ldm_cfg, ldm_run, progress=progress)
+    ldm_result = run_training(ldm_cfg, ldm_run, progress=progress)
 
     # 4. augmentation
     st.start("augment", f"augmenting: {plan.num_synthseg} synthseg 3D cases, {plan.num_gan} GAN and {plan.num_ldm} LDM 2D cases")

@@ -1,0 +1,19 @@
+"""Training: one engine (:mod:`.engine`) for every model family (:mod:`.gan`, :mod:`.ldm`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def run_training(config: Any, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
+                 progress: bool = True) -> Any:
+    """Train ``config`` into ``run_dir`` whatever its family: a staged family (``ldm``: autoencoder,
+    then diffusion) runs its stages in order, or only ``stage``. Returns the engine's ``TrainResult``."""
+    if config.model.family == "ldm":
+        from medsynth.training.ldm import train_ldm
+
+        return train_ldm(config, run_dir, resume=resume, stage=stage, progress=progress)
+    from medsynth.training.engine import train
+
+    return train(config, run_dir, resume=resume, stage=stage, progress=progress)
