@@ -168,20 +168,21 @@ class Synthesizer:
         from medsynth.data.nifti import Volume
 
         arr = mask.array if isinstance(mask, Volume) else np.asarray(mask)
+        src = mask.path if isinstance(mask, Volume) and mask.path is not None else "mask"
         if arr.size == 0:
-            raise DataError(f"mask is empty (shape {arr.shape})")
+            raise DataError(f"{src}: mask is empty (shape {arr.shape})")
         if arr.dtype.kind == "b":
             arr = arr.astype(np.uint8)
         if arr.dtype.kind == "f":
             if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
-                raise DataError("mask has non-integer, NaN or Inf values; a mask holds label values")
+                raise DataError(f"{src}: has non-integer, NaN or Inf values; a mask holds label values")
             arr = arr.astype(np.int64)
         elif arr.dtype.kind not in "iu":
-            raise DataError(f"mask has dtype {arr.dtype}; a mask holds integer label values")
+            raise DataError(f"{src}: has dtype {arr.dtype}; a mask holds integer label values")
         values = np.unique(arr)
         unknown = sorted(int(v) for v in values if int(v) not in set(self.info.labels))
         if unknown:
-            raise DataError(f"mask has label values {unknown} that the run was not trained on "
+            raise DataError(f"{src}: has label values {unknown} that the run was not trained on "
                             f"(its labels: {self.info.labels})")
         return self.info.label_lut()[arr.astype(np.int64)]
 
@@ -263,7 +264,7 @@ class Synthesizer:
         target = self.info.spacing
         if target is not None and len(target) == arr.ndim and not np.allclose(mask.spacing, target, rtol=1e-3):
             shape = target_shape(arr.shape, mask.spacing, target)
-            self._index(arr)  # unknown labels fail before any work
+            self._index(mask)  # unknown labels fail before any work
             small = resample(arr.astype(np.int32)[None], shape, label=True)[0]
             image = self.generate(small, seed, **options)
             chans = image if image.ndim == arr.ndim + 1 else image[None]
