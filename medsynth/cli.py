@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -194,8 +195,9 @@ def train(
 
     with _plain_warnings():
         result = run_training(cfg, out, resume=resume, stage=stage, progress=progress)
-    losses = " ".join(f"{k}={v:.4g}" for k, v in result.losses.items())
-    typer.echo(f"trained {result.step} steps: {out}" + (f" ({losses})" if losses else ""))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports (its own losses)
+        losses = " ".join(f"{k}={v:.4g}" for k, v in result.losses.items())
+        typer.echo(f"trained {result.step} steps: {out}" + (f" ({losses})" if losses else ""))
 
 
 @app.command()

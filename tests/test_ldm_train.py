@@ -275,3 +275,31 @@ def test_other_conditionings_train_and_sample_through_the_api(data2d, tmp_path, 
     assert np.array_equal(a, synth.generate(mask, seed=3, steps=3, guidance=2.0))
     assert not np.array_equal(a, synth.generate(mask, seed=4, steps=3, guidance=2.0))
     assert not np.array_equal(a, synth.generate(mask, seed=3, steps=3, sampler="ddpm", guidance=2.0))
+
+
+def test_torchrun_two_ranks_train_both_stages_in_one_process_group(data2d, tmp_path):
+    """Under torchrun both stages train in one process group (the diffusion stage once hung re-creating
+    it) and rank 0 alone reports. Equal weights across ranks are the engine's test (test_gan_train)."""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "--master_addr=127.0.0.1", "-m", "medsynth", "train", str(CONFIGS / "tiny/ldm2d.yaml"),
+           "--data", str(data2d), "--out", str(run), "--max-steps", "2", "--no-progress", *FAST]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained 2 steps") == 1, proc.stdout
+    for stage in ("autoencoder", "diffusion"):
+        assert (run / "checkpoints" / stage / "step_00000002.pt").exists()
+    exported = load_file(str(run / "model.safetensors"))
+    assert any(k.startswith("unet.") for k in exported) and any(k.startswith("autoencoder.") for k in exported)
+    card = json.loads((run / "model_card.json").read_text())
+    assert set(card["stages"]) == {"autoencoder", "diffusion"}

@@ -11,9 +11,13 @@ def run_training(config: Any, run_dir: str | Path, *, resume: bool = False, stag
     """Train ``config`` into ``run_dir`` whatever its family: a staged family (``ldm``: autoencoder,
     then diffusion) runs its stages in order, or only ``stage``. Returns the engine's ``TrainResult``."""
     if config.model.family == "ldm":
+        from medsynth.training.engine import distributed_session
         from medsynth.training.ldm import train_ldm
 
-        return train_ldm(config, run_dir, resume=resume, stage=stage, progress=progress)
+        # One process group for all stages: under torchrun, a group destroyed after the autoencoder
+        # stage and created again for the diffusion stage hangs in DDP's first collective.
+        with distributed_session(config):
+            return train_ldm(config, run_dir, resume=resume, stage=stage, progress=progress)
     from medsynth.training.engine import train
 
     return train(config, run_dir, resume=resume, stage=stage, progress=progress)

@@ -341,6 +341,20 @@ def _init_distributed(cfg: Config) -> tuple[torch.device, int, int, int, bool]:
     return device, rank, world, local_rank, ours
 
 
+@contextlib.contextmanager
+def distributed_session(cfg: Config) -> Iterator[None]:
+    """Hold a torchrun process group for several :func:`train` calls (a staged family's stages);
+    :func:`train` then uses it instead of creating and destroying its own. No-op without torchrun."""
+    _, _, _, _, ours = _init_distributed(cfg)
+    try:
+        yield
+    finally:
+        if ours:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 def validated_manifest(path: Path | None) -> Manifest:
     """Validate the whole dataset (every file decoded and checked) and return its manifest."""
     if path is None:
