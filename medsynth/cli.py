@@ -229,8 +229,21 @@ def sample(
         label = read_volume(mask, kind="label")
         image = synth.generate_volume(label, seed, class_value=class_value, steps=steps, sampler=sampler,
                                       guidance=guidance)
-    write_volume(out, image.array, label.affine, kind="image")
-    typer.echo(f"wrote {out} (shape {tuple(image.array.shape)}, seed {seed})")
+    if image.array.ndim == label.array.ndim:
+        write_volume(out, image.array, label.affine, kind="image")
+        typer.echo(f"wrote {out} (shape {tuple(image.array.shape)}, seed {seed})")
+        return
+    # a multi-channel run: one file per channel, named like nnU-Net's (OUT_0000.nii.gz, OUT_0001.nii.gz, ...)
+    from medsynth.data.nifti import strip_suffix, volume_suffix
+
+    names = [out.with_name(f"{strip_suffix(out)}_{c:04d}{volume_suffix(out) or '.nii.gz'}")
+             for c in range(image.array.shape[0])]
+    clash = [str(n) for n in names if n.exists()]
+    if clash and not overwrite:
+        fail(f"{', '.join(clash)}: exist; pass --overwrite to replace them")
+    for c, name in enumerate(names):
+        write_volume(name, image.array[c], label.affine, kind="image")
+    typer.echo(f"wrote {len(names)} channels {names[0]} ... {names[-1]} (shape {tuple(image.array.shape[1:])}, seed {seed})")
 
 # ------------------------------------------------------------------------------------ augment
 # (implemented in medsynth.augment; see issue 6)

@@ -76,3 +76,38 @@ def test_gan_synth_refuses_bad_masks_and_runs(run2d, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no model_card.json"):
         Synthesizer.from_run(tmp_path / "empty")
+
+
+def test_two_channel_run_samples_one_file_per_channel(tmp_path: Path) -> None:
+    """A run on a 2-channel dataset (T1 + an inverted copy) writes OUT_0000 / OUT_0001 with the mask's grid."""
+    from typer.testing import CliRunner
+
+    from medsynth.cli import app
+    from medsynth.data.manifest import read_manifest, write_manifest
+    from medsynth.data.nifti import write_volume
+    from medsynth.data.phantoms import make_phantom_dataset
+
+    single = read_manifest(make_phantom_dataset(tmp_path / "p", dim=2, cases=2, size=32, seed=2))
+    cases = []
+    for case in single.cases:
+        t1 = read_volume(case.images[0])
+        inv = write_volume(tmp_path / "p" / "imagesTr" / f"{case.case_id}_inv.nii.gz", 1000.0 - t1.array,
+                           t1.affine, kind="image")
+        case.images = [case.images[0], inv]
+        cases.append(case)
+    two = single.with_cases(cases)
+    two.channels = ["T1", "inverted"]
+    manifest = write_manifest(two, tmp_path / "p" / "two.json", fmt="msd")
+    cfg = load_config(ROOT / "configs/tiny/gan2d.yaml",
+                      [f"data.manifest={manifest}", "training.max_steps=2", "training.preview_every=0"])
+    train(cfg, tmp_path / "run", progress=False)
+    mask = tmp_path / "p" / "labelsTr" / "phantom_000.nii.gz"
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "run"), "--mask", str(mask),
+                                      "--out", str(tmp_path / "gen.nii.gz")])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "gen.nii.gz").exists()
+    lab = read_volume(mask, kind="label")
+    for c in (0, 1):
+        img = read_volume(tmp_path / f"gen_{c:04d}.nii.gz")
+        assert img.shape == lab.shape and np.allclose(img.affine, lab.affine)
+        assert np.all(np.isfinite(img.array)) and img.array.std() > 0
