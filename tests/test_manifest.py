@@ -181,3 +181,12 @@ def test_example_manifests_parse(tmp_path: Path) -> None:
         _touch(root / f"imagesTr/{cid}_0000.nii.gz", root / f"imagesTr/{cid}_0001.nii.gz", root / f"labelsTr/{cid}.nii.gz")
     nn = read_manifest(root)
     assert nn.channels == ["T1", "FLAIR"] and len(nn.cases) == 2 and nn.meta["declared_numTraining"] == 2
+
+
+def test_msd_json_with_a_utf8_bom_reads(tmp_path: Path) -> None:
+    """Windows editors save JSON with a byte-order mark; it is still the same manifest."""
+    (tmp_path / "dataset.json").write_bytes(
+        b"\xef\xbb\xbf" + json.dumps({"labels": {"0": "background", "1": "a"}, "training": [
+            {"image": "imagesTr/c0.nii.gz", "label": "labelsTr/c0.nii.gz"}]}).encode())
+    m = read_manifest(tmp_path / "dataset.json")
+    assert m.labels == {0: "background", 1: "a"} and m.cases[0].label == tmp_path / "labelsTr" / "c0.nii.gz"

@@ -100,7 +100,7 @@ def detect_format(path: Path) -> Format:
 
 def _load_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read manifest ({exc})") from None
     except json.JSONDecodeError as exc:

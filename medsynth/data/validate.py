@@ -552,7 +552,7 @@ def _check_nnunet(manifest: Manifest) -> list[Problem]:
 def _check_msd_counts(manifest: Manifest) -> list[Problem]:
     src = Path(manifest.source)  # type: ignore[arg-type]
     try:
-        data = json.loads(src.read_text(encoding="utf-8"))
+        data = json.loads(src.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         return []
     declared = data.get("numTraining") if isinstance(data, dict) else None
