@@ -282,24 +282,17 @@ def _show(ax: Any, image: np.ndarray, *, label: bool = False, title: str | None 
 
 
 def _figure(rows: int, cols: int, scale: float = 1.6) -> tuple[Any, Any]:
-    import matplotlib
+    from medsynth.evaluation.report import new_figure
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(cols * scale, rows * scale), dpi=110)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    return fig, axes
+    fig = new_figure(cols * scale, rows * scale)
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def _save(fig: Any, path: Path) -> Path:
-    from medsynth.data.atomic import atomic_path
+    from medsynth.evaluation.report import save_png
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return save_png(fig, path)
 
 
 def _data_figure(real3d: Path, path: Path) -> Path:

@@ -35,7 +35,8 @@ PAIRED_COLUMNS = ("case_id", "ssim", "psnr", "mae", "ms_ssim", "data_range")
 METRIC_LABELS = {"ssim": "SSIM", "psnr": "PSNR (dB)", "mae": "MAE / R", "ms_ssim": "MS-SSIM"}
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib figure with its own Agg canvas (no global pyplot state, no display needed); inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -44,7 +45,8 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically."""
     return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
@@ -80,16 +82,16 @@ def write_paired_report(summary: dict[str, Any], previews: Sequence[Preview], ou
     written = [
         atomic_write_text(out / "metrics.csv", _csv(rows, PAIRED_COLUMNS)),
         atomic_write_text(out / "summary.json", _json(summary)),
-        _save(_distribution_figure(rows), out / "metrics.png"),
+        save_png(_distribution_figure(rows), out / "metrics.png"),
     ]
     if previews:
-        written.append(_save(_paired_montage(rows, previews), out / "montage.png"))
+        written.append(save_png(_paired_montage(rows, previews), out / "montage.png"))
     return written
 
 
 def _distribution_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     keys = [k for k in METRIC_LABELS if any(r.get(k) is not None for r in rows)]
-    fig = _figure(3.0 * max(len(keys), 1), 4.0)
+    fig = new_figure(3.0 * max(len(keys), 1), 4.0)
     axes = fig.subplots(1, max(len(keys), 1), squeeze=False)[0]
     rng = np.random.default_rng(0)  # horizontal jitter of the points only
     for ax, key in zip(axes, keys):
@@ -120,7 +122,7 @@ def _show(ax: Any, image: np.ndarray, vmin: float, vmax: float, cmap: str = "gra
 
 def _paired_montage(rows: Sequence[dict[str, Any]], previews: Sequence[Preview]) -> Figure:
     picks = _pick_cases(rows)
-    fig = _figure(9.0, 3.0 * len(picks))
+    fig = new_figure(9.0, 3.0 * len(picks))
     axes = fig.subplots(len(picks), 3, squeeze=False)
     for r, i in enumerate(picks):
         p, row = previews[i], rows[i]
@@ -155,12 +157,12 @@ def write_unpaired_report(summary: dict[str, Any], extras: UnpairedExtras, out: 
     written = [
         atomic_write_text(out / "metrics.csv", _csv(rows, ("case_id", "nearest_reference", "max_ssim", "flagged"))),
         atomic_write_text(out / "summary.json", _json(summary)),
-        _save(_feature_figure(summary, extras), out / "features.png"),
-        _save(_memorisation_figure(mem), out / "memorisation.png"),
+        save_png(_feature_figure(summary, extras), out / "features.png"),
+        save_png(_memorisation_figure(mem), out / "memorisation.png"),
     ]
     montage = _nearest_montage(mem, extras)
     if montage is not None:
-        written.append(_save(montage, out / "montage.png"))
+        written.append(save_png(montage, out / "montage.png"))
     return written
 
 
@@ -174,7 +176,7 @@ def _feature_figure(summary: dict[str, Any], extras: UnpairedExtras) -> Figure:
     if pr.shape[1] == 1:
         pr = np.hstack([pr, np.zeros_like(pr)])
         pc = np.hstack([pc, np.zeros_like(pc)])
-    fig = _figure(5.5, 5.0)
+    fig = new_figure(5.5, 5.0)
     ax = fig.subplots()
     ax.scatter(pr[:, 0], pr[:, 1], s=22, alpha=0.75, label=f"reference (n={len(ref)})")
     ax.scatter(pc[:, 0], pc[:, 1], s=22, alpha=0.75, marker="^", label=f"candidate (n={len(cand)})")
@@ -195,7 +197,7 @@ def _feature_figure(summary: dict[str, Any], extras: UnpairedExtras) -> Figure:
 
 def _memorisation_figure(mem: dict[str, Any]) -> Figure:
     values = np.asarray([c["max_ssim"] for c in mem["cases"] if c["max_ssim"] is not None], dtype=np.float64)
-    fig = _figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.subplots()
     if values.size:
         ax.hist(values, bins=min(30, max(5, values.size)), color="tab:blue", alpha=0.8)
@@ -216,7 +218,7 @@ def _nearest_montage(mem: dict[str, Any], extras: UnpairedExtras, limit: int = 4
     cases = sorted(cases, key=lambda c: -c["max_ssim"])[:limit]
     cand_index = {cid: i for i, cid in enumerate(extras.candidate.ids)}
     ref_index = {cid: i for i, cid in enumerate(extras.reference.ids)}
-    fig = _figure(6.5, 3.0 * len(cases))
+    fig = new_figure(6.5, 3.0 * len(cases))
     axes = fig.subplots(len(cases), 2, squeeze=False)
     for r, c in enumerate(cases):
         a = _middle_slice(extras.candidate.images[cand_index[c["case_id"]]])
