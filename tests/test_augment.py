@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medsynth import augment as A
+from medsynth import journal as J
 from medsynth.augment import AugmentOptions, run_augment
 from medsynth.cli import app
 from medsynth.data.manifest import read_manifest
@@ -37,7 +38,7 @@ def tree(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (hidden ones too), journals excluded."""
     out = {}
     for p in sorted(Path(folder).rglob("*")):
-        if p.is_file() and not p.name.startswith(A.JOURNAL_PREFIX):
+        if p.is_file() and not p.name.startswith(J.JOURNAL_PREFIX):
             out[p.relative_to(folder).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
@@ -184,7 +185,7 @@ def test_existing_out_needs_resume_with_same_settings_or_overwrite(msd3d, tmp_pa
         run_augment(opts(msd3d, foreign, overwrite=True))
     assert (foreign / "notes.txt").read_text() == "mine"
     again = run_augment(opts(msd3d, out, num=1, seed=5, overwrite=True))
-    assert again.generated == 1 and json.loads((out / A.JOB_FILE).read_text())["seed"] == 5
+    assert again.generated == 1 and json.loads((out / J.JOB_FILE).read_text())["seed"] == 5
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["syn_00000.nii.gz"]
 
 
