@@ -22,8 +22,6 @@ not depend on the weights). Not a test.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -39,22 +37,9 @@ from medsynth.models.diffusion import MaskConditionedUNet  # noqa: E402
 from medsynth.synthesis.ldm import LatentDiffusionPipeline, SamplingDefaults  # noqa: E402
 from medsynth.synthesis.samplers import Condition, NoiseProcess, sample_latents  # noqa: E402
 
+from _common import emit, peak, sync  # noqa: E402
+
 NUM_LABELS = 7
-
-
-def emit(**kw) -> None:
-    print(json.dumps(kw), flush=True)
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak(dev: torch.device) -> float:
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def timeit(fn, dev: torch.device, warm: int = 1, n: int = 3) -> float:

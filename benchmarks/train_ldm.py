@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -41,22 +39,9 @@ from medsynth.models.diffusion import MaskConditionedUNet  # noqa: E402
 from medsynth.synthesis.samplers import NoiseProcess  # noqa: E402
 from medsynth.training.ldm import _Reconstructor, denoising_loss  # noqa: E402
 
+from _common import emit, peak, sync  # noqa: E402
+
 NUM_LABELS = 7
-
-
-def emit(**kw) -> None:
-    print(json.dumps(kw), flush=True)
-
-
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak(dev: torch.device) -> float:
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS, GiB
 
 
 def timed(step, dev: torch.device, warmup: int, steps: int) -> float:
