@@ -218,3 +218,25 @@ def test_unpaired(tmp_path):
             im.verify()
     result = invoke(ref_m, cand_m, "--data-range", "auto", "--unpaired", "--fid-weights", tmp_path / "none.pt")
     assert result.exit_code == 1 and "none.pt" in result.output and "not found" in result.output
+
+
+def test_small_mask_on_large_images_keeps_ssim_and_psnr(tmp_path):
+    """MS-SSIM is optional: when a small mask leaves no voxel at its coarsest scale, the case keeps its
+    SSIM/PSNR/MAE (equal to the masked API values) and MS-SSIM is null with a note."""
+    from medsynth import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    ref = rng.random((256, 256)).astype(np.float32)
+    cand = (ref + 0.05 * rng.standard_normal(ref.shape)).astype(np.float32)
+    mask = np.zeros((256, 256), np.uint8)
+    mask[40:80, 40:80] = 1  # an off-centre 40x40 lesion
+    for name, a in (("ref", ref), ("cand", cand), ("mask", mask)):
+        nib.save(nib.Nifti1Image(a, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "ref.nii.gz"), str(tmp_path / "cand.nii.gz"),
+                                      "--data-range", "1", "--mask", str(tmp_path / "mask.nii.gz"), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    case = out["cases"][0]
+    assert case["ms_ssim"] is None and "MS-SSIM" in case["ms_ssim_note"]
+    assert out["ssim"] == pytest.approx(ssim(ref.astype(np.float64), cand.astype(np.float64), data_range=1.0, mask=mask))
+    assert out["psnr"] == pytest.approx(psnr(ref.astype(np.float64), cand.astype(np.float64), data_range=1.0, mask=mask))

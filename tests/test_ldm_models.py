@@ -3,6 +3,8 @@ and every conditioning scheme responding to the mask and the class."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,36 @@ def test_every_conditioning_reads_mask_and_class(conditioning):
         null_mask, null_cls = net.null_condition(mask, torch.tensor([0]))
         assert null_cls.tolist() == [2] and not null_mask.any()
         torch.testing.assert_close(net(z, t, mask, None), net(z, t, mask, torch.tensor([2])))
+
+
+def test_pipeline_padding_keeps_the_masks_background(monkeypatch):
+    """A mask whose sides are no multiple of the network's is padded with background; the real
+    background voxels keep their one-hot (an all-zero one-hot is the dropped-condition token)."""
+    import medsynth.synthesis.ldm as L
+    from medsynth.config import load_config
+    from medsynth.training.ldm import make_process, size_multiple
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny/ldm2d.yaml").model
+    ae = build_autoencoder(cfg.autoencoder, spatial_dims=2, in_channels=1)
+    unet = MaskConditionedUNet(cfg.diffusion, spatial_dims=2, latent_channels=cfg.autoencoder.latent_channels,
+                               num_labels=3, downsample_factor=downsample_factor(cfg.autoencoder))
+    pipe = L.LatentDiffusionPipeline(ae, unet, make_process(cfg.diffusion, 2, 64), scale_factor=1.0,
+                                     factor=downsample_factor(cfg.autoencoder), multiple=size_multiple(cfg),
+                                     latent_channels=cfg.autoencoder.latent_channels,
+                                     defaults=L.SamplingDefaults("rflow", 2, 1.0))
+    seen = {}
+
+    def fake_sampler(net, cond, shape, **kw):
+        seen["mask"] = cond.mask.clone()
+        return torch.zeros(shape)
+
+    monkeypatch.setattr(L, "sample_latents", fake_sampler)
+    index = torch.zeros(1, 30, 30, dtype=torch.long)
+    index[0, 10:20, 10:20] = 1
+    mask = nn.functional.one_hot(index, 3).permute(0, 3, 1, 2).float()
+    out = pipe(mask, seed=0)
+    padded = seen["mask"]
+    assert padded.shape[2] % pipe.multiple == 0 and padded.shape[2] > 30
+    torch.testing.assert_close(padded[:, :, :30, :30], mask)  # the original region is untouched
+    assert torch.all(padded[0, 0, 30:, :] == 1) and torch.all(padded[0, 1:, 30:, :] == 0)
+    assert tuple(out.shape[2:]) == (30, 30)

@@ -4,6 +4,8 @@ relative paths resolve against the manifest's folder, not the working directory.
 from __future__ import annotations
 
 import json
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,27 @@ def test_msd_json_with_a_utf8_bom_reads(tmp_path: Path) -> None:
             {"image": "imagesTr/c0.nii.gz", "label": "labelsTr/c0.nii.gz"}]}).encode())
     m = read_manifest(tmp_path / "dataset.json")
     assert m.labels == {0: "background", 1: "a"} and m.cases[0].label == tmp_path / "labelsTr" / "c0.nii.gz"
+
+
+def test_nnunet_region_labels_survive_a_round_trip(tmp_path: Path) -> None:
+    """nnU-Net region-based labels map one name to several values; writing must keep them all."""
+    from medsynth.data.manifest import nnunet_image_path, nnunet_label_path
+    from medsynth.data.nifti import write_volume
+
+    src = tmp_path / "Dataset001_Regions"
+    lab = np.zeros((8, 8, 8), np.uint8)
+    lab[2:6, 2:6, 2:6], lab[3:5, 3:5, 3:5] = 1, 2
+    write_volume(nnunet_image_path(src, "c0", 0), lab.astype(np.float32), np.eye(4), kind="image")
+    write_volume(nnunet_label_path(src, "c0"), lab, np.eye(4), kind="label")
+    regions = {"background": 0, "whole": [1, 2], "core": [2]}
+    (src / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": regions,
+                                                  "regions_class_order": [1, 2], "numTraining": 1,
+                                                  "file_ending": ".nii.gz"}))
+    m = read_manifest(src)
+    assert sorted(m.labels) == [0, 1, 2]
+    written = json.loads(write_manifest(m, src).read_text())
+    assert written["labels"] == regions and written["regions_class_order"] == [1, 2]
+    # labels edited by the caller (values no longer those declared): rebuilt, names kept unique
+    m.labels = {0: "background", 1: "whole", 2: "whole", 3: "new"}
+    rebuilt = json.loads(write_manifest(m, src).read_text())["labels"]
+    assert sorted(rebuilt.values()) == [0, 1, 2, 3] and len(rebuilt) == 4

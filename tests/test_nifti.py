@@ -160,3 +160,20 @@ def test_reader_refuses_what_nibabel_accepts(tmp_path: Path) -> None:
         read_volume(tmp_path / "junk.nii")
     with pytest.raises(DataError, match="file not found"):
         read_volume(tmp_path / "absent.nii.gz")
+
+
+@pytest.mark.parametrize("spatial", [(6, 5, 4), (6, 5)])
+def test_read_case_arrays_splits_one_file_holding_all_channels(tmp_path: Path, spatial) -> None:
+    """MSD stores multi-modal cases as one 4D file (X, Y, Z, C) — or (H, W, 1, C) for 2D slices."""
+    from medsynth.data.nifti import read_case_arrays
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 3, spatial).astype(np.uint8)
+    chans = rng.normal(size=(*spatial, 2)).astype(np.float32)
+    on_disk = chans if len(spatial) == 3 else chans[:, :, None, :]
+    nib.save(nib.Nifti1Image(on_disk, np.eye(4)), str(tmp_path / "img.nii.gz"))
+    write_volume(tmp_path / "lab.nii.gz", label, np.eye(4), kind="label")
+    case = read_case_arrays([tmp_path / "img.nii.gz"], tmp_path / "lab.nii.gz")
+    assert case.images.shape == (2, *spatial)
+    np.testing.assert_array_equal(case.images[1], chans[..., 1])
+    np.testing.assert_array_equal(case.label, label)

@@ -170,7 +170,9 @@ def resample(array: np.ndarray, size: tuple[int, ...], *, label: bool) -> np.nda
 
     t = torch.from_numpy(np.ascontiguousarray(array)).unsqueeze(0)
     if label:
-        out = F.interpolate(t.float(), size=size, mode="nearest").to(t.dtype)
+        # "nearest-exact" samples voxel centres like the images' align_corners=False; plain
+        # "nearest" floors and shifts labels by (factor - 1) / 2 voxels against the image.
+        out = F.interpolate(t.float(), size=size, mode="nearest-exact").to(t.dtype)
     else:
         mode = "bilinear" if len(size) == 2 else "trilinear"
         out = F.interpolate(t.float(), size=size, mode=mode, align_corners=False)

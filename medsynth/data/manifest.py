@@ -294,7 +294,8 @@ def _read_nnunet(folder: Path) -> Manifest:
         file_ending=ending,
         source=folder,
         root=folder,
-        meta={"declared_numTraining": data.get("numTraining"), **meta},
+        # the labels object as written (region-based labels map one name to several values)
+        meta={"declared_numTraining": data.get("numTraining"), "declared_labels": raw_labels, **meta},
     )
 
 
@@ -439,16 +440,30 @@ def _nnunet_text(m: Manifest, root: Path) -> str:
         want_imgs = [nnunet_image_path(root, c.case_id, i, m.file_ending, c.split) for i in range(len(c.images))]
         if [p.resolve() for p in c.images] != [p.resolve() for p in want_imgs]:
             raise DataError(f"case {c.case_id}: nnU-Net needs its files at {want_imgs[0].parent}; place them first")
-    labels = m.labels or {0: "background"}
     data: dict[str, Any] = {
         "channel_names": {str(i): n for i, n in enumerate(m.channels)},
-        "labels": {name: value for value, name in sorted(labels.items())},
+        "labels": _nnunet_labels(m),
         "numTraining": sum(1 for c in m.cases if c.split != "test"),
         "file_ending": m.file_ending,
         "name": m.name,
     }
     data.update({k: v for k, v in m.meta.items() if k not in data and not k.startswith("declared_")})
     return json.dumps(data, indent=2) + "\n"
+
+
+def _nnunet_labels(m: Manifest) -> dict[str, Any]:
+    """nnU-Net's name -> value(s) map: the one read from an nnU-Net dataset.json when it still
+    describes the same values (region-based entries kept), else built from ``m.labels``."""
+    labels = m.labels or {0: "background"}
+    declared = m.meta.get("declared_labels")
+    if isinstance(declared, dict):
+        values = {v for x in declared.values() for v in (x if isinstance(x, list) else [x])}
+        if values == set(labels):
+            return dict(declared)
+    out: dict[str, Any] = {}
+    for value, name in sorted(labels.items()):
+        out[name if name not in out else f"{name}_{value}"] = value  # names must stay unique keys
+    return out
 
 
 def _csv_text(m: Manifest, root: Path) -> str:

@@ -354,9 +354,24 @@ def read_case_arrays(image_paths: list[Path], label_path: Path) -> CaseArrays:
     channels = []
     for p in image_paths:
         arr = np.asarray(read_volume(p, kind="image").array, dtype=np.float32)
-        if arr.shape != label.shape:
+        parts = split_channels(arr, label.shape)
+        if parts is None:
             raise DataError(f"{p}: image shape {arr.shape} differs from its label's {label.shape} ({label_path})")
         if not np.all(np.isfinite(arr)):
             raise DataError(f"{p}: image contains NaN or Inf")
-        channels.append(arr)
+        channels.extend(parts)
     return CaseArrays(images=np.stack(channels), label=label.astype(np.int64), affine=lab.affine)
+
+
+def split_channels(array: np.ndarray, spatial_shape: tuple[int, ...]) -> list[np.ndarray] | None:
+    """The channels of one image file: ``[array]`` when it has the label's shape, its last axis split
+    when it holds several channels (MSD's ``(X, Y, Z, C)``, or ``(H, W, 1, C)`` for 2D), else None."""
+    spatial_shape = tuple(spatial_shape)
+    if array.shape == spatial_shape:
+        return [array]
+    a = array
+    if a.ndim == len(spatial_shape) + 2 and a.shape[-2] == 1:
+        a = a[..., 0, :]
+    if a.ndim == len(spatial_shape) + 1 and a.shape[:-1] == spatial_shape:
+        return [np.ascontiguousarray(a[..., k]) for k in range(a.shape[-1])]
+    return None

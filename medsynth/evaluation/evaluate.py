@@ -246,10 +246,13 @@ def _evaluate_pair(spec: PairSpec, data_range: float | str) -> tuple[dict[str, A
             "mae": float(mae(ref, cand, **kw)[0]),
             "ms_ssim": None,
         }
-        if all(s // 2 ** (len(MS_SSIM_WEIGHTS) - 1) >= WINDOW_SIZE for s in spatial):
-            row["ms_ssim"] = float(ms_ssim(ref, cand, **kw)[0])
     except DataError as exc:
         raise DataError(f"case {spec.case_id}: {exc}") from None
+    if all(s // 2 ** (len(MS_SSIM_WEIGHTS) - 1) >= WINDOW_SIZE for s in spatial):
+        try:
+            row["ms_ssim"] = float(ms_ssim(ref, cand, **kw)[0])
+        except DataError as exc:  # optional: e.g. a small mask has no voxel left at the coarsest scale
+            row["ms_ssim_note"] = str(exc)
     row["data_range"] = r
     row["shape"] = list(spatial)
     preview = Preview(spec.case_id, _middle_slice(ref[0, 0]), _middle_slice(cand[0, 0]))

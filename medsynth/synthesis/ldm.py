@@ -181,8 +181,8 @@ class LatentDiffusionPipeline:
         mask = mask.to(dev, torch.float32)
         if any(pads):
             flat = [p for pad in reversed(pads) for p in (0, pad)]
-            bg = torch.zeros_like(mask[:, :1])
-            mask = torch.cat([F.pad(bg, flat, value=1.0), F.pad(mask[:, 1:], flat, value=0.0)], dim=1)
+            # channel 0 is the background: keep the mask's own, and fill the padding with it
+            mask = torch.cat([F.pad(mask[:, :1], flat, value=1.0), F.pad(mask[:, 1:], flat, value=0.0)], dim=1)
         latent = (mask.shape[0], self.latent_channels, *(s // self.factor for s in mask.shape[2:]))
         labels = class_labels.to(dev).long() if class_labels is not None else None
         if labels is None and self.unet.num_classes > 0:

@@ -456,21 +456,15 @@ def load_pair(entry: Mapping[str, Any], image_key: str = "image", label_key: str
             raise DataError(f"{image_key!r} and {label_key!r} must both be file paths or both be arrays")
         from monai.data import MetaTensor
 
-        from medsynth.data.nifti import read_volume
+        from medsynth.data.nifti import read_case_arrays
 
-        lab = read_volume(label, kind="label")
         paths = [image] if isinstance(image, (str, Path)) else list(image)
-        chans = []
-        for p in paths:
-            arr = np.asarray(read_volume(p, kind="image").array, dtype=np.float32)
-            if arr.shape != lab.array.shape:
-                raise DataError(f"{p}: image shape {arr.shape} differs from label shape {lab.array.shape} ({label})")
-            chans.append(arr)
-        affine = torch.as_tensor(lab.affine, dtype=torch.float64)
+        case = read_case_arrays([Path(p) for p in paths], Path(label))  # splits 4D multi-channel files
+        affine = torch.as_tensor(case.affine, dtype=torch.float64)
         meta = {"filename_or_obj": str(label)}
-        out[image_key] = MetaTensor(torch.from_numpy(np.stack(chans)), affine=affine, meta=dict(meta))
+        out[image_key] = MetaTensor(torch.from_numpy(case.images), affine=affine, meta=dict(meta))
         out[label_key] = MetaTensor(
-            torch.from_numpy(np.asarray(lab.array, dtype=np.float32)[None]), affine=affine.clone(), meta=dict(meta)
+            torch.from_numpy(case.label.astype(np.float32)[None]), affine=affine.clone(), meta=dict(meta)
         )
         return out
     # in-memory arrays: label (*spatial) or (1, *spatial); image (*spatial) or (C, *spatial)
