@@ -43,3 +43,16 @@ def test_python_dash_m_runs_the_same_app() -> None:
     proc = subprocess.run([sys.executable, "-m", "medsynth", "phantoms", "--help"], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--dim" in proc.stdout
+
+
+def test_stage_option_is_refused_for_a_family_without_stages(tmp_path) -> None:
+    from pathlib import Path
+
+    from medsynth.data.phantoms import make_phantom_dataset
+
+    data = make_phantom_dataset(tmp_path / "p", dim=2, cases=2, size=32, seed=0)
+    recipe = Path(__file__).resolve().parents[1] / "configs/tiny/gan2d.yaml"
+    result = CliRunner().invoke(app, ["train", str(recipe), "--data", str(data), "--out", str(tmp_path / "run"),
+                                      "--stage", "diffusion"])
+    assert result.exit_code == 1 and "only staged families (ldm) have stages" in result.output
+    assert not (tmp_path / "run").exists()

@@ -36,14 +36,14 @@ def test_augmented_outputs_validate_and_list_real_plus_synthetic(demo_dir: Path)
     from medsynth.data.nifti import read_volume
     from medsynth.data.validate import validate_dataset
 
-    for name, real in (("synthseg3d", "phantoms3d"), ("gan2d", "phantoms2d"), ("ldm2d", "phantoms2d")):
+    for name, real, made in (("synthseg3d", "phantoms3d", 3), ("gan2d", "phantoms2d", 6), ("ldm2d", "phantoms2d", 6)):
         manifest = demo_dir / "augmented" / name / "dataset.json"
         assert validate_dataset(manifest).ok, name
         cases = read_manifest(manifest).cases
         real_ids = [c.case_id for c in read_manifest(demo_dir / "data" / real / "dataset.json").cases]
         assert [c.case_id for c in cases[: len(real_ids)]] == real_ids
         syn = [c for c in cases if c.case_id.startswith("syn_")]
-        assert len(syn) == 2
+        assert len(syn) == made  # as many synthetic as real cases in --quick
         for case in syn:
             image, label = read_volume(case.images[0]), read_volume(case.label, kind="label")
             assert image.shape == label.shape and np.allclose(image.affine, label.affine)

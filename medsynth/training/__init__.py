@@ -10,6 +10,11 @@ def run_training(config: Any, run_dir: str | Path, *, resume: bool = False, stag
                  progress: bool = True) -> Any:
     """Train ``config`` into ``run_dir`` whatever its family: a staged family (``ldm``: autoencoder,
     then diffusion) runs its stages in order, or only ``stage``. Returns the engine's ``TrainResult``."""
+    if stage is not None and config.model.family != "ldm":
+        from medsynth.errors import ConfigError
+
+        raise ConfigError(f"--stage {stage}: only staged families (ldm) have stages; "
+                          f"this recipe trains a {config.model.family}")
     if config.model.family == "ldm":
         from medsynth.training.engine import distributed_session
         from medsynth.training.ldm import train_ldm
