@@ -417,7 +417,8 @@ def _write_report(out: Path, plan: DemoPlan, quick: bool, fingerprints: dict[str
         f"- 3D: {fingerprints['3D']['cases']} volumes of {plan.size_3d}^3 voxels "
         f"(spacing {', '.join(_fmt(s, 2) for s in fingerprints['3D']['spacings']['median'])} mm), "
         f"labels {fingerprints['3D'].get('labels')}.",
-        f"- 2D: {fingerprints['2D']['cases']} axial slices of {plan.size_2d}^2 pixels.",
+        f"- 2D: {fingerprints['2D']['cases']} axial slices of {plan.size_2d}^2 pixels for training, and as many "
+        "held-out slices (never trained on) as the reference for the distribution metrics.",
         "- Both validated with every check `medsynth validate` runs (geometry, label values, NaN, truncation, ...).",
         "",
         f"![phantoms]({rel['data']})",
