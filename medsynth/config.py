@@ -456,6 +456,27 @@ def validate_config(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+UNSET = "<unset>"
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any], ignore: Any = ()) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs between two nested
+    settings dicts (a key missing on one side shows as ``"<unset>"``), sorted by key; keys in
+    ``ignore`` are skipped. Used to refuse a resume whose settings changed."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix.rstrip("."): d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    a, b = flat(old), flat(new)
+    return [(key, a.get(key, UNSET), b.get(key, UNSET)) for key in sorted(set(a) | set(b))
+            if key not in ignore and a.get(key, UNSET) != b.get(key, UNSET)]
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (an empty file is ``{}``); ConfigError otherwise."""
     import yaml

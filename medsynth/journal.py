@@ -89,21 +89,14 @@ def verified_entry(out: Path, entries: list[dict[str, Any]] | None) -> dict[str,
 # ------------------------------------------------------------------------------------ the output folder
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): d}
-
-
 def _settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
-    a, b = _flatten(old), _flatten(new)
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "<unset>") != b.get(key, "<unset>"):
-            return f"{key} was {a.get(key, '<unset>')!r}, now {b.get(key, '<unset>')!r}"
-    return None
+    from medsynth.config import changed_settings
+
+    changed = changed_settings(old, new)
+    if not changed:
+        return None
+    key, a, b = changed[0]
+    return f"{key} was {a!r}, now {b!r}"
 
 
 def _is_empty_dir(path: Path) -> bool:

@@ -421,10 +421,12 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _channel_arrays(images: list[Volume], n_channels: int) -> list[np.ndarray]:
-    if len(images) == 1 and images[0].array.ndim == 4:
-        a = images[0].array
-        return [a[..., k].reshape(a.shape[:2]) if a.shape[2] == 1 else a[..., k] for k in range(a.shape[3])]
+def _channel_arrays(images: list[Volume], n_channels: int, spatial: tuple[int, ...]) -> list[np.ndarray]:
+    """One array per channel: each file's, or the channels of one file holding all of them."""
+    from medsynth.data.nifti import split_channels
+
+    if len(images) == 1:
+        return split_channels(images[0].array, spatial) or [images[0].array]
     return [v.array for v in images[:n_channels]]
 
 
@@ -486,7 +488,7 @@ def _check_case(case: Case, manifest: Manifest, index: int, manifest_name: str) 
     if label is not None and counts is not None:
         stats.label_counts = {int(k): v for k, v in counts.items()}
         fg = label.array > 0
-        stats.intensity = _intensity(_channel_arrays(images, n_ch), fg, np.random.default_rng(index))
+        stats.intensity = _intensity(_channel_arrays(images, n_ch, label.array.shape), fg, np.random.default_rng(index))
     return problems, stats
 
 

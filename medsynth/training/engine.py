@@ -387,26 +387,10 @@ def _check_run_dir(run_dir: Path, stage: str | None, resume: bool) -> None:
         raise JobError(f"{run_dir}: exists and is not a folder")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key in RESUME_MUTABLE:
-            continue
-        if a.get(key, "<unset>") != b.get(key, "<unset>"):
-            diffs.append(f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}")
-    return diffs
+    from medsynth.config import changed_settings
+
+    return [f"{key}: {a!r} -> {b!r}" for key, a, b in changed_settings(old, new, ignore=RESUME_MUTABLE)]
 
 
 def _truncate_metrics(path: Path, step: int, stage: str | None = None) -> None:
