@@ -65,6 +65,34 @@ def as_float(v: Any) -> float:
     return float(np.mean(v))
 
 
+def peer_ssim(ta: torch.Tensor, tb: torch.Tensor, v: float, results: dict[str, float], common: dict[str, Any],
+              repeats: int, *, monai_repeats: int, sync: Callable[[], None] = lambda: None) -> None:
+    """Time MONAI's SSIMMetric (unless ``monai_repeats`` is 0) and pytorch-msssim on ``(1, 1, D, H, W)``
+    tensors, emit their values against ours (``v``), then every peer/medsynth speed ratio."""
+    if monai_repeats:
+        from monai.metrics import SSIMMetric
+
+        metric = SSIMMetric(spatial_dims=3, data_range=R, win_size=11, kernel_sigma=1.5)
+        ms, vm = timed(lambda: metric(tb, ta), monai_repeats, sync)
+        results["monai"] = ms
+        emit(metric="ssim", impl="monai.SSIMMetric", ms=round(ms, 3), value=as_float(vm), abs_diff=abs(v - as_float(vm)), **common)
+    try:
+        import pytorch_msssim
+    except ImportError:
+        emit(metric="ssim", impl="pytorch_msssim", skipped="not installed", **common)
+    else:
+        ms, vp = timed(
+            lambda: pytorch_msssim.ssim(ta, tb, data_range=R, win_size=11, win_sigma=1.5, size_average=True),
+            repeats,
+            sync,
+        )
+        results["pytorch_msssim"] = ms
+        emit(metric="ssim", impl="pytorch_msssim", ms=round(ms, 3), value=as_float(vp), abs_diff=abs(v - as_float(vp)), **common)
+    for peer, peer_ms in results.items():
+        if peer != "medsynth":
+            emit(metric="ssim", ratio=f"{peer}/medsynth", speedup=round(peer_ms / results["medsynth"], 2), **common)
+
+
 def run_cpu(size: int, repeats: int, monai_on: bool) -> None:
     torch.set_num_threads(1)
     shape = (size, size - 8, size + 8)  # non-cubic on purpose
@@ -94,29 +122,8 @@ def run_cpu(size: int, repeats: int, monai_on: bool) -> None:
     v_sk64 = structural_similarity(a64, b64, data_range=R, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     emit(metric="ssim", impl="skimage", dtype="float64", value=float(v_sk64), abs_diff_float32=abs(v - v_sk64), abs_diff_float64=abs(v64 - v_sk64), **common)
 
-    if monai_on:
-        from monai.metrics import SSIMMetric
-
-        metric = SSIMMetric(spatial_dims=3, data_range=R, win_size=11, kernel_sigma=1.5)
-        ms, vm = timed(lambda: metric(tb, ta), max(1, min(repeats, 2)))
-        results["monai"] = ms
-        emit(metric="ssim", impl="monai.SSIMMetric", ms=round(ms, 2), value=as_float(vm), abs_diff=abs(v - as_float(vm)), **common)
-
-    try:
-        import pytorch_msssim
-    except ImportError:
-        emit(metric="ssim", impl="pytorch_msssim", skipped="not installed", **common)
-    else:
-        ms, vp = timed(
-            lambda: pytorch_msssim.ssim(ta, tb, data_range=R, win_size=11, win_sigma=1.5, size_average=True),
-            repeats,
-        )
-        results["pytorch_msssim"] = ms
-        emit(metric="ssim", impl="pytorch_msssim", ms=round(ms, 2), value=as_float(vp), abs_diff=abs(v - as_float(vp)), **common)
-
-    for peer, peer_ms in results.items():
-        if peer != "medsynth":
-            emit(metric="ssim", ratio=f"{peer}/medsynth", speedup=round(peer_ms / results["medsynth"], 2), **common)
+    # MONAI's full 11^3 window takes seconds per call on one thread: time it at most twice
+    peer_ssim(ta, tb, v, results, common, repeats, monai_repeats=max(1, min(repeats, 2)) if monai_on else 0)
 
     ms_ours, p = timed(lambda: psnr(a, b, data_range=R), repeats)
     ms_sk, p_sk = timed(lambda: peak_signal_noise_ratio(a, b, data_range=R), repeats)
@@ -151,28 +158,7 @@ def run_cuda(size: int, repeats: int, monai_on: bool) -> None:
     emit(metric="ssim", impl="medsynth", ms=round(ms, 3), value=v, **common)
     ms, p = timed(lambda: psnr(ta[0, 0], tb[0, 0], data_range=R), repeats, sync)
     emit(metric="psnr", impl="medsynth", ms=round(ms, 3), value=p, **common)
-    if monai_on:
-        from monai.metrics import SSIMMetric
-
-        metric = SSIMMetric(spatial_dims=3, data_range=R, win_size=11, kernel_sigma=1.5)
-        ms, vm = timed(lambda: metric(tb, ta), repeats, sync)
-        results["monai"] = ms
-        emit(metric="ssim", impl="monai.SSIMMetric", ms=round(ms, 3), value=as_float(vm), abs_diff=abs(v - as_float(vm)), **common)
-    try:
-        import pytorch_msssim
-    except ImportError:
-        emit(metric="ssim", impl="pytorch_msssim", skipped="not installed", **common)
-    else:
-        ms, vp = timed(
-            lambda: pytorch_msssim.ssim(ta, tb, data_range=R, win_size=11, win_sigma=1.5, size_average=True),
-            repeats,
-            sync,
-        )
-        results["pytorch_msssim"] = ms
-        emit(metric="ssim", impl="pytorch_msssim", ms=round(ms, 3), value=as_float(vp), abs_diff=abs(v - as_float(vp)), **common)
-    for peer, peer_ms in results.items():
-        if peer != "medsynth":
-            emit(metric="ssim", ratio=f"{peer}/medsynth", speedup=round(peer_ms / results["medsynth"], 2), **common)
+    peer_ssim(ta, tb, v, results, common, repeats, monai_repeats=repeats if monai_on else 0, sync=sync)
 
 
 def main() -> None:
