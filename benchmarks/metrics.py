@@ -75,7 +75,8 @@ def peer_ssim(ta: torch.Tensor, tb: torch.Tensor, v: float, results: dict[str, f
         metric = SSIMMetric(spatial_dims=3, data_range=R, win_size=11, kernel_sigma=1.5)
         ms, vm = timed(lambda: metric(tb, ta), monai_repeats, sync)
         results["monai"] = ms
-        emit(metric="ssim", impl="monai.SSIMMetric", ms=round(ms, 3), value=as_float(vm), abs_diff=abs(v - as_float(vm)), **common)
+        emit(metric="ssim", impl="monai.SSIMMetric", ms=round(ms, 3), value=as_float(vm), abs_diff=abs(v - as_float(vm)),
+             **common)
     try:
         import pytorch_msssim
     except ImportError:
@@ -120,7 +121,8 @@ def run_cpu(size: int, repeats: int, monai_on: bool) -> None:
     results["skimage"] = ms
     emit(metric="ssim", impl="skimage", dtype="float32", ms=round(ms, 2), value=float(v_sk), abs_diff=abs(v - v_sk), **common)
     v_sk64 = structural_similarity(a64, b64, data_range=R, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
-    emit(metric="ssim", impl="skimage", dtype="float64", value=float(v_sk64), abs_diff_float32=abs(v - v_sk64), abs_diff_float64=abs(v64 - v_sk64), **common)
+    emit(metric="ssim", impl="skimage", dtype="float64", value=float(v_sk64), abs_diff_float32=abs(v - v_sk64),
+         abs_diff_float64=abs(v64 - v_sk64), **common)
 
     # MONAI's full 11^3 window takes seconds per call on one thread: time it at most twice
     peer_ssim(ta, tb, v, results, common, repeats, monai_repeats=max(1, min(repeats, 2)) if monai_on else 0)
@@ -141,7 +143,8 @@ def run_cpu(size: int, repeats: int, monai_on: bool) -> None:
 
         m2 = MultiScaleSSIMMetric(spatial_dims=2, data_range=R, kernel_size=11, kernel_sigma=1.5)
         ms, vm2 = timed(lambda: m2(tb2, ta2), repeats)
-        emit(metric="ms_ssim", impl="monai.MultiScaleSSIMMetric", ms=round(ms, 2), value=as_float(vm2), abs_diff=abs(v2 - as_float(vm2)), **common2)
+        emit(metric="ms_ssim", impl="monai.MultiScaleSSIMMetric", ms=round(ms, 2), value=as_float(vm2),
+             abs_diff=abs(v2 - as_float(vm2)), **common2)
 
 
 def run_cuda(size: int, repeats: int, monai_on: bool) -> None:

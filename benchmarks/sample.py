@@ -95,7 +95,8 @@ def main() -> None:
                     continue  # the baseline has no fp32 DDPM row; saves ~20 s
                 amp = torch.bfloat16 if mode.endswith("bf16") else None
 
-                def run() -> torch.Tensor:
+                def run(cond: Condition = cond, batch: int = batch, sampler: str = sampler, steps: int = steps,
+                        amp: torch.dtype | None = amp, mode: str = mode) -> torch.Tensor:
                     return sample_latents(unet, cond, (batch, 3, *(latent,) * 3), process=process, sampler=sampler,
                                           steps=steps, generator=torch.Generator().manual_seed(0),
                                           autocast_dtype=amp, cuda_graph=mode.startswith("graph"))
@@ -113,7 +114,7 @@ def main() -> None:
     ae = build_autoencoder(cfg.autoencoder, spatial_dims=3, in_channels=1, use_flash_attention=gpu).to(dev).eval()
     z = torch.randn((1, 3, *(latent,) * 3), generator=torch.Generator().manual_seed(0)).to(dev)
     for tile in (None, latent // 2):
-        def dec() -> torch.Tensor:
+        def dec(tile: int | None = tile) -> torch.Tensor:
             with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=gpu):
                 return decode(ae, z, tile=tile, overlap=0.25)
 

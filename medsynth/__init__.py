@@ -35,14 +35,28 @@ _EXPORTS: dict[str, str] = {
     "psnr": "medsynth.evaluation.metrics",
     "ms_ssim": "medsynth.evaluation.metrics",
     "mae": "medsynth.evaluation.metrics",
+    # families, training, run cards
+    "Family": "medsynth.registry",
+    "register_family": "medsynth.registry",
+    "load_config": "medsynth.config",
+    "run_training": "medsynth.training",
+    "RunCard": "medsynth.runcard",
+    "read_run_card": "medsynth.runcard",
     # synthesis
     "Synthesizer": "medsynth.synthesis.synthesizer",
     "RandSyntheticPaird": "medsynth.synthesis.online",
     "SyntheticMixDataset": "medsynth.synthesis.online",
+    # recipes
+    "recipe_path": "medsynth.recipes",
+    "list_recipes": "medsynth.recipes",
     # augment
     "AugmentOptions": "medsynth.augment",
     "AugmentConfig": "medsynth.augment",
     "run_augment": "medsynth.augment",
+    # downstream (the package is callable: medsynth.downstream(train, test, synthetic, ...))
+    "downstream": "medsynth.downstream",
+    "DownstreamOptions": "medsynth.downstream",
+    "DownstreamSummary": "medsynth.downstream",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -52,7 +66,9 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'medsynth' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = importlib.import_module(module)
+    if module != f"{__name__}.{name}":  # a subpackage exported as itself stays the package
+        value = getattr(value, name)
     globals()[name] = value
     return value
 
@@ -63,9 +79,15 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from medsynth.augment import AugmentConfig, AugmentOptions, run_augment
+    from medsynth.config import load_config
     from medsynth.data.manifest import Case, Manifest, read_manifest, write_manifest
     from medsynth.data.nifti import Volume, read_volume, write_volume
+    from medsynth.downstream import DownstreamOptions, DownstreamSummary, downstream
     from medsynth.errors import CheckpointError, ConfigError, DataError, JobError, MedsynthError
     from medsynth.evaluation.metrics import mae, ms_ssim, psnr, ssim
+    from medsynth.recipes import list_recipes, recipe_path
+    from medsynth.registry import Family, register_family
+    from medsynth.runcard import RunCard, read_run_card
     from medsynth.synthesis.online import RandSyntheticPaird, SyntheticMixDataset
     from medsynth.synthesis.synthesizer import Synthesizer
+    from medsynth.training import run_training

@@ -7,9 +7,9 @@ Each command parses its options and calls one library function. This is the only
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +35,27 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def os_error_message(exc: OSError) -> str:
+    """``<path>: <reason>`` for a file-system error (``No space left on device``, ``Read-only file
+    system``, ``Permission denied``, ``File exists``, ...), naming both paths of a rename or link."""
+    import os
+
+    reason = exc.strerror or str(exc)
+    path = exc.filename
+    if path is None:
+        return reason
+    if exc.errno == errno.EEXIST and os.path.islink(path) and not os.path.exists(path):
+        reason = "is a symbolic link to a missing target"
+    where = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    if exc.filename2 is not None:
+        where += f" -> {os.fsdecode(exc.filename2)}"
+    return f"{where}: {reason}"
+
+
 def user_errors(func: F) -> F:
-    """Turn MedsynthError (and Ctrl-C) into a message and an exit code; never a traceback."""
+    """Turn MedsynthError, file-system errors (an OSError with an errno: full disk, read-only file
+    system, permissions, ...) and Ctrl-C into one message and an exit code; never a traceback.
+    Anything else (a bug) keeps its traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -46,10 +65,24 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except MedsynthError as exc:
             fail(str(exc))
+        except OSError as exc:
+            if exc.errno is None:  # not a file-system error (e.g. io.UnsupportedOperation): a bug
+                raise
+            fail(os_error_message(exc))
         except KeyboardInterrupt:
             fail("interrupted", code=130)
 
     return wrapper  # type: ignore[return-value]
+
+
+#: seeds feed numpy's SeedSequence and torch.Generator.manual_seed (a signed 64-bit integer)
+SEED_MAX = 2**63 - 1
+
+
+def check_seed(seed: int | None, option: str = "--seed") -> None:
+    """Exit with one ``error:`` line unless ``seed`` is None or in ``0..2**63-1``."""
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        fail(f"{option} {seed}: must be a whole number from 0 to {SEED_MAX} (2**63 - 1)")
 
 
 def print_json(obj: Any) -> None:
@@ -65,11 +98,18 @@ def validate(
     path: Annotated[Path, typer.Argument(help="An MSD dataset JSON, a CSV manifest or an nnU-Net raw folder.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    memory_limit: Annotated[
+        Optional[str],
+        typer.Option("--memory-limit", help="Largest decoded size of one case, e.g. 8GiB; a file claiming more is "
+                     "an error (default: a quarter of this machine's memory, at most 16 GiB)."),
+    ] = None,
 ) -> None:
     """Decode every file of a dataset and check it; print all problems, or a fingerprint."""
+    from medsynth.data.limits import parse_size
     from medsynth.data.validate import print_report, validate_dataset
 
-    report = validate_dataset(path, progress=progress and not json_out)
+    limit = None if memory_limit is None else parse_size(memory_limit, what="--memory-limit")
+    report = validate_dataset(path, progress=progress and not json_out, memory_limit=limit)
     if json_out:
         print_json(report.to_dict())
     else:
@@ -93,6 +133,7 @@ def phantoms(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Write a labelled head-phantom dataset (the built-in default for the demo, tests and docs)."""
+    check_seed(seed)
     from medsynth.data.phantoms import make_phantom_dataset
 
     path = make_phantom_dataset(out, dim=dim, cases=cases, seed=seed, size=size, format=format, overwrite=overwrite)
@@ -165,21 +206,31 @@ def _plain_warnings() -> Any:
     return ctx()
 
 
+def _stage_help() -> str:
+    """``ldm: autoencoder, diffusion`` for every staged family of the registry (torch-free)."""
+    from medsynth.registry import family_names, get_family
+
+    staged = [get_family(n) for n in family_names() if get_family(n).stages]
+    return "; ".join(f"{f.name}: {', '.join(f.stages)}" for f in staged) or "none registered"
+
+
 @app.command()
 @user_errors
 def train(
-    config: Annotated[Path, typer.Argument(help="A training recipe (YAML), e.g. configs/tiny/gan2d.yaml.")],
+    config: Annotated[Path, typer.Argument(help="A training recipe: a YAML file, or a shipped recipe's name (gan2d, tiny/ldm2d; see `medsynth recipes`).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to create (refused if it exists, unless --resume).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset manifest (overrides data.manifest).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Total steps (overrides training.max_steps).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed (overrides training.seed).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest valid checkpoint.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (dotted key, YAML value); repeatable.")] = None,
-    stage: Annotated[Optional[str], typer.Option(help="Training stage of a staged family (ldm: autoencoder or diffusion).")] = None,
+    stage: Annotated[Optional[str], typer.Option(help=f"Training stage of a staged family ({_stage_help()}).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train a mask-conditioned generator (GAN or latent diffusion) on a labelled dataset."""
+    """Train a mask-conditioned generator (the recipe's model.family) on a labelled dataset."""
+    check_seed(seed)
     from medsynth.config import load_config
+    from medsynth.distributed import torchrun_env
 
     overrides = list(set_ or [])
     if data is not None:
@@ -188,14 +239,14 @@ def train(
         overrides.append(f"training.max_steps={max_steps}")
     if seed is not None:
         overrides.append(f"training.seed={seed}")
-    if stage is not None and stage not in ("autoencoder", "diffusion"):
-        fail(f"--stage {stage!r}: expected autoencoder or diffusion")
-    cfg = load_config(config, overrides)
+    from medsynth.recipes import recipe_path
+
+    cfg = load_config(recipe_path(config), overrides)
     from medsynth.training import run_training
 
     with _plain_warnings():
         result = run_training(cfg, out, resume=resume, stage=stage, progress=progress)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports (its own losses)
+    if torchrun_env().is_main:  # under torchrun, rank 0 reports (its own losses)
         losses = " ".join(f"{k}={v:.4g}" for k, v in result.losses.items())
         typer.echo(f"trained {result.step} steps: {out}" + (f" ({losses})" if losses else ""))
 
@@ -215,6 +266,7 @@ def sample(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Generate one image for a label map from a trained run."""
+    check_seed(seed)
     if sampler is not None and sampler not in ("ddpm", "ddim", "rflow"):
         fail(f"--sampler {sampler!r}: expected ddpm, ddim or rflow")
     if device not in ("auto", "cpu", "cuda"):
@@ -268,6 +320,7 @@ def augment(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
     """Grow a segmentation dataset with synthetic image/label pairs (safely, resumably)."""
+    check_seed(seed)
     from medsynth.augment import AugmentOptions, load_augment_config, run_augment
 
     options = AugmentOptions(
@@ -295,6 +348,79 @@ def augment(
         f"({summary.generated} made now, {summary.reused} verified from before, {summary.redraws} QC redraw(s)) "
         f"in {summary.seconds:.1f} s"
     )
+
+# ------------------------------------------------------------------------------------ recipes
+
+
+@app.command()
+@user_errors
+def recipes() -> None:
+    """List the recipes that ship with medsynth (use a name wherever a recipe file is asked for)."""
+    from medsynth.recipes import list_recipes, recipes_dir
+
+    found = list_recipes()
+    width = max(len(r.name) for r in found)
+    for kind, heading in (("train", "Training recipes (medsynth train NAME --data DATASET --out RUN):"),
+                          ("augment", "Augment configs (copy one, then medsynth augment --config FILE):")):
+        typer.echo(heading)
+        for r in found:
+            if r.kind == kind:
+                typer.echo(f"  {r.name:<{width}}  {r.description}")
+    typer.echo(f"files: {recipes_dir()}")
+
+# ------------------------------------------------------------------------------------ downstream
+
+
+def _parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> (0, 1, 2); a single number ``N`` -> (0, ..., N-1); ``"5,"`` -> (5,)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) == 1:
+            return tuple(range(int(parts[0])))
+        return tuple(int(p) for p in parts if p)
+    except ValueError:
+        fail(f"--seeds {text!r}: expected a number of seeds (3) or a list (0,1,2)")
+    return ()
+
+
+@app.command()
+@user_errors
+def downstream(
+    train: Annotated[Path, typer.Argument(help="Real training set: MSD JSON, CSV or nnU-Net raw folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder: summary.json, metrics.csv, report.md, dice.png.")],
+    test: Annotated[Optional[Path], typer.Option(help="Held-out labelled test set (default: K-fold over TRAIN).")] = None,
+    synthetic: Annotated[Optional[list[Path]], typer.Option("--synthetic", help="A dataset written by `medsynth augment`; repeatable.")] = None,
+    seeds: Annotated[str, typer.Option(help="Training seeds: a count N (seeds 0..N-1) or a list like 0,1,2.")] = "3",
+    steps: Annotated[int, typer.Option(help="Optimizer steps per model (the same for every variant).")] = 500,
+    network: Annotated[str, typer.Option(help="unet or dynunet (MONAI), sized from the data.")] = "unet",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.")] = 8,
+    folds: Annotated[int, typer.Option(help="Folds of the cross-validation without --test.")] = 3,
+    channels: Annotated[Optional[int], typer.Option(help="Channels of the network's first level (default 16).")] = None,
+    patch_size: Annotated[Optional[int], typer.Option("--patch-size", help="Largest patch side (default 256 in 2D, 96 in 3D).")] = None,
+    real_fraction: Annotated[float, typer.Option("--real-fraction", help="Share of real samples in batches with a synthetic set.")] = 0.5,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    workers: Annotated[int, typer.Option(help="Processes making training batches (results do not depend on it).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier downstream run's outputs in OUT.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train the same segmenter on real, real+classic, real+SET, real+SET+classic; compare Dice/HD95 on a test set."""
+    from medsynth.downstream import DownstreamOptions, run_downstream
+    from medsynth.downstream.report import format_table
+
+    options = DownstreamOptions(
+        train=train, test=test, synthetic=tuple(synthetic or ()), out=out, seeds=_parse_seeds(seeds), steps=steps,
+        network=network, batch_size=batch_size, folds=folds, device=device, channels=channels,  # type: ignore[arg-type]
+        patch_size=patch_size, real_fraction=real_fraction, workers=workers, overwrite=overwrite,
+        progress=progress and not json_out,
+    )
+    with _plain_warnings():
+        summary = run_downstream(options)
+    if json_out:
+        print_json(summary.to_dict())
+        return
+    typer.echo(format_table(summary).rstrip())
+    typer.echo(f"wrote {out / 'report.md'} ({summary.seconds:.0f} s)")
 
 # ------------------------------------------------------------------------------------ demo
 

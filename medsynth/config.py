@@ -4,7 +4,8 @@ A recipe has four sections::
 
     data:       what to train on and how to present it (manifest, 2D/3D, slice axis, spacing,
                 patch size, intensity normalisation, optional class conditioning)
-    model:      the model family and its networks; a union discriminated by ``model.family``
+    model:      the model family and its networks: ``model.family`` names a family of
+                :mod:`medsynth.registry`, whose config class validates the section
                 (``gan`` -> :class:`GanModelConfig`, ``ldm`` -> :class:`LdmModelConfig`)
     optimizer:  optimiser settings shared by a family's networks (learning rates are in ``training``)
     training:   the loop (steps, batch, learning rates, AMP, EMA, intervals, seed, workers)
@@ -17,21 +18,32 @@ listing every problem with its field path (``training.batch_size: Input should b
 a dotted path (``training.max_steps``), the value is parsed as a YAML scalar or flow collection
 (``8`` -> int, ``1e-4`` -> float, ``[32, 32]`` -> list, ``null`` -> None).
 
-Note for the latent diffusion family (issue 5): :class:`LdmModelConfig` below is the place for its
-model settings (autoencoder, diffusion UNet, scheduler, stage step counts, ...). Add fields there;
-keep ``family: Literal["ldm"]`` as the discriminator.
+A family's model section subclasses :class:`ModelSection` with ``family: Literal["<name>"]`` and is
+registered in :mod:`medsynth.registry`; nothing here lists the families.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from medsynth.errors import ConfigError
 
 DEFAULT_MRI_PERCENTILES = (0.5, 99.5)
+#: the family of a recipe whose ``model`` section does not name one
+DEFAULT_FAMILY = "gan"
 
 
 class StrictModel(BaseModel):
@@ -115,6 +127,36 @@ class DataConfig(StrictModel):
 # ---------------------------------------------------------------------------- model
 
 
+class ModelSection(StrictModel):
+    """Base of every family's ``model`` section: ``family`` names a registered family; a subclass
+    narrows it to ``Literal["<its name>"]`` and adds the family's settings."""
+
+    family: str
+
+
+M = TypeVar("M", bound=ModelSection)
+
+
+def _model_section(value: object) -> object:
+    """``model:`` as given -> the registered family's config class instance (its validation errors
+    keep their paths under ``model.``); instances pass through."""
+    if not isinstance(value, dict):
+        return value
+    from medsynth.registry import family_names, get_family, load_object
+
+    name = value.get("family", DEFAULT_FAMILY)
+    if not isinstance(name, str) or name not in family_names():
+        raise ValidationError.from_exception_data("model", [{
+            "type": PydanticCustomError("unknown_family", "unknown model family '{family}' (known: {known})",
+                                        {"family": str(name), "known": ", ".join(family_names())}),
+            "loc": ("family",), "input": name,
+        }])
+    cls = load_object(get_family(name).config)
+    if not (isinstance(cls, type) and issubclass(cls, ModelSection)):
+        raise ConfigError(f"model family {name!r}: its config {get_family(name).config} is not a ModelSection")
+    return cls.model_validate(value)
+
+
 class GeneratorConfig(StrictModel):
     """SPADE-ResNet generator.
 
@@ -169,7 +211,7 @@ class GanLossConfig(StrictModel):
     perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
 
 
-class GanModelConfig(StrictModel):
+class GanModelConfig(ModelSection):
     """Mask-conditioned GAN (SPADE generator + multi-scale patch discriminator)."""
 
     family: Literal["gan"] = "gan"
@@ -178,7 +220,7 @@ class GanModelConfig(StrictModel):
     loss: GanLossConfig = Field(default_factory=GanLossConfig)
 
 
-def _check_levels(section: Any) -> None:
+def _check_levels(section: LdmAutoencoderConfig | LdmDiffusionConfig) -> None:
     """channels divisible by norm_num_groups; attention_levels (when given) one per level."""
     bad = [c for c in section.channels if c % section.norm_num_groups]
     if bad:
@@ -298,8 +340,8 @@ class LdmDiffusionConfig(StrictModel):
         return self
 
 
-class LdmModelConfig(StrictModel):
-    """Latent diffusion model: stage 1 ``autoencoder`` then stage 2 ``diffusion`` (issue 5).
+class LdmModelConfig(ModelSection):
+    """Latent diffusion model: stage 1 ``autoencoder`` then stage 2 ``diffusion``.
 
     use_flash_attention: PyTorch SDPA in MONAI's attention blocks (auto: on for CUDA).
     """
@@ -308,9 +350,6 @@ class LdmModelConfig(StrictModel):
     autoencoder: LdmAutoencoderConfig = Field(default_factory=LdmAutoencoderConfig)
     diffusion: LdmDiffusionConfig = Field(default_factory=LdmDiffusionConfig)
     use_flash_attention: Literal["auto", True, False] = "auto"
-
-
-ModelConfig = Annotated[Union[GanModelConfig, LdmModelConfig], Field(discriminator="family")]
 
 
 # ---------------------------------------------------------------------------- optimiser / training
@@ -370,16 +409,20 @@ class Config(StrictModel):
 
     name: str = "run"
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=GanModelConfig)
+    model: SerializeAsAny[ModelSection] = Field(default_factory=GanModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
-    @model_validator(mode="before")
+    @field_validator("model", mode="before")
     @classmethod
-    def _default_family(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "family" not in data["model"]:
-            data = {**data, "model": {"family": "gan", **data["model"]}}
-        return data
+    def _family_section(cls, value: object) -> object:
+        return _model_section(value)
+
+    def model_as(self, cls: type[M]) -> M:
+        """``self.model`` as the family config class ``cls`` (ConfigError for another family's)."""
+        if not isinstance(self.model, cls):
+            raise ConfigError(f"model.family: {self.model.family!r} where a {cls.__name__} is needed")
+        return self.model
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (paths as strings)."""
@@ -399,17 +442,12 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-        # discriminated unions add the tag as a path element (model.gan.x): drop it
-        parts = [str(p) for p in err["loc"]]
-        if len(parts) >= 2 and parts[0] == "model" and parts[1] in ("gan", "ldm"):
-            loc = ".".join(["model", *parts[2:]])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            loc = f"{loc}.{str(err.get('ctx', {}).get('discriminator', 'family')).strip(chr(39))}"
         got = err.get("input")
-        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        quiet = err["type"] in ("missing", "extra_forbidden", "unknown_family") or isinstance(got, dict)
+        shown = "" if quiet else f" (got {got!r})"
         lines.append(f"  {loc or '(top level)'}: {msg}{shown}")
     n = len(lines)
     return f"{source}: {n} invalid setting{'s' if n != 1 else ''}:\n" + "\n".join(lines)
@@ -459,7 +497,8 @@ def validate_config(data: dict[str, Any], source: str = "config") -> Config:
 UNSET = "<unset>"
 
 
-def changed_settings(old: dict[str, Any], new: dict[str, Any], ignore: Any = ()) -> list[tuple[str, Any, Any]]:
+def changed_settings(old: dict[str, Any], new: dict[str, Any],
+                     ignore: Collection[str] = ()) -> list[tuple[str, Any, Any]]:
     """``(dotted key, old value, new value)`` for every leaf that differs between two nested
     settings dicts (a key missing on one side shows as ``"<unset>"``), sorted by key; keys in
     ``ignore`` are skipped. Used to refuse a resume whose settings changed."""

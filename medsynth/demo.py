@@ -25,9 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.errors import ConfigError, JobError
-
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from medsynth.errors import JobError
+from medsynth.recipes import recipe_path
 
 # The tiny LDM recipe compresses 32^2 to 8^2 latents (fast tests); for the demo's pictures a latent of
 # 16^2 with 3 channels and a diffusion batch of 8 look much better for ~1 minute of CPU time.
@@ -64,13 +63,6 @@ class DemoResult:
     report: Path
     seconds: float
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def _recipe(name: str) -> Path:
-    path = REPO_CONFIGS / "tiny" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path}: the tiny recipe is missing (install medsynth from its source tree: pip install -e .)")
-    return path
 
 
 class _Stages:
@@ -155,12 +147,12 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
     st.start("train", f"training a SPADE GAN ({plan.gan_steps} steps) and a latent diffusion model "
                       f"({plan.ae_steps} autoencoder + {plan.diffusion_steps} diffusion steps) on the 2D slices")
     every = max(1, plan.gan_steps // 4)
-    gan_cfg = load_config(_recipe("gan2d"), [f"data.manifest={json.dumps(str(real2d))}", f"training.max_steps={plan.gan_steps}",
+    gan_cfg = load_config(recipe_path("tiny/gan2d"), [f"data.manifest={json.dumps(str(real2d))}", f"training.max_steps={plan.gan_steps}",
                                              f"training.checkpoint_every={plan.gan_steps}", f"training.preview_every={every}",
                                              "training.keep_last=1"])
     gan_run = runs / "gan2d"
     gan_result = run_training(gan_cfg, gan_run, progress=progress)
-    ldm_cfg = load_config(_recipe("ldm2d"), [f"data.manifest={json.dumps(str(real2d))}", *LDM_DEMO_SETTINGS,
+    ldm_cfg = load_config(recipe_path("tiny/ldm2d"), [f"data.manifest={json.dumps(str(real2d))}", *LDM_DEMO_SETTINGS,
                                              f"training.max_steps={plan.diffusion_steps}",
                                              f"model.autoencoder.max_steps={plan.ae_steps}",
                                              f"training.checkpoint_every={plan.diffusion_steps}", "training.keep_last=1",
@@ -427,8 +419,8 @@ def _write_report(out: Path, plan: DemoPlan, quick: bool, fingerprints: dict[str
         "",
         f"A SPADE GAN ({plan.gan_steps} steps) and a latent diffusion model (autoencoder {plan.ae_steps} steps, "
         f"then a mask-conditioned diffusion UNet {plan.diffusion_steps} steps, rectified flow, sampled with "
-        f"{plan.sample_steps} steps) were trained on the 2D slices with `configs/tiny/gan2d.yaml` and "
-        f"`configs/tiny/ldm2d.yaml` (with `{' '.join(LDM_DEMO_SETTINGS)}`). Runs, checkpoints, previews "
+        f"{plan.sample_steps} steps) were trained on the 2D slices with the shipped recipes `tiny/gan2d` "
+        f"and `tiny/ldm2d` (`medsynth recipes`; with `{' '.join(LDM_DEMO_SETTINGS)}`). Runs, checkpoints, previews "
         "and `metrics.jsonl` are in `runs/`; each run's `config.yaml` is the exact recipe.",
         "",
         f"![losses]({rel['losses']})",

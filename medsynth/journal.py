@@ -4,15 +4,21 @@
   every file written and its sha256; :func:`verified_entry` trusts an entry only if every file it
   names is on disk with that content, so a resume checks content, not existence.
 - :func:`check_output_state` / :func:`claim_output`: an output folder is new, resumed with the very
-  same settings (stored in ``OUT/.medsynth_job.json``), or overwritten only if a job made it.
+  same settings (stored in ``OUT/.medsynth_job.json``), or overwritten; an overwrite removes only
+  the files the job's journal lists as made by it (unchanged since), never a file a user added.
+- :func:`output_lock`: one job per output folder. An exclusive ``flock`` on ``OUT/.medsynth.lock``
+  (holding the PID) for the job's life; the kernel releases it when the process dies, so a killed
+  job never leaves a stale lock. Stray temp files of a killed job are removed only under the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
-import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,8 @@ from medsynth.errors import JobError
 
 JOB_FILE = ".medsynth_job.json"
 JOURNAL_PREFIX = ".journal"
+LOCK_FILE = ".medsynth.lock"
+TEMP_GLOB = ".*.tmp-*"  # the temp names of medsynth.data.atomic.temp_path_for
 
 
 def sha256_file(path: Path) -> str:
@@ -100,12 +108,191 @@ def _settings_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None
 
 
 def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+    """A folder with nothing in it but (at most) the lock file of the job that holds it."""
+    return path.is_dir() and all(child.name == LOCK_FILE for child in path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ the lock
+
+
+def _lock_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+def _acquire(out: Path) -> int:
+    """An open descriptor of ``OUT/.medsynth.lock`` holding an exclusive flock and this PID."""
+    import fcntl
+
+    path = out / LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise JobError(f"{path} is a symbolic link; remove it (medsynth keeps its lock file there)") from None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _lock_pid(fd)
+            os.close(fd)
+            mine = " (this process)" if pid == str(os.getpid()) else ""
+            raise JobError(f"{out} is in use by another medsynth job (PID {pid}{mine}); wait for it to finish, "
+                           "or stop it first") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the previous holder removes the file as it lets go: lock the file that is there now
+        try:
+            here = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            here = None
+        held = os.fstat(fd)
+        if here is not None and (here.st_ino, here.st_dev) == (held.st_ino, held.st_dev):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[Path]:
+    """Hold the output folder ``out`` for one job: ``with output_lock(out): check, claim, write``.
+
+    Creates ``out`` if needed and takes an exclusive, non-blocking ``flock`` on
+    ``out/.medsynth.lock``, which holds this process's PID. A second job (any process, or this one
+    again) gets a :class:`JobError` ``"OUT is in use by another medsynth job (PID n)"``. The lock lives
+    as long as the ``with`` block, or until the process dies (the kernel releases it; a killed job
+    leaves a lock file nobody holds, which the next job takes over). On exit the lock file is removed,
+    and so is ``out`` if this call created it and it is still empty.
+    Take it before :func:`check_output_state`, so that no other job can change the folder between the
+    check and the writes. Under torchrun only rank 0 takes it (the other ranks write under rank 0's).
+    """
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise JobError(f"--out {out} is a symbolic link to a missing target")
+    if out.exists() and not out.is_dir():
+        raise JobError(f"--out {out} exists and is not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = _acquire(out)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out / LOCK_FILE)  # while still held: a waiting job re-checks the file it locked
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty: a job that failed before writing leaves nothing behind
+
+
+def lock_holder(out: Path) -> str | None:
+    """The PID (as text) of another process holding :func:`output_lock` on ``out``; None if the lock
+    is free or held by this process."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _lock_pid(fd)
+        return None if pid == str(os.getpid()) else pid
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)  # nobody held it
+        return None
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------ what a job made
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _read_job_file(out: Path, what: str) -> dict[str, Any]:
+    """The settings stored in ``OUT/.medsynth_job.json``; JobError unless it is a readable, non-empty object."""
+    job_file = out / JOB_FILE
+    try:
+        data = json.loads(job_file.read_text(encoding="utf-8"), parse_constant=_not_json)
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise JobError(f"cannot {what} {out}: its job file {JOB_FILE} is unreadable ({exc}); medsynth cannot tell "
+                       "which files it made there, so it touches nothing: remove them yourself, or use another --out") from None
+    if not isinstance(data, dict) or not data:
+        raise JobError(f"cannot {what} {out}: its job file {JOB_FILE} is empty or not one written by medsynth; "
+                       "medsynth cannot tell which files it made there, so it touches nothing: remove them "
+                       "yourself, or use another --out")
+    return data
+
+
+def _journaled_files(out: Path) -> dict[str, set[str]]:
+    """Every file the journals of ``out`` record (path relative to ``out`` -> the sha256 digests recorded).
+
+    JobError if an entry names a path outside ``out``."""
+    made: dict[str, set[str]] = {}
+    root = Path(os.path.realpath(out))
+    for entries in read_journals(out).values():
+        for entry in entries:
+            for rel, digest in entry["files"].items():
+                inside = isinstance(rel, str) and not os.path.isabs(rel)
+                if not inside or root not in Path(os.path.realpath(out / rel)).parents:
+                    raise JobError(f"cannot overwrite {out}: its journal names {rel!r}, outside the folder; "
+                                   "it was not written by medsynth, so nothing was removed")
+                made.setdefault(Path(rel).as_posix(), set()).add(str(digest))
+    return made
+
+
+def _job_made_files(out: Path) -> list[Path]:
+    """The files an overwrite of ``out`` removes: those the journals list (each unchanged since it was
+    recorded), the journals and the job file. JobError, before anything is removed, if one was changed."""
+    made = _journaled_files(out)
+    remove: list[Path] = []
+    for rel, digests in sorted(made.items()):
+        path = out / rel
+        if not path.exists() and not path.is_symlink():
+            continue
+        if path.is_symlink() or not path.is_file() or sha256_file(path) not in digests:
+            raise JobError(f"cannot overwrite {out}: {rel} was changed after medsynth wrote it (its content is "
+                           "not the one the journal records); move it away first. Nothing was removed")
+        remove.append(path)
+    remove += sorted(out.glob(f"{JOURNAL_PREFIX}*.jsonl"))
+    remove.append(out / JOB_FILE)
+    return remove
+
+
+def _remove_strays(out: Path, folders: set[Path]) -> None:
+    """Temp files of a killed write in ``out`` and ``folders``; none while another process holds the lock."""
+    if lock_holder(out) is not None:
+        return
+    for folder in sorted({out, *folders}):
+        if folder.is_dir():
+            for stray in folder.glob(TEMP_GLOB):
+                if stray.is_file() and not stray.is_symlink():
+                    stray.unlink(missing_ok=True)
 
 
 def check_output_state(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> str:
-    """Read-only check of the output folder. Returns ``"new"``, ``"resume"`` or ``"overwrite"``."""
+    """Read-only check of the output folder. Returns ``"new"``, ``"resume"`` or ``"overwrite"``.
+
+    An overwrite needs a job file medsynth can read and journals that name only files inside ``out``."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise JobError(f"--out {out} is a symbolic link to a missing target")
     if out.exists() and not out.is_dir():
         raise JobError(f"--out {out} exists and is not a folder")
     if not out.exists() or _is_empty_dir(out):
@@ -119,11 +306,10 @@ def check_output_state(out: Path, settings: dict[str, Any], resume: bool, overwr
         what = "resume" if resume else "overwrite"
         raise JobError(f"cannot {what} {out}: it was not written by medsynth augment (no {JOB_FILE})")
     if overwrite:
+        _read_job_file(out, "overwrite")
+        _journaled_files(out)
         return "overwrite"
-    try:
-        old = json.loads(job_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise JobError(f"{job_file}: unreadable ({exc}); use --overwrite to start again") from None
+    old = _read_job_file(out, "resume")
     diff = _settings_difference(old, settings)
     if diff is not None:
         raise JobError(
@@ -133,19 +319,31 @@ def check_output_state(out: Path, settings: dict[str, Any], resume: bool, overwr
     return "resume"
 
 
+LAYOUT_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
+
+
 def claim_output(out: Path, settings: dict[str, Any], state: str) -> None:
-    """Create / clear the output folder and store the settings (rank 0 only)."""
+    """Create / clear the output folder and store the settings (rank 0 only; under :func:`output_lock`).
+
+    ``"overwrite"`` removes the files the journals list (JobError, removing nothing, if one of them was
+    changed since), the journals and the job file, and folders that this leaves empty; files a user
+    added stay. ``"overwrite"`` and ``"resume"`` remove stray temp files of a killed write unless
+    another process holds the lock (a running job's temp files are not strays)."""
     out = Path(out)
+    folders = {out / name for name in LAYOUT_FOLDERS}
     if state == "overwrite":
-        for child in sorted(out.iterdir()):
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        _read_job_file(out, "overwrite")
+        removed = _job_made_files(out)
+        for path in removed:
+            path.unlink(missing_ok=True)
+        parents = {path.parent for path in removed}
+        _remove_strays(out, folders | parents)
+        for folder in sorted(parents, key=lambda f: len(f.parts), reverse=True):
+            while folder != out and out in folder.parents:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
+                folder = folder.parent
     out.mkdir(parents=True, exist_ok=True)
     if state == "resume":
-        for folder in (out, out / "imagesTr", out / "labelsTr", out / "imagesTs", out / "labelsTs"):
-            if folder.is_dir():
-                for stray in folder.glob(".*.tmp-*"):  # temp files of a killed write
-                    stray.unlink(missing_ok=True)
+        _remove_strays(out, folders | {(out / rel).parent for rel in _journaled_files(out)})
     atomic_write_text(out / JOB_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")

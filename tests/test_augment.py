@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from medsynth.cli import app
 from medsynth.data.manifest import read_manifest
 from medsynth.data.nifti import read_volume
 from medsynth.errors import CheckpointError, ConfigError, JobError
+from medsynth.synthesis import pairs as P
 
 PHANTOM_LABELS = {0, 1, 2, 3, 4, 5, 6}
 REPO = Path(__file__).resolve().parents[1]
@@ -268,27 +270,27 @@ def test_qc_sample_reasons():
     label[1:3, 1:3, 1:3] = 2
     img = np.ones((1, 4, 4, 4), np.float32)
     kw = dict(shape=(4, 4, 4), affine=np.eye(4), source_affine=np.eye(4), labels=[0, 1, 2], ranges=[(0.0, 2.0)])
-    assert A.qc_sample(img, label, **kw) is None
-    assert "not in the dataset" in A.qc_sample(img, label + 1, **kw)
-    assert "not integer" in A.qc_sample(img, label.astype(np.float32), **kw)
-    assert "shape" in A.qc_sample(img, label[:3], **kw)
+    assert P.qc_sample(img, label, **kw) is None
+    assert "not in the dataset" in P.qc_sample(img, label + 1, **kw)
+    assert "not integer" in P.qc_sample(img, label.astype(np.float32), **kw)
+    assert "shape" in P.qc_sample(img, label[:3], **kw)
     bad = img.copy()
     bad[0, 0, 0, 0] = np.nan
-    assert "NaN" in A.qc_sample(bad, label, **kw)
-    assert "plausible range" in A.qc_sample(img * 5, label, **kw)
-    assert "affine" in A.qc_sample(img, label, **{**kw, "affine": np.diag([2.0, 1, 1, 1])})
+    assert "NaN" in P.qc_sample(bad, label, **kw)
+    assert "plausible range" in P.qc_sample(img * 5, label, **kw)
+    assert "affine" in P.qc_sample(img, label, **{**kw, "affine": np.diag([2.0, 1, 1, 1])})
 
 
 def test_failed_qc_is_redrawn_and_counted(msd3d, tmp_path, monkeypatch):
     plain = run_augment(opts(msd3d, tmp_path / "plain", num=2))
-    real_qc = A.qc_sample
+    real_qc = P.qc_sample
     calls = {"n": 0}
 
     def first_try_fails(*args, **kwargs):
         calls["n"] += 1
         return "forced failure" if calls["n"] % 2 == 1 else real_qc(*args, **kwargs)
 
-    monkeypatch.setattr(A, "qc_sample", first_try_fails)
+    monkeypatch.setattr(P, "qc_sample", first_try_fails)
     s = run_augment(opts(msd3d, tmp_path / "redrawn", num=2))
     assert s.redraws == 2
     prov = provenance(tmp_path / "redrawn")
@@ -297,7 +299,7 @@ def test_failed_qc_is_redrawn_and_counted(msd3d, tmp_path, monkeypatch):
     # the kept sample is the second draw, not the first
     assert tree(tmp_path / "redrawn")["imagesTr/syn_00000.nii.gz"] != tree(tmp_path / "plain")["imagesTr/syn_00000.nii.gz"]
     assert plain.redraws == 0
-    monkeypatch.setattr(A, "qc_sample", lambda *a, **k: "always bad")
+    monkeypatch.setattr(P, "qc_sample", lambda *a, **k: "always bad")
     with pytest.raises(JobError, match="failed quality control 5 times"):
         run_augment(opts(msd3d, tmp_path / "hopeless", num=1))
     assert not (tmp_path / "hopeless" / "dataset.json").exists()
@@ -367,62 +369,68 @@ def test_option_errors(msd3d, tmp_path):
 # ------------------------------------------------------------------------------------ gan / ldm
 
 
-def _fake_run(folder: Path, labels, family="gan") -> Path:
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"not really weights")
-    card = {"format": "medsynth-model-card", "family": family,
-            "data": {"labels": sorted(labels), "channels": ["T1"], "classes": [], "class_key": None}}
-    (folder / "model_card.json").write_text(json.dumps(card))
-    return folder
+@pytest.fixture(scope="module")
+def gan_run(msd3d, tmp_path_factory) -> Path:
+    """A tiny 2D GAN trained for two steps on the 3D phantoms' slices."""
+    from medsynth.config import load_config
+    from medsynth.training import run_training
+
+    cfg = load_config(REPO / "configs" / "tiny" / "gan2d.yaml",
+                      [f"data.manifest={msd3d}", "training.max_steps=2", "training.batch_size=2", "training.amp=false"])
+    run = tmp_path_factory.mktemp("gan") / "run"
+    run_training(cfg, run, progress=False)
+    return run
 
 
-class _FakeSynthesizer:
-    def generate(self, mask: np.ndarray, seed: int) -> np.ndarray:
-        return mask.astype(np.float32) * 100.0 + float(seed % 7)
+def run_variant(run: Path, dest: Path, edit) -> Path:
+    """A copy of ``run``'s card and weights with ``edit(card)`` applied to the card."""
+    dest.mkdir()
+    shutil.copy(run / "model.safetensors", dest / "model.safetensors")
+    card = json.loads((run / "model_card.json").read_text())
+    edit(card)
+    (dest / "model_card.json").write_text(json.dumps(card))
+    return dest
 
 
-def test_gan_method_plumbing_with_a_stand_in_synthesizer(msd3d, tmp_path, monkeypatch):
-    run = _fake_run(tmp_path / "run", sorted(PHANTOM_LABELS))
-    monkeypatch.setattr(A, "_synthesizer", lambda path: _FakeSynthesizer())
-    s = run_augment(opts(msd3d, tmp_path / "g", method="gan", model=run, num=2))
+def test_gan_method_with_a_tiny_trained_run(msd3d, gan_run, tmp_path):
+    from medsynth.synthesis.synthesizer import Synthesizer
+
+    with pytest.warns(UserWarning, match="2D run given a 3D mask"):  # a 2D run on 3D masks: slice by slice
+        s = run_augment(opts(msd3d, tmp_path / "g", method="gan", model=gan_run, num=2))
     prov = provenance(tmp_path / "g")
-    sha = hashlib.sha256(b"not really weights").hexdigest()
-    assert all(p["model_sha256"] == sha and p["method"] == "gan" for p in prov)
-    for p in prov:  # the image was generated from exactly the new mask, with the recorded seed
-        lab = read_volume(tmp_path / "g" / p["label"], kind="label").array
-        img = read_volume(tmp_path / "g" / p["images"][0]).array
-        np.testing.assert_allclose(img, lab * 100.0 + p["generator_seed"] % 7)
-    assert s.generated == 2
+    sha = hashlib.sha256((gan_run / "model.safetensors").read_bytes()).hexdigest()
+    assert all(p["model_sha256"] == sha and p["method"] == "gan" for p in prov) and s.generated == 2
+    check_pairs(tmp_path / "g", prov, label_paths(msd3d))
+    # each image is the run's image for exactly the written mask and the recorded seed
+    synth = Synthesizer.from_run(gan_run, device="cpu")
+    for p in prov:
+        label = read_volume(tmp_path / "g" / p["label"], kind="label")
+        with pytest.warns(UserWarning, match="2D run given a 3D mask"):
+            expected = synth.generate_volume(label, p["generator_seed"]).array
+        np.testing.assert_array_equal(read_volume(tmp_path / "g" / p["images"][0]).array, expected)
+    with pytest.warns(UserWarning, match="2D run given a 3D mask"):
+        again = run_augment(opts(msd3d, tmp_path / "g2", method="gan", model=gan_run, num=2))
+    assert tree(tmp_path / "g") == tree(tmp_path / "g2") and again.manifest.read_bytes() == s.manifest.read_bytes()
+
+
+def test_a_run_that_does_not_fit_is_refused_before_any_work(msd3d, gan_run, tmp_path):
+    def labels(card):
+        card["data"]["labels"] = [0, 1, 2]
+
+    def family(card):
+        card["family"] = card["config"]["model"]["family"] = "ldm"
+
     with pytest.raises(ConfigError, match="trained with labels"):
-        run_augment(opts(msd3d, tmp_path / "g2", method="gan", model=_fake_run(tmp_path / "r2", [0, 1, 2])))
+        run_augment(opts(msd3d, tmp_path / "g2", method="gan", model=run_variant(gan_run, tmp_path / "r2", labels)))
     with pytest.raises(ConfigError, match="is a ldm model"):
-        run_augment(opts(msd3d, tmp_path / "g3", method="gan", model=_fake_run(tmp_path / "r3", PHANTOM_LABELS, "ldm")))
+        run_augment(opts(msd3d, tmp_path / "g3", method="gan", model=run_variant(gan_run, tmp_path / "r3", family)))
     (tmp_path / "r4").mkdir()
     with pytest.raises(CheckpointError, match="no model_card.json"):
         run_augment(opts(msd3d, tmp_path / "g4", method="ldm", model=tmp_path / "r4"))
-    (_fake_run(tmp_path / "r5", PHANTOM_LABELS) / "model.safetensors").unlink()
+    (run_variant(gan_run, tmp_path / "r5", lambda card: None) / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         run_augment(opts(msd3d, tmp_path / "g5", method="gan", model=tmp_path / "r5"))
-    assert not any((tmp_path / f"g{i}").exists() for i in (2, 3, 4, 5))
-
-
-def test_gan_method_with_a_tiny_trained_run(msd3d, tmp_path):
-    try:
-        from medsynth.config import load_config
-        from medsynth.synthesis.synthesizer import Synthesizer  # noqa: F401
-        from medsynth.training.engine import train
-    except ImportError as exc:  # pragma: no cover - the model issues are not merged in this build
-        pytest.skip(f"GAN training/synthesis not available yet ({exc})")
-    cfg = load_config(REPO / "configs" / "tiny" / "gan2d.yaml",
-                      [f"data.manifest={msd3d}", "training.max_steps=2", "training.batch_size=2", "training.amp=false"])
-    run = tmp_path / "run"
-    train(cfg, run, progress=False)
-    with pytest.warns(UserWarning, match="2D run given a 3D mask"):  # a 2D run on 3D masks: slice by slice
-        s = run_augment(opts(msd3d, tmp_path / "g", method="gan", model=run, num=2))
-    prov = provenance(tmp_path / "g")
-    sha = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
-    assert all(p["model_sha256"] == sha and p["method"] == "gan" for p in prov) and s.generated == 2
-    check_pairs(tmp_path / "g", prov, label_paths(msd3d))
-    with pytest.warns(UserWarning, match="2D run given a 3D mask"):
-        again = run_augment(opts(msd3d, tmp_path / "g2", method="gan", model=run, num=2))
-    assert tree(tmp_path / "g") == tree(tmp_path / "g2") and again.manifest.read_bytes() == s.manifest.read_bytes()
+    foreign = run_variant(gan_run, tmp_path / "r6", lambda card: card.pop("version"))
+    with pytest.raises(CheckpointError, match="'version'"):
+        run_augment(opts(msd3d, tmp_path / "g6", method="gan", model=foreign))
+    assert not any((tmp_path / f"g{i}").exists() for i in (2, 3, 4, 5, 6))

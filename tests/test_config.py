@@ -76,8 +76,15 @@ def test_config_intensity_normalisation_and_size_rules() -> None:
 def test_config_model_family_union(tmp_path: Path) -> None:
     assert isinstance(load_config(None).model, GanModelConfig)  # default family
     assert isinstance(load_config(None, ["model.family=ldm"]).model, LdmModelConfig)
-    with pytest.raises(ConfigError, match="model.family: Input tag 'vae'"):
+    with pytest.raises(ConfigError, match=r"model.family: unknown model family 'vae' \(known: gan, ldm\)"):
         load_config(None, ["model.family=vae"])
+    # the family's own config class validates the section: bad fields keep their paths
+    with pytest.raises(ConfigError, match=r"(?s)2 invalid settings.*model.autoencoder.lr: .*model.generator: unknown field"):
+        load_config(None, ["model.family=ldm", "model.autoencoder.lr=-1", "model.generator.channels=[8]"])
+    cfg = load_config(None, ["model.family=ldm"])
+    assert cfg.to_dict()["model"]["diffusion"]["sampler"] == "rflow"  # dumped as the family's class
+    with pytest.raises(ConfigError, match="LdmModelConfig is needed"):
+        load_config(None).model_as(LdmModelConfig)
     with pytest.raises(ConfigError, match="weights_path"):
         load_config(None, ["model.loss.perceptual.weight=1"])
 

@@ -73,7 +73,7 @@ def test_engine_data_normalisation_and_one_hot(data3d: Path) -> None:
     images = [read_volume(c.images[0]).array for c in read_manifest(data3d).cases]
     lo, hi = np.percentile(np.concatenate([a.ravel() for a in images]), [1, 99])
     assert data.info.normalization.lo[0] == pytest.approx(lo) and data.info.normalization.hi[0] == pytest.approx(hi)
-    assert all(0.0 <= c.image.min() and c.image.max() <= 1.0 for c in data.cases)
+    assert all(c.image.min() >= 0.0 and c.image.max() <= 1.0 for c in data.cases)
     idx = torch.tensor([[[0, 2], [1, 2]]])
     want = np.eye(3, dtype=np.float32)[idx.numpy()].transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(one_hot(idx, 3).numpy(), want)

@@ -158,6 +158,27 @@ def test_gan_run_refusals(run20, data2d: Path, tmp_path: Path) -> None:
         train(_cfg(data2d, "data.size=[30, 30]"), tmp_path / "badsize", progress=False)
 
 
+def test_training_another_family_into_a_run_is_refused(run20, data2d: Path, tmp_path: Path) -> None:
+    """An LDM resume (or one LDM stage) into a finished GAN run refuses before touching it."""
+    from medsynth.training import run_training
+
+    run = tmp_path / "gan_run"
+    shutil.copytree(run20.run_dir, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    ldm = _cfg(data2d, recipe=ROOT / "configs/tiny/ldm2d.yaml")
+    expected = rf"{run}: holds a 'gan' run and this recipe trains a 'ldm' model"
+    with pytest.raises(JobError, match=expected):
+        run_training(ldm, run, resume=True, progress=False)
+    with pytest.raises(JobError, match=expected):
+        run_training(ldm, run, stage="autoencoder", progress=False)
+    with pytest.raises(JobError, match=expected):
+        train(ldm, run, resume=True, stage="autoencoder", progress=False)
+    result = CliRunner().invoke(app, ["train", str(ROOT / "configs/tiny/ldm2d.yaml"), "--out", str(run),
+                                      "--data", str(data2d), "--resume"])
+    assert result.exit_code == 1 and "holds a 'gan' run" in result.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_gan_resume_skips_a_malicious_newest_checkpoint(run20, tmp_path: Path, data2d: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(run20.run_dir, run)
@@ -235,8 +256,8 @@ def test_gan_perceptual_loss_needs_local_file(data2d: Path, tmp_path: Path) -> N
     from safetensors.torch import save_file
 
     with pytest.raises(ConfigError, match="weights_path: .*missing.safetensors: file not found"):
-        train(_cfg(data2d, "model.loss.perceptual.weight=1", f"model.loss.perceptual.weights_path={tmp_path}/missing.safetensors"),
-              tmp_path / "r0", progress=False)
+        missing = f"model.loss.perceptual.weights_path={tmp_path}/missing.safetensors"
+        train(_cfg(data2d, "model.loss.perceptual.weight=1", missing), tmp_path / "r0", progress=False)
     bias, shortcut = resnet.get_medicalnet_pretrained_resnet_args(10)
     net = resnet.resnet10(spatial_dims=2, n_input_channels=1, feed_forward=False, shortcut_type=shortcut,
                           bias_downsample=bias)

@@ -103,7 +103,7 @@ def test_pipeline_padding_keeps_the_masks_background(monkeypatch):
     background voxels keep their one-hot (an all-zero one-hot is the dropped-condition token)."""
     import medsynth.synthesis.ldm as L
     from medsynth.config import load_config
-    from medsynth.training.ldm import make_process, size_multiple
+    from medsynth.diffusion import make_process, size_multiple
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny/ldm2d.yaml").model
     ae = build_autoencoder(cfg.autoencoder, spatial_dims=2, in_channels=1)

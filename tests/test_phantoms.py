@@ -190,7 +190,7 @@ def test_output_folder_rules(tmp_path):
         ({"cases": 0}, "cases must be a positive integer, got 0"),
         ({"size": 8}, "size must be between 16 and 512 voxels, got 8"),
         ({"seed": -1}, "seed must be a non-negative integer, got -1"),
-        ({"format": "nifti"}, "format must be one of msd, nnunet, csv, got 'nifti'"),
+        ({"format": "nifti"}, "format must be one of nnunet, csv, msd, got 'nifti'"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
@@ -219,7 +219,8 @@ def test_cli(tmp_path):
 
 @pytest.mark.parametrize("dim,fmt", [(3, "msd"), (2, "nnunet"), (2, "csv")])
 def test_phantoms_validate(tmp_path, dim, fmt):
-    validate = pytest.importorskip("medsynth.data.validate")
+    from medsynth.data.validate import validate_dataset
+
     path = make_phantom_dataset(tmp_path / "v", dim=dim, cases=2, size=16, format=fmt)
-    report = validate.validate_dataset(path, progress=False)
+    report = validate_dataset(path, progress=False)
     assert report.ok and report.problems == [], report.problems  # no errors, not even warnings

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medsynth.diffusion import Condition, NoiseProcess, sample_latents
 from medsynth.errors import ConfigError
-from medsynth.synthesis.samplers import Condition, NoiseProcess, sample_latents
 
 MONAI_BETAS = dict(schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195, clip_sample=False)
 

@@ -14,9 +14,9 @@ temp file proving that data and affine on disk equal what was meant before it ta
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
+import math
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from medsynth.data.atomic import atomic_path
+from medsynth.data.itk_header import ItkClaim, checked_itk_file
+from medsynth.data.limits import CappedInflater, check_claimed_size, default_memory_limit, open_regular
 from medsynth.errors import DataError
 
 Kind = Literal["image", "label"]
@@ -35,6 +37,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 GZIP_MAGIC = b"\x1f\x8b"
+NIFTI2_HEADER_SIZE = 540  # the larger of the two fixed headers (NIfTI-1: 348)
 
 
 @dataclass
@@ -90,15 +93,22 @@ def _squeeze_trailing(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def read_volume(path: str | Path, *, kind: Kind = "image") -> Volume:
+def read_volume(
+    path: str | Path, *, kind: Kind = "image", memory_limit: int | None = None, root: str | Path | None = None
+) -> Volume:
     """Read and fully decode one volume. Raises :class:`DataError` naming the file.
 
     ``kind`` only chooses how the data is returned: labels keep their on-disk integer dtype
     when no scaling is stored; images come back as stored (callers cast).
+    memory_limit: the most bytes of voxel data the file may claim (``None``:
+        :func:`~medsynth.data.limits.default_memory_limit`); checked before anything of that size
+        is allocated, as is the claim against the bytes the file really holds.
+    root: the folder a MetaImage/NRRD header's data file must lie in (default: the header's folder).
+    Only regular files are read (no FIFOs, devices or sockets, also not through a symlink).
     """
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: file not found" + (" (dangling symbolic link)" if path.is_symlink() else ""))
     if path.is_dir():
         raise DataError(f"{path}: is a folder, expected a volume file")
     suffix = volume_suffix(path)
@@ -107,8 +117,9 @@ def read_volume(path: str | Path, *, kind: Kind = "image") -> Volume:
             f"{path}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})"
         )
     if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(path, suffix)
-    return _read_itk(path)
+        return _read_nifti(path, suffix, memory_limit)
+    claim = checked_itk_file(path, suffix, memory_limit=memory_limit, root=None if root is None else Path(root))
+    return _read_itk(path, suffix, claim)
 
 
 def _nifti_class(raw: bytes, path: Path) -> Any:
@@ -139,26 +150,110 @@ def _quiet_nibabel() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _read_nifti(path: Path, suffix: str) -> Volume:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    if not raw:
-        raise DataError(f"{path}: file is empty")
-    compressed = raw[:2] == GZIP_MAGIC
-    if suffix == ".nii.gz" and not compressed:
-        raise DataError(f"{path}: named .nii.gz but is not gzip-compressed (rename it to .nii)")
-    if suffix == ".nii" and compressed:
-        raise DataError(f"{path}: named .nii but is gzip-compressed (rename it to .nii.gz)")
-    if compressed:
+@dataclass(frozen=True)
+class _NiftiClaim:
+    """What a NIfTI header says about the data after it: where it starts and how many bytes it is."""
+
+    klass: Any
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int  # bytes before the voxel data (header, extensions)
+
+    @property
+    def data_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.data_bytes
+
+    def describe(self) -> str:
+        return f"shape {self.shape} {self.dtype}"
+
+
+def _nifti_claim(head: bytes, path: Path) -> _NiftiClaim:
+    """Parse the fixed header (first 348 or 540 bytes) without touching the data."""
+    klass = _nifti_class(head, path)
+    size = klass.header_class.sizeof_hdr
+    if len(head) < size:
+        raise DataError(f"{path}: truncated: {len(head)} bytes, shorter than the {size}-byte NIfTI header")
+    with _quiet_nibabel():
         try:
-            # The whole stream, trailer included: a cut file or a bad CRC fails here, even when
-            # the cut only removed bytes nibabel would never read.
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as exc:
-            raise DataError(f"{path}: truncated or corrupt gzip data ({type(exc).__name__}: {exc})") from None
-    klass = _nifti_class(raw, path)
+            hdr = klass.header_class(head[:size], check=False)
+            shape = tuple(int(s) for s in hdr.get_data_shape())
+            dtype = np.dtype(hdr.get_data_dtype())
+            vox_offset = float(hdr["vox_offset"])
+        except Exception as exc:  # nibabel raises many types for a bad header
+            raise DataError(f"{path}: not a readable NIfTI header ({type(exc).__name__}: {exc})") from None
+    if len(shape) == 0 or any(s == 0 for s in shape):
+        raise DataError(f"{path}: has a zero-size axis (shape {shape})")
+    if any(s < 0 for s in shape):
+        raise DataError(f"{path}: header has a negative dimension (shape {shape})")
+    if dtype.itemsize == 0:
+        raise DataError(f"{path}: header data type {dtype} has no size")
+    minimum = size + 4  # the header, then 4 extension-flag bytes
+    if not math.isfinite(vox_offset) or vox_offset != int(vox_offset) or vox_offset < minimum:
+        raise DataError(f"{path}: vox_offset {vox_offset:g} is not a whole number of bytes >= {minimum} "
+                        "(the data must start after the header)")
+    return _NiftiClaim(klass=klass, shape=shape, dtype=dtype, offset=int(vox_offset))
+
+
+def _read_nifti_bytes(path: Path, suffix: str, memory_limit: int | None) -> tuple[bytes, _NiftiClaim]:
+    """The file's bytes (decompressed), exactly up to the end of the data its header claims.
+
+    The claim is checked against the file size (``.nii``) or read through a capped inflate
+    (``.nii.gz``) and against the memory ceiling before the data is read."""
+    fh, size = open_regular(path)
+    with fh:
+        if size == 0:
+            raise DataError(f"{path}: file is empty")
+        magic = fh.read(2)
+        compressed = magic == GZIP_MAGIC
+        if suffix == ".nii.gz" and not compressed:
+            raise DataError(f"{path}: named .nii.gz but is not gzip-compressed (rename it to .nii)")
+        if suffix == ".nii" and compressed:
+            raise DataError(f"{path}: named .nii but is gzip-compressed (rename it to .nii.gz)")
+        fh.seek(0)
+        if not compressed:
+            claim = _nifti_claim(fh.read(NIFTI2_HEADER_SIZE), path)
+            if claim.end > size:
+                raise DataError(f"{path}: truncated or corrupt data: header claims {claim.describe()} = {claim.data_bytes} bytes "
+                                f"of voxel data from byte {claim.offset}, the file holds {size} bytes")
+            if claim.end < size:
+                raise DataError(f"{path}: {size - claim.end} bytes after the {claim.data_bytes} bytes of voxel "
+                                f"data the header claims ({claim.describe()}); the header does not describe this file")
+            check_claimed_size(path, claim.data_bytes, claim.describe(), memory_limit)
+            fh.seek(0)
+            raw = _read_all(fh, size, path)
+            return raw, claim
+        # The whole stream, trailer included: a cut file or a bad CRC fails here, even when the cut
+        # only removed bytes nibabel would never read. Nothing beyond the claimed end is inflated.
+        stream = CappedInflater(fh, path, wbits=31)
+        head = stream.read(NIFTI2_HEADER_SIZE)
+        claim = _nifti_claim(head, path)
+        check_claimed_size(path, claim.end, f"{claim.describe()} after a {claim.offset}-byte header", memory_limit)
+        what = f"{claim.describe()} = {claim.data_bytes} bytes of voxel data from byte {claim.offset}"
+        if len(head) >= claim.end:
+            raw = head[: claim.end]
+            if len(head) > claim.end:
+                raise DataError(f"{path}: the decompressed data goes on after what the header claims ({what}); "
+                                "the header does not describe this file")
+        else:
+            raw = head + stream.read_exact(claim.end - len(head), f"header claims {what}")
+        stream.expect_end(what)
+        return raw, claim
+
+
+def _read_all(fh: Any, size: int, path: Path) -> bytes:
+    data = fh.read(size)
+    if len(data) != size:
+        raise DataError(f"{path}: file changed while it was read ({len(data)} of {size} bytes)")
+    return data
+
+
+def _read_nifti(path: Path, suffix: str, memory_limit: int | None = None) -> Volume:
+    raw, claim = _read_nifti_bytes(path, suffix, memory_limit)
+    klass = claim.klass
     with _quiet_nibabel():
         try:
             # The header as stored (nibabel's loader silently replaces a zero pixdim by 1).
@@ -168,8 +263,8 @@ def _read_nifti(path: Path, suffix: str) -> Volume:
             raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
     hdr = img.header
     raw_shape = tuple(int(s) for s in img.shape)
-    if any(s == 0 for s in raw_shape) or len(raw_shape) == 0:
-        raise DataError(f"{path}: has a zero-size axis (shape {raw_shape})")
+    if raw_shape != claim.shape or int(getattr(img.dataobj, "offset", claim.offset)) != claim.offset:
+        raise DataError(f"{path}: header read two ways disagrees (shape {raw_shape} vs {claim.shape})")
     try:
         # Decode every byte now: a short file must fail here, not read as zeros later.
         array = np.asarray(img.dataobj)
@@ -202,16 +297,24 @@ def _read_nifti(path: Path, suffix: str) -> Volume:
     )
 
 
-def _read_itk(path: Path) -> Volume:
+def _read_itk(path: Path, suffix: str, claim: ItkClaim) -> Volume:
+    """Read a MetaImage/NRRD file with SimpleITK, after :func:`checked_itk_file` bounded it."""
     import SimpleITK as sitk
 
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    # the ImageIO is named, so SimpleITK reads the format whose header was checked, never another
+    reader.SetImageIO("MetaImageIO" if suffix in (".mha", ".mhd") else "NrrdImageIO")
     try:
-        img = sitk.ReadImage(str(path))
+        img = reader.Execute()
     except Exception as exc:  # SimpleITK raises RuntimeError with its own text
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a readable image ({first})") from None
     dim = img.GetDimension()
     size = img.GetSize()
+    if math.prod(size) * img.GetNumberOfComponentsPerPixel() != math.prod(claim.sizes) * claim.components:
+        raise DataError(f"{path}: SimpleITK read size {size} x {img.GetNumberOfComponentsPerPixel()} components, "
+                        f"the header says {claim.describe()}")
     if any(s == 0 for s in size):
         raise DataError(f"{path}: has a zero-size axis (size {size})")
     # SimpleITK arrays are (z, y, x[, components]); ours are (x, y, z[, components]).
@@ -243,11 +346,15 @@ def _read_itk(path: Path) -> Volume:
     return Volume(array=_squeeze_trailing(array), affine=affine, path=path, header=header)
 
 
+#: the largest label value the writer can store (uint16, never scaled)
+LABEL_MAX = 65535
+
+
 def label_dtype(max_value: int) -> np.dtype:
     """The on-disk dtype for a label map: uint8 if max < 256, else uint16."""
     if max_value < 256:
         return np.dtype(np.uint8)
-    if max_value < 65536:
+    if max_value <= LABEL_MAX:
         return np.dtype(np.uint16)
     raise DataError(f"label value {max_value} does not fit in uint16")
 
@@ -339,10 +446,17 @@ class CaseArrays:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0)[: self.label.ndim])
 
 
-def read_case_arrays(image_paths: list[Path], label_path: Path) -> CaseArrays:
+def read_case_arrays(
+    image_paths: list[Path], label_path: Path, *, memory_limit: int | None = None, root: Path | None = None
+) -> CaseArrays:
     """Read a case's channels and label map; DataError unless the label is integer-valued 2D/3D and
-    every channel is finite with the label's shape. (Full geometry checks are :mod:`validate`'s job.)"""
-    lab = read_volume(label_path, kind="label")
+    every channel is finite with the label's shape. (Full geometry checks are :mod:`validate`'s job.)
+
+    memory_limit: bytes of voxel data the case's files may claim together (``None``: the default
+    ceiling, :func:`~medsynth.data.limits.default_memory_limit`); root: as :func:`read_volume`."""
+    budget = default_memory_limit() if memory_limit is None else memory_limit
+    lab = read_volume(label_path, kind="label", memory_limit=budget, root=root)
+    budget -= lab.array.nbytes
     label = np.asarray(lab.array)
     if label.dtype.kind == "f":
         if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
@@ -353,7 +467,9 @@ def read_case_arrays(image_paths: list[Path], label_path: Path) -> CaseArrays:
         raise DataError(f"{label_path}: label map has shape {label.shape}; expected a 2D or 3D volume")
     channels = []
     for p in image_paths:
-        arr = np.asarray(read_volume(p, kind="image").array, dtype=np.float32)
+        vol = read_volume(p, kind="image", memory_limit=max(budget, 0), root=root)
+        budget -= vol.array.nbytes
+        arr = np.asarray(vol.array, dtype=np.float32)
         parts = split_channels(arr, label.shape)
         if parts is None:
             raise DataError(f"{p}: image shape {arr.shape} differs from its label's {label.shape} ({label_path})")

@@ -39,7 +39,6 @@ LABELS: dict[int, str] = {
 }
 """Label value -> name of every phantom structure (6, the lesion, is present in about half the cases)."""
 
-FORMATS = ("msd", "nnunet", "csv")
 DEFAULT_SIZE = {2: 64, 3: 48}
 MIN_SIZE = 16
 MAX_SIZE = 512
@@ -358,15 +357,17 @@ def make_phantom_dataset(
 ) -> Path:
     """Write a labelled head-phantom dataset to the folder ``out``; return the manifest's path.
 
-    format: ``"msd"`` (``OUT/dataset.json``, ``OUT/imagesTr/phantom_000.nii.gz``,
-        ``OUT/labelsTr/phantom_000.nii.gz``; returns the JSON), ``"nnunet"`` (nnU-Net v2 raw folder,
-        ``imagesTr/phantom_000_0000.nii.gz``; returns ``OUT``) or ``"csv"`` (MSD file layout plus
-        ``OUT/dataset.csv``; returns the CSV).
+    format: a registered manifest format (:func:`medsynth.data.formats.format_names`): ``"msd"``
+        (``OUT/dataset.json``, ``OUT/imagesTr/phantom_000.nii.gz``, ``OUT/labelsTr/phantom_000.nii.gz``;
+        returns the JSON), ``"nnunet"`` (nnU-Net v2 raw folder, ``imagesTr/phantom_000_0000.nii.gz``;
+        returns ``OUT``) or ``"csv"`` (MSD file layout plus ``OUT/dataset.csv``; returns the CSV).
+        Files go where the format puts a case; the return value is what ``read_manifest`` takes.
     An existing non-empty ``out`` is refused unless ``overwrite``; then only the phantom files
     (``imagesTr``, ``labelsTr``, ``dataset.json``, ``dataset.csv``) are replaced.
     Raises ConfigError for bad arguments, JobError for an output folder clash.
     """
-    from medsynth.data.manifest import Case, Manifest, nnunet_image_path, nnunet_label_path, write_manifest
+    from medsynth.data.formats import format_names, get_format
+    from medsynth.data.manifest import Case, Manifest, write_manifest
     from medsynth.data.nifti import write_volume
 
     # 1. check the arguments and the output folder before any work
@@ -375,8 +376,9 @@ def make_phantom_dataset(
         raise ConfigError(f"cases must be a positive integer, got {cases!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    if format not in FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if format not in format_names():
+        raise ConfigError(f"format must be one of {', '.join(format_names())}, got {format!r}")
+    fmt = get_format(format)
     out = Path(out).expanduser()
     _prepare_output(out, overwrite)
 
@@ -385,18 +387,15 @@ def make_phantom_dataset(
     for k in range(int(cases)):
         case_id = f"phantom_{k:03d}"
         phantom = make_phantom(dim, size, case_rng(seed, k))
-        if format == "nnunet":
-            img_path, lab_path = nnunet_image_path(out, case_id, 0), nnunet_label_path(out, case_id)
-        else:
-            img_path = out / "imagesTr" / f"{case_id}.nii.gz"
-            lab_path = out / "labelsTr" / f"{case_id}.nii.gz"
+        [img_path] = fmt.image_paths(out, case_id, 1, ".nii.gz")
+        lab_path = fmt.label_path(out, case_id, ".nii.gz")
         write_volume(img_path, phantom.image, phantom.affine, kind="image")
         write_volume(lab_path, phantom.label, phantom.affine, kind="label")
         records.append(Case(case_id=case_id, images=[img_path], label=lab_path, split="train"))
 
     # 3. the manifest last, so a dataset with a manifest is complete
     manifest = Manifest(
-        format=format,  # type: ignore[arg-type]
+        format=format,
         cases=records,
         labels=dict(LABELS),
         channels=[CHANNEL],
@@ -406,11 +405,11 @@ def make_phantom_dataset(
             "tensorImageSize": f"{dim}D",
         },
     )
-    written = write_manifest(manifest, out, fmt=format)  # type: ignore[arg-type]
-    return out if format == "nnunet" else written
+    write_manifest(manifest, out, fmt=format)
+    return fmt.dataset_path(out)
 
 
-_OWNED = ("imagesTr", "labelsTr", "dataset.json", "dataset.csv")
+_CASE_FOLDERS = ("imagesTr", "labelsTr")  # where every format puts a training case
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
@@ -421,7 +420,7 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise JobError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
     # Replace only what a phantom dataset owns, and only if those folders hold phantom files.
-    for sub in ("imagesTr", "labelsTr"):
+    for sub in _CASE_FOLDERS:
         folder = out / sub
         if folder.is_dir():
             foreign = [f.name for f in folder.iterdir() if not f.name.startswith(("phantom_", ".phantom_"))]
@@ -430,7 +429,9 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
                     f"output folder {folder} holds files that are not phantoms ({', '.join(sorted(foreign)[:3])}); "
                     "refusing to overwrite it"
                 )
-    for name in _OWNED:
+    from medsynth.data.formats import LIST_OF_FORMATS
+
+    for name in (*_CASE_FOLDERS, *sorted({f.manifest_name for f in LIST_OF_FORMATS})):
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)

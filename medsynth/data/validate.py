@@ -1,4 +1,4 @@
-"""Dataset validation: decode every file of a dataset and check it (``../shared/BAD_INPUTS.md``).
+"""Dataset validation: decode every file of a dataset and check it against the table of bad inputs.
 
 ``validate_dataset(path)`` reads the manifest (MSD JSON, CSV or nnU-Net raw folder), decodes every
 image and label fully and collects *all* problems of the dataset in one :class:`ValidationReport`;
@@ -33,7 +33,6 @@ that is all background (a warning), a constant image (a warning), no stored orie
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +41,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from medsynth.data.formats import get_format
+from medsynth.data.labels import label_problems
+from medsynth.data.manifest import read_manifest
 from medsynth.errors import DataError
+from medsynth.progress import progress_bar
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -285,29 +288,21 @@ def check_label_scaling(volume: Volume) -> list[Problem]:
 
 
 def check_label_integers(volume: Volume) -> list[Problem]:
-    """#3 and more: label values are finite, non-negative integers."""
+    """#3 and more: label values are finite, non-negative integers (:func:`medsynth.data.labels.label_problems`)."""
+    stored_as = volume.header.get("disk_dtype")
+    return [error(volume.path, text) for text in label_problems(volume.array, stored_as=stored_as and str(stored_as))]
+
+
+def check_label_range(volume: Volume) -> list[Problem]:
+    """Label values fit the dtype medsynth writes labels in (uint16 at most, never scaled)."""
+    from medsynth.data.nifti import LABEL_MAX
+
     a = volume.array
-    if a.dtype.kind == "b":
-        return []
-    if a.dtype.kind not in "iuf":
-        return [error(volume.path, f"label data has dtype {a.dtype}, expected integers")]
-    problems = []
-    if a.dtype.kind == "f":
-        finite = np.isfinite(a)
-        if not finite.all():
-            problems.append(error(volume.path, f"label data contains {int((~finite).sum())} NaN/Inf voxels"))
-        vals = np.unique(a[finite])
-        frac = vals[vals != np.round(vals)]
-        if frac.size:
-            shown = ", ".join(f"{v:.6g}" for v in frac[:3])
-            problems.append(error(volume.path, f"label has {frac.size} non-integer value(s) (e.g. {shown}) stored as "
-                                  f"{volume.header.get('disk_dtype', a.dtype)}; round them explicitly first"))
-        neg = vals[vals < 0]
-    else:
-        neg = np.unique(a[a < 0]) if a.dtype.kind == "i" else np.array([])
-    if neg.size:
-        problems.append(error(volume.path, f"label has negative value(s) {', '.join(f'{v:g}' for v in neg[:3])}"))
-    return problems
+    top = a.max() if a.size and a.dtype.kind in "iuf" else 0
+    if top > LABEL_MAX:
+        return [error(volume.path, f"label value {top:g} does not fit in uint16, the largest label type medsynth "
+                      f"writes (values 0..{LABEL_MAX}); renumber the labels")]
+    return []
 
 
 def check_image_values(volume: Volume) -> list[Problem]:
@@ -334,7 +329,7 @@ def check_volume(volume: Volume, kind: Kind, *, channels: int = 1) -> list[Probl
     if kind == "label":
         scaling = check_label_scaling(volume)
         # a scaled label's non-integer values are the scaling's doing: report the cause only
-        problems += scaling or check_label_integers(volume)
+        problems += scaling or check_label_integers(volume) or check_label_range(volume)
     else:
         problems += check_image_values(volume)
     return problems
@@ -399,14 +394,17 @@ class _CaseStats:
     intensity: list[tuple[int, float, float, float, float, np.ndarray]] | None = None
 
 
-def _read(path: Path, kind: Kind) -> tuple[Volume | None, list[Problem]]:
-    """Read one file; any failure becomes a problem naming it (never an exception)."""
+def _read(path: Path, kind: Kind, memory_limit: int, root: Path | None) -> tuple[Volume | None, list[Problem]]:
+    """Read one file; any failure becomes a problem naming it (never an exception).
+
+    memory_limit: bytes of voxel data the file may claim; root: the folder MetaImage/NRRD data
+    files must lie in (the manifest's root)."""
     from medsynth.data.nifti import read_volume
 
     try:
         with warnings.catch_warnings():  # header oddities nibabel warns about are checked here instead
             warnings.simplefilter("ignore")
-            return read_volume(path, kind=kind), []
+            return read_volume(path, kind=kind, memory_limit=memory_limit, root=root), []
     except DataError as exc:
         text = str(exc)
         prefix = f"{path}: "
@@ -445,9 +443,18 @@ def _intensity(arrays: list[np.ndarray], fg: np.ndarray, rng: np.random.Generato
     return out
 
 
-def _check_case(case: Case, manifest: Manifest, index: int, manifest_name: str) -> tuple[list[Problem], _CaseStats | None]:
+def _check_case(case: Case, manifest: Manifest, index: int, manifest_name: str,
+                memory_limit: int) -> tuple[list[Problem], _CaseStats | None]:
     n_ch = manifest.num_channels
     problems: list[Problem] = []
+    budget = memory_limit  # bytes of the case's memory ceiling not yet taken by its files
+
+    def read(path: Path, kind: Kind) -> tuple[Volume | None, list[Problem]]:
+        nonlocal budget
+        vol, found = _read(path, kind, max(budget, 0), manifest.root)
+        budget -= 0 if vol is None else vol.array.nbytes
+        return vol, found
+
     # 1. image files: one per channel, or one file holding all channels on a 4th axis
     if len(case.images) not in (1, n_ch):
         problems.append(error(case.images[0], f"case {case.case_id} has {len(case.images)} image files, the manifest "
@@ -455,7 +462,7 @@ def _check_case(case: Case, manifest: Manifest, index: int, manifest_name: str) 
     per_file = n_ch if len(case.images) == 1 else 1
     images: list[Volume] = []
     for p in case.images:
-        vol, read_problems = _read(p, "image")
+        vol, read_problems = read(p, "image")
         problems += read_problems
         if vol is not None:
             problems += check_volume(vol, "image", channels=per_file)
@@ -472,7 +479,7 @@ def _check_case(case: Case, manifest: Manifest, index: int, manifest_name: str) 
     else:
         if case.label in case.images:
             problems.append(error(case.label, f"case {case.case_id} uses the same file as image and label"))
-        label, read_problems = _read(case.label, "label")
+        label, read_problems = read(case.label, "label")
         problems += read_problems
         if label is not None:
             problems += check_volume(label, "label")
@@ -506,7 +513,8 @@ def _check_manifest(manifest: Manifest) -> list[Problem]:
         problems.append(error(src, f"duplicate case ids: {', '.join(dupes)}"))
     if manifest.labels is not None and 0 not in manifest.labels and manifest.labels:
         problems.append(warning(src, "labels do not declare 0 (background); value 0 is taken as background"))
-    if manifest.labels is None and manifest.format != "csv":
+    fmt = get_format(manifest.format)
+    if manifest.labels is None and fmt.declares_labels:
         problems.append(warning(src, "the manifest declares no labels; label values are not checked"))
     seen: dict[Path, str] = {}
     for c in manifest.cases:
@@ -514,57 +522,11 @@ def _check_manifest(manifest: Manifest) -> list[Problem]:
             if c.label in seen:
                 problems.append(warning(c.label, f"label file used by cases {seen[c.label]} and {c.case_id}"))
             seen[c.label] = c.case_id
-    if manifest.format == "nnunet":
-        problems += _check_nnunet(manifest)
-    elif manifest.format == "msd" and src is not None:
-        problems += _check_msd_counts(manifest)
+    problems += [Problem(n.severity, str(n.file), n.message) for n in fmt.check(manifest)]
     return problems
 
 
-def _check_nnunet(manifest: Manifest) -> list[Problem]:
-    root = Path(manifest.root or manifest.source or ".")
-    problems = []
-    ending = manifest.file_ending
-    train = [c for c in manifest.cases if c.split != "test"]
-    declared = manifest.meta.get("declared_numTraining")
-    if declared is None:
-        problems.append(error(root / "dataset.json", "missing \"numTraining\" (required by nnU-Net v2)"))
-    elif declared != len(train):
-        problems.append(error(root / "dataset.json", f"numTraining is {declared} but imagesTr/ holds {len(train)} cases"))
-    for sub in ("imagesTr", "labelsTr"):
-        folder = root / sub
-        if not folder.is_dir():
-            if sub == "labelsTr":
-                problems.append(error(folder, "missing labelsTr/ folder"))
-            continue
-        other = sorted(f.name for f in folder.iterdir() if not f.name.startswith(".") and not f.name.endswith(ending))
-        if other:
-            shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
-            problems.append(warning(folder, f"{len(other)} file(s) ignored, not ending in file_ending "
-                                    f"{ending!r}: {shown}"))
-    labels_dir = root / "labelsTr"
-    if labels_dir.is_dir():
-        ids = {c.case_id for c in train}
-        for f in sorted(labels_dir.iterdir()):
-            if f.name.endswith(ending) and not f.name.startswith(".") and f.name[: -len(ending)] not in ids:
-                problems.append(error(f, "label file has no image in imagesTr/"))
-    return problems
-
-
-def _check_msd_counts(manifest: Manifest) -> list[Problem]:
-    src = Path(manifest.source)  # type: ignore[arg-type]
-    try:
-        data = json.loads(src.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError):
-        return []
-    declared = data.get("numTraining") if isinstance(data, dict) else None
-    found = len(data.get("training") or []) if isinstance(data, dict) else 0
-    if isinstance(declared, int) and declared != found:
-        return [warning(src, f"numTraining is {declared} but the training list has {found} entries")]
-    return []
-
-
-def _check_dimensionality(stats: list[_CaseStats], source: Any) -> list[Problem]:
+def _check_dimensionality(stats: list[_CaseStats], source: Path | None) -> list[Problem]:
     dims: dict[int, list[str]] = {}
     for s in stats:
         dims.setdefault(len(s.shape), []).append(s.case_id)
@@ -662,15 +624,18 @@ def fingerprint(manifest: Manifest, stats: list[_CaseStats]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- entry points
 
 
-def validate_dataset(path: str | Path, *, progress: bool = False) -> ValidationReport:
+def validate_dataset(path: str | Path, *, progress: bool = False, memory_limit: int | None = None) -> ValidationReport:
     """Decode and check every file of the dataset at ``path``; return every problem found.
 
     path: an MSD JSON (any name), a CSV manifest, or an nnU-Net raw folder (or its dataset.json).
-    progress: show a rich progress bar over cases on stderr.
+    progress: show a progress bar over cases on stderr (:func:`medsynth.progress.progress_bar`).
+    memory_limit: bytes of voxel data one case's files may claim together (``None``:
+        :func:`medsynth.data.limits.default_memory_limit`); a case claiming more is an error.
     Never raises for bad data: unreadable manifests and files become problems of the report.
     """
-    from medsynth.data.manifest import read_manifest
+    from medsynth.data.limits import default_memory_limit
 
+    limit = default_memory_limit() if memory_limit is None else memory_limit
     path = Path(path).expanduser()
     report = ValidationReport(path=str(path.resolve()) if path.exists() else str(path))
     # 1. the manifest
@@ -686,27 +651,32 @@ def validate_dataset(path: str | Path, *, progress: bool = False) -> ValidationR
     report.root = str(manifest.root) if manifest.root else None
     report.problems += _check_manifest(manifest)
     # 2. every case, every file, fully decoded
-    manifest_name = Path(manifest.source).name if manifest.source else "the manifest"
-    if manifest.format == "nnunet":
-        manifest_name = "dataset.json"
+    manifest_name = get_format(manifest.format).manifest_file(manifest.source).name if manifest.source else "the manifest"
     stats: list[_CaseStats] = []
-    for i, case in _progress(manifest.cases, progress):
-        try:
-            problems, case_stats = _check_case(case, manifest, i, manifest_name)
-        except MemoryError:
-            problems, case_stats = [error(case.images[0], f"case {case.case_id} is too large to check in memory")], None
-        except Exception as exc:  # a check surprise on odd data: report it, keep going
-            problems = [error(case.images[0], _one_line(f"case {case.case_id} could not be checked "
-                                                        f"({type(exc).__name__}: {exc})"))]
-            case_stats = None
-        report.problems += problems
-        if case_stats is not None:
-            stats.append(case_stats)
+    with progress_bar("validating", len(manifest.cases), enabled=progress, transient=True) as bar:
+        for i, case in enumerate(manifest.cases):
+            problems, case_stats = _check_case_safely(case, manifest, i, manifest_name, limit)
+            report.problems += problems
+            if case_stats is not None:
+                stats.append(case_stats)
+            bar.advance()
     # 3. across cases
     report.problems += _check_dimensionality(stats, manifest.source)
     if report.ok and stats:
         report.fingerprint = fingerprint(manifest, stats)
     return report
+
+
+def _check_case_safely(case: Case, manifest: Manifest, index: int, manifest_name: str,
+                       memory_limit: int) -> tuple[list[Problem], _CaseStats | None]:
+    """:func:`_check_case`, with any surprise on odd data reported as a problem of the case."""
+    try:
+        return _check_case(case, manifest, index, manifest_name, memory_limit)
+    except MemoryError:
+        return [error(case.images[0], f"case {case.case_id} is too large to check in memory")], None
+    except Exception as exc:  # a check surprise on odd data: report it, keep going
+        return [error(case.images[0], _one_line(f"case {case.case_id} could not be checked "
+                                                 f"({type(exc).__name__}: {exc})"))], None
 
 
 def _strip_prefix(text: str, path: Path) -> str:
@@ -716,24 +686,11 @@ def _strip_prefix(text: str, path: Path) -> str:
     return text
 
 
-def _progress(cases: list[Case], show: bool) -> Any:
-    if not show or not cases:
-        yield from enumerate(cases)
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def load_valid_dataset(path: str | Path, *, progress: bool = False, memory_limit: int | None = None) -> Manifest:
+    """Validate the dataset at ``path`` and return its manifest; raise :class:`DataError` listing every error.
 
-    columns = (TextColumn("validating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("validate", total=len(cases))
-        for i, case in enumerate(cases):
-            yield i, case
-            bar.advance(task)
-
-
-def load_valid_dataset(path: str | Path, *, progress: bool = False) -> Manifest:
-    """Validate the dataset at ``path`` and return its manifest; raise :class:`DataError` listing every error."""
-    report = validate_dataset(path, progress=progress)
+    memory_limit: as :func:`validate_dataset`."""
+    report = validate_dataset(path, progress=progress, memory_limit=memory_limit)
     if not report.ok:
         lines = [f"  {report.display_file(p)}: {p.message}" for p in report.errors]
         where = report.root or report.path

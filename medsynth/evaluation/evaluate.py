@@ -10,7 +10,6 @@ metrics are computed in float64 and equal ``medsynth.ssim(img.get_fdata(), ...)`
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from medsynth.errors import DataError
+from medsynth.evaluation.report import LoadedSet, Preview, UnpairedExtras, write_paired_report, write_unpaired_report
+from medsynth.plots import middle_slice
+from medsynth.progress import progress_bar
 
 T = TypeVar("T")
 
@@ -70,20 +72,12 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _progress(items: Sequence[T], description: str, enabled: bool) -> Iterator[T]:
-    """Iterate with a rich progress bar on stderr (only for several items on a terminal)."""
-    if not enabled or len(items) < 2 or not sys.stderr.isatty():
-        yield from items
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(description, total=len(items))
+def progress_bar_items(items: Sequence[T], description: str, enabled: bool) -> Iterator[T]:
+    """Iterate over ``items`` with :func:`medsynth.progress.progress_bar` (shown for several items)."""
+    with progress_bar(description, len(items), enabled=enabled and len(items) >= 2, transient=True) as bar:
         for item in items:
             yield item
-            bar.advance(task)
+            bar.advance()
 
 
 def _is_volume_path(path: Path) -> bool:
@@ -144,19 +138,6 @@ class PairSpec:
     reference: list[Path]
     candidate: list[Path]
     mask: Path | None = None
-
-
-@dataclass
-class Preview:
-    """Middle slices kept for the montage (channel 0; the last axis's middle slice for 3D)."""
-
-    case_id: str
-    reference: np.ndarray
-    candidate: np.ndarray
-
-
-def _middle_slice(arr: np.ndarray) -> np.ndarray:
-    return arr if arr.ndim == 2 else arr[..., arr.shape[-1] // 2]
 
 
 def _pairs(reference: Path, candidate: Path, mask: str | None) -> tuple[str, list[PairSpec], list[str]]:
@@ -255,7 +236,7 @@ def _evaluate_pair(spec: PairSpec, data_range: float | str) -> tuple[dict[str, A
             row["ms_ssim_note"] = str(exc)
     row["data_range"] = r
     row["shape"] = list(spatial)
-    preview = Preview(spec.case_id, _middle_slice(ref[0, 0]), _middle_slice(cand[0, 0]))
+    preview = Preview(spec.case_id, middle_slice(ref[0, 0]), middle_slice(cand[0, 0]))
     return row, preview
 
 
@@ -295,7 +276,7 @@ def evaluate_paired(
     mask_arg = None if mask is None else str(mask)
     mode, pairs, unmatched = _pairs(reference, candidate, mask_arg)
     rows, previews = [], []
-    for spec in _progress(pairs, "evaluate", progress):
+    for spec in progress_bar_items(pairs, "evaluate", progress):
         row, preview = _evaluate_pair(spec, data_range)
         rows.append(row)
         previews.append(preview)
@@ -320,13 +301,6 @@ def evaluate_paired(
 # ------------------------------------------------------------------------------------ unpaired
 
 
-@dataclass
-class LoadedSet:
-    ids: list[str]
-    images: list[np.ndarray]
-    labels: list[np.ndarray] | None
-
-
 def _load_set(path: Path, what: str, progress: bool) -> LoadedSet:
     from medsynth.data.manifest import read_manifest
     from medsynth.data.nifti import read_volume
@@ -341,7 +315,7 @@ def _load_set(path: Path, what: str, progress: bool) -> LoadedSet:
         raise DataError(f"{what} {path}: {len(missing)} file(s) not found: {_list_ids(missing, 10)}")
     with_labels = all(c.label is not None for c in manifest.cases)
     ids, images, labels = [], [], []
-    for case in _progress(manifest.cases, f"read {what}", progress):
+    for case in progress_bar_items(manifest.cases, f"read {what}", progress):
         arr, _ = _read_image(case.images[0])
         ids.append(case.case_id)
         images.append(arr)
@@ -351,16 +325,6 @@ def _load_set(path: Path, what: str, progress: bool) -> LoadedSet:
                 raise DataError(f"case {case.case_id}: label shape {lab.shape} differs from image shape {arr.shape}")
             labels.append(lab)
     return LoadedSet(ids, images, labels if with_labels else None)
-
-
-@dataclass
-class UnpairedExtras:
-    """What the unpaired report draws besides the summary."""
-
-    reference: LoadedSet
-    candidate: LoadedSet
-    reference_z: np.ndarray
-    candidate_z: np.ndarray
 
 
 def evaluate_unpaired(
@@ -455,16 +419,12 @@ def run_evaluate(
             reference, candidate, data_range=data_range, fid_weights=fid_weights, progress=progress
         )
         if out_path is not None:
-            from medsynth.evaluation.report import write_unpaired_report
-
             summary["files"] = [str(p) for p in write_unpaired_report(summary, extras, out_path)]
         return summary
     if fid_weights is not None:
         raise DataError("--fid-weights applies to --unpaired evaluation only")
     summary, previews = evaluate_paired(reference, candidate, data_range=data_range, mask=mask, progress=progress)
     if out_path is not None:
-        from medsynth.evaluation.report import write_paired_report
-
         summary["files"] = [str(p) for p in write_paired_report(summary, previews, out_path)]
     return summary
 

@@ -1,7 +1,7 @@
 """The ``--out`` report folder of ``medsynth evaluate``: ``metrics.csv``, ``summary.json`` and PNGs.
 
-Pictures are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch),
-and every file is written atomically.
+Pictures are drawn with :mod:`medsynth.plots` (matplotlib's Agg canvas, no pyplot), and every file
+is written atomically.
 
 Paired: ``metrics.csv`` (one row per case), ``summary.json``, ``metrics.png`` (per-case
 distribution of each metric: box plot with the cases as points), ``montage.png`` (middle slices of
@@ -11,6 +11,9 @@ Unpaired: ``metrics.csv`` (one row per candidate: nearest reference image and it
 z-normalised radiomic features), ``memorisation.png`` (histogram of each candidate's highest SSIM
 to a reference image, with the threshold) and ``montage.png`` (the most similar candidate/reference
 pairs).
+
+The records the report draws besides a summary (:class:`Preview`, :class:`LoadedSet`,
+:class:`UnpairedExtras`) are defined here; :mod:`medsynth.evaluation.evaluate` fills them.
 """
 
 from __future__ import annotations
@@ -19,35 +22,50 @@ import csv
 import io
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medsynth.data.atomic import atomic_write_text, atomic_write_with
+from medsynth.data.atomic import atomic_write_text
+from medsynth.plots import middle_slice, new_figure, save_png, show_slice
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
-
-    from medsynth.evaluation.evaluate import Preview, UnpairedExtras
 
 PAIRED_COLUMNS = ("case_id", "ssim", "psnr", "mae", "ms_ssim", "data_range")
 METRIC_LABELS = {"ssim": "SSIM", "psnr": "PSNR (dB)", "mae": "MAE / R", "ms_ssim": "MS-SSIM"}
 
 
-def new_figure(width: float, height: float) -> Figure:
-    """A matplotlib figure with its own Agg canvas (no global pyplot state, no display needed); inches."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+@dataclass
+class Preview:
+    """Middle slices kept for the paired montage (channel 0; :func:`medsynth.plots.middle_slice`)."""
 
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    case_id: str
+    reference: np.ndarray
+    candidate: np.ndarray
 
 
-def save_png(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG atomically."""
-    return atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
+@dataclass
+class LoadedSet:
+    """One dataset of the unpaired comparison: case ids, images (channel 0, float64, 2D or 3D) and
+    label maps (None when a case has none)."""
+
+    ids: list[str]
+    images: list[np.ndarray]
+    labels: list[np.ndarray] | None
+
+
+@dataclass
+class UnpairedExtras:
+    """What the unpaired report draws besides the summary: both sets and their z-normalised
+    radiomic features ``(cases, features)``."""
+
+    reference: LoadedSet
+    candidate: LoadedSet
+    reference_z: np.ndarray
+    candidate_z: np.ndarray
 
 
 def _cell(value: Any) -> str:
@@ -114,12 +132,6 @@ def _pick_cases(rows: Sequence[dict[str, Any]], limit: int = 4) -> list[int]:
     return [order[p] for p in picks]
 
 
-def _show(ax: Any, image: np.ndarray, vmin: float, vmax: float, cmap: str = "gray") -> Any:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return ax.imshow(np.asarray(image).T, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest")
-
-
 def _paired_montage(rows: Sequence[dict[str, Any]], previews: Sequence[Preview]) -> Figure:
     picks = _pick_cases(rows)
     fig = new_figure(9.0, 3.0 * len(picks))
@@ -129,9 +141,9 @@ def _paired_montage(rows: Sequence[dict[str, Any]], previews: Sequence[Preview])
         lo = float(min(p.reference.min(), p.candidate.min()))
         hi = float(max(p.reference.max(), p.candidate.max()))
         diff = np.abs(p.reference.astype(np.float64) - p.candidate.astype(np.float64))
-        _show(axes[r, 0], p.reference, lo, hi)
-        _show(axes[r, 1], p.candidate, lo, hi)
-        im = _show(axes[r, 2], diff, 0.0, float(diff.max()) or 1.0, cmap="magma")
+        show_slice(axes[r, 0], p.reference, vmin=lo, vmax=hi)
+        show_slice(axes[r, 1], p.candidate, vmin=lo, vmax=hi)
+        im = show_slice(axes[r, 2], diff, vmin=0.0, vmax=float(diff.max()) or 1.0, cmap="magma")
         fig.colorbar(im, ax=axes[r, 2], fraction=0.046)
         ssim_txt = "n/a" if row["ssim"] is None else f"{row['ssim']:.4f}"
         psnr_txt = "inf" if row["psnr"] is None else f"{row['psnr']:.2f} dB"
@@ -210,8 +222,6 @@ def _memorisation_figure(mem: dict[str, Any]) -> Figure:
 
 
 def _nearest_montage(mem: dict[str, Any], extras: UnpairedExtras, limit: int = 4) -> Figure | None:
-    from medsynth.evaluation.evaluate import _middle_slice
-
     cases = [c for c in mem["cases"] if c["max_ssim"] is not None]
     if not cases:
         return None
@@ -221,11 +231,11 @@ def _nearest_montage(mem: dict[str, Any], extras: UnpairedExtras, limit: int = 4
     fig = new_figure(6.5, 3.0 * len(cases))
     axes = fig.subplots(len(cases), 2, squeeze=False)
     for r, c in enumerate(cases):
-        a = _middle_slice(extras.candidate.images[cand_index[c["case_id"]]])
-        b = _middle_slice(extras.reference.images[ref_index[c["nearest_id"]]])
+        a = middle_slice(extras.candidate.images[cand_index[c["case_id"]]])
+        b = middle_slice(extras.reference.images[ref_index[c["nearest_id"]]])
         lo, hi = float(min(a.min(), b.min())), float(max(a.max(), b.max()))
-        _show(axes[r, 0], a, lo, hi)
-        _show(axes[r, 1], b, lo, hi)
+        show_slice(axes[r, 0], a, vmin=lo, vmax=hi)
+        show_slice(axes[r, 1], b, vmin=lo, vmax=hi)
         flag = "  FLAGGED" if c["flagged"] else ""
         axes[r, 0].set_ylabel(f"{c['case_id']}\nSSIM {c['max_ssim']:.4f}{flag}", fontsize=9)
         axes[r, 1].set_ylabel(c["nearest_id"], fontsize=9)

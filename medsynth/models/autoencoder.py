@@ -14,12 +14,14 @@ Image intensities are whatever the data loader produces (normalised, roughly ``[
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
+    from monai.networks.nets import AutoencoderKL
+
     from medsynth.config import LdmAutoencoderConfig
 
 
@@ -35,7 +37,7 @@ def _attention_levels(cfg: LdmAutoencoderConfig) -> tuple[bool, ...]:
 
 def build_autoencoder(
     cfg: LdmAutoencoderConfig, *, spatial_dims: int, in_channels: int, use_flash_attention: bool = False
-) -> nn.Module:
+) -> AutoencoderKL:
     """MONAI ``AutoencoderKL``: ``(N, in_channels, *spatial)`` <-> ``(N, latent_channels, *spatial/f)``.
 
     ``use_flash_attention`` turns on PyTorch SDPA in the attention blocks (CUDA only matters).
@@ -74,7 +76,7 @@ def build_discriminator(cfg: LdmAutoencoderConfig, *, spatial_dims: int, in_chan
 
 
 def encode(
-    autoencoder: nn.Module, image: torch.Tensor, *, generator: torch.Generator | None = None, sample: bool = True
+    autoencoder: AutoencoderKL, image: torch.Tensor, *, generator: torch.Generator | None = None, sample: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode ``image (N, C, *spatial)`` -> ``(z, mu, sigma)``, each ``(N, latent_channels, *spatial/f)``.
 
@@ -97,7 +99,7 @@ def randn_like(ref: torch.Tensor, generator: torch.Generator | None) -> torch.Te
 
 
 def decode(
-    autoencoder: nn.Module,
+    autoencoder: AutoencoderKL,
     z: torch.Tensor,
     *,
     tile: int | None = None,
@@ -126,4 +128,4 @@ def decode(
         device=out_device if out_device is not None else z.device,
         progress=False,
     )
-    return inferer(z, autoencoder.decode)
+    return cast(torch.Tensor, inferer(z, autoencoder.decode))

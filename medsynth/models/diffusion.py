@@ -20,7 +20,7 @@ mask and the null class, see :meth:`MaskConditionedUNet.null_condition`.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,9 @@ def resample_mask(mask: torch.Tensor, size: tuple[int, ...], mode: str = "area")
     if tuple(mask.shape[2:]) == tuple(size):
         return mask
     if mode == "area":
-        pool = F.adaptive_avg_pool2d if mask.ndim == 4 else F.adaptive_avg_pool3d
-        return pool(mask, size)
+        if mask.ndim == 4:
+            return F.adaptive_avg_pool2d(mask, (size[0], size[1]))
+        return F.adaptive_avg_pool3d(mask, (size[0], size[1], size[2]))
     if mode == "nearest":
         return F.interpolate(mask, size=size, mode="nearest")
     raise ValueError(f"mask resample mode must be 'area' or 'nearest', got {mode!r}")
@@ -79,7 +80,7 @@ class MaskConditionedUNet(nn.Module):
         self.num_labels = num_labels
         self.num_classes = num_classes
         levels = cfg.attention_levels if cfg.attention_levels is not None else [False] * len(cfg.channels)
-        common = dict(
+        common: dict[str, Any] = dict(
             spatial_dims=spatial_dims,
             num_res_blocks=cfg.num_res_blocks,
             channels=tuple(cfg.channels),
@@ -89,7 +90,8 @@ class MaskConditionedUNet(nn.Module):
             num_class_embeds=num_classes + 1 if num_classes > 0 else None,
             use_flash_attention=use_flash_attention,
         )
-        self.controlnet: nn.Module | None = None
+        self.controlnet: ControlNet | None = None
+        self.unet: DiffusionModelUNet | SPADEDiffusionModelUNet
         if cfg.conditioning == "concat":
             self.unet = DiffusionModelUNet(
                 in_channels=latent_channels + num_labels, out_channels=latent_channels, **common
@@ -145,7 +147,7 @@ class MaskConditionedUNet(nn.Module):
         if self.num_classes == 0:
             class_labels = None
         mask = mask.to(dtype=z.dtype)
-        if self.conditioning == "controlnet":
+        if self.controlnet is not None:  # conditioning == "controlnet"
             down, mid = self.controlnet(z, timesteps, controlnet_cond=mask, class_labels=class_labels)
             return self.unet(
                 z,

@@ -17,24 +17,41 @@ Stages of :meth:`LatentDiffusionPipeline.__call__`:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 
+from medsynth.config import LdmModelConfig
+from medsynth.diffusion import (
+    SAMPLERS,
+    Condition,
+    NoiseProcess,
+    Sampler,
+    make_process,
+    sample_latents,
+    size_multiple,
+    use_flash,
+)
 from medsynth.errors import CheckpointError, ConfigError
-from medsynth.synthesis.samplers import SAMPLERS, Condition, NoiseProcess, sample_latents
+from medsynth.runcard import RunCard
 
-WEIGHTS_FILE = "model.safetensors"
+if TYPE_CHECKING:  # pragma: no cover
+    from monai.networks.nets import AutoencoderKL
+
+    from medsynth.data.loader import DataInfo
+    from medsynth.models.diffusion import MaskConditionedUNet
+    from medsynth.synthesis.synthesizer import GenerationOptions
 
 
 @dataclass
 class SamplingDefaults:
     """The recipe's sampling settings (each overridable per call)."""
 
-    sampler: str
+    sampler: Sampler
     steps: int
     guidance: float
 
@@ -46,7 +63,7 @@ class LatentDiffusionPipeline:
     ``class_labels (N,)`` to get images ``(N, C, *spatial)`` in [0, 1].
     """
 
-    def __init__(self, autoencoder: torch.nn.Module, unet: torch.nn.Module, process: NoiseProcess, *,
+    def __init__(self, autoencoder: AutoencoderKL, unet: MaskConditionedUNet, process: NoiseProcess, *,
                  scale_factor: float, factor: int, multiple: int, latent_channels: int, defaults: SamplingDefaults,
                  decode_tile: int | None = None, decode_overlap: float = 0.25, can_guide: bool = True) -> None:
         self.autoencoder = autoencoder.eval()
@@ -68,29 +85,15 @@ class LatentDiffusionPipeline:
         return next(self.unet.parameters()).device
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, device: str | torch.device | None = None) -> LatentDiffusionPipeline:
-        """Load a finished LDM run (CheckpointError when it is incomplete or does not fit)."""
-        from medsynth.data.loader import DataInfo
-        from medsynth.synthesis.synthesizer import read_model_card
-
-        card = read_model_card(Path(run_dir))
-        if card["family"] != "ldm":
-            raise CheckpointError(f"{run_dir}: a {card['family']!r} run, not a latent diffusion run")
-        info = DataInfo.from_dict(card["data"])
-        dev = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
-        return load_ldm_backend(Path(run_dir), card, info, dev)
-
-    @classmethod
-    def from_parts(cls, model: Any, info: Any, facts: dict[str, Any], weights: Path,
+    def from_parts(cls, model: LdmModelConfig, info: DataInfo, facts: Mapping[str, Any], weights: Path,
                    device: torch.device) -> LatentDiffusionPipeline:
-        """Build the networks of ``model`` (an LdmModelConfig) for ``info`` and load ``weights``."""
+        """Build the networks of ``model`` for ``info`` and load ``weights``; ``facts`` are the run
+        card's model facts (scale factor, classes, sampling defaults)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from medsynth.models.autoencoder import build_autoencoder, downsample_factor
         from medsynth.models.diffusion import MaskConditionedUNet
-        from medsynth.training.ldm import make_process, size_multiple, use_flash
 
         flash = use_flash(model, device)
         with torch.random.fork_rng(devices=[]):  # initial values are overwritten; keep global RNG as it was
@@ -136,8 +139,9 @@ class LatentDiffusionPipeline:
         if g != 1.0 and not self.can_guide:
             raise ConfigError("--guidance: this run was trained without condition dropout "
                               "(model.diffusion.cond_dropout: 0), so it cannot use guidance other than 1")
-        self.process.timesteps(s, k, (1, 1, *([1] * self.process.spatial_dims)))  # validates sampler/steps
-        return SamplingDefaults(s, k, g)
+        sampler_name = cast(Sampler, s)
+        self.process.timesteps(sampler_name, k, (1, 1, *([1] * self.process.spatial_dims)))  # validates steps
+        return SamplingDefaults(sampler_name, k, g)
 
     @property
     def size_multiple(self) -> int:
@@ -159,7 +163,7 @@ class LatentDiffusionPipeline:
         return self._generate(mask, class_labels, opts, generator)
 
     def generate(self, index: torch.Tensor, class_index: torch.Tensor, seeds: list[int],
-                 options: dict[str, Any]) -> torch.Tensor:
+                 options: GenerationOptions) -> torch.Tensor:
         """The Synthesizer's backend call: index ``(N, *spatial)`` int64 label channels, class_index
         ``(N,)``, one seed per item, options ``steps``/``sampler``/``guidance`` (None: the run's
         defaults) -> ``(N, C, *spatial)`` float in [0, 1]."""
@@ -191,24 +195,26 @@ class LatentDiffusionPipeline:
         null = Condition(*self.unet.null_condition(mask, labels))
         # 2. latents
         amp = torch.bfloat16 if dev.type == "cuda" else None
-        kwargs = dict(process=self.process, sampler=opts.sampler, steps=opts.steps, guidance=opts.guidance,
-                      null=null, autocast_dtype=amp)
+
+        def sample(cuda_graph: bool) -> torch.Tensor:
+            return sample_latents(self.unet, cond, latent, process=self.process, sampler=opts.sampler,
+                                  steps=opts.steps, guidance=opts.guidance, generator=generator, null=null,
+                                  autocast_dtype=amp, cuda_graph=cuda_graph)
+
         if self.cuda_graph and dev.type == "cuda":
-            state = [g.get_state() for g in generator] if isinstance(generator, list) else generator.get_state()
+            gens = generator if isinstance(generator, list) else [generator]
+            states = [g.get_state() for g in gens]
             try:
-                z = sample_latents(self.unet, cond, latent, generator=generator, cuda_graph=True, **kwargs)
+                z = sample(cuda_graph=True)
             except RuntimeError as exc:  # an op that cannot be captured: run eagerly from the same draws
                 warnings.warn(f"CUDA graph capture failed ({str(exc).splitlines()[0][:120]}); sampling eagerly",
                               stacklevel=3)
                 self.cuda_graph = False
-                if isinstance(generator, list):
-                    for g, st in zip(generator, state):
-                        g.set_state(st)
-                else:
-                    generator.set_state(state)
-                z = sample_latents(self.unet, cond, latent, generator=generator, **kwargs)
+                for g, st in zip(gens, states):
+                    g.set_state(st)
+                z = sample(cuda_graph=False)
         else:
-            z = sample_latents(self.unet, cond, latent, generator=generator, **kwargs)
+            z = sample(cuda_graph=False)
         # 3. decode (tiled when configured), 4. crop and clamp
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             image = decode(self.autoencoder, z / self.scale_factor, tile=self.decode_tile,
@@ -217,19 +223,20 @@ class LatentDiffusionPipeline:
         return image.float()[crop].clamp(0.0, 1.0).cpu()
 
 
-def load_ldm_backend(run_dir: Path, card: dict[str, Any], info: Any, device: torch.device) -> LatentDiffusionPipeline:
-    """The Synthesizer's loader for ``family: ldm`` runs (see medsynth.synthesis.synthesizer.BACKENDS)."""
-    from medsynth.config import LdmModelConfig
+def load_ldm_backend(card: RunCard, device: torch.device) -> LatentDiffusionPipeline:
+    """The registry's backend loader of ``family: ldm``."""
+    from pydantic import ValidationError
 
-    facts = card.get("model", {})
+    facts = card.model
     if "scale_factor" not in facts:
-        raise CheckpointError(f"{run_dir}: the diffusion stage has not finished (no scale factor in the "
+        raise CheckpointError(f"{card.run_dir}: the diffusion stage has not finished (no scale factor in the "
                               "model card); train it first")
     try:
-        model = LdmModelConfig.model_validate(card["config"]["model"])
-    except Exception as exc:  # pydantic ValidationError
-        raise CheckpointError(f"{run_dir}/model_card.json: malformed model section ({exc})") from None
-    weights = Path(run_dir) / facts.get("weights", WEIGHTS_FILE)
+        model = LdmModelConfig.model_validate(card.model_section)
+    except ValidationError as exc:
+        raise CheckpointError(f"{card.path}: field 'config.model' does not fit this medsynth's latent diffusion "
+                              f"({exc.error_count()} problem(s), first: {exc.errors()[0]['msg']})") from None
+    weights = card.weights_path
     if not weights.is_file():
-        raise CheckpointError(f"{run_dir}: no {weights.name} (has the training finished?)")
-    return LatentDiffusionPipeline.from_parts(model, info, facts, weights, torch.device(device))
+        raise CheckpointError(f"{card.run_dir}: no {weights.name} (has the training finished?)")
+    return LatentDiffusionPipeline.from_parts(model, card.data, facts, weights, torch.device(device))

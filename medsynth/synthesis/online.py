@@ -1,8 +1,7 @@
 """Synthetic training pairs made on the fly, inside a training script.
 
-Two pieces, both built on the same functions the augment job uses (mask deformation and edits from
-:mod:`medsynth.data.transforms`, ``synthseg_image`` from :mod:`medsynth.synthesis.procedural`, a trained
-run through :class:`medsynth.synthesis.synthesizer.Synthesizer`):
+Two pieces, both wrappers of the synthetic-pair core :func:`medsynth.synthesis.pairs.make_pair`
+(the one ``medsynth augment`` uses: deform -> edit -> image -> QC):
 
 - :class:`RandSyntheticPaird`, a MONAI dictionary transform: with probability ``prob`` it replaces a
   sample's image AND label with a synthetic pair made from a deformed copy of the sample's own label.
@@ -12,33 +11,35 @@ run through :class:`medsynth.synthesis.synthesizer.Synthesizer`):
 Arrays are channel-first as MONAI loaders give them: image ``(C, *spatial)``, label ``(1, *spatial)``,
 ``spatial`` 2D ``(H, W)`` or 3D ``(X, Y, Z)``; numpy arrays, torch tensors and MONAI ``MetaTensor``
 are accepted and given back as the same kind, dtype and device (a MetaTensor keeps its meta data; the
-affine is unchanged because the grid is the same). Spacing (mm) for the deformation comes from the
-MetaTensor's affine, or the ``spacing`` argument, or 1 mm.
+affine is unchanged because the grid is the same). The grid (voxel size in mm, for the deformation
+and for a trained run's training spacing) comes from the MetaTensor's affine, or the ``spacing``
+argument, or 1 mm.
 
-Methods (as in ``medsynth augment``):
+Methods are those of ``medsynth augment`` (:func:`medsynth.registry.method_names`): ``synthseg``,
+``classic`` and every registered family (``gan``, ``ldm``: a trained run, given as ``model``, whose
+images come through ``Synthesizer.generate_volume`` in the run's own intensity units).
 
-- ``synthseg``: deform (and optionally edit) the label, then a SynthSeg-style random-contrast image;
-- ``classic``: one random deformation applied jointly to the real image (linear) and label
-  (nearest), then MONAI random intensity transforms;
-- ``gan`` / ``ldm``: deform (and edit) the label, then ``Synthesizer.from_run(model).generate``.
+Intensities: the core takes per-channel intensity statistics. By default they are the replaced
+sample's own; ``intensity_stats`` fixes them (for example the dataset's, as ``medsynth augment``
+uses). With ``match_range`` (synthseg only; default on when ``intensity_stats`` is not given) a
+synthseg image spans the real image's min/max instead of its p0.5..p99.5 range, so a pipeline's later
+min/max normalisation treats real and synthetic samples alike. Classic images are transformed real
+images and keep their units; a trained run's images are never rescaled.
 
-With ``match_range=True`` (default) the image of a mask-conditioned method (synthseg, gan, ldm) is
-rescaled linearly so that each channel's min/max equal those of the real image it replaces, so a
-pipeline's later normalisation behaves the same on real and synthetic samples. ``classic`` images
-are transformed real images and keep their units.
-
-Randomness: every draw comes from a ``numpy.random.SeedSequence``; the transform draws that
+Randomness: every pair comes from a ``numpy.random.SeedSequence``; the transform draws that
 sequence's entropy from MONAI's ``self.R`` (so ``set_random_state(seed)`` and the per-worker seeding
-of ``monai.data.DataLoader`` apply), the dataset from ``(seed, epoch, index)`` only.
+of ``monai.data.DataLoader`` apply), the dataset from ``(seed, epoch, index)`` only
+(:class:`medsynth.seeds.MixTag`). :meth:`RandSyntheticPaird.make_pair` and
+:meth:`SyntheticMixDataset.make_pair` make the pair of a given seed sequence.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar, Union
 
 import numpy as np
 import torch
@@ -46,22 +47,36 @@ from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_data_type, convert_to_dst_type
 from pydantic import BaseModel, ValidationError
 
-from medsynth.data.transforms import ClassicConfig, DeformConfig, EditConfig
+from medsynth.data.labels import as_label_array
+from medsynth.data.transforms import ClassicConfig, DeformConfig, EditConfig, check_edit_labels
 from medsynth.errors import CheckpointError, ConfigError, DataError
-from medsynth.synthesis.procedural import SynthSegConfig
+from medsynth.registry import is_model_method
+from medsynth.runcard import read_run_card
+from medsynth.seeds import MixTag, seed_sequence
+from medsynth.synthesis.pairs import (
+    PairSettings,
+    PairSource,
+    QCConfig,
+    check_method,
+    check_run_family,
+    load_synthesizer,
+    make_pair,
+)
+from medsynth.synthesis.procedural import IntensityStats, SynthSegConfig, fit_intensity_stats
 
-Method = Literal["synthseg", "classic", "gan", "ldm"]
-METHODS: tuple[str, ...] = ("synthseg", "classic", "gan", "ldm")
+#: what the online API accepts as an image or label: numpy arrays, torch tensors, MONAI MetaTensors
+ArrayLike = Union[np.ndarray, torch.Tensor]
+#: a MONAI-style data dict
+Sample = Mapping[Hashable, Any]
 
-# SeedSequence spawn-key tags of SyntheticMixDataset (one independent stream per purpose)
-_TAG_LAYOUT, _TAG_REAL, _TAG_SOURCE, _TAG_ITEM, _TAG_TRANSFORM = 0, 1, 2, 3, 4
 _MAX_SEED = 2**32  # MONAI's set_random_state takes seeds below this
+M = TypeVar("M", bound=BaseModel)
 
 
 # ------------------------------------------------------------------------------------ settings
 
 
-def _model_of(cls: type[BaseModel], value: Any, name: str) -> Any:
+def _model_of(cls: type[M], value: M | Mapping[str, object] | None, name: str) -> M:
     """``cls`` from an instance, a dict or None (defaults); bad fields -> ConfigError naming ``name``."""
     if value is None:
         return cls()
@@ -78,47 +93,36 @@ def _model_of(cls: type[BaseModel], value: Any, name: str) -> Any:
         raise ConfigError(problems) from None
 
 
-_SYNTHESIZERS: dict[tuple[str, str], Any] = {}
-
-
-def _load_synthesizer(run: Path, device: str) -> Any:
-    """``Synthesizer.from_run(run, device=device)``, loaded once per process."""
-    key = (str(run), device)
-    if key not in _SYNTHESIZERS:
-        from medsynth.synthesis.synthesizer import Synthesizer
-
-        _SYNTHESIZERS[key] = Synthesizer.from_run(run, device=device)
-    return _SYNTHESIZERS[key]
-
-
 @dataclass(frozen=True)
-class PairMaker:
-    """How to make one synthetic pair (checked settings, shared by the transform and the dataset).
+class OnlinePairs:
+    """The checked settings of the transform and the dataset, and how they call the pair core.
 
     labels: the dataset's label values, or None to use the values of each sample's own label.
     spacing: voxel size (mm) per spatial axis when the input carries no affine; None: 1 mm.
+    intensity_stats: per-channel intensity statistics, or None for each sample's own.
+    match_range: synthseg images span the sample's min/max (only without ``intensity_stats``).
     """
 
-    method: str
-    deform: DeformConfig
-    edits: EditConfig
-    synthseg: SynthSegConfig
-    classic: ClassicConfig
+    settings: PairSettings
     labels: tuple[int, ...] | None
     spacing: tuple[float, ...] | None
+    intensity_stats: tuple[IntensityStats, ...] | None
+    match_range: bool
     model: Path | None
     device: str
-    match_range: bool
-    generate_kwargs: tuple[tuple[str, Any], ...]
+    generate_kwargs: tuple[tuple[str, object], ...]
 
     @classmethod
     def build(
-        cls, *, method: str, deform: Any, edits: Any, synthseg: Any, classic: Any, labels: Any, spacing: Any,
-        model: Any, device: str, match_range: bool, generate_kwargs: Mapping[str, Any] | None,
-    ) -> PairMaker:
+        cls, *, method: str, deform: DeformConfig | Mapping[str, object] | None,
+        edits: EditConfig | Mapping[str, object] | None, synthseg: SynthSegConfig | Mapping[str, object] | None,
+        classic: ClassicConfig | Mapping[str, object] | None, labels: Sequence[int] | None,
+        spacing: Sequence[float] | None, intensity_stats: Sequence[IntensityStats] | None,
+        match_range: bool | None, model: str | Path | None, device: str,
+        generate_kwargs: Mapping[str, object] | None,
+    ) -> OnlinePairs:
         """Check every setting; raise ConfigError / CheckpointError naming the parameter."""
-        if method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        check_method(method)
         edit_cfg = _model_of(EditConfig, edits, "edits")
         if edit_cfg.paste_prob > 0:
             raise ConfigError(
@@ -130,8 +134,6 @@ class PairMaker:
                 label_values = tuple(sorted({int(v) for v in labels}))
             except (TypeError, ValueError):
                 raise ConfigError(f"labels must be a sequence of integer label values, got {labels!r}") from None
-            from medsynth.data.transforms import check_edit_labels
-
             check_edit_labels(edit_cfg, list(label_values))
         spacing_t = None
         if spacing is not None:
@@ -141,8 +143,18 @@ class PairMaker:
                 raise ConfigError(f"spacing must be a sequence of numbers (mm), got {spacing!r}") from None
             if len(spacing_t) not in (2, 3) or not all(np.isfinite(s) and s > 0 for s in spacing_t):
                 raise ConfigError(f"spacing must be 2 or 3 positive numbers (mm per voxel), got {spacing!r}")
+        stats = None
+        if intensity_stats is not None:
+            stats = tuple(intensity_stats)
+            if not stats or not all(isinstance(s, IntensityStats) for s in stats):
+                raise ConfigError("intensity_stats must be one IntensityStats per image channel")
+        if match_range and method != "synthseg":
+            raise ConfigError(f"match_range applies to method 'synthseg' only, not {method!r} "
+                              "(classic keeps the real image's units; a trained run's images are never rescaled)")
+        if match_range and stats is not None:
+            raise ConfigError("match_range uses each sample's own min/max; it cannot be combined with intensity_stats")
         run = None
-        if method in ("gan", "ldm"):
+        if is_model_method(method):
             if model is None:
                 raise ConfigError(f"method {method!r} needs model=RUN (a trained run folder)")
             run = Path(model).expanduser().resolve()
@@ -150,176 +162,118 @@ class PairMaker:
                 raise CheckpointError(f"model {model}: no such run folder")
             if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
                 raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
-            from medsynth.synthesis.synthesizer import read_model_card
-
-            family = read_model_card(run).get("family")
-            if family != method:
-                raise ConfigError(f"method is {method!r} but the run {run} is a {family!r} model")
+            check_run_family(read_run_card(run), method)
         elif model is not None:
-            raise ConfigError(f"model is only used by method 'gan' or 'ldm', not {method!r}")
-        return cls(
+            raise ConfigError(f"model is only used by a trained model's method, not {method!r}")
+        settings = PairSettings(
             method=method,
             deform=_model_of(DeformConfig, deform, "deform"),
             edits=edit_cfg,
             synthseg=_model_of(SynthSegConfig, synthseg, "synthseg"),
             classic=_model_of(ClassicConfig, classic, "classic"),
+            qc=QCConfig(),
+        )
+        return cls(
+            settings=settings,
             labels=label_values,
             spacing=spacing_t,
+            intensity_stats=stats,
+            match_range=(method == "synthseg" and stats is None) if match_range is None else bool(match_range),
             model=run,
             device=str(device),
-            match_range=bool(match_range),
             generate_kwargs=tuple(sorted((generate_kwargs or {}).items())),
         )
 
-    def make(
-        self, image: np.ndarray, label: np.ndarray, spacing: tuple[float, ...], seq: np.random.SeedSequence
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One synthetic pair from ``image`` ``(C, *spatial)`` float and ``label`` ``(*spatial)``
-        int64 with voxel ``spacing`` (mm). Every draw comes from ``seq``.
+    @property
+    def method(self) -> str:
+        return self.settings.method
 
-        Returns image float32 ``(C, *spatial)`` and label int64 ``(*spatial)`` (its values a subset
-        of the input label's)."""
-        from medsynth.data import transforms as T
-
-        streams = seq.spawn(4)  # deform, edit, image, generator seed
-        rng_deform, rng_edit, rng_image = (np.random.default_rng(s) for s in streams[:3])
-        channels = image.shape[0]
-        # 1. classic: one joint spatial transform, then intensity transforms of the real image
-        if self.method == "classic":
-            ranges = [tuple(float(v) for v in np.percentile(image[c], [0.5, 99.5])) for c in range(channels)]
-            out_image, out_label, _ = T.classic_pair(
-                image, label, spacing, deform=self.deform, intensity=self.classic, ranges=ranges, rng=rng_deform
-            )
-            return out_image, out_label
-        # 2. mask-conditioned: deform the label, edit it
-        labels = list(self.labels) if self.labels is not None else [int(v) for v in np.unique(label)]
-        params = T.draw_spatial(label.shape, spacing, self.deform, rng_deform)
-        new_label, _ = T.apply_spatial(params, label)
-        if self.edits.active:
-            new_label = T.random_edits(new_label, self.edits, rng_edit, labels).label
-        # 3. an image for the new label
-        if self.method == "synthseg":
-            out_image = np.stack(
-                [
-                    _synthseg_channel(image[c], label, new_label, rng_image, self.synthseg, labels, self.match_range)
-                    for c in range(channels)
-                ]
-            )
+    def replace_pair(self, image: ArrayLike, label: ArrayLike, seq: np.random.SeedSequence,
+                     where: str) -> tuple[ArrayLike, ArrayLike]:
+        """The synthetic (image, label) replacing ``image`` ``(C, *spatial)`` and ``label``
+        ``(1, *spatial)`` (or ``(*spatial)``), each returned as the same kind, dtype and device as its input."""
+        # 1. the sample as plain arrays on its grid
+        img = _numpy(image)
+        if img.ndim not in (3, 4):
+            raise DataError(f"{where}: image shape {tuple(img.shape)}; expected channel-first (C, H, W) or (C, X, Y, Z)")
+        spatial = tuple(int(s) for s in img.shape[1:])
+        lab = _split_label(_numpy(label), spatial, where)
+        img = img.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(img)):
+            raise DataError(f"{where}: image contains NaN or Inf")
+        affine = _affine_of(image if isinstance(getattr(image, "affine", None), torch.Tensor) else label,
+                            len(spatial), self.spacing)
+        # 2. intensity statistics and label values: given, or the sample's own
+        if self.intensity_stats is not None:
+            if len(self.intensity_stats) != img.shape[0]:
+                raise DataError(f"{where}: {img.shape[0]} image channel(s), intensity_stats has "
+                                f"{len(self.intensity_stats)}")
+            stats = list(self.intensity_stats)
         else:
-            assert self.model is not None
-            seed = int(streams[3].generate_state(1)[0] & 0x7FFFFFFF)
-            synth = _load_synthesizer(self.model, self.device)
-            generated = synth.generate(new_label, seed=seed, **dict(self.generate_kwargs))
-            out_image = np.asarray(convert_data_type(generated, np.ndarray)[0], dtype=np.float32)
-            if out_image.ndim == new_label.ndim:
-                out_image = out_image[None]
-            if out_image.shape[0] != channels:
-                raise DataError(
-                    f"the run {self.model} makes {out_image.shape[0]} image channel(s), the sample has {channels}"
-                )
-        # 4. intensities into the real image's range
-        if self.match_range:
-            out_image = np.stack([_rescale(out_image[c], image[c]) for c in range(channels)])
-        return np.ascontiguousarray(out_image, dtype=np.float32), new_label
-
-
-def _synthseg_channel(
-    real: np.ndarray, real_label: np.ndarray, new_label: np.ndarray, rng: np.random.Generator,
-    config: SynthSegConfig, labels: list[int], match_range: bool,
-) -> np.ndarray:
-    """synthseg image for ``new_label`` with intensity facts measured on one real channel."""
-    from dataclasses import replace
-
-    from medsynth.synthesis.procedural import fit_intensity_stats, synthseg_image
-
-    stats = fit_intensity_stats([(real, real_label)])
-    if match_range:  # min/max instead of the robust p0.5..p99.5 range
-        stats = replace(stats, low=stats.minimum, high=stats.maximum)
-    return synthseg_image(new_label, rng=rng, config=config, stats=stats, labels=labels)
-
-
-def _rescale(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``image`` mapped linearly so its min/max equal ``reference``'s (constant -> reference min)."""
-    lo, hi = float(image.min()), float(image.max())
-    r_lo, r_hi = float(reference.min()), float(reference.max())
-    if hi - lo <= 1e-12:
-        return np.full(image.shape, r_lo, dtype=np.float32)
-    out = (image.astype(np.float64) - lo) * ((r_hi - r_lo) / (hi - lo)) + r_lo
-    return np.clip(out, r_lo, r_hi).astype(np.float32)
+            stats = [fit_intensity_stats([(img[c], lab)]) for c in range(img.shape[0])]
+            if self.match_range:  # min/max instead of the robust p0.5..p99.5 range
+                stats = [replace(s, low=s.minimum, high=s.maximum) for s in stats]
+        labels = list(self.labels) if self.labels is not None else [int(v) for v in np.unique(lab)]
+        # 3. the pair
+        synthesizer = None if self.model is None else load_synthesizer(self.model, self.device)
+        pair = make_pair(PairSource(img, lab, affine), self.settings, stats=stats, labels=labels, seq=seq,
+                         synthesizer=synthesizer, generate_options=dict(self.generate_kwargs), where=where)
+        new_label = pair.label.reshape(_numpy(label).shape)
+        return _like(pair.images, image), _like(new_label, label)
 
 
 # ------------------------------------------------------------------------------------ array plumbing
 
 
-def _numpy(x: Any) -> np.ndarray:
+def _numpy(x: ArrayLike) -> np.ndarray:
     return np.asarray(convert_data_type(x, np.ndarray)[0])
 
 
-def _spacing_of(x: Any, ndim: int, fallback: tuple[float, ...] | None) -> tuple[float, ...]:
-    """Voxel size (mm) of ``x``: its MetaTensor affine's column norms, else ``fallback``, else 1 mm."""
+def _affine_of(x: ArrayLike, ndim: int, fallback: tuple[float, ...] | None) -> np.ndarray:
+    """The ``(4, 4)`` voxel -> mm affine of ``x``: its MetaTensor affine, else a diagonal one from
+    ``fallback`` (mm per voxel), else 1 mm."""
     affine = getattr(x, "affine", None)
     if affine is not None:
         a = _numpy(affine).astype(np.float64)
         if a.ndim == 2 and a.shape[0] == a.shape[1] and a.shape[0] - 1 >= ndim:
             norms = np.linalg.norm(a[:-1, :ndim], axis=0)
-            if np.all(np.isfinite(norms)) and np.all(norms > 0):
-                return tuple(float(v) for v in norms)
-    if fallback is not None:
-        if len(fallback) < ndim:
-            raise ConfigError(f"spacing has {len(fallback)} values, the data has {ndim} spatial axes")
-        return tuple(fallback[:ndim])
-    return (1.0,) * ndim
+            if np.all(np.isfinite(a)) and np.all(norms > 0):
+                if a.shape == (4, 4):
+                    return a
+                out = np.eye(4)
+                k = a.shape[0] - 1
+                out[:k, :k], out[:k, 3] = a[:k, :k], a[:k, k]
+                return out
+    if fallback is not None and len(fallback) < ndim:
+        raise ConfigError(f"spacing has {len(fallback)} values, the data has {ndim} spatial axes")
+    spacing = fallback[:ndim] if fallback is not None else (1.0,) * ndim
+    return np.diag([*spacing, *([1.0] * (4 - ndim))])
 
 
-def _like(array: np.ndarray, template: Any) -> Any:
+def _like(array: np.ndarray, template: ArrayLike) -> ArrayLike:
     """``array`` as the same kind (numpy / tensor / MetaTensor with its meta), dtype and device as ``template``."""
-    dtype = getattr(template, "dtype", None)
+    dtype = template.dtype
     is_int = (isinstance(dtype, torch.dtype) and not dtype.is_floating_point and not dtype.is_complex
               and dtype != torch.bool) or (isinstance(dtype, np.dtype) and dtype.kind in "iu")
     if is_int:
         info = torch.iinfo(dtype) if isinstance(dtype, torch.dtype) else np.iinfo(dtype)
         array = np.clip(np.rint(array), info.min, info.max)
-    return convert_to_dst_type(np.ascontiguousarray(array), template, dtype=dtype)[0]
+    converted: ArrayLike = convert_to_dst_type(np.ascontiguousarray(array), template, dtype=dtype)[0]
+    return converted
 
 
-def _split_label(label: np.ndarray, spatial: tuple[int, ...], where: str) -> tuple[np.ndarray, bool]:
-    """Label ``(1, *spatial)`` or ``(*spatial)`` -> int64 ``(*spatial)`` and whether it had a channel axis."""
+def _split_label(label: np.ndarray, spatial: tuple[int, ...], where: str) -> np.ndarray:
+    """Label ``(1, *spatial)`` or ``(*spatial)`` -> int64 ``(*spatial)`` label values."""
     if tuple(label.shape) == (1, *spatial):
-        lab, channel = label[0], True
+        lab = label[0]
     elif tuple(label.shape) == spatial:
-        lab, channel = label, False
+        lab = label
     else:
         raise DataError(
             f"{where}: label shape {tuple(label.shape)} does not match the image's spatial shape {spatial} "
             "(expected a (1, *spatial) label map)"
         )
-    if lab.dtype.kind == "f":
-        if not np.all(np.isfinite(lab)) or not np.array_equal(lab, np.round(lab)):
-            raise DataError(f"{where}: label has non-integer values (resample labels with nearest neighbour)")
-    elif lab.dtype.kind == "b":
-        pass
-    elif lab.dtype.kind not in "iu":
-        raise DataError(f"{where}: label has dtype {lab.dtype}, expected integer label values")
-    return lab.astype(np.int64), channel
-
-
-def _replace_pair(
-    maker: PairMaker, image: Any, label: Any, seq: np.random.SeedSequence, where: str
-) -> tuple[Any, Any]:
-    """The synthetic (image, label) replacing ``image`` ``(C, *spatial)`` and ``label``
-    ``(1, *spatial)``, each returned as the same kind, dtype and device as its input."""
-    img = _numpy(image)
-    if img.ndim not in (3, 4):
-        raise DataError(f"{where}: image shape {tuple(img.shape)}; expected channel-first (C, H, W) or (C, X, Y, Z)")
-    spatial = tuple(int(s) for s in img.shape[1:])
-    lab, _ = _split_label(_numpy(label), spatial, where)
-    img = img.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(img)):
-        raise DataError(f"{where}: image contains NaN or Inf")
-    spacing = _spacing_of(image if hasattr(image, "affine") else label, len(spatial), maker.spacing)
-    new_image, new_label = maker.make(img, lab, spacing, seq)
-    new_label = new_label.reshape(_numpy(label).shape)
-    return _like(new_image, image), _like(new_label, label)
+    return as_label_array(lab, where)
 
 
 # ------------------------------------------------------------------------------------ the transform
@@ -332,43 +286,49 @@ class RandSyntheticPaird(RandomizableTransform, MapTransform):
     keys: ``(image_key, label_key)``; the image ``(C, *spatial)``, the label ``(1, *spatial)``
         (or ``(*spatial)``), numpy arrays, tensors or MetaTensors, 2D or 3D.
     prob: probability of replacing a sample, in [0, 1].
-    method: ``synthseg``, ``classic``, ``gan`` or ``ldm`` (see the module docstring).
-    model: run folder of a trained model (gan, ldm only).
+    method: ``synthseg``, ``classic`` or a registered family such as ``gan``, ``ldm`` (see the
+        module docstring).
+    model: run folder of a trained model (family methods only).
     deform, edits, synthseg, classic: settings as in the augment recipe
         (:class:`~medsynth.data.transforms.DeformConfig`, ``EditConfig``,
         :class:`~medsynth.synthesis.procedural.SynthSegConfig`, ``ClassicConfig``) or dicts of their fields.
-        Edits apply to synthseg/gan/ldm; lesion pasting is not available here (no donor case).
+        Edits apply to every method but classic; lesion pasting is not available here (no donor case).
     labels: the dataset's label values (fixes which structures edits and synthseg draw for);
         None: the values found in each sample's label.
     spacing: mm per voxel when the data has no affine (numpy / plain tensors); None: 1 mm.
-    match_range: rescale synthseg/gan/ldm images to the real image's per-channel min/max.
-    device: where a gan/ldm run generates (``cpu`` by default: safe inside DataLoader workers,
+    intensity_stats: one :class:`~medsynth.synthesis.procedural.IntensityStats` per channel
+        (synthseg's output range, classic's intensity sizes, the QC range); None: each sample's own.
+    match_range: synthseg only: its image spans the real image's per-channel min/max
+        (default: on unless ``intensity_stats`` is given).
+    device: where a trained run generates (``cpu`` by default: safe inside DataLoader workers,
         which cannot use a CUDA context forked from the parent; ``cuda`` with ``num_workers=0``
         or a ``spawn`` multiprocessing context).
-    generate_kwargs: extra arguments of ``Synthesizer.generate`` (e.g. ``{"steps": 20}`` for ldm).
+    generate_kwargs: extra arguments of ``Synthesizer.generate_volume`` (e.g. ``{"steps": 20}`` for ldm).
     flag_key: if set, every sample gets ``data[flag_key] = True/False`` (replaced or not).
 
     Output: the same dict with ``keys`` replaced (same kind, dtype and device; MetaTensor meta
     kept). The replaced label's values are a subset of the original's.
-    Raises ConfigError (bad settings, naming the parameter) and DataError (bad sample).
+    Raises ConfigError (bad settings, naming the parameter), DataError (bad sample) and JobError
+    (no draw passed quality control).
     """
 
     def __init__(
         self,
         keys: Sequence[Hashable] = ("image", "label"),
         prob: float = 0.5,
-        method: Method = "synthseg",
+        method: str = "synthseg",
         model: str | Path | None = None,
         *,
-        deform: DeformConfig | Mapping[str, Any] | None = None,
-        edits: EditConfig | Mapping[str, Any] | None = None,
-        synthseg: SynthSegConfig | Mapping[str, Any] | None = None,
-        classic: ClassicConfig | Mapping[str, Any] | None = None,
+        deform: DeformConfig | Mapping[str, object] | None = None,
+        edits: EditConfig | Mapping[str, object] | None = None,
+        synthseg: SynthSegConfig | Mapping[str, object] | None = None,
+        classic: ClassicConfig | Mapping[str, object] | None = None,
         labels: Sequence[int] | None = None,
         spacing: Sequence[float] | None = None,
-        match_range: bool = True,
+        intensity_stats: Sequence[IntensityStats] | None = None,
+        match_range: bool | None = None,
         device: str = "cpu",
-        generate_kwargs: Mapping[str, Any] | None = None,
+        generate_kwargs: Mapping[str, object] | None = None,
         flag_key: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
@@ -378,38 +338,44 @@ class RandSyntheticPaird(RandomizableTransform, MapTransform):
             raise ConfigError(f"prob must be a number in [0, 1], got {prob!r}")
         MapTransform.__init__(self, tuple(keys), allow_missing_keys)
         RandomizableTransform.__init__(self, prob=float(prob))
-        self.maker = PairMaker.build(
+        self.pairs = OnlinePairs.build(
             method=method, deform=deform, edits=edits, synthseg=synthseg, classic=classic, labels=labels,
-            spacing=spacing, model=model, device=device, match_range=match_range, generate_kwargs=generate_kwargs,
+            spacing=spacing, intensity_stats=intensity_stats, match_range=match_range, model=model,
+            device=device, generate_kwargs=generate_kwargs,
         )
         self.flag_key = flag_key
         self._entropy = (0, 0)
 
     @property
     def method(self) -> str:
-        return self.maker.method
+        return self.pairs.method
 
-    def randomize(self, data: Any = None) -> None:
+    def randomize(self, data: object = None) -> None:
         """Draw whether to replace and the entropy of this sample's seed sequence (always both,
         so the stream stays aligned whatever the outcome)."""
         super().randomize(None)
         words = self.R.randint(0, 2**31 - 1, size=2)
         self._entropy = (int(words[0]), int(words[1]))
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+    def make_pair(self, data: Sample, seq: np.random.SeedSequence) -> dict[Hashable, Any]:
+        """``data`` with its image and label replaced by the synthetic pair of seed ``seq`` (no draw)."""
+        d = dict(data)
+        image_key, label_key = self.keys
+        d[image_key], d[label_key] = self.pairs.replace_pair(
+            d[image_key], d[label_key], seq, where=f"RandSyntheticPaird({image_key!r}, {label_key!r})"
+        )
+        return d
+
+    def __call__(self, data: Sample) -> dict[Hashable, Any]:
         d = dict(data)
         self.randomize(None)
-        image_key, label_key = self.keys
-        missing = [k for k in (image_key, label_key) if k not in d]
+        missing = [k for k in self.keys if k not in d]
         if missing:
             if self.allow_missing_keys:
                 return d
             raise DataError(f"RandSyntheticPaird: sample has no key(s) {missing} (keys {list(d)})")
         if self._do_transform:
-            seq = np.random.SeedSequence(entropy=list(self._entropy))
-            d[image_key], d[label_key] = _replace_pair(
-                self.maker, d[image_key], d[label_key], seq, where=f"RandSyntheticPaird({image_key!r}, {label_key!r})"
-            )
+            d = self.make_pair(d, np.random.SeedSequence(entropy=list(self._entropy)))
         if self.flag_key is not None:
             d[self.flag_key] = bool(self._do_transform)
         return d
@@ -418,16 +384,17 @@ class RandSyntheticPaird(RandomizableTransform, MapTransform):
 # ------------------------------------------------------------------------------------ the dataset
 
 
-def _is_paths(value: Any) -> bool:
+def _is_paths(value: object) -> bool:
     if isinstance(value, (str, Path)):
         return True
     return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, (str, Path)) for v in value)
 
 
-def _case_id(entry: Mapping[str, Any], label_key: str, j: int) -> str:
+def _case_id(entry: Sample, label_key: str, j: int) -> str:
     for key in ("case_id", "id", "source"):
-        if isinstance(entry.get(key), str):
-            return entry[key]
+        value = entry.get(key)
+        if isinstance(value, str):
+            return value
     label = entry.get(label_key)
     meta = getattr(label, "meta", None)
     if isinstance(meta, Mapping) and isinstance(meta.get("filename_or_obj"), (str, Path)):
@@ -439,11 +406,11 @@ def _case_id(entry: Mapping[str, Any], label_key: str, j: int) -> str:
     return f"case_{j:04d}"
 
 
-def load_pair(entry: Mapping[str, Any], image_key: str = "image", label_key: str = "label") -> dict[str, Any]:
+def load_pair(entry: Sample, image_key: str = "image", label_key: str = "label") -> dict[Hashable, Any]:
     """A MONAI-style data dict -> a copy whose image and label are channel-first.
 
     File paths (one per channel for the image) are read with
-    :func:`medsynth.data.nifti.read_volume` and become float32 ``MetaTensor`` s ``(C, *spatial)``
+    :func:`medsynth.data.nifti.read_case_arrays` and become float32 ``MetaTensor`` s ``(C, *spatial)``
     and ``(1, *spatial)`` carrying the label file's affine (like MONAI's ``LoadImaged`` +
     ``EnsureChannelFirstd``). In-memory arrays keep their kind; a missing channel axis is added.
     Other keys are copied unchanged. Raises DataError for unreadable files or mismatched shapes."""
@@ -488,13 +455,13 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
     ``(seed, epoch, index)`` (so any number of workers, and a rerun, give the same items).
 
     real: MONAI-style data dicts ``{"image": path | [paths] | array, "label": path | array, ...}``
-        (paths are read with ``read_volume``; an optional ``"case_id"`` names the case), or a torch
+        (paths are read with ``read_case_arrays``; an optional ``"case_id"`` names the case), or a torch
         ``Dataset`` whose items are such dicts with channel-first arrays (for example a
         ``monai.data.Dataset`` with ``LoadImaged`` + ``EnsureChannelFirstd``; keep it deterministic
         and put random augmentation in ``transform``).
     ratio: fraction of synthetic items, in [0, 1].
-    method, model, deform, edits, synthseg, classic, labels, spacing, match_range, device,
-        generate_kwargs: as in :class:`RandSyntheticPaird`.
+    method, model, deform, edits, synthseg, classic, labels, spacing, intensity_stats, match_range,
+        device, generate_kwargs: as in :class:`RandSyntheticPaird`.
     length: items per epoch; None: ``round(len(real) / (1 - ratio))``, so every real case appears
         once per epoch (``len(real)`` when ``ratio == 1``).
     seed: the seed of every draw. transform: applied to each item last (a MONAI ``Randomizable``
@@ -514,30 +481,31 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        real: Sequence[Mapping[str, Any]] | torch.utils.data.Dataset,
+        real: Sequence[Sample] | torch.utils.data.Dataset,
         ratio: float = 0.5,
-        method: Method = "synthseg",
+        method: str = "synthseg",
         model: str | Path | None = None,
         *,
         length: int | None = None,
         seed: int = 0,
-        transform: Any = None,
-        deform: DeformConfig | Mapping[str, Any] | None = None,
-        edits: EditConfig | Mapping[str, Any] | None = None,
-        synthseg: SynthSegConfig | Mapping[str, Any] | None = None,
-        classic: ClassicConfig | Mapping[str, Any] | None = None,
+        transform: Callable[[dict[Hashable, Any]], Any] | None = None,
+        deform: DeformConfig | Mapping[str, object] | None = None,
+        edits: EditConfig | Mapping[str, object] | None = None,
+        synthseg: SynthSegConfig | Mapping[str, object] | None = None,
+        classic: ClassicConfig | Mapping[str, object] | None = None,
         labels: Sequence[int] | None = None,
         spacing: Sequence[float] | None = None,
-        match_range: bool = True,
+        intensity_stats: Sequence[IntensityStats] | None = None,
+        match_range: bool | None = None,
         device: str = "cpu",
-        generate_kwargs: Mapping[str, Any] | None = None,
+        generate_kwargs: Mapping[str, object] | None = None,
         cache: bool = False,
         image_key: str = "image",
         label_key: str = "label",
     ) -> None:
         # 1. the real cases
         if isinstance(real, torch.utils.data.Dataset):
-            self._entries: list[Mapping[str, Any]] | None = None
+            self._entries: list[Sample] | None = None
             n = len(real)  # type: ignore[arg-type]
         elif isinstance(real, Sequence) and not isinstance(real, (str, bytes)):
             bad = [j for j, e in enumerate(real) if not isinstance(e, Mapping)]
@@ -566,24 +534,26 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.cache = bool(cache)
         self.image_key, self.label_key = image_key, label_key
-        self.maker = PairMaker.build(
+        self.pairs = OnlinePairs.build(
             method=method, deform=deform, edits=edits, synthseg=synthseg, classic=classic, labels=labels,
-            spacing=spacing, model=model, device=device, match_range=match_range, generate_kwargs=generate_kwargs,
+            spacing=spacing, intensity_stats=intensity_stats, match_range=match_range, model=model,
+            device=device, generate_kwargs=generate_kwargs,
         )
         self.epoch = 0
         self._num_real_cases = n
         self._layout: tuple[np.ndarray, np.ndarray] | None = None
         self._perms: dict[tuple[int, int], np.ndarray] = {}
-        self._loaded: dict[int, dict[str, Any]] = {}
+        self._loaded: dict[int, dict[Hashable, Any]] = {}
 
     @classmethod
     def from_manifest(cls, path: str | Path, **kwargs: Any) -> SyntheticMixDataset:
-        """A mix of the labelled training cases of a dataset (MSD JSON, CSV or nnU-Net raw folder),
-        validated first with :func:`medsynth.data.validate.load_valid_dataset`."""
+        """A mix of the labelled training cases of a dataset (any registered manifest format),
+        validated first with :func:`medsynth.data.validate.load_valid_dataset`. ``kwargs``: as in
+        the constructor; ``labels`` defaults to the manifest's."""
         from medsynth.data.validate import load_valid_dataset
 
         manifest = load_valid_dataset(path)
-        entries = [
+        entries: list[Sample] = [
             {"image": [str(p) for p in c.images], "label": str(c.label), "case_id": c.case_id}
             for c in manifest.cases if c.label is not None and c.split == "train"
         ]
@@ -595,7 +565,7 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
 
     @property
     def method(self) -> str:
-        return self.maker.method
+        return self.pairs.method
 
     def __len__(self) -> int:
         return self.length
@@ -611,13 +581,10 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
 
     # -------------------------------------------------------------------------- draws
 
-    def _seq(self, *key: int) -> np.random.SeedSequence:
-        return np.random.SeedSequence(entropy=self.seed, spawn_key=(*key,))
-
     def _get_layout(self) -> tuple[np.ndarray, np.ndarray]:
         """(is_synthetic (length,) bool, rank of each position among its kind (length,) int64)."""
         if self._layout is None:
-            perm = np.random.default_rng(self._seq(_TAG_LAYOUT, self.epoch)).permutation(self.length)
+            perm = np.random.default_rng(seed_sequence(self.seed, MixTag.LAYOUT, self.epoch)).permutation(self.length)
             synthetic = np.zeros(self.length, dtype=bool)
             synthetic[perm[: self.num_synthetic]] = True
             rank = np.empty(self.length, dtype=np.int64)
@@ -626,13 +593,14 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
             self._layout = (synthetic, rank)
         return self._layout
 
-    def _pick(self, tag: int, rank: int) -> int:
+    def _pick(self, tag: MixTag, rank: int) -> int:
         """Real case for the ``rank``-th item of a kind: each case once per cycle, order drawn per cycle."""
         n = self._num_real_cases
         cycle, pos = divmod(rank, n)
-        key = (tag, cycle)
+        key = (int(tag), cycle)
         if key not in self._perms:
-            self._perms[key] = np.random.default_rng(self._seq(tag, self.epoch, cycle)).permutation(n)
+            rng = np.random.default_rng(seed_sequence(self.seed, tag, self.epoch, cycle))
+            self._perms[key] = rng.permutation(n)
         return int(self._perms[key][pos])
 
     def is_synthetic(self, index: int) -> bool:
@@ -643,7 +611,7 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
         """Position in ``real`` of the case item ``index`` shows (real) or was made from (synthetic)."""
         i = self._check_index(index)
         synthetic, rank = self._get_layout()
-        return self._pick(_TAG_SOURCE if synthetic[i] else _TAG_REAL, int(rank[i]))
+        return self._pick(MixTag.SOURCE if synthetic[i] else MixTag.REAL, int(rank[i]))
 
     def _check_index(self, index: int) -> int:
         i = operator.index(index)
@@ -655,7 +623,7 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
 
     # -------------------------------------------------------------------------- items
 
-    def _load(self, j: int) -> dict[str, Any]:
+    def _load(self, j: int) -> dict[Hashable, Any]:
         if j in self._loaded:
             hit = self._loaded[j]
             return {k: (v.clone() if isinstance(v, torch.Tensor) else v.copy() if isinstance(v, np.ndarray) else v)
@@ -675,31 +643,35 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
                 return self._load(j)
         return sample
 
+    def make_pair(self, j: int, seq: np.random.SeedSequence) -> dict[Hashable, Any]:
+        """Real case ``j`` (its data dict, with ``case_id``) with its image and label replaced by the
+        synthetic pair of seed ``seq``."""
+        sample = self._load(j)
+        sample[self.image_key], sample[self.label_key] = self.pairs.replace_pair(
+            sample[self.image_key], sample[self.label_key], seq,
+            where=f"SyntheticMixDataset case {str(sample['case_id'])!r}",
+        )
+        return sample
+
     def __getitem__(self, index: int) -> Any:
         i = self._check_index(index)
         synthetic, rank = self._get_layout()
         is_syn = bool(synthetic[i])
-        # 1. the real case this item shows or is made from
-        j = self._pick(_TAG_SOURCE if is_syn else _TAG_REAL, int(rank[i]))
-        sample = self._load(j)
-        case_id = str(sample.pop("case_id"))
-        # 2. synthetic: a pair from a deformed copy of the case's label
-        if is_syn:
-            sample[self.image_key], sample[self.label_key] = _replace_pair(
-                self.maker, sample[self.image_key], sample[self.label_key], self._seq(_TAG_ITEM, self.epoch, i),
-                where=f"SyntheticMixDataset case {case_id!r}",
-            )
+        # 1. the real case this item shows, or a synthetic pair made from it
+        j = self._pick(MixTag.SOURCE if is_syn else MixTag.REAL, int(rank[i]))
+        sample = self.make_pair(j, seed_sequence(self.seed, MixTag.ITEM, self.epoch, i)) if is_syn else self._load(j)
+        sample["source"] = str(sample.pop("case_id"))
         sample["synthetic"] = is_syn
-        sample["source"] = case_id
-        # 3. the user's transform, seeded from (seed, epoch, index) when it is random
+        # 2. the user's transform, seeded from (seed, epoch, index) when it is random
         if self.transform is not None:
-            if hasattr(self.transform, "set_random_state"):
-                s = int(self._seq(_TAG_TRANSFORM, self.epoch, i).generate_state(1)[0]) % _MAX_SEED
-                self.transform.set_random_state(seed=s)
-            sample = self.transform(sample)
+            set_state = getattr(self.transform, "set_random_state", None)
+            if callable(set_state):
+                s = int(seed_sequence(self.seed, MixTag.TRANSFORM, self.epoch, i).generate_state(1)[0]) % _MAX_SEED
+                set_state(seed=s)
+            return self.transform(sample)
         return sample
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
         state["_loaded"] = {}  # each worker loads its own cache
         return state

@@ -1,117 +1,59 @@
 """Load a trained run and generate images from label maps.
 
-``Synthesizer.from_run(RUN)`` reads ``RUN/model_card.json`` (JSON) and the family's weights
-(``RUN/model.safetensors`` for a GAN; no pickle anywhere) and rebuilds the network.
-``generate(mask, seed=...)`` maps the mask's label values to the run's label channels, pads it to the
-network's size multiple, generates, crops and maps intensities back to the dataset's units. A 2D run
-given a 3D mask generates slice by slice along the run's slice axis (with a warning).
+``Synthesizer.from_run(RUN)`` reads the run card (:func:`medsynth.runcard.read_run_card`) and asks
+the family registry (:mod:`medsynth.registry`) for the family's backend loader, which rebuilds the
+network from ``RUN/model.safetensors`` (no pickle anywhere). ``generate(mask, seed=...)`` maps the
+mask's label values to the run's label channels, pads it to the network's size multiple, generates,
+crops and maps intensities back to the dataset's units. A 2D run given a 3D mask generates slice by
+slice along the run's slice axis (with a warning).
 
-Families plug in through :data:`BACKENDS` (family -> ``"module:loader"``); a loader is called as
-``loader(run_dir, card, info, device)`` and returns an object with ``size_multiple: int`` and
-``generate(index, class_index, seeds, options) -> Tensor``: index (N, *spatial) int64 label-channel
-indices, class_index (N,) int64, seeds one int per item, options a dict of generation options
-(``steps``, ``sampler``, ``guidance``; None when not given) -> (N, C, *spatial) float in [0, 1].
+A backend loader is called as ``loader(card, device)`` and returns a :class:`Backend`.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import numpy as np
 
 from medsynth.errors import CheckpointError, ConfigError, DataError
+from medsynth.seeds import Stream, derive_seed
 
-#: model family -> "module:function" that loads its generation backend
-BACKENDS: dict[str, str] = {
-    "gan": "medsynth.synthesis.synthesizer:load_gan_backend",
-    "ldm": "medsynth.synthesis.ldm:load_ldm_backend",
-}
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from medsynth.data.loader import DataInfo
+    from medsynth.data.nifti import Volume
+    from medsynth.runcard import RunCard
 
 # slices generated per forward pass when a 2D run works through a 3D mask
 _SLICE_CHUNK = 16
 
 
-def _derive(seed: int, k: int) -> int:
-    from medsynth.training.engine import derive_seed
+class GenerationOptions(TypedDict):
+    """Options of families that sample iteratively (None: the run's default)."""
 
-    return derive_seed(seed, 13, k)
-
-
-def read_model_card(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "model_card.json"
-    if not Path(run_dir).is_dir():
-        raise CheckpointError(f"{run_dir}: no such run folder")
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir}: no model_card.json (has the training finished?)")
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable model card ({exc})") from None
-    if not isinstance(card, dict) or card.get("format") != "medsynth-model-card":
-        raise CheckpointError(f"{path}: not a medsynth model card")
-    for key in ("family", "config", "data"):
-        if key not in card:
-            raise CheckpointError(f"{path}: model card lacks {key!r}")
-    return card
+    steps: int | None
+    sampler: str | None
+    guidance: float | None
 
 
-class GanBackend:
-    """SPADE generator from ``RUN/model.safetensors``."""
+class Backend(Protocol):
+    """A family's generator, tensors in and out (geometry and units are the Synthesizer's job).
 
-    def __init__(self, run_dir: Path, card: dict[str, Any], info: Any, device: Any) -> None:
-        import torch
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    size_multiple: spatial sides given to ``generate`` are multiples of it.
+    generate(index, class_index, seeds, options): index ``(N, *spatial)`` int64 label-channel
+    indices, class_index ``(N,)`` int64, one seed per item (an item's image depends only on its own
+    seed), options the generation options (``steps``, ``sampler``, ``guidance``; None when not
+    given) -> ``(N, C, *spatial)`` float in [0, 1].
+    """
 
-        from medsynth.config import GanModelConfig
-        from medsynth.models.gan import build_generator
+    size_multiple: int
 
-        self.info = info
-        self.device = device
-        model_cfg = GanModelConfig.model_validate(card["config"]["model"])
-        weights = Path(run_dir) / card.get("model", {}).get("weights", "model.safetensors")
-        if not weights.is_file():
-            raise CheckpointError(f"{run_dir}: no {weights.name} (has the training finished?)")
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{weights}: unreadable weights ({exc})") from None
-        with torch.random.fork_rng(devices=[]):
-            self.net = build_generator(model_cfg, info)
-        try:
-            self.net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{weights}: does not fit the model card's generator "
-                                  f"({str(exc).splitlines()[0]})") from None
-        self.net.to(device).eval().requires_grad_(False)
-        self.size_multiple = self.net.factor
-
-    def generate(self, index: Any, class_index: Any, seeds: list[int], options: dict[str, Any]) -> Any:
-        import torch
-
-        from medsynth.data.loader import one_hot
-        from medsynth.models.gan import condition_map
-
-        given = sorted(k for k, v in options.items() if v is not None)
-        if given:
-            warnings.warn(f"generation options {given} have no effect on a GAN", stacklevel=3)
-        spatial = tuple(index.shape[1:])
-        noise = torch.stack([
-            torch.randn(self.net.noise_shape(spatial), generator=torch.Generator().manual_seed(s)) for s in seeds
-        ]).to(self.device)
-        cond = condition_map(one_hot(index.to(self.device), self.info.num_labels),
-                             class_index.to(self.device), self.info.num_classes)
-        with torch.no_grad():
-            out = self.net(cond, noise)
-        return (out.float() * 0.5 + 0.5).clamp(0.0, 1.0)
-
-
-def load_gan_backend(run_dir: Path, card: dict[str, Any], info: Any, device: Any) -> GanBackend:
-    return GanBackend(run_dir, card, info, device)
+    def generate(self, index: torch.Tensor, class_index: torch.Tensor, seeds: list[int],
+                 options: GenerationOptions) -> torch.Tensor: ...
 
 
 class Synthesizer:
@@ -121,40 +63,42 @@ class Synthesizer:
     to the dataset's units.
     """
 
-    def __init__(self, run_dir: Path, card: dict[str, Any], info: Any, backend: Any, device: Any) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, card: RunCard, backend: Backend, device: torch.device) -> None:
+        self.run_dir = card.run_dir
         self.card = card
-        self.info = info
+        self.info: DataInfo = card.data
         self.backend = backend
         self.device = device
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str = "auto") -> Synthesizer:
-        """Load ``run_dir`` (model card + weights; no pickle). ``device``: auto, cpu or cuda."""
+        """Load ``run_dir`` (run card + weights; no pickle). ``device``: auto, cpu or cuda."""
         import torch
 
-        from medsynth.data.loader import DataInfo
+        from medsynth.registry import family_names, get_family, load_object
+        from medsynth.runcard import read_run_card
 
-        run_dir = Path(run_dir)
-        card = read_model_card(run_dir)
-        try:
-            info = DataInfo.from_dict(card["data"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{run_dir}/model_card.json: malformed data section ({exc})") from None
+        card = read_run_card(Path(run_dir))
+        if card.family not in family_names():
+            raise CheckpointError(f"{card.path}: field 'family' is {card.family!r}, not a model family of this "
+                                  f"installation (known: {', '.join(family_names())})")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: expected auto, cpu or cuda, got {device!r}")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device: cuda was asked for but no CUDA device is available")
-        target = BACKENDS.get(card["family"])
-        if target is None:
-            raise CheckpointError(f"{run_dir}: unknown model family {card['family']!r}")
-        module_name, fn = target.split(":")
-        try:
-            loader = getattr(importlib.import_module(module_name), fn)
-        except (ModuleNotFoundError, AttributeError):
-            raise CheckpointError(f"{run_dir}: the {card['family']!r} family cannot be loaded by this installation") from None
+        loader = load_object(get_family(card.family).backend)
+        if not callable(loader):
+            raise ConfigError(f"model family {card.family!r}: its backend {get_family(card.family).backend} "
+                              "is not a function")
         dev = torch.device(device)
-        return cls(run_dir, card, info, loader(run_dir, card, info, dev), dev)
+        return cls(card, loader(card, dev), dev)
+
+    @property
+    def family(self) -> str:
+        """The run's model family."""
+        return self.card.family
 
     @property
     def labels(self) -> list[int]:
@@ -164,7 +108,7 @@ class Synthesizer:
     def dim(self) -> int:
         return self.info.dim
 
-    def _index(self, mask: Any) -> np.ndarray:
+    def _index(self, mask: Volume | np.ndarray) -> np.ndarray:
         from medsynth.data.nifti import Volume
 
         arr = mask.array if isinstance(mask, Volume) else np.asarray(mask)
@@ -186,7 +130,7 @@ class Synthesizer:
                             f"(its labels: {self.info.labels})")
         return self.info.label_lut()[arr.astype(np.int64)]
 
-    def generate(self, mask: Any, seed: int = 0, *, class_value: str | None = None, steps: int | None = None,
+    def generate(self, mask: Volume | np.ndarray, seed: int = 0, *, class_value: str | None = None, steps: int | None = None,
                  sampler: str | None = None, guidance: float | None = None) -> np.ndarray:
         """mask: (H, W) or (X, Y, Z) label values (numpy array or Volume) -> image with the mask's
         shape, float32 in the dataset's intensity units ((C, *shape) when the run has C > 1 channels).
@@ -203,7 +147,7 @@ class Synthesizer:
         if self.info.dim == 3 and index.ndim == 2:
             raise DataError(f"this is a 3D run; the mask is 2D (shape {index.shape})")
         cls_idx = self._class_index(class_value)
-        options = {"steps": steps, "sampler": sampler, "guidance": guidance}
+        options = GenerationOptions(steps=steps, sampler=sampler, guidance=guidance)
 
         # 2. one stack of items to generate: the volume itself, or its slices (2D run, 3D mask)
         axis = self.info.slice_axis
@@ -225,12 +169,12 @@ class Synthesizer:
         outs = []
         for start in range(0, len(items_p), chunk):
             part = torch.from_numpy(np.ascontiguousarray(items_p[start : start + chunk])).long()
-            seeds = [_derive(seed, k) for k in range(start, start + len(part))]
+            seeds = [derive_seed(seed, Stream.SYNTH_ITEM, k) for k in range(start, start + len(part))]
             classes = torch.full((len(part),), cls_idx, dtype=torch.int64)
             outs.append(self.backend.generate(part, classes, seeds, options).float().cpu().numpy())
         unit = np.concatenate(outs)  # (N, C, *padded)
         crop = tuple(slice(b, b + s) for b, s in zip(before, spatial))
-        unit = unit[(slice(None), slice(None), *crop)]
+        unit = unit[(slice(None), slice(None)) + crop]
 
         # 4. back to the mask's layout and the dataset's intensity units
         if self.info.dim == 2 and index.ndim == 3:
@@ -250,7 +194,9 @@ class Synthesizer:
             raise ConfigError(f"class_value {class_value!r} is not one of the run's classes {classes}")
         return classes.index(str(class_value))
 
-    def generate_volume(self, mask: Any, seed: int = 0, **options: Any) -> Any:
+    def generate_volume(self, mask: Volume, seed: int = 0, *, class_value: str | None = None,
+                        steps: int | None = None, sampler: str | None = None,
+                        guidance: float | None = None) -> Volume:
         """mask: a label Volume -> an image Volume with the mask's shape and affine.
 
         When the run was trained at a target spacing (``data.spacing``) and the mask's grid differs,
@@ -266,10 +212,12 @@ class Synthesizer:
             shape = target_shape(arr.shape, mask.spacing, target)
             self._index(mask)  # unknown labels fail before any work
             small = resample(arr.astype(np.int32)[None], shape, label=True)[0]
-            image = self.generate(small, seed, **options)
+            image = self.generate(small, seed, class_value=class_value, steps=steps, sampler=sampler,
+                                  guidance=guidance)
             chans = image if image.ndim == arr.ndim + 1 else image[None]
             image = resample(chans, arr.shape, label=False).astype(np.float32)
             image = image[0] if image.shape[0] == 1 else image
         else:
-            image = self.generate(mask, seed, **options)
+            image = self.generate(mask, seed, class_value=class_value, steps=steps, sampler=sampler,
+                                  guidance=guidance)
         return Volume(array=image, affine=np.array(mask.affine, dtype=np.float64), path=None, header={})

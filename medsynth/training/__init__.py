@@ -1,28 +1,51 @@
-"""Training: one engine (:mod:`.engine`) for every model family (:mod:`.gan`, :mod:`.ldm`)."""
+"""Training: one engine (:mod:`.engine`) for every model family registered in :mod:`medsynth.registry`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medsynth.config import Config
+    from medsynth.training.engine import TrainResult
 
 
-def run_training(config: Any, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
-                 progress: bool = True) -> Any:
+def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
+                 progress: bool = True) -> TrainResult:
     """Train ``config`` into ``run_dir`` whatever its family: a staged family (``ldm``: autoencoder,
-    then diffusion) runs its stages in order, or only ``stage``. Returns the engine's ``TrainResult``."""
-    if stage is not None and config.model.family != "ldm":
-        from medsynth.errors import ConfigError
+    then diffusion) runs its stages in order, or only ``stage``. Returns the engine's ``TrainResult``
+    (of the last stage trained)."""
+    from medsynth.errors import ConfigError
+    from medsynth.registry import family_names, get_family, load_object
+    from medsynth.training.engine import check_run_dir, distributed_session, train
 
-        raise ConfigError(f"--stage {stage}: only staged families (ldm) have stages; "
-                          f"this recipe trains a {config.model.family}")
-    if config.model.family == "ldm":
-        from medsynth.training.engine import distributed_session
-        from medsynth.training.ldm import train_ldm
+    family = get_family(config.model.family)
+    if stage is not None and stage not in family.stages:
+        if not family.stages:
+            staged = ", ".join(n for n in family_names() if get_family(n).stages)
+            raise ConfigError(f"--stage {stage}: only staged families ({staged}) have stages; "
+                              f"this recipe trains a {family.name}")
+        raise ConfigError(f"--stage {stage}: the {family.name} family has stages {', '.join(family.stages)}")
+    if not family.stages:
+        return train(config, run_dir, resume=resume, stage=stage, progress=progress)
+    check_run_dir(Path(run_dir), stage, resume, family.name)
+    # One process group for all stages: under torchrun, a group destroyed after one stage and
+    # created again for the next hangs in DDP's first collective.
+    with distributed_session(config):
+        if family.runner is not None:
+            runner = load_object(family.runner)
+            if not callable(runner):
+                raise ConfigError(f"model.family {family.name!r}: its runner {family.runner} is not a function")
+            result: TrainResult = runner(config, run_dir, resume=resume, stage=stage, progress=progress)
+            return result
+        from medsynth.training.checkpoint import checkpoint_paths
+        from medsynth.training.engine import checkpoint_dir
 
-        # One process group for all stages: under torchrun, a group destroyed after the autoencoder
-        # stage and created again for the diffusion stage hangs in DDP's first collective.
-        with distributed_session(config):
-            return train_ldm(config, run_dir, resume=resume, stage=stage, progress=progress)
-    from medsynth.training.engine import train
+        for s in family.stages if stage is None else (stage,):
+            # a resumed run starts the stages it had not reached yet
+            started = bool(checkpoint_paths(checkpoint_dir(Path(run_dir), s)))
+            result = train(config, run_dir, resume=resume and started, stage=s, progress=progress)
+        return result
 
-    return train(config, run_dir, resume=resume, stage=stage, progress=progress)
+
+__all__ = ["run_training"]

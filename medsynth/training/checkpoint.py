@@ -22,7 +22,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ def remove_stale_temp_files(folder: Path) -> None:
 
 def check_plain(obj: Any, where: str = "checkpoint") -> None:
     """Raise TypeError if ``obj`` holds anything but tensors and plain types (a family bug)."""
-    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
+    if isinstance(obj, (torch.Tensor, *_PLAIN)):
         return
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -79,7 +79,7 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every global RNG state as tensors / plain types."""
-    np_state = np.random.get_state()
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
     state: dict[str, Any] = {
         "torch_cpu": torch.get_rng_state(),
         "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),

@@ -3,9 +3,9 @@
 How a model family plugs in (the contract; read this before writing a family)
 -----------------------------------------------------------------------------
 A *family* (``gan`` in :mod:`medsynth.training.gan`, ``ldm`` in :mod:`medsynth.training.ldm`) is a
-class registered in :data:`FAMILIES` under the value of ``config.model.family`` (as a lazy
-``"module:Class"`` string, so importing the engine imports no family). Subclass :class:`FamilyBase`;
-the engine calls only these members::
+class registered in :mod:`medsynth.registry` (``Family.trainer``, a lazy ``"module:Class"`` string, so
+importing the engine imports no family) under the value of ``config.model.family``. Subclass
+:class:`FamilyBase`; the engine calls only these members::
 
     family = Family(config: Config, info: DataInfo, rt: Runtime)
         Build networks (on the CPU, then ``.to(rt.device)``), optimisers (``self.make_optimizer``),
@@ -35,9 +35,10 @@ the engine calls only these members::
     family.preview(batch) -> dict[str, Tensor]
         Named image rows for the preview grid, each (N, C, *spatial) in [0, 1] (e.g. ``real``,
         ``generated``); the engine adds the mask row and writes ``RUN/previews/step_XXXXXXXX.png``.
-    family.export(run_dir: Path) -> dict[str, Any]
-        Write the family's inference weights (``RUN/model.safetensors``; EMA weights when there are
-        any) and return extra facts for ``RUN/model_card.json`` (stored under ``"model"``). Rank 0 only.
+    family.export(run_dir: Path) -> dict[str, object]
+        Write the family's inference weights (``RUN/`` + :data:`medsynth.runcard.WEIGHTS_FILE`; EMA
+        weights when there are any) and return JSON-able facts for the run card
+        (:class:`medsynth.runcard.RunCard` ``.model``). Rank 0 only.
 
 Runs, stages and the folder layout
 ----------------------------------
@@ -48,13 +49,15 @@ Runs, stages and the folder layout
                                          {"kind": "eval", "step", ...} records (a "stage" key if staged)
     RUN/previews/[STAGE_]step_XXXXXXXX.png
     RUN/checkpoints/[STAGE/]step_XXXXXXXX.pt   (see medsynth.training.checkpoint)
-    RUN/model.safetensors, RUN/model_card.json (written by family.export / the engine at the end)
+    RUN/model.safetensors, RUN/model_card.json (family.export, then medsynth.runcard.write_run_card)
 
 ``stage`` (``--stage`` on the CLI) is passed to the family as ``rt.stage``; a staged family (LDM:
 ``autoencoder`` then ``diffusion``) trains each stage as its own run of the loop with its own
 checkpoint folder in the same RUN. An existing RUN is refused without ``resume`` (for a stage:
 when that stage already has checkpoints). ``resume`` continues from the newest valid checkpoint and
-refuses a config that differs in anything but the step count, intervals and workers.
+refuses a config that differs in anything but the step count, intervals and workers. A RUN that
+holds another family's run (its ``config.yaml`` or run card names another ``model.family``) is
+refused, with or without ``resume``.
 
 Determinism: the data order is a function of (seed, step) (medsynth.data.loader), noise comes from
 ``rt.generator(step, ...)``, and on the CPU ``torch.use_deterministic_algorithms`` is on, so N steps
@@ -65,13 +68,11 @@ global batch (a DistributedSampler without padding), gradients are averaged by D
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import math
-import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsynth.errors import CheckpointError, ConfigError, JobError
+from medsynth.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -87,11 +89,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from medsynth.data.loader import DataInfo
     from medsynth.data.manifest import Manifest
 
-#: config.model.family -> "module:Class" (imported on use)
-FAMILIES: dict[str, str] = {
-    "gan": "medsynth.training.gan:GanFamily",
-    "ldm": "medsynth.training.ldm:LdmFamily",
-}
+#: a batch of the data loader: ``image``, ``label`` (one-hot), ``label_index``, ``class_index`` tensors
+Batch = dict[str, "torch.Tensor"]
 
 # Settings that may change between a run and its resume.
 RESUME_MUTABLE = {
@@ -105,25 +104,15 @@ RESUME_MUTABLE = {
 }
 
 
-def derive_seed(*values: int) -> int:
-    """A 63-bit seed from a tuple of non-negative ints (numpy SeedSequence; order matters)."""
-    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+def family_class(name: str) -> type[FamilyBase]:
+    """The trainer class the registry names for family ``name`` (ConfigError if unknown)."""
+    from medsynth.registry import get_family, load_object
 
-
-def family_class(name: str) -> type:
-    """The family class registered under ``name`` (ConfigError if unknown or not installed)."""
-    target = FAMILIES.get(name)
-    if target is None:
-        raise ConfigError(f"model.family: unknown family {name!r} (known: {', '.join(sorted(FAMILIES))})")
-    module_name, cls_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise ConfigError(f"model.family: the {name!r} family is not available in this installation") from None
-        raise
-    return getattr(module, cls_name)
+    target = get_family(name).trainer
+    cls = load_object(target)
+    if not (isinstance(cls, type) and issubclass(cls, FamilyBase)):
+        raise ConfigError(f"model.family {name!r}: its trainer {target} is not a FamilyBase subclass")
+    return cls
 
 
 # ---------------------------------------------------------------------------- runtime
@@ -182,7 +171,7 @@ class Runtime:
         """A CPU generator seeded from (seed, step, rank, stream): draw, then ``.to(rt.device)``."""
         import torch
 
-        return torch.Generator().manual_seed(derive_seed(self.seed, 7, step, self.rank, stream))
+        return torch.Generator().manual_seed(derive_seed(self.seed, Stream.TRAIN_STEP, step, self.rank, stream))
 
     def barrier(self) -> None:
         if self.distributed:
@@ -207,17 +196,20 @@ class FamilyBase:
         self.rt = rt
         self.modules: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: dict[str, Any] = {}
+        self.schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] = {}
         self.emas: dict[str, torch.optim.swa_utils.AveragedModel] = {}
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=False)
 
     # -- helpers for subclasses
-    def make_optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """Adam or AdamW with the recipe's ``optimizer`` settings and learning rate ``lr``
+        (fused kernels on CUDA)."""
         import torch
 
         opt = self.config.optimizer
         cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-        return cls(params, lr=lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+        fused = True if self.rt.device.type == "cuda" else None
+        return cls(params, lr=lr, betas=(opt.betas[0], opt.betas[1]), weight_decay=opt.weight_decay, fused=fused)
 
     def make_ema(self, module: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
         """An EMA copy (AveragedModel + get_ema_multi_avg_fn) if ``training.ema`` is set."""
@@ -253,13 +245,13 @@ class FamilyBase:
     def max_steps(self) -> int:
         return self.config.training.max_steps
 
-    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         raise NotImplementedError
 
-    def evaluate(self, batch: dict[str, Any]) -> dict[str, float]:
+    def evaluate(self, batch: Batch) -> dict[str, float]:
         return {}
 
-    def preview(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def preview(self, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def export(self, run_dir: Path) -> dict[str, Any]:
@@ -311,7 +303,7 @@ class TrainResult:
     step: int
     losses: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
-    family: Any = None
+    family: FamilyBase | None = None
 
 
 # ---------------------------------------------------------------------------- setup helpers
@@ -322,9 +314,10 @@ def _init_distributed(cfg: Config) -> tuple[torch.device, int, int, int, bool]:
     import torch
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from medsynth.distributed import torchrun_env
+
+    env = torchrun_env()
+    world, rank, local_rank = env.world_size, env.rank, env.local_rank
     want = cfg.training.device
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError("training.device: cuda was asked for but no CUDA device is available")
@@ -359,12 +352,8 @@ def validated_manifest(path: Path | None) -> Manifest:
     """Validate the whole dataset (every file decoded and checked) and return its manifest."""
     if path is None:
         raise ConfigError("data.manifest: no dataset given (set it in the recipe or pass --data)")
-    try:
-        from medsynth.data.validate import load_valid_dataset
-    except ImportError:  # validation module not installed yet: read the manifest only
-        from medsynth.data.manifest import read_manifest
+    from medsynth.data.validate import load_valid_dataset
 
-        return read_manifest(path)
     return load_valid_dataset(path)
 
 
@@ -372,8 +361,40 @@ def checkpoint_dir(run_dir: Path, stage: str | None) -> Path:
     return run_dir / "checkpoints" if stage is None else run_dir / "checkpoints" / stage
 
 
-def _check_run_dir(run_dir: Path, stage: str | None, resume: bool) -> None:
+def recorded_family(run_dir: Path) -> str | None:
+    """The model family a run folder already holds (its ``config.yaml``, else its run card), or None."""
+    from medsynth.config import read_yaml_mapping
+    from medsynth.runcard import CARD_FILE
+
+    recipe = run_dir / "config.yaml"
+    if recipe.is_file():
+        with contextlib.suppress(ConfigError):
+            model = read_yaml_mapping(recipe).get("model")
+            if isinstance(model, dict) and isinstance(model.get("family"), str):
+                return str(model["family"])
+    card = run_dir / CARD_FILE
+    if card.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
+            family = json.loads(card.read_text(encoding="utf-8")).get("family")
+            if isinstance(family, str):
+                return family
+    return None
+
+
+def check_run_family(run_dir: Path, family: str) -> None:
+    """JobError when ``run_dir`` holds a run of another family than ``family`` (training into it,
+    resumed or by stage, would replace that run's weights and card)."""
+    held = recorded_family(Path(run_dir)) if Path(run_dir).is_dir() else None
+    if held is not None and held != family:
+        raise JobError(f"{run_dir}: holds a {held!r} run and this recipe trains a {family!r} model; "
+                       "a run folder holds one family (choose another --out)")
+
+
+def check_run_dir(run_dir: Path, stage: str | None, resume: bool, family: str) -> None:
+    """Refuse a run folder that training ``family`` (``stage``; None: the whole run) must not touch:
+    another family's run, a missing run to resume, an existing run (or stage) without ``resume``."""
     ckpts = checkpoint_dir(run_dir, stage)
+    check_run_family(run_dir, family)
     if resume:
         if not run_dir.exists():
             raise CheckpointError(f"{run_dir}: no such run to resume")
@@ -432,13 +453,13 @@ def _deterministic(on: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _to_device(batch: Batch, device: torch.device) -> Batch:
     import torch
 
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def write_preview(path: Path, batch: dict[str, Any], rows: dict[str, Any], info: DataInfo) -> Path:
+def write_preview(path: Path, batch: Batch, rows: dict[str, torch.Tensor], info: DataInfo) -> Path:
     """A PNG grid: one row per entry (mask, then the family's rows), one column per sample.
 
     3D samples show their middle slice along the last axis; channel 0 only; labels as a colour map.
@@ -450,7 +471,7 @@ def write_preview(path: Path, batch: dict[str, Any], rows: dict[str, Any], info:
 
     from medsynth.data.atomic import atomic_path
 
-    def as_2d(t: Any) -> np.ndarray:
+    def as_2d(t: torch.Tensor) -> np.ndarray:
         a = t.detach().float().cpu().numpy()
         return a[..., a.shape[-1] // 2] if a.ndim == 3 else a
 
@@ -476,46 +497,6 @@ def write_preview(path: Path, batch: dict[str, Any], rows: dict[str, Any], info:
     return path
 
 
-class _Progress:
-    """A rich progress bar (stderr) on a terminal; a plain line per log interval otherwise."""
-
-    def __init__(self, enabled: bool, total: int, start: int, description: str) -> None:
-        import sys
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.total = total
-        self.description = description
-        self.tty = enabled and sys.stderr.isatty()
-        self.lines = enabled and not self.tty
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[speed]}"), TimeRemainingColumn(), TextColumn("{task.fields[losses]}"),
-            console=Console(stderr=True), disable=not self.tty,
-        )
-        self.task = self.bar.add_task(description, total=total, completed=start, speed="", losses="")
-
-    def __enter__(self) -> _Progress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
-
-    def step(self, step: int) -> None:
-        self.bar.update(self.task, completed=step)
-
-    def log(self, step: int, rate: float, losses: dict[str, float]) -> None:
-        text = " ".join(f"{k}={v:.4g}" for k, v in losses.items())
-        self.bar.update(self.task, speed=f"{rate:.2f} it/s", losses=text)
-        if self.lines:
-            import sys
-
-            sys.stderr.write(f"{self.description} step {step}/{self.total}  {rate:.2f} it/s  {text}\n")
-            sys.stderr.flush()
-
-
 # ---------------------------------------------------------------------------- the loop
 
 
@@ -535,7 +516,7 @@ def train(
     """
     # 0. cheap checks before torch is even imported: the run folder, then the whole dataset
     run_dir = Path(run_dir)
-    _check_run_dir(run_dir, stage, resume)
+    check_run_dir(run_dir, stage, resume, config.model.family)
     manifest = validated_manifest(config.data.manifest)
     device, rank, world, local_rank, ours = _init_distributed(config)
     try:
@@ -556,6 +537,7 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
 
     from medsynth.data.atomic import atomic_write_text
     from medsynth.data.loader import build_training_data, make_loader
+    from medsynth.progress import progress_bar
     from medsynth.training import checkpoint as ck
 
     cfg, run_dir, stage = rt.config, rt.run_dir, rt.stage
@@ -635,7 +617,7 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
                          workers=cfg.training.workers, pin_memory=rt.device.type == "cuda")
     if start_step == 0:
         evaluate_and_preview(0)
-    bar = _Progress(progress and rt.is_main, max_steps, start_step, stage or cfg.model.family)
+    bar = progress_bar(stage or cfg.model.family, max_steps, start=start_step, enabled=progress and rt.is_main)
     losses: dict[str, float] = {}
     sums: dict[str, float] = {}
     count, busy, last_ckpt = 0, 0.0, None
@@ -662,9 +644,9 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
                     _append_jsonl(metrics_path, {
                         "kind": "train", "step": step, **tag,
                         "samples_per_s": round(rate * cfg.training.batch_size * rt.world_size, 3), **means})
-                bar.log(step, rate, means)
+                bar.note(f"{rate:.2f} it/s " + " ".join(f"{k}={v:.4g}" for k, v in means.items()))
                 sums, count, busy = {}, 0, 0.0
-            bar.step(step)
+            bar.update(step)
             if cfg.training.preview_every and step % cfg.training.preview_every == 0 and step != max_steps:
                 evaluate_and_preview(step)
             if step % cfg.training.checkpoint_every == 0 or step == max_steps:
@@ -680,45 +662,39 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
         if not losses and resume:
             losses = {k: float(v) for k, v in (state.get("losses") or {}).items()}
         extras = family.export(run_dir)
-        _write_model_card(run_dir, cfg, data.info, family, stage, step, losses, extras)
+        _write_run_card(run_dir, cfg, data.info, stage, step, losses, extras)
     rt.barrier()
     return TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_ckpt, family=family)
 
 
-def _write_model_card(run_dir: Path, cfg: Config, info: DataInfo, family: Any, stage: str | None,
-                      step: int, losses: dict[str, float], extras: dict[str, Any]) -> None:
-    """RUN/model_card.json: what a Synthesizer needs (config, data facts) and what was trained."""
-    from medsynth import __version__
-    from medsynth.data.atomic import atomic_write_text
+def _write_run_card(run_dir: Path, cfg: Config, info: DataInfo, stage: str | None, step: int,
+                    losses: dict[str, float], extras: dict[str, Any]) -> None:
+    """RUN/model_card.json through :func:`medsynth.runcard.write_run_card`. A staged family's later
+    stage keeps the earlier stages' records and model facts."""
+    from medsynth.runcard import RunCard, StageRecord, read_run_card, write_run_card
 
-    path = run_dir / "model_card.json"
-    card: dict[str, Any] = {}
-    if stage is not None and path.exists():
-        with contextlib.suppress(json.JSONDecodeError, OSError):
-            card = json.loads(path.read_text(encoding="utf-8"))
-    card.update({
-        "format": "medsynth-model-card",
-        "version": 1,
-        "medsynth_version": __version__,
-        "family": cfg.model.family,
-        "config": cfg.to_dict(),
-        "data": info.to_dict(),
-        "steps": step,
-        "final_losses": losses,
-    })
-    card.setdefault("model", {}).update(extras)
+    model: dict[str, Any] = {}
+    stages: dict[str, StageRecord] = {}
+    if stage is not None and (run_dir / "model_card.json").is_file():
+        with contextlib.suppress(CheckpointError):  # an unreadable earlier card is replaced
+            earlier = read_run_card(run_dir)
+            model, stages = dict(earlier.model), dict(earlier.stages)
+    model.update(extras)
     if stage is not None:
-        card.setdefault("stages", {})[stage] = {"steps": step, "final_losses": losses}
-    atomic_write_text(path, json.dumps(card, indent=2) + "\n")
+        stages[stage] = StageRecord(steps=step, final_losses=dict(losses))
+    card = RunCard(run_dir=run_dir, family=cfg.model.family, config=cfg.to_dict(), data=info, steps=step,
+                   final_losses=dict(losses), model=model, stages=stages)
+    write_run_card(run_dir, card)
 
 
 __all__ = [
-    "FAMILIES",
+    "Batch",
     "FamilyBase",
     "Runtime",
     "TrainResult",
+    "check_run_dir",
+    "check_run_family",
     "checkpoint_dir",
-    "derive_seed",
     "family_class",
     "train",
     "validated_manifest",

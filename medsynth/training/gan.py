@@ -12,17 +12,22 @@ Noise for step s is drawn from ``rt.generator(s)``, so resumed runs draw the sam
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medsynth.config import GanModelConfig
 from medsynth.errors import ConfigError
 from medsynth.models.gan import build_discriminator, build_generator, check_sizes, condition_map
-from medsynth.training.engine import FamilyBase, derive_seed
+from medsynth.runcard import WEIGHTS_FILE
+from medsynth.seeds import Stream, derive_seed
+from medsynth.training.engine import Batch, FamilyBase, Runtime
 
-WEIGHTS_FILE = "model.safetensors"
+if TYPE_CHECKING:  # pragma: no cover
+    from medsynth.config import Config
+    from medsynth.data.loader import DataInfo
 
 
 # ---------------------------------------------------------------------------- losses
@@ -49,9 +54,10 @@ def adversarial_g_loss(fake_out: list[torch.Tensor], kind: str) -> torch.Tensor:
 
 def feature_matching_loss(fake_feats: list[list[torch.Tensor]], real_feats: list[list[torch.Tensor]]) -> torch.Tensor:
     """Mean over scales of the summed L1 between D's intermediate maps of fake and (detached) real."""
-    per_scale = []
+    per_scale: list[torch.Tensor] = []
     for ff, rf in zip(fake_feats, real_feats):
-        per_scale.append(sum(F.l1_loss(a.float(), b.detach().float()) for a, b in zip(ff, rf)) / max(1, len(ff)))
+        total = cast(torch.Tensor, sum(F.l1_loss(a.float(), b.detach().float()) for a, b in zip(ff, rf)))
+        per_scale.append(total / max(1, len(ff)))
     return torch.stack(per_scale).mean()
 
 
@@ -139,9 +145,9 @@ class GanFamily(FamilyBase):
 
     name = "gan"
 
-    def __init__(self, config: Any, info: Any, rt: Any) -> None:
+    def __init__(self, config: Config, info: DataInfo, rt: Runtime) -> None:
         super().__init__(config, info, rt)
-        model = config.model
+        model = config.model_as(GanModelConfig)
         check_sizes(model, info.size)
         self.loss_cfg = model.loss
         dev = rt.device
@@ -162,7 +168,7 @@ class GanFamily(FamilyBase):
                            if p.weight > 0 and p.weights_path is not None else None)
 
     # -- helpers
-    def cond(self, batch: dict[str, Any]) -> torch.Tensor:
+    def cond(self, batch: Batch) -> torch.Tensor:
         return condition_map(batch["label"], batch.get("class_index"), self.info.num_classes)
 
     def noise(self, n: int, spatial: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -170,7 +176,7 @@ class GanFamily(FamilyBase):
         return z.to(self.rt.device)
 
     # -- contract
-    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         lc, rt = self.loss_cfg, self.rt
         real = batch["image"] * 2.0 - 1.0
         cond = self.cond(batch)
@@ -212,12 +218,12 @@ class GanFamily(FamilyBase):
         logs["g_total"] = loss_g.item()
         return logs
 
-    def _fixed_noise(self, batch: dict[str, Any]) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(derive_seed(self.rt.seed, 11))
+    def _fixed_noise(self, batch: Batch) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(derive_seed(self.rt.seed, Stream.GAN_EVAL))
         return self.noise(batch["image"].shape[0], tuple(batch["image"].shape[2:]), gen)
 
     @torch.no_grad()
-    def evaluate(self, batch: dict[str, Any]) -> dict[str, float]:
+    def evaluate(self, batch: Batch) -> dict[str, float]:
         """L1 (in [0, 1] units) of the raw and EMA generators to the real images, fixed noise."""
         cond, z = self.cond(batch), self._fixed_noise(batch)
         out = {"l1": float((self.G(cond, z) * 0.5 + 0.5 - batch["image"]).abs().mean())}
@@ -227,7 +233,7 @@ class GanFamily(FamilyBase):
         return out
 
     @torch.no_grad()
-    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def preview(self, batch: Batch) -> dict[str, torch.Tensor]:
         g = self.inference_module("generator")
         fake = g(self.cond(batch), self._fixed_noise(batch)) * 0.5 + 0.5
         return {"real": batch["image"], "generated": fake}

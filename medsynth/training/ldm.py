@@ -19,30 +19,38 @@ the diffusion stage from its seed, so 10 steps resumed to 20 equal 20 straight.
 
 Export (end of the diffusion stage): ``RUN/model.safetensors`` holds ``autoencoder.*`` and the EMA
 ``unet.*`` weights; the model card's ``model`` entry holds the scale factor, conditioning, noise
-process and sampler defaults (see :func:`medsynth.synthesis.ldm.LatentDiffusionPipeline.from_run`).
+process and sampler defaults (read back by :func:`medsynth.synthesis.ldm.load_ldm_backend`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import os
 import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from medsynth.errors import CheckpointError, ConfigError, JobError
+from medsynth.config import Config, LdmAutoencoderConfig, LdmDiffusionConfig, LdmModelConfig
+from medsynth.diffusion import Condition, Denoiser, NoiseProcess, make_process, sample_latents, size_multiple, use_flash
+from medsynth.errors import CheckpointError, ConfigError
 from medsynth.models.autoencoder import build_autoencoder, build_discriminator, downsample_factor, encode
 from medsynth.models.diffusion import MaskConditionedUNet
-from medsynth.synthesis.samplers import Condition, NoiseProcess, sample_latents
-from medsynth.training.engine import FamilyBase, checkpoint_dir, derive_seed
+from medsynth.registry import get_family
+from medsynth.runcard import WEIGHTS_FILE
+from medsynth.seeds import Stream, derive_seed
+from medsynth.training.engine import Batch, FamilyBase, Runtime, TrainResult, checkpoint_dir
 
-STAGES: tuple[str, ...] = ("autoencoder", "diffusion")
-WEIGHTS_FILE = "model.safetensors"
+if TYPE_CHECKING:  # pragma: no cover
+    from monai.networks.nets import AutoencoderKL
+
+    from medsynth.data.loader import DataInfo
+
+STAGES: tuple[str, ...] = get_family("ldm").stages
 
 EVAL_LEVELS = 8  # timesteps per item in the diffusion stage's evaluation
 # generator streams of one step (rt.generator(step, stream)), distinct across the two stages
@@ -85,15 +93,14 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return per.flatten(1).sum(1).mean()
 
 
-def denoising_loss(net: Any, process: NoiseProcess, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   mask: torch.Tensor, labels: torch.Tensor | None, autocast: Any = None) -> torch.Tensor:
+def denoising_loss(net: Denoiser, process: NoiseProcess, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   mask: torch.Tensor, labels: torch.Tensor | None,
+                   autocast: contextlib.AbstractContextManager[object] | None = None) -> torch.Tensor:
     """MSE between ``net(z_t, t, mask, labels)`` and the process's target, ``z_t = add_noise(z0, noise, t)``.
 
     z0, noise: ``(N, Cz, *latent)``; t: ``(N,)``; mask: one-hot ``(N, L, *image)``; autocast: a context
     for the forward (e.g. bf16 on CUDA) or None.
     """
-    import contextlib
-
     z_t = process.add_noise(z0, noise, t)
     with autocast if autocast is not None else contextlib.nullcontext():
         pred = net(z_t, t, mask, labels)
@@ -120,17 +127,22 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def stage_steps(config: Any, stage: str) -> int:
+def _stage_section(config: Config, stage: str) -> LdmAutoencoderConfig | LdmDiffusionConfig:
+    model = config.model_as(LdmModelConfig)
+    return model.autoencoder if stage == "autoencoder" else model.diffusion
+
+
+def stage_steps(config: Config, stage: str) -> int:
     """Steps of ``stage``: its own ``max_steps`` when set, capped by ``training.max_steps``."""
-    own = getattr(config.model, stage).max_steps
+    own = _stage_section(config, stage).max_steps
     cap = config.training.max_steps
     return cap if own is None else min(own, cap)
 
 
-def stage_config(config: Any, stage: str) -> Any:
+def stage_config(config: Config, stage: str) -> Config:
     """The recipe one stage trains with: ``training.batch_size`` replaced by the stage's own
     ``batch_size`` when it sets one (the stage's checkpoints and resume checks hold this config)."""
-    own = getattr(config.model, stage).batch_size
+    own = _stage_section(config, stage).batch_size
     if own is None or own == config.training.batch_size:
         return config
     cfg = config.model_copy(deep=True)
@@ -138,22 +150,11 @@ def stage_config(config: Any, stage: str) -> Any:
     return cfg
 
 
-def use_flash(model: Any, device: torch.device) -> bool:
-    """``model.use_flash_attention`` resolved for ``device`` (auto: on for CUDA)."""
-    flag = model.use_flash_attention
-    return device.type == "cuda" if flag == "auto" else bool(flag)
-
-
-def size_multiple(model: Any) -> int:
-    """Image sides must be multiples of this: the autoencoder's factor times the UNet's
-    ``2 ** (len(model.diffusion.channels) - 1)`` (its latent is halved at each level)."""
-    return downsample_factor(model.autoencoder) * 2 ** (len(model.diffusion.channels) - 1)
-
-
-def check_sizes(config: Any, size: list[int]) -> None:
+def check_sizes(config: Config, size: list[int]) -> None:
     """ConfigError when ``data.size`` does not suit the networks' downsampling or the discriminator."""
-    ae = config.model.autoencoder
-    m = size_multiple(config.model)
+    model = config.model_as(LdmModelConfig)
+    ae = model.autoencoder
+    m = size_multiple(model)
     bad = [s for s in size if s % m]
     if bad:
         raise ConfigError(f"data.size {size}: each value must be divisible by {m} "
@@ -186,7 +187,7 @@ class _Reconstructor(torch.nn.Module):
     """``(image, eps) -> (reconstruction, mu, sigma)`` with explicit noise: the training forward of an
     AutoencoderKL (whose own forward draws global noise), in one call so DDP can wrap it."""
 
-    def __init__(self, autoencoder: torch.nn.Module) -> None:
+    def __init__(self, autoencoder: AutoencoderKL) -> None:
         super().__init__()
         self.autoencoder = autoencoder
 
@@ -201,13 +202,13 @@ class LdmFamily(FamilyBase):
     name = "ldm"
     stages = STAGES
 
-    def __init__(self, config: Any, info: Any, rt: Any) -> None:
+    def __init__(self, config: Config, info: DataInfo, rt: Runtime) -> None:
         super().__init__(config, info, rt)
         if rt.stage not in STAGES:
             raise ConfigError(f"the ldm family trains in stages {', '.join(STAGES)}; got stage {rt.stage!r} "
                               "(use medsynth.training.ldm.train_ldm, which runs them in order)")
         self.stage = rt.stage
-        m = config.model
+        m = config.model_as(LdmModelConfig)
         self.ae_cfg, self.df_cfg = m.autoencoder, m.diffusion
         check_sizes(config, list(info.size))
         self.factor = downsample_factor(self.ae_cfg)
@@ -222,23 +223,15 @@ class LdmFamily(FamilyBase):
             self._init_diffusion_stage(info, flash)
 
     # ------------------------------------------------------------------ construction
-    def _optimizer(self, params: Any, lr: float) -> torch.optim.Optimizer:
-        """The engine's Adam(W) settings; fused kernels on CUDA."""
-        if self.rt.device.type != "cuda":
-            return self.make_optimizer(params, lr)
-        opt = self.config.optimizer
-        cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
-        return cls(params, lr=lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, fused=True)
-
-    def _init_autoencoder_stage(self, info: Any) -> None:
+    def _init_autoencoder_stage(self, info: DataInfo) -> None:
         from medsynth.training.gan import PerceptualLoss
 
         self.discriminator = build_discriminator(self.ae_cfg, spatial_dims=info.dim,
                                                  in_channels=info.num_channels).to(self.rt.device)
         self.modules = {"autoencoder": self.autoencoder, "discriminator": self.discriminator}
         self.optimizers = {
-            "autoencoder": self._optimizer(self.autoencoder.parameters(), self.ae_cfg.lr),
-            "discriminator": self._optimizer(self.discriminator.parameters(), self.config.training.lr_d),
+            "autoencoder": self.make_optimizer(self.autoencoder.parameters(), self.ae_cfg.lr),
+            "discriminator": self.make_optimizer(self.discriminator.parameters(), self.config.training.lr_d),
         }
         self.ae_train = self.rt.wrap(_Reconstructor(self.autoencoder))
         self.disc_train = self.rt.wrap(self.discriminator)
@@ -250,7 +243,7 @@ class LdmFamily(FamilyBase):
                                   "(the perceptual loss needs a local weights file; nothing is downloaded)")
             self.perceptual = PerceptualLoss(info.dim, p.network, p.weights_path).to(self.rt.device)
 
-    def _init_diffusion_stage(self, info: Any, flash: bool) -> None:
+    def _init_diffusion_stage(self, info: DataInfo, flash: bool) -> None:
         ae_state, self.ae_step = load_autoencoder_state(self.rt.run_dir)
         try:
             self.autoencoder.load_state_dict(ae_state)
@@ -265,7 +258,7 @@ class LdmFamily(FamilyBase):
             use_flash_attention=flash,
         ).to(self.rt.device)
         self.modules = {"unet": self.unet}
-        self.optimizers = {"unet": self._optimizer(self.unet.parameters(), self.config.training.lr)}
+        self.optimizers = {"unet": self.make_optimizer(self.unet.parameters(), self.config.training.lr)}
         ema = self.make_ema(self.unet)
         if ema is not None:
             self.emas["unet"] = ema
@@ -279,7 +272,7 @@ class LdmFamily(FamilyBase):
         self.scale_factor: float | None = None
 
     # ------------------------------------------------------------------ stage 1
-    def _autoencoder_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+    def _autoencoder_step(self, batch: Batch, step: int) -> dict[str, float]:
         c, rt = self.ae_cfg, self.rt
         real = batch["image"]
         adv_on = c.adv_weight > 0 and step >= c.adv_start
@@ -330,8 +323,8 @@ class LdmFamily(FamilyBase):
             z, _, _ = encode(self.autoencoder, image, generator=generator)
         return z.float()
 
-    def _set_scale(self, z: torch.Tensor) -> None:
-        """scale = 1 / std of ``z`` over every rank's batch."""
+    def _set_scale(self, z: torch.Tensor) -> float:
+        """scale = 1 / std of ``z`` over every rank's batch (set and returned)."""
         stats = torch.stack([z.sum(), (z * z).sum(), torch.tensor(float(z.numel()), device=z.device)]).double()
         if self.rt.distributed:
             import torch.distributed as dist
@@ -340,18 +333,18 @@ class LdmFamily(FamilyBase):
         mean = stats[0] / stats[2]
         var = stats[1] / stats[2] - mean * mean
         self.scale_factor = float(1.0 / var.clamp_min(1e-12).sqrt())
+        return self.scale_factor
 
-    def condition(self, batch: dict[str, Any]) -> Condition:
+    def condition(self, batch: Batch) -> Condition:
         labels = batch.get("class_index") if self.num_classes > 0 else None
         return Condition(mask=batch["label"], class_labels=labels)
 
-    def _diffusion_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+    def _diffusion_step(self, batch: Batch, step: int) -> dict[str, float]:
         rt = self.rt
         # 1. scaled latents of the frozen autoencoder
         z = self.latents(batch["image"], rt.generator(step, _ENCODE))
-        if self.scale_factor is None:
-            self._set_scale(z)
-        z0 = z * self.scale_factor
+        scale = self.scale_factor if self.scale_factor is not None else self._set_scale(z)
+        z0 = z * scale
         n = z0.shape[0]
         # 2. condition dropout for classifier-free guidance
         cond = self.condition(batch)
@@ -377,16 +370,16 @@ class LdmFamily(FamilyBase):
     def max_steps(self) -> int:
         return stage_steps(self.config, self.stage)
 
-    def train_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         if self.stage == "autoencoder":
             return self._autoencoder_step(batch, step)
         return self._diffusion_step(batch, step)
 
     def _fixed_generator(self, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed(derive_seed(self.rt.seed, 13, stream))
+        return torch.Generator().manual_seed(derive_seed(self.rt.seed, Stream.LDM_EVAL, stream))
 
     @torch.no_grad()
-    def evaluate(self, batch: dict[str, Any]) -> dict[str, float]:
+    def evaluate(self, batch: Batch) -> dict[str, float]:
         """Autoencoder: L1 and 1-SSIM of the posterior-mean reconstruction. Diffusion: the loss of the
         raw and EMA UNets on fixed noise at 8 evenly spread timesteps (once the scale is known, i.e.
         not before the first diffusion step)."""
@@ -418,7 +411,7 @@ class LdmFamily(FamilyBase):
         return out
 
     @torch.no_grad()
-    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def preview(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.stage == "autoencoder":
             return {"real": batch["image"], "reconstruction": self._reconstruct(batch["image"]).clamp(0, 1)}
         if self.scale_factor is None:
@@ -488,13 +481,6 @@ class LdmFamily(FamilyBase):
         return facts
 
 
-def make_process(cfg: Any, spatial_dims: int, base_numel: int | None) -> NoiseProcess:
-    """The noise process of a ``model.diffusion`` section (rflow's timestep shift keyed to the
-    training latents' voxel count)."""
-    return NoiseProcess(cfg.scheduler, num_train_timesteps=cfg.num_train_timesteps,
-                        prediction_type=cfg.prediction_type, base_numel=base_numel, spatial_dims=spatial_dims)
-
-
 # ---------------------------------------------------------------------------- the stages in order
 
 
@@ -522,8 +508,8 @@ def _clear_diffusion(run_dir: Path, rank: int) -> None:
         time.sleep(0.1)
 
 
-def train_ldm(config: Any, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
-              progress: bool = True) -> Any:
+def train_ldm(config: Config, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
+              progress: bool = True) -> TrainResult:
     """Train the latent diffusion stages into ``run_dir``: both in order, or only ``stage``.
 
     Each stage trains with :func:`stage_config` (its own batch size when set) for :func:`stage_steps`
@@ -532,18 +518,16 @@ def train_ldm(config: Any, run_dir: str | Path, *, resume: bool = False, stage: 
     and the diffusion stage is trained again from its seed. Returns the engine's ``TrainResult`` of
     the last stage trained.
     """
+    from medsynth.distributed import torchrun_env
     from medsynth.training import checkpoint as ck
-    from medsynth.training.engine import train
+    from medsynth.training.engine import check_run_dir, train
 
     run_dir = Path(run_dir)
     if stage is not None and stage not in STAGES:
         raise ConfigError(f"--stage: the ldm family has stages {', '.join(STAGES)}, got {stage!r}")
-    if resume and not run_dir.is_dir():
-        raise CheckpointError(f"{run_dir}: no such run to resume")
-    if stage is None and not resume and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise JobError(f"{run_dir}: run folder exists; pass --resume to continue it, or choose another --out")
-    rank = int(os.environ.get("RANK", "0"))
-    result = None
+    check_run_dir(run_dir, stage, resume, "ldm")
+    rank = torchrun_env().rank
+    result: TrainResult | None = None
     for s in (STAGES if stage is None else (stage,)):
         has_ckpts = bool(ck.checkpoint_paths(checkpoint_dir(run_dir, s)))
         if s == "diffusion" and resume and has_ckpts and _diffusion_is_stale(run_dir):
@@ -552,4 +536,5 @@ def train_ldm(config: Any, run_dir: str | Path, *, resume: bool = False, stage: 
             _clear_diffusion(run_dir, rank)
             has_ckpts = False
         result = train(stage_config(config, s), run_dir, resume=resume and has_ckpts, stage=s, progress=progress)
+    assert result is not None  # STAGES is not empty
     return result

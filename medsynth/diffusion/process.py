@@ -1,4 +1,4 @@
-"""Noise processes and samplers for latent diffusion: DDPM, DDIM and rectified flow.
+"""Noise processes for latent diffusion (DDPM, rectified flow) and the update rules of their samplers.
 
 A trained denoiser belongs to one *noise process* (the recipe's ``diffusion.scheduler``):
 
@@ -8,7 +8,7 @@ A trained denoiser belongs to one *noise process* (the recipe's ``diffusion.sche
 - ``rflow``: rectified flow (MONAI's ``RFlowScheduler``), ``z_t = (1 - t/T) z_0 + (t/T) eps``,
   real ``t`` in ``[0, T]``; the UNet predicts the velocity ``v = z_0 - eps``.
 
-Any prediction converts to ``(z0_hat, eps_hat)``, so one loop (:func:`sample_latents`) runs any
+Any prediction converts to ``(z0_hat, eps_hat)``, so one loop (:func:`medsynth.diffusion.sampling.sample_latents`) runs any
 *sampler* on the grid of timesteps that the MONAI scheduler of that name sets:
 
 - ``ddpm``: ancestral sampling, ``z_next ~ q(z_next | z_t, z0_hat)`` (the Gaussian posterior, for
@@ -30,30 +30,20 @@ device (up to floating point differences of the device's arithmetic).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import torch
 
 from medsynth.errors import ConfigError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+
+__all__ = ["SAMPLERS", "NoiseProcess", "Process", "ProcessSettings", "Sampler", "cpu_randn", "make_process"]
+
 Process = Literal["ddpm", "rflow"]
 Sampler = Literal["ddpm", "ddim", "rflow"]
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "rflow")
-
-
-@dataclass
-class Condition:
-    """What a sample is conditioned on.
-
-    mask: one-hot label map ``(N, L, *image_spatial)``, float, at the image grid
-        (``image_spatial = latent_spatial * downsample_factor``).
-    class_labels: ``(N,)`` long class indices, or None.
-    """
-
-    mask: torch.Tensor
-    class_labels: torch.Tensor | None = None
 
 
 def cpu_randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
@@ -103,6 +93,7 @@ class NoiseProcess:
         self.prediction_type = prediction_type if kind == "ddpm" else "v_prediction"
         self.base_numel = base_numel
         self.spatial_dims = spatial_dims
+        self.scheduler: DDPMScheduler | RFlowScheduler
         if kind == "ddpm":
             # MONAI's LDM tutorials: scaled linear betas 0.0015..0.0195; no x0 clipping for latents.
             self.scheduler = DDPMScheduler(
@@ -194,8 +185,9 @@ class NoiseProcess:
             sched.set_timesteps(steps)
             return [float(t) for t in sched.timesteps]
         numel = int(torch.tensor(latent_shape[-self.spatial_dims:]).prod())
-        self.scheduler.set_timesteps(steps, input_img_size_numel=numel)
-        return [float(t) for t in self.scheduler.timesteps]
+        rflow = cast("RFlowScheduler", self.scheduler)
+        rflow.set_timesteps(steps, input_img_size_numel=numel)
+        return [float(t) for t in rflow.timesteps]
 
     def step(self, sampler: Sampler, pred: torch.Tensor, z_t: torch.Tensor, t: float, t_next: float | None,
              generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
@@ -216,93 +208,21 @@ class NoiseProcess:
         return mean + std * cpu_randn(tuple(z_t.shape), generator, like=z_t).to(z_t.dtype)
 
 
-Denoiser = Callable[..., torch.Tensor]
+class ProcessSettings(Protocol):
+    """The fields of a recipe's ``model.diffusion`` section that define the noise process."""
+
+    @property
+    def scheduler(self) -> Process: ...
+
+    @property
+    def num_train_timesteps(self) -> int: ...
+
+    @property
+    def prediction_type(self) -> str: ...
 
 
-def guided_prediction(net: Denoiser, z: torch.Tensor, t: torch.Tensor, cond: Condition, guidance: float,
-                      null: Condition | None) -> torch.Tensor:
-    """``net(z, t, mask, class)``, with classifier-free guidance when ``guidance != 1``:
-    ``pred = uncond + guidance * (cond - uncond)`` (both halves in one batched forward)."""
-    if guidance == 1.0 or null is None:
-        return net(z, t, cond.mask, cond.class_labels)
-    labels = None
-    if cond.class_labels is not None and null.class_labels is not None:
-        labels = torch.cat([cond.class_labels, null.class_labels])
-    out = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond.mask, null.mask]), labels)
-    c, u = out.chunk(2)
-    return u + guidance * (c - u)
-
-
-class CudaGraphed:
-    """``fn(z, t) -> prediction`` captured once in a CUDA graph and replayed (fixed shapes).
-
-    The 30 UNet forwards of a short chain on a small latent are bound by kernel launches; replaying
-    a captured graph removes that overhead. Everything ``fn`` closes over (networks, conditions)
-    must stay alive and unchanged while this object is used. Inputs are copied into static buffers;
-    the returned tensor is overwritten by the next call.
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z: torch.Tensor,
-                 t: torch.Tensor, warmup: int = 2) -> None:
-        self.z, self.t = z.clone(), t.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                fn(self.z, self.t)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn(self.z, self.t)
-
-    def __call__(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.z.copy_(z)
-        self.t.copy_(t)
-        self.graph.replay()
-        return self.out
-
-
-@torch.no_grad()
-def sample_latents(
-    net: Denoiser,
-    cond: Condition,
-    shape: tuple[int, ...],
-    *,
-    process: NoiseProcess,
-    sampler: Sampler = "rflow",
-    steps: int = 30,
-    guidance: float = 1.0,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    null: Condition | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    cuda_graph: bool = False,
-) -> torch.Tensor:
-    """Sample latents ``(N, C, *latent)`` = ``shape`` for ``cond`` (on ``cond.mask``'s device).
-
-    net: ``net(z, t, mask, class_labels) -> prediction`` (eval mode).
-    null: the dropped condition for classifier-free guidance (needed when ``guidance != 1``).
-    generator: a CPU generator, or one per item; it alone decides the noise.
-    autocast_dtype: e.g. ``torch.bfloat16`` on CUDA; None runs in float32.
-    cuda_graph: on CUDA, capture the (guided) UNet forward once and replay it at every step.
-    """
-    device = cond.mask.device
-    # 1. the timestep grid of the chosen sampler and the starting noise
-    ts = process.timesteps(sampler, steps, shape)
-    z = cpu_randn(shape, generator, device=device)
-    use_amp = autocast_dtype is not None and device.type == "cuda"
-    t_dtype = torch.long if process.kind == "ddpm" else torch.float32
-
-    def predict(z_in: torch.Tensor, t_in: torch.Tensor) -> torch.Tensor:
-        # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=use_amp,
-                            cache_enabled=False):
-            return guided_prediction(net, z_in, t_in, cond, guidance, null).float()
-
-    if cuda_graph and device.type == "cuda":
-        predict = CudaGraphed(predict, z, torch.full((shape[0],), ts[0], device=device, dtype=t_dtype))
-    # 2. walk the grid from noise to clean latents
-    for i, t in enumerate(ts):
-        t_next = ts[i + 1] if i + 1 < len(ts) else None
-        pred = predict(z, torch.full((shape[0],), t, device=device, dtype=t_dtype))
-        z = process.step(sampler, pred, z, t, t_next, generator)
-    return z
+def make_process(settings: ProcessSettings, spatial_dims: int, base_numel: int | None) -> NoiseProcess:
+    """The noise process of a ``model.diffusion`` section (rflow's timestep shift keyed to the
+    training latents' voxel count ``base_numel``)."""
+    return NoiseProcess(settings.scheduler, num_train_timesteps=settings.num_train_timesteps,
+                        prediction_type=settings.prediction_type, base_numel=base_numel, spatial_dims=spatial_dims)

@@ -1,0 +1,554 @@
+"""Real-anatomy development data (MNI152 2009 from nilearn's wheel) and the mask->image yardstick.
+
+Data. nilearn's wheel ships the ICBM 2009a symmetric MNI152 T1 template (skull-stripped, uint8 0..255,
+197x233x189 at 1 mm, RAS) with its grey- and white-matter probability maps under
+``nilearn/datasets/data/`` (``nilearn.datasets.MNI152_FILE_PATH``, ``GM_MNI152_FILE_PATH``,
+``WM_MNI152_FILE_PATH``); nothing is downloaded. The three maps are block-averaged 2x2x2 to 2 mm
+(98x116x94; a block's centre is the mean of its voxel centres, so the affine stays exact) and labelled:
+
+- brain: at least half of the block's 1 mm voxels are non-zero in the skull-stripped T1;
+- inside the brain, ``p_csf = clip(1 - p_gm - p_wm, 0, 1)``; a voxel is **CSF (1)** when ``p_csf`` is
+  larger than both tissue probabilities *and* its T1 is dark: below the midpoint between the median
+  T1 of voxels with ``p_gm > 0.7`` and of brain voxels with ``p_csf > 0.7`` (about 119 on the 0..255
+  scale);
+- every other brain voxel is **GM (2)** or **WM (3)**, whichever probability is larger (a tie goes to
+  the tissue whose median T1 is nearer the voxel's); outside the brain **background (0)**.
+
+Images keep the template's intensities (float32, 0..~240) and every file its real geometry.
+
+- ``--dim 2``: axial slices (file axis 2), cropped in-plane to the brain's bounding box rounded up to a
+  multiple of 16 (80x96 at 2 mm). Training: 8 consecutive slices, MNI z = +0.5..+14.5 mm (basal
+  ganglia, lateral ventricles); held-out: 12 slices, z = +24.5..+46.5 mm (tops of the ventricles,
+  centrum semiovale), 4 slices (8 mm) of gap between the blocks. Each slice is its own 2D case
+  ``(80, 96)``; its affine is the volume's with the crop offset and the slice position folded in.
+- ``--dim 3``: blocks of 48x96x32 voxels (96x192x64 mm): the left and the right hemisphere (split at
+  the midline) x a lower block (training, z = -55.5..+6.5 mm, with cerebellum and temporal lobes) and
+  an upper block (held-out, z = +16.5..+78.5 mm). The template is symmetric, so a left and a right
+  block are near mirror images: 2 training cases with about one case's worth of anatomy.
+
+Layout: ``OUT/train/dataset.json`` and ``OUT/test/dataset.json`` (MSD; the held-out cases are listed
+under ``training`` because they carry labels). Same command, same arrays.
+
+Scoring (``fill``, ``sample-eval``). Both images are put on the [0, 255] scale of the *training* set,
+``x' = 255 (x - lo) / (hi - lo)`` with ``lo``/``hi`` the minimum/maximum intensity over all training
+images (no clipping), and compared with ``medsynth.ssim`` / ``medsynth.psnr`` at ``data_range=255``
+(scikit-image's Gaussian-window SSIM, mean over the valid region of the whole slice or block; PSNR over
+every voxel); the score of a set is the mean over its cases (PSNR averaged in dB). The *label-mean fill*
+paints each label with its mean training intensity; the *blurred* fill smooths it with a Gaussian whose
+sigma (the partial-volume width) is chosen on the training cases (0..2 voxels in 0.25 steps, best
+training PSNR).
+
+    python benchmarks/real_anatomy.py build OUT [--dim 2|3]
+    python benchmarks/real_anatomy.py fill OUT/train OUT/test
+    python benchmarks/real_anatomy.py sample-eval RUN OUT/test [--seeds 0,1,2]
+    python benchmarks/real_anatomy.py all OUT [--steps-gan 1000 --steps-ldm 1000 --seeds 0,1,2]
+
+Each command prints JSON lines; ``all`` also writes them to ``OUT/results.jsonl`` and ends with a
+markdown table. ``all`` runs every stage as a ``medsynth`` subprocess (build -> validate -> fill ->
+train GAN -> train LDM autoencoder -> diffusion -> sample-eval -> augment x4 -> downstream) and times
+each. nilearn is in the ``bench`` extra (``pip install nilearn``), not a medsynth dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = {0: "background", 1: "csf", 2: "grey_matter", 3: "white_matter"}
+FACTOR = 2  # 1 mm template -> 2 mm
+MULTIPLE = 16  # in-plane crop rounded up to this many voxels
+# 2D split: (first slice's MNI z in mm, number of consecutive 2 mm slices)
+SLICES_2D = {"train": (0.5, 8), "test": (24.5, 12)}
+# 3D split: (first slice's MNI z in mm, slices), block shape in voxels
+BLOCKS_3D = {"train": (-55.5, 32), "test": (16.5, 32)}
+BLOCK_3D_WIDTH = 48  # voxels on each side of the midline
+DATA_RANGE = 255.0
+SIGMAS = [i * 0.25 for i in range(9)]  # blurred fill: candidate sigmas in voxels
+
+
+# ---------------------------------------------------------------------------- the template
+
+
+@dataclass
+class Template:
+    """The 2 mm template: t1 (X, Y, Z) float32 template units; labels (X, Y, Z) uint8 in LABELS;
+    affine (4, 4) voxel -> RAS mm; csf_threshold: the T1 value below which CSF-dominant voxels are CSF."""
+
+    t1: np.ndarray
+    labels: np.ndarray
+    affine: np.ndarray
+    csf_threshold: float
+
+
+def _block_mean(a: np.ndarray, f: int) -> np.ndarray:
+    """(X, Y, Z) -> (X//f, Y//f, Z//f) means of f^3 blocks (trailing voxels that do not fill a block dropped)."""
+    x, y, z = (s // f for s in a.shape)
+    return a[: x * f, : y * f, : z * f].reshape(x, f, y, f, z, f).mean(axis=(1, 3, 5))
+
+
+def load_template() -> Template:
+    """Read the three bundled 1 mm maps, block-average them to 2 mm and label them (module doc)."""
+    import nilearn.datasets as nd
+
+    from medsynth.data.nifti import read_volume
+
+    paths = [Path(nd.MNI152_FILE_PATH), Path(nd.GM_MNI152_FILE_PATH), Path(nd.WM_MNI152_FILE_PATH)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: nilearn's bundled templates are missing: {', '.join(missing)}")
+    vols = [read_volume(p, kind="image") for p in paths]
+    t1_1mm = vols[0].array.astype(np.float64)
+    t1 = _block_mean(t1_1mm, FACTOR)
+    gm = _block_mean(vols[1].array.astype(np.float64) / 255.0, FACTOR)
+    wm = _block_mean(vols[2].array.astype(np.float64) / 255.0, FACTOR)
+    brain = _block_mean((t1_1mm > 0).astype(np.float64), FACTOR) >= 0.5
+    offset = (FACTOR - 1) / 2  # block centre in 1 mm voxel units
+    scale = np.diag([FACTOR, FACTOR, FACTOR, 1.0])
+    scale[:3, 3] = offset
+    affine = vols[0].affine @ scale
+
+    p_csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    med_gm = float(np.median(t1[gm > 0.7]))
+    med_wm = float(np.median(t1[wm > 0.7]))
+    med_csf = float(np.median(t1[brain & (p_csf > 0.7)]))
+    threshold = (med_gm + med_csf) / 2
+    nearer_wm = np.abs(t1 - med_wm) < np.abs(t1 - med_gm)
+    tissue = np.where((wm > gm) | ((wm == gm) & nearer_wm), 3, 2)
+    csf = (p_csf > np.maximum(gm, wm)) & (t1 < threshold)
+    labels = np.where(brain, np.where(csf, 1, tissue), 0).astype(np.uint8)
+    return Template(t1.astype(np.float32), labels, affine, threshold)
+
+
+def _shift(affine: np.ndarray, offset: tuple[int, int, int]) -> np.ndarray:
+    """The affine of a crop starting at voxel ``offset``."""
+    t = np.eye(4)
+    t[:3, 3] = offset
+    return affine @ t
+
+
+def _slice_index(tpl: Template, z_mm: float) -> int:
+    """Index along file axis 2 of the slice centred at MNI z (mm); must hit a voxel centre."""
+    k = (z_mm - tpl.affine[2, 3]) / tpl.affine[2, 2]
+    if abs(k - round(k)) > 1e-6 or not 0 <= round(k) < tpl.t1.shape[2]:
+        raise ValueError(f"z = {z_mm} mm is not a slice centre of the 2 mm grid")
+    return int(round(k))
+
+
+def _inplane_crop(tpl: Template) -> tuple[slice, slice]:
+    """The brain's in-plane bounding box over all slices, rounded up to MULTIPLE and centred."""
+    xy = np.argwhere(tpl.labels.any(axis=2))
+    out = []
+    for axis in range(2):
+        lo, hi = int(xy[:, axis].min()), int(xy[:, axis].max()) + 1
+        size = -(-(hi - lo) // MULTIPLE) * MULTIPLE
+        start = min(max(0, (lo + hi - size) // 2), tpl.t1.shape[axis] - size)
+        out.append(slice(start, start + size))
+    return out[0], out[1]
+
+
+def _fractions(labels: list[np.ndarray]) -> dict[str, float]:
+    counts = np.bincount(np.concatenate([lab.ravel() for lab in labels]), minlength=len(LABELS))
+    return {LABELS[v]: round(float(counts[v] / counts.sum()), 4) for v in LABELS}
+
+
+def _write_split(root: Path, name: str, cases: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+                 description: str, dim: int) -> None:
+    from medsynth.data.nifti import write_volume
+
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    entries = []
+    for case_id, image, label, affine in cases:
+        write_volume(root / "imagesTr" / f"{case_id}.nii.gz", image, affine, kind="image")
+        write_volume(root / "labelsTr" / f"{case_id}.nii.gz", label, affine, kind="label")
+        entries.append({"image": f"imagesTr/{case_id}.nii.gz", "label": f"labelsTr/{case_id}.nii.gz"})
+    manifest = {
+        "name": name, "description": description, "reference": "ICBM 2009a nonlinear symmetric MNI152 (nilearn)",
+        "licence": "see nilearn/datasets/description/icbm152_2009.rst", "tensorImageSize": f"{dim}D",
+        "modality": {"0": "T1"}, "labels": {str(k): v for k, v in LABELS.items()},
+        "numTraining": len(entries), "numTest": 0, "training": entries, "test": [],
+    }
+    (root / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def build(out: Path, dim: int, overwrite: bool = False) -> dict[str, Path]:
+    """Write OUT/train and OUT/test (module doc); returns their dataset.json paths."""
+    targets = {split: out / split for split in ("train", "test")}
+    clash = [str(p) for p in targets.values() if p.exists()]
+    if clash and not overwrite:
+        raise SystemExit(f"error: {', '.join(clash)} exist; pass --overwrite to replace them")
+    for p in targets.values():
+        if p.exists():
+            shutil.rmtree(p)
+    tpl = load_template()
+    brain = tpl.labels > 0
+    emit(what="template", spacing_mm=[float(v) for v in np.linalg.norm(tpl.affine[:3, :3], axis=0)],
+         shape=list(tpl.t1.shape), csf_threshold=round(tpl.csf_threshold, 2),
+         label_fraction=_fractions([tpl.labels]),
+         label_fraction_in_brain={LABELS[v]: round(float((tpl.labels[brain] == v).mean()), 4) for v in (1, 2, 3)})
+    cx, cy = _inplane_crop(tpl)
+    for split, root in targets.items():
+        z0, count = (SLICES_2D if dim == 2 else BLOCKS_3D)[split]
+        k0 = _slice_index(tpl, z0)
+        cases = []
+        if dim == 2:
+            for k in range(k0, k0 + count):
+                z = round(float(tpl.affine[2, 3] + tpl.affine[2, 2] * k), 1)
+                cases.append((f"mni_z{z:+06.1f}".replace(".", "p"), tpl.t1[cx, cy, k], tpl.labels[cx, cy, k],
+                              _shift(tpl.affine, (cx.start, cy.start, k))))
+            what = f"{count} axial 2 mm slices, MNI z {z0:+.1f}..{z0 + 2 * (count - 1):+.1f} mm"
+        else:
+            # midline: the voxel boundary nearest x = 0 mm
+            mid = int(round((0 - tpl.affine[0, 3]) / tpl.affine[0, 0] + 0.5))
+            for side, xs in (("right", slice(mid, mid + BLOCK_3D_WIDTH)), ("left", slice(mid - BLOCK_3D_WIDTH, mid))):
+                if xs.start < 0 or xs.stop > tpl.t1.shape[0]:
+                    raise ValueError(f"{side} block {xs} leaves the template")
+                zs = slice(k0, k0 + count)
+                cases.append((f"mni_{side}_{split}", tpl.t1[xs, cy, zs], tpl.labels[xs, cy, zs],
+                              _shift(tpl.affine, (xs.start, cy.start, zs.start))))
+            what = f"left/right hemisphere blocks, {count} 2 mm slices from MNI z {z0:+.1f} mm"
+        desc = (f"MNI152 2009a T1 at 2 mm, labels from the GM/WM probability maps; {split} split: {what}"
+                + ("; held-out cases (listed under training because they carry labels)" if split == "test" else ""))
+        _write_split(root, f"mni152_{dim}d_{split}", cases, desc, dim)
+        emit(what="build", dim=dim, split=split, manifest=str(root / "dataset.json"), cases=len(cases),
+             shape=list(cases[0][1].shape), spacing_mm=[float(FACTOR)] * dim,
+             label_fraction=_fractions([c[2] for c in cases]))
+    return {split: root / "dataset.json" for split, root in targets.items()}
+
+
+# ---------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Case:
+    case_id: str
+    image: np.ndarray  # template units, float64
+    label: np.ndarray  # int
+    label_path: Path
+
+
+def read_cases(path: Path) -> list[Case]:
+    """The labelled cases of a dataset (a dataset.json, or a folder holding one)."""
+    import medsynth
+    from medsynth.data.nifti import read_volume
+
+    if path.is_dir():
+        path = path / "dataset.json"
+    manifest = medsynth.read_manifest(path)
+    out = []
+    for c in manifest.cases:
+        if c.label is None:
+            continue
+        image = read_volume(c.images[0], kind="image").array.astype(np.float64)
+        label = read_volume(c.label, kind="label").array.astype(np.int64)
+        out.append(Case(c.case_id, image, label, Path(c.label)))
+    if not out:
+        raise SystemExit(f"error: {path}: no labelled cases")
+    return out
+
+
+@dataclass
+class Scale:
+    """Training intensity range mapped to [0, DATA_RANGE]; label means in template units."""
+
+    lo: float
+    hi: float
+    means: dict[int, float]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, np.float64) - self.lo) * (DATA_RANGE / (self.hi - self.lo))
+
+
+def fit_scale(train: list[Case]) -> Scale:
+    lo = min(float(c.image.min()) for c in train)
+    hi = max(float(c.image.max()) for c in train)
+    values = np.concatenate([c.image.ravel() for c in train])
+    labels = np.concatenate([c.label.ravel() for c in train])
+    means = {int(v): float(values[labels == v].mean()) for v in np.unique(labels)}
+    return Scale(lo, hi, means)
+
+
+def fill_image(label: np.ndarray, scale: Scale, sigma: float = 0.0) -> np.ndarray:
+    """The label-mean fill of ``label`` (template units), optionally Gaussian-blurred (sigma in voxels).
+    A label the training set lacks gets the overall training mean."""
+    from scipy.ndimage import gaussian_filter
+
+    default = float(np.mean(list(scale.means.values())))
+    lut = np.full(int(label.max()) + 1, default)
+    for v, m in scale.means.items():
+        if v < lut.size:
+            lut[v] = m
+    image = lut[label]
+    return gaussian_filter(image, sigma, mode="nearest") if sigma > 0 else image
+
+
+def score(real: np.ndarray, fake: np.ndarray, scale: Scale) -> tuple[float, float]:
+    """(SSIM, PSNR dB) of ``fake`` against ``real`` after the training-range scaling (module doc)."""
+    import medsynth
+
+    a, b = scale(real), scale(fake)
+    return float(medsynth.ssim(a, b, data_range=DATA_RANGE)), float(medsynth.psnr(a, b, data_range=DATA_RANGE))
+
+
+def _mean_scores(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    return float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
+
+
+def fill_scores(train: list[Case], test: list[Case]) -> list[dict[str, Any]]:
+    """The plain and the blurred label-mean fill on ``test``; sigma fitted on ``train``."""
+    scale = fit_scale(train)
+    fit = {s: _mean_scores([score(c.image, fill_image(c.label, scale, s), scale) for c in train])[1] for s in SIGMAS}
+    sigma = max(SIGMAS, key=lambda s: fit[s])
+    rows = []
+    for variant, s in (("label-mean", 0.0), ("label-mean-blur", sigma)):
+        per_case = [score(c.image, fill_image(c.label, scale, s), scale) for c in test]
+        ssim_v, psnr_v = _mean_scores(per_case)
+        rows.append(dict(what="fill", variant=variant, sigma_vox=s, ssim=round(ssim_v, 4), psnr=round(psnr_v, 2),
+                         ssim_min=round(min(p[0] for p in per_case), 4), psnr_min=round(min(p[1] for p in per_case), 2),
+                         cases=len(test), data_range=DATA_RANGE, scale_lo=scale.lo, scale_hi=round(scale.hi, 3),
+                         label_means={LABELS.get(k, str(k)): round(v, 2) for k, v in scale.means.items()}))
+    return rows
+
+
+def _medsynth(*args: str) -> list[str]:
+    return [sys.executable, "-m", "medsynth", *args]
+
+
+def _run(cmd: list[str], *, capture: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a command; on failure print its output and exit."""
+    res = subprocess.run(cmd, text=True, capture_output=True)
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout + res.stderr)
+        raise SystemExit(f"error: {' '.join(cmd)} exited with {res.returncode}")
+    return res
+
+
+def sample_eval(run: Path, test_path: Path, train_path: Path, seeds: list[int], out: Path,
+                name: str | None = None, extra: list[str] | None = None) -> list[dict[str, Any]]:
+    """Sample the run for every held-out mask and seed with ``medsynth sample``; score like the fill."""
+    train, test = read_cases(train_path), read_cases(test_path)
+    scale = fit_scale(train)
+    rows = fill_scores(train, test)
+    out.mkdir(parents=True, exist_ok=True)
+    fakes: dict[tuple[str, int], np.ndarray] = {}
+    from medsynth.data.nifti import read_volume
+
+    t0 = time.perf_counter()
+    for case, seed in itertools.product(test, seeds):
+        path = out / f"{case.case_id}_seed{seed}.nii.gz"
+        _run(_medsynth("sample", str(run), "--mask", str(case.label_path), "--out", str(path),
+                       "--seed", str(seed), "--overwrite", *(extra or [])))
+        fakes[case.case_id, seed] = read_volume(path, kind="image").array.astype(np.float64)
+    seconds = time.perf_counter() - t0
+
+    per_seed = [_mean_scores([score(c.image, fakes[c.case_id, s], scale) for c in test]) for s in seeds]
+    ssim_v, psnr_v = float(np.mean([p[0] for p in per_seed])), float(np.mean([p[1] for p in per_seed]))
+    # diversity: SSIM between two seeds' images of the same mask (1 = the noise is ignored)
+    between = [score(fakes[c.case_id, a], fakes[c.case_id, b], scale)[0]
+               for c in test for a, b in itertools.combinations(seeds, 2)]
+    fill = rows[0]
+    label_mean = {}
+    for v in sorted(scale.means):
+        real = np.concatenate([c.image[c.label == v] for c in test])
+        fake = np.concatenate([fakes[c.case_id, s][c.label == v] for c in test for s in seeds])
+        label_mean[LABELS.get(v, str(v))] = [round(float(fake.mean()), 1), round(float(real.mean()), 1)]
+    rows.append(dict(
+        what="mask_to_image", model=name or run.name, run=str(run), seeds=seeds, cases=len(test),
+        ssim=round(ssim_v, 4), psnr=round(psnr_v, 2),
+        ssim_per_seed=[round(p[0], 4) for p in per_seed], psnr_per_seed=[round(p[1], 2) for p in per_seed],
+        fill_ssim=fill["ssim"], fill_psnr=fill["psnr"],
+        beats_fill=bool(ssim_v > fill["ssim"] and psnr_v > fill["psnr"]),
+        beats_blurred_fill=bool(ssim_v > rows[1]["ssim"] and psnr_v > rows[1]["psnr"]),
+        between_seed_ssim=round(float(np.mean(between)), 4) if between else None,
+        label_mean_fake_real=label_mean,
+        seconds_per_sample=round(seconds / len(fakes), 2),
+    ))
+    return rows
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+STAGES = ("build", "train", "sample-eval", "augment", "downstream")
+
+
+def _recipe(name: str) -> Path:
+    """configs/small/NAME.yaml when it exists, else configs/tiny/NAME.yaml."""
+    small = REPO / "configs" / "small" / f"{name}.yaml"
+    return small if small.is_file() else REPO / "configs" / "tiny" / f"{name}.yaml"
+
+
+def run_all(out: Path, *, steps_gan: int, steps_ldm: int, seeds: list[int], until: str, num: int,
+            overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SystemExit(f"error: {out} is not empty; pass --overwrite to replace it")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    results = out / "results.jsonl"
+    rows: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any]) -> None:
+        emit(**row)
+        rows.append(row)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def timed(step: str, cmd: list[str] | None = None, fn: Any = None) -> Any:
+        t0 = time.perf_counter()
+        result = _run(cmd) if cmd is not None else fn()
+        record(dict(what="timing", step=step, seconds=round(time.perf_counter() - t0, 1),
+                    command=" ".join(cmd) if cmd else None))
+        return result
+
+    # 1. data
+    paths = timed("build", fn=lambda: build(out / "data", 2))
+    train, test = paths["train"], paths["test"]
+    for split, p in paths.items():
+        timed(f"validate {split}", _medsynth("validate", str(p), "--no-progress"))
+    for row in timed("fill", fn=lambda: fill_scores(read_cases(train), read_cases(test))):
+        record(row)
+    shape = list(read_cases(train)[0].image.shape)
+    if until == "build":
+        return _table(rows)
+
+    # 2. generators (every run reads the slices at their own size)
+    common = ["--data", str(train), "--no-progress", "--set", "data.dim=2", "--set", f"data.size={json.dumps(shape)}"]
+    runs = {"gan": out / "runs" / "gan", "ldm": out / "runs" / "ldm"}
+    timed("train gan", _medsynth("train", str(_recipe("gan2d")), "--out", str(runs["gan"]),
+                                 "--max-steps", str(steps_gan), *common,
+                                 "--set", f"training.checkpoint_every={max(1, steps_gan // 4)}"))
+    for stage in ("autoencoder", "diffusion"):
+        timed(f"train ldm {stage}", _medsynth("train", str(_recipe("ldm2d")), "--out", str(runs["ldm"]),
+                                              "--stage", stage, "--max-steps", str(steps_ldm), *common,
+                                              "--set", f"training.checkpoint_every={max(1, steps_ldm // 4)}"))
+    if until == "train":
+        return _table(rows)
+
+    # 3. mask -> image on the held-out masks
+    for model, run in runs.items():
+        model_rows = timed(f"sample-eval {model}", fn=lambda run=run, model=model: sample_eval(
+            run, test, train, seeds, out / "samples" / model, name=model))
+        record(model_rows[-1])
+    if until == "sample-eval":
+        return _table(rows)
+
+    # 4. synthetic pairs
+    synthetic = []
+    for method in ("synthseg", "classic", "gan", "ldm"):
+        dest = out / "augment" / method
+        model = ["--model", str(runs[method])] if method in runs else []
+        res = timed(f"augment {method}", _medsynth("augment", str(train), "--method", method, "--num", str(num),
+                                                   "--out", str(dest), "--seed", "0", *model, "--json", "--no-progress"))
+        record(dict(what="augment", method=method, summary=_last_json(res.stdout)))
+        synthetic += ["--synthetic", str(dest / "dataset.json")]
+    if until == "augment":
+        return _table(rows)
+
+    # 5. downstream segmenter
+    cmd = _medsynth("downstream", str(train), "--test", str(test), *synthetic,
+                    "--seeds", ",".join(map(str, seeds)), "--out", str(out / "downstream"), "--json")
+    if subprocess.run(_medsynth("downstream", "--help"), capture_output=True).returncode != 0:
+        record(dict(what="skipped", step="downstream", reason="this medsynth has no `downstream` command",
+                    command=" ".join(cmd)))
+    else:
+        res = timed("downstream", cmd)
+        record(dict(what="downstream", summary=_last_json(res.stdout)))
+    _table(rows)
+
+
+def _last_json(text: str) -> Any:
+    """The last line of ``text`` that parses as JSON (the command's --json summary), else the raw text."""
+    for line in reversed(text.strip().splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()[-2000:]
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    """Print the mask->image and timing tables in markdown."""
+    lines = ["", "| mask -> image (held-out) | SSIM | PSNR (dB) | between-seed SSIM |", "|---|---|---|---|"]
+    for r in rows:
+        if r["what"] == "fill":
+            lines.append(f"| fill: {r['variant']} (sigma {r['sigma_vox']} vox) | {r['ssim']:.3f} | {r['psnr']:.1f} | |")
+        elif r["what"] == "mask_to_image":
+            lines.append(f"| {r['model']} (seeds {','.join(map(str, r['seeds']))}) | {r['ssim']:.3f} | {r['psnr']:.1f} "
+                         f"| {r['between_seed_ssim']} |")
+    lines += ["", "| step | seconds |", "|---|---|"]
+    lines += [f"| {r['step']} | {r['seconds']} |" for r in rows if r["what"] == "timing"]
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _seeds(text: str) -> list[int]:
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="write OUT/train and OUT/test from the bundled MNI152 template")
+    b.add_argument("out", type=Path)
+    b.add_argument("--dim", type=int, choices=[2, 3], default=2)
+    b.add_argument("--overwrite", action="store_true")
+    f = sub.add_parser("fill", help="score the label-mean fill on the held-out cases")
+    f.add_argument("train", type=Path)
+    f.add_argument("test", type=Path)
+    s = sub.add_parser("sample-eval", help="medsynth sample on every held-out mask, scored like the fill")
+    s.add_argument("run", type=Path)
+    s.add_argument("test", type=Path)
+    s.add_argument("--train", type=Path, help="training set (default: the test folder's sibling train/)")
+    s.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
+    s.add_argument("--out", type=Path, help="where the samples go (default: RUN's sibling RUN.heldout/)")
+    s.add_argument("--name", help="model name in the output (default: RUN's folder name)")
+    a = sub.add_parser("all", help="end to end on the 2D set: build, train, sample-eval, augment, downstream")
+    a.add_argument("out", type=Path)
+    a.add_argument("--steps-gan", type=int, default=1000)
+    a.add_argument("--steps-ldm", type=int, default=1000, help="per stage (autoencoder, diffusion)")
+    a.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
+    a.add_argument("--num", type=int, default=16, help="synthetic cases per augment method")
+    a.add_argument("--until", choices=STAGES, default="downstream", help="stop after this stage")
+    a.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args()
+
+    if args.cmd == "build":
+        for p in build(args.out, args.dim, args.overwrite).values():
+            _run(_medsynth("validate", str(p), "--no-progress"))
+            emit(what="validate", manifest=str(p), ok=True)
+    elif args.cmd == "fill":
+        for row in fill_scores(read_cases(args.train), read_cases(args.test)):
+            emit(**row)
+    elif args.cmd == "sample-eval":
+        test_dir = args.test if args.test.is_dir() else args.test.parent
+        train = args.train or test_dir.parent / "train"
+        out = args.out or args.run.with_name(args.run.name + ".heldout")
+        for row in sample_eval(args.run, args.test, train, args.seeds, out, args.name):
+            emit(**row)
+    else:
+        run_all(args.out, steps_gan=args.steps_gan, steps_ldm=args.steps_ldm, seeds=args.seeds, until=args.until,
+                num=args.num, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    main()

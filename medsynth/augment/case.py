@@ -1,0 +1,113 @@
+"""Making one synthetic case: read its source, make a pair with the synthetic-pair core, write it.
+
+Every file is written atomically (:func:`medsynth.data.nifti.write_volume`) and its sha256 returned
+for the journal, with the case's provenance record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medsynth.augment.facts import DatasetFacts, read_case
+from medsynth.augment.plan import PlannedCase, pair_seed
+from medsynth.data.manifest import Case
+from medsynth.data.nifti import write_volume
+from medsynth.distributed import torchrun_env
+from medsynth.journal import sha256_file
+from medsynth.registry import is_model_method
+from medsynth.synthesis.pairs import PairSettings, PairSource, load_synthesizer, make_pair
+
+if TYPE_CHECKING:
+    from medsynth.synthesis.synthesizer import Synthesizer
+
+
+@dataclass
+class JobContext:
+    """Everything a worker needs to make cases (sent once to each worker process).
+
+    out: the output folder; seed: the job seed; settings: the pair core's settings; facts: what the
+    real cases showed; sources: case id -> the real case; model / model_sha: the run folder of a
+    family method and its weights' sha256; class_key: the manifest field with a case's class
+    (class-conditioned runs only).
+    """
+
+    out: Path
+    seed: int
+    settings: PairSettings
+    facts: DatasetFacts
+    sources: dict[str, Case]
+    model: Path | None
+    model_sha: str | None
+    class_key: str | None = None
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+
+@dataclass
+class CaseResult:
+    """What making one synthetic case produced: files (relative path -> sha256), provenance."""
+
+    index: int
+    case_id: str
+    files: dict[str, str]
+    provenance: dict[str, object]
+    redraws: int
+
+
+def job_synthesizer(run: Path) -> Synthesizer:
+    """The run's synthesizer for this process: under torchrun on GPUs, one GPU per local rank."""
+    import torch
+
+    env = torchrun_env()
+    if env.distributed and torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    return load_synthesizer(run)
+
+
+def make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
+    """Make, check (QC with bounded redraws) and write one synthetic case."""
+    # 1. the source case (and the lesion donor's label map)
+    source = read_case(ctx.sources[plan.source])
+    donor = None if plan.donor is None else read_case(ctx.sources[plan.donor]).label
+    options: dict[str, object] = {}
+    if ctx.class_key is not None:  # class-conditioned run: the source case's class
+        options["class_value"] = str(ctx.sources[plan.source].extra[ctx.class_key])
+    synthesizer = None
+    if is_model_method(ctx.method) and ctx.model is not None:
+        synthesizer = job_synthesizer(ctx.model)
+    # 2. the pair, through QC
+    pair = make_pair(
+        PairSource(source.images, source.label, source.affine, donor=donor, donor_id=plan.donor),
+        ctx.settings, stats=ctx.facts.stats, labels=ctx.facts.labels, seq=pair_seed(ctx.seed, plan.index),
+        synthesizer=synthesizer, generate_options=options,
+        where=f"synthetic case {plan.case_id} (source {plan.source})",
+    )
+    # 3. the files, then what was made
+    files: dict[str, str] = {}
+    for c, rel in enumerate(plan.images):
+        write_volume(ctx.out / rel, pair.images[c], source.affine, kind="image")
+        files[rel] = sha256_file(ctx.out / rel)
+    write_volume(ctx.out / plan.label, pair.label, source.affine, kind="label")
+    files[plan.label] = sha256_file(ctx.out / plan.label)
+    provenance = {
+        "case_id": plan.case_id,
+        "index": plan.index,
+        "method": ctx.method,
+        "seed": ctx.seed,
+        "attempt": pair.attempt,
+        "redraws": pair.attempt,
+        "qc_failures": pair.qc_failures,
+        "source": plan.source,
+        "donor": plan.donor,
+        "images": plan.images,
+        "label": plan.label,
+        "model": None if ctx.model is None else str(ctx.model),
+        "model_sha256": ctx.model_sha,
+        **pair.record,
+    }
+    return CaseResult(plan.index, plan.case_id, files, json.loads(json.dumps(provenance)), pair.attempt)

@@ -1,0 +1,233 @@
+"""The augment job: grow a segmentation dataset with synthetic image/label pairs.
+
+``run_augment(AugmentOptions(...))`` reads a dataset (any registered manifest format), makes ``num``
+new masks from real ones (random spatial deformation, optional per-structure edits), an image for
+each (a training-free method, or a trained family's run through the ``Synthesizer``), checks every
+sample (QC), and writes them beside the real cases in the input's format, with a manifest, a
+provenance record per synthetic case and a journal. One case is made by the synthetic-pair core,
+:mod:`medsynth.synthesis.pairs`.
+
+Stages, in order (nothing is written before stage 6):
+
+1. check options; 2. load and validate the dataset; 3. refuse an output folder that is, or lies
+inside, an input folder, or that contains an input; 4. read the training cases once (intensity
+statistics per channel for synthesis and QC, the label set, which labels each case has);
+5. plan: for synthetic case ``k`` the source case (and a lesion donor) follow from ``(seed, k)``;
+6. claim the output folder (new, ``--resume`` with identical settings, or ``--overwrite`` of a
+folder this job made) and store the settings in ``OUT/.medsynth_job.json``; 7. place real cases
+where the format needs them (nnU-Net: hard links, or copies); 8. make the missing or corrupt
+synthetic cases (in process, in ``workers`` processes, and/or sharded over torchrun ranks), each
+file written atomically and recorded with its sha256 in ``OUT/.journal.jsonl``; 9. rank 0 checks
+every file against the journal, writes ``provenance.jsonl`` and then, last, the manifest.
+
+Every random draw of case ``k`` comes from ``numpy.random.SeedSequence(seed, spawn_key=(...k...))``,
+so the bytes written do not depend on workers, ranks, or on a kill followed by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medsynth import __version__
+from medsynth.augment.case import JobContext
+from medsynth.augment.facts import gather_facts
+from medsynth.augment.layout import (
+    OutputLayout,
+    RealCase,
+    check_output_location,
+    place_real_file,
+    real_cases_out,
+    synthetic_case,
+    write_output_manifest,
+)
+from medsynth.augment.model import check_model, class_key, model_checksum, read_model
+from medsynth.augment.options import AugmentOptions, check_options
+from medsynth.augment.plan import SYNTHETIC_PREFIX, PlannedCase, plan_cases
+from medsynth.augment.workers import Ranks, generate, join_ranks
+from medsynth.data.atomic import atomic_write_text
+from medsynth.data.formats import get_format
+from medsynth.data.manifest import Manifest, read_manifest
+from medsynth.data.transforms import check_edit_labels
+from medsynth.data.validate import load_valid_dataset
+from medsynth.errors import DataError, JobError
+from medsynth.journal import Journal, check_output_state, claim_output, read_journals, sha256_file, verified_entry
+
+PROVENANCE_FILE = "provenance.jsonl"
+JOB_FORMAT_VERSION = 1
+
+
+@dataclass
+class AugmentSummary:
+    """The outcome of a job (or of a dry run, with ``manifest=None``)."""
+
+    out: Path
+    format: str
+    method: str
+    plan: list[PlannedCase]
+    real_cases: int
+    synthetic_cases: int
+    manifest: Path | None = None
+    generated: int = 0
+    reused: int = 0
+    redraws: int = 0
+    seconds: float = 0.0
+    generate_seconds: float = 0.0
+    dry_run: bool = False
+    rank: int = 0
+    world_size: int = 1
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "out": str(self.out), "format": self.format, "method": self.method,
+            "manifest": None if self.manifest is None else str(self.manifest),
+            "real_cases": self.real_cases, "synthetic_cases": self.synthetic_cases,
+            "generated": self.generated, "reused": self.reused, "redraws": self.redraws,
+            "seconds": round(self.seconds, 3), "generate_seconds": round(self.generate_seconds, 3),
+            "dry_run": self.dry_run, "rank": self.rank, "world_size": self.world_size,
+        }
+
+
+def job_settings(options: AugmentOptions, manifest: Manifest, model_sha: str | None) -> dict[str, object]:
+    """The settings a resumed job must share with the original (stored in OUT/.medsynth_job.json)."""
+    source = Path(manifest.source or ".")
+    settings = {
+        "job_format": JOB_FORMAT_VERSION,
+        "medsynth_version": __version__,
+        "input": str(source),
+        "input_format": manifest.format,
+        "input_sha256": sha256_file(get_format(manifest.format).manifest_file(source)),
+        "method": options.method,
+        "num": int(options.num),
+        "seed": int(options.seed),
+        "synthetic_only": bool(options.synthetic_only),
+        "model": None if options.model is None else str(Path(options.model).resolve()),
+        "model_sha256": model_sha,
+        "config": options.config.model_dump(mode="json"),
+    }
+    result: dict[str, object] = json.loads(json.dumps(settings))
+    return result
+
+
+def run_augment(options: AugmentOptions) -> AugmentSummary:
+    """Run (or, with ``dry_run``, plan) an augment job. See the module docstring for the stages."""
+    t0 = time.perf_counter()
+    # 1. options
+    check_options(options)
+    out = Path(options.out).expanduser().absolute()
+    # 2. dataset: the manifest now (cheap), every file decoded and checked after the output checks
+    manifest = read_manifest(Path(options.input))
+    layout = OutputLayout.for_manifest(manifest)
+    sources = [c for c in manifest.cases if c.label is not None and c.split == "train"]
+    if not sources:
+        raise DataError(f"{manifest.source}: no labelled training cases to augment from")
+    clash = sorted(c.case_id for c in manifest.cases if c.case_id.startswith(SYNTHETIC_PREFIX))
+    if clash:
+        raise DataError(f"{manifest.source}: case id(s) {clash[:5]} use the prefix {SYNTHETIC_PREFIX!r} kept for synthetic cases")
+    # 3. output location and state (read-only, before any work)
+    check_output_location(out, manifest)
+    model = None if options.model is None else Path(options.model).expanduser().resolve()
+    card = None if model is None else read_model(model)
+    model_sha = None if card is None else model_checksum(card)
+    settings = job_settings(options, manifest, model_sha)
+    state = check_output_state(out, settings, options.resume, options.overwrite)
+    ranks = join_ranks() if not options.dry_run else Ranks()
+    show = options.progress and ranks.rank == 0
+    # 4. validate, then facts from the real data
+    manifest = load_valid_dataset(Path(options.input), progress=show)
+    sources = [c for c in manifest.cases if c.label is not None and c.split == "train"]
+    facts = gather_facts(manifest, sources, progress=show)
+    if options.method != "classic":
+        check_edit_labels(options.config.edits, facts.labels)
+    if card is not None:
+        check_model(card, options.method, facts.labels, manifest.num_channels, sources)
+    # 5. plan
+    plan = plan_cases(options, sources, facts, layout)
+    real = [] if options.synthetic_only else real_cases_out(manifest, out, layout)
+    summary = AugmentSummary(
+        out=out, format=manifest.format, method=options.method, plan=plan, real_cases=len(real),
+        synthetic_cases=len(plan), dry_run=options.dry_run, rank=ranks.rank, world_size=ranks.world,
+    )
+    if options.dry_run:
+        summary.seconds = time.perf_counter() - t0
+        return summary
+    # 6. claim the output folder (rank 0), everyone waits
+    ranks.barrier()
+    if ranks.rank == 0:
+        claim_output(out, settings, state)
+    ranks.barrier()
+    journal = Journal(out, ranks.rank)
+    done = read_journals(out)
+    # 7. real cases in place (a format like nnU-Net needs its files in its folders)
+    if ranks.rank == 0:
+        for r in real:
+            key = f"real:{r.case.case_id}"
+            if not r.placed or verified_entry(out, done.get(key)) is not None:
+                continue
+            files = {}
+            for rel, src in r.placed.items():
+                place_real_file(src, out / rel)
+                files[rel] = sha256_file(out / rel)
+            journal.append({"key": key, "files": files})
+    # 8. synthetic cases of this rank that are missing or corrupt
+    mine = [p for p in plan if p.index % ranks.world == ranks.rank]
+    todo = [p for p in mine if verified_entry(out, done.get(f"syn:{p.case_id}")) is None]
+    summary.reused = len(mine) - len(todo)
+    ctx = JobContext(
+        out=out, seed=options.seed, settings=options.pair_settings(), facts=facts,
+        sources={c.case_id: c for c in sources}, model=model, model_sha=model_sha,
+        class_key=None if card is None else class_key(card),
+    )
+    error: BaseException | None = None
+    t_gen = time.perf_counter()
+    try:
+        for result in generate(ctx, todo, options.workers, show):
+            journal.append({"key": f"syn:{result.case_id}", "files": result.files, "provenance": result.provenance})
+            summary.generated += 1
+            summary.redraws += result.redraws
+    except BaseException as exc:  # let the other ranks reach the barrier, then fail
+        error = exc
+    summary.generate_seconds = time.perf_counter() - t_gen
+    ranks.barrier()
+    if error is not None:
+        raise error
+    # 9. rank 0: verify everything, provenance, then the manifest, last
+    if ranks.rank == 0:
+        summary.manifest = _finalize(out, manifest, layout, plan, real, summary)
+    ranks.barrier()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _finalize(out: Path, manifest: Manifest, layout: OutputLayout, plan: list[PlannedCase],
+              real: list[RealCase], summary: AugmentSummary) -> Path:
+    """Check every file against the journal, write ``provenance.jsonl``, then the manifest."""
+    entries = read_journals(out)
+    missing: list[str] = []
+    provenance: list[dict[str, Any]] = []  # JSON records read back from the journal
+    for r in real:
+        if r.placed and verified_entry(out, entries.get(f"real:{r.case.case_id}")) is None:
+            missing.append(r.case.case_id)
+    for p in plan:
+        entry = verified_entry(out, entries.get(f"syn:{p.case_id}"))
+        if entry is None:
+            missing.append(p.case_id)
+        else:
+            provenance.append(entry["provenance"])
+    if missing:
+        raise JobError(
+            f"{len(missing)} case(s) are missing or do not match the journal ({', '.join(missing[:5])}); "
+            "no manifest written; run again with --resume"
+        )
+    summary.redraws = sum(int(p.get("redraws", 0)) for p in provenance)  # over every synthetic case
+    journal = Journal(out, 0)
+    text = "".join(json.dumps(p, sort_keys=True) + "\n" for p in sorted(provenance, key=lambda p: int(p["index"])))
+    atomic_write_text(out / PROVENANCE_FILE, text)
+    journal.append({"key": f"final:{PROVENANCE_FILE}", "files": {PROVENANCE_FILE: sha256_file(out / PROVENANCE_FILE)}})
+    cases = [r.case for r in real] + [synthetic_case(p.case_id, p.images, p.label, p.source, out) for p in plan]
+    path = write_output_manifest(manifest, cases, out, layout)
+    journal.append({"key": f"final:{path.name}", "files": {path.name: sha256_file(path)}})
+    return path

@@ -1,0 +1,47 @@
+"""The trained run of a family method: its card (read by :func:`medsynth.runcard.read_run_card`),
+the checksum of its weights for provenance, and whether it fits the method and the dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medsynth.data.manifest import Case
+from medsynth.errors import CheckpointError, ConfigError, DataError
+from medsynth.journal import sha256_file
+from medsynth.runcard import RunCard, read_run_card
+from medsynth.synthesis.pairs import check_run_family
+
+
+def read_model(model: Path) -> RunCard:
+    """The card of the run folder ``--model``."""
+    return read_run_card(Path(model))
+
+
+def model_checksum(card: RunCard) -> str:
+    """sha256 of the run's weights file (``RUN/model.safetensors``): the provenance checksum."""
+    if not card.weights_path.is_file():
+        raise CheckpointError(f"--model {card.run_dir}: no {card.weights_path.name} (has the training finished?)")
+    return sha256_file(card.weights_path)
+
+
+def check_model(card: RunCard, method: str, labels: list[int], channels: int, sources: list[Case]) -> None:
+    """Refuse a run that does not fit the method or the dataset (family, label set, channels, classes)."""
+    check_run_family(card, method, option="--method")
+    if sorted(card.labels) != sorted(labels):
+        raise ConfigError(f"the run {card.run_dir} was trained with labels {sorted(card.labels)}, "
+                          f"the dataset has {sorted(labels)}")
+    if card.channels != channels:
+        raise ConfigError(f"the run {card.run_dir} makes {card.channels} image channel(s), the dataset has {channels}")
+    if len(card.classes) > 1:
+        key = card.class_key or ""
+        missing = [c.case_id for c in sources if str(c.extra.get(key, "")) not in card.classes]
+        if missing:
+            raise DataError(
+                f"the run {card.run_dir} is conditioned on {key!r} ({card.classes}); training case(s) "
+                f"{missing[:5]} lack a known value in the manifest's {key!r} field"
+            )
+
+
+def class_key(card: RunCard) -> str | None:
+    """The manifest field that picks a class-conditioned run's class (None: not class-conditioned)."""
+    return card.class_key if len(card.classes) > 1 else None

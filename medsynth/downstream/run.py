@@ -1,0 +1,557 @@
+"""The downstream job: does a synthetic set make a segmenter better than classic augmentation?
+
+``run_downstream(DownstreamOptions(...))`` (or ``medsynth.downstream(train, test, synthetic, ...)``)
+trains the same segmenter (:mod:`medsynth.downstream.segmenter`) with the same step budget and seeds
+on each variant of the training data, tests every model on the same cases and compares:
+
+- ``real``: the real training cases only;
+- ``real+classic``: the same, each sample through the ``classic`` chain of ``medsynth augment``
+  on the fly (the reference every other variant is compared against);
+- ``real+<set>``: real cases plus one synthetic set (a fixed share ``real_fraction`` of every batch
+  stays real); ``real+<set>+classic``: the same with the online classic chain on every sample.
+
+``<set>`` is the augment method its ``provenance.jsonl`` records (``classic-pairs`` for a set made
+by ``--method classic``, to keep it apart from the online chain), or the folder's name.
+
+Stages: 1. check the options; 2. refuse an output folder that holds files this job did not make
+(before any work); 3. validate and read every dataset, check them against each other; 4. the
+splits: the test set, or K folds over the real cases (the same folds for every seed; a synthetic
+case made from a held-out case is left out of that fold's training); 5. size the segmenter; 6. train
+and test every variant x seed x fold; 7. aggregate: Dice and HD95 per label, per seed, mean +- std,
+the paired difference to ``real+classic`` with a bootstrap interval; 8. write the outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsynth.downstream.data import DownstreamData, DownstreamWarning, LoadedCase, SyntheticSet
+from medsynth.downstream.metrics import CaseMetrics, case_scores, nanmean, paired_bootstrap
+from medsynth.downstream.segmenter import NETWORKS, Network, SegmenterSpec, Tag
+from medsynth.errors import ConfigError
+
+REFERENCE = "real+classic"
+SUMMARY_KIND = "medsynth-downstream"
+SUMMARY_VERSION = 1
+
+RULES = (
+    "Each batch sample is synthetic with probability 1 - real_fraction (only in variants with a synthetic set), "
+    "else real; the case is uniform within its group.",
+    "Intensities: each channel z-scored with its case's own mean and standard deviation, the same for every variant.",
+    "+classic: every sample goes through the classic chain of `medsynth augment` (random affine + elastic "
+    "deformation, MONAI bias field, gamma, scaling and noise) on the fly.",
+    "Mean Dice of a seed: the mean over test cases of each case's mean Dice over the foreground labels in its "
+    "reference. A label absent from a case's reference has no Dice (NaN); a label present but not predicted has "
+    "Dice 0 and no HD95.",
+    "Difference to real+classic: mean over (test case, seed) pairs of the paired difference of case scores; 95% "
+    "percentile bootstrap interval resampling test cases and seeds independently.",
+)
+
+
+# ------------------------------------------------------------------------------------ options / results
+
+
+@dataclass
+class DownstreamOptions:
+    """What ``medsynth downstream`` was asked to do.
+
+    train: real training set (MSD JSON, CSV or nnU-Net raw folder). test: held-out labelled set, or
+    None for ``folds``-fold cross-validation over the training cases. synthetic: datasets written by
+    ``medsynth augment``. out: output folder (None: write nothing). seeds: training seeds (each
+    variant trained once per seed). steps: optimizer steps per model. batch_size: samples per step.
+    channels: base channel count of the network (default 16). patch_size: cap on the patch side
+    (default 256 in 2D, 96 in 3D). real_fraction: share of real samples in batches of variants with
+    a synthetic set. bootstrap: bootstrap replicates of each confidence interval. workers: processes
+    making training batches (results do not depend on it).
+    """
+
+    train: Path
+    test: Path | None = None
+    synthetic: tuple[Path, ...] = ()
+    out: Path | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 500
+    network: Network = "unet"
+    batch_size: int = 8
+    folds: int = 3
+    device: str = "auto"
+    channels: int | None = None
+    patch_size: int | None = None
+    real_fraction: float = 0.5
+    bootstrap: int = 10_000
+    workers: int = 0
+    overwrite: bool = False
+    progress: bool = False
+
+
+@dataclass
+class SeedStat:
+    """One metric of one variant: per seed, and mean +- sample std over seeds (None: undefined)."""
+
+    mean: float | None
+    std: float | None
+    per_seed: list[float | None]
+
+
+@dataclass
+class VariantResult:
+    """The results of one variant.
+
+    dice, hd95 (mm): per seed the mean over test cases of each case's mean over labels.
+    dice_per_label, hd95_per_label: label name -> mean over seeds of the mean over test cases.
+    empty_predictions: (case, seed, label) triples where the reference has the label and the model
+    predicted none of it. absent_labels: triples where the reference lacks the label (no Dice).
+    real_cases, synthetic_cases: cases the training drew from (per fold, summed over folds).
+    """
+
+    name: str
+    synthetic_set: str | None
+    classic: bool
+    dice: SeedStat
+    hd95: SeedStat
+    dice_per_label: dict[str, float | None]
+    hd95_per_label: dict[str, float | None]
+    empty_predictions: int
+    absent_labels: int
+    real_cases: int
+    synthetic_cases: int
+    seconds: float
+
+
+@dataclass
+class Comparison:
+    """Paired difference of a variant's case scores minus the reference's, with its 95% interval."""
+
+    variant: str
+    reference: str
+    metric: str
+    mean_difference: float | None
+    ci_low: float | None
+    ci_high: float | None
+    pairs: int
+
+
+@dataclass
+class DownstreamSummary:
+    """Everything ``medsynth downstream`` measured (``summary.json`` is :meth:`to_dict`)."""
+
+    train: str
+    test: str | None
+    synthetic: list[str]
+    folds: int | None
+    spatial_dims: int
+    labels: dict[int, str]
+    seeds: list[int]
+    steps: int
+    batch_size: int
+    real_fraction: float
+    segmenter: str
+    parameters: int
+    patch: list[int]
+    device: str
+    train_cases: int
+    test_cases: int
+    variants: list[VariantResult]
+    comparisons: list[Comparison]
+    reference: str = REFERENCE
+    rules: list[str] = field(default_factory=lambda: list(RULES))
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    out: str | None = None
+
+    def variant(self, name: str) -> VariantResult:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(name)
+
+    def comparison(self, name: str) -> Comparison:
+        for c in self.comparisons:
+            if c.variant == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; NaN written as None."""
+        d = asdict(self)
+        d["labels"] = {str(k): v for k, v in self.labels.items()}
+        return {"kind": SUMMARY_KIND, "version": SUMMARY_VERSION, **_clean(d)}
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One line of ``metrics.csv``: one variant x seed x test case x foreground label."""
+
+    variant: str
+    seed: int
+    fold: int
+    case_id: str
+    label: int
+    label_name: str
+    dice: float
+    hd95_mm: float
+    reference_voxels: int
+    predicted_voxels: int
+
+
+# ------------------------------------------------------------------------------------ plan
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    set_index: int | None
+    classic: bool
+
+
+@dataclass
+class Split:
+    """One training/test split: fold -1 for a given test set."""
+
+    fold: int
+    train: list[LoadedCase]
+    test: list[LoadedCase]
+    held_out: set[str]
+
+
+def _check_options(o: DownstreamOptions) -> None:
+    if not o.seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    if any(isinstance(s, bool) or int(s) < 0 for s in o.seeds) or len(set(o.seeds)) != len(o.seeds):
+        raise ConfigError(f"--seeds must be distinct non-negative integers, got {list(o.seeds)}")
+    if o.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, got {o.steps}")
+    if o.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {o.batch_size}")
+    if o.network not in NETWORKS:
+        raise ConfigError(f"--network must be one of {', '.join(NETWORKS)}, got {o.network!r}")
+    if o.test is None and o.folds < 2:
+        raise ConfigError(f"--folds must be at least 2, got {o.folds}")
+    if not 0.0 < o.real_fraction <= 1.0:
+        raise ConfigError(f"real_fraction must be in (0, 1], got {o.real_fraction}")
+    if o.channels is not None and o.channels < 1:
+        raise ConfigError(f"channels must be at least 1, got {o.channels}")
+    if o.patch_size is not None and o.patch_size < 8:
+        raise ConfigError(f"patch_size must be at least 8 voxels, got {o.patch_size}")
+    if o.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {o.workers}")
+    if o.bootstrap < 100:
+        raise ConfigError(f"bootstrap must be at least 100 replicates, got {o.bootstrap}")
+    if o.device not in ("auto", "cpu", "cuda") and not str(o.device).startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {o.device!r}")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available")
+    return name
+
+
+def variant_names(sets: Sequence[SyntheticSet]) -> list[Variant]:
+    """The variants in report order: real, real+classic, then real+<set> and real+<set>+classic per set."""
+    names = []
+    for s in sets:
+        names.append("classic-pairs" if s.name == "classic" else s.name)
+    for i, name in enumerate(names):
+        if names.count(name) > 1:
+            folder = s_folder(sets[i].path)
+            names[i] = f"{name}({folder})"
+    for i, name in enumerate(names):  # still equal (same folder name): number them
+        if names.count(name) > 1:
+            names[i] = f"{name}-{names[:i + 1].count(name)}"
+    out = [Variant("real", None, False), Variant(REFERENCE, None, True)]
+    for i, name in enumerate(names):
+        out += [Variant(f"real+{name}", i, False), Variant(f"real+{name}+classic", i, True)]
+    return out
+
+
+def s_folder(path: Path) -> str:
+    p = Path(path)
+    return p.name if p.is_dir() else p.parent.name
+
+
+def make_splits(data: DownstreamData, folds: int) -> list[Split]:
+    """The test set as one split, or ``folds`` folds over the training cases (fixed assignment)."""
+    from medsynth.seeds import seed_sequence
+
+    if data.test is not None:
+        return [Split(-1, data.train, data.test, set())]
+    n = len(data.train)
+    if n < folds:
+        raise ConfigError(f"--folds {folds}: the training set {data.train_path} has only {n} labelled case(s)")
+    ordered = sorted(data.train, key=lambda c: c.case_id)
+    perm = np.random.default_rng(seed_sequence(0, Tag.FOLDS)).permutation(n)
+    fold_of = {ordered[j].case_id: i % folds for i, j in enumerate(perm)}
+    splits = []
+    for f in range(folds):
+        test = [c for c in ordered if fold_of[c.case_id] == f]
+        train = [c for c in ordered if fold_of[c.case_id] != f]
+        splits.append(Split(f, train, test, {c.case_id for c in test}))
+    return splits
+
+
+def _fold_synthetic(s: SyntheticSet, split: Split) -> list[LoadedCase]:
+    return [c for c in s.cases if c.source is None or c.source not in split.held_out]
+
+
+# ------------------------------------------------------------------------------------ the job
+
+
+def run_downstream(options: DownstreamOptions) -> DownstreamSummary:
+    """Run the comparison (see the module docstring for the stages); write ``out`` if given."""
+    from medsynth.downstream.data import load_inputs
+    from medsynth.downstream.report import check_output_folder, write_outputs
+    from medsynth.downstream.segmenter import plan_segmenter
+    from medsynth.progress import progress_bar
+
+    t0 = time.perf_counter()
+    # 1. options
+    _check_options(options)
+    device = _device(str(options.device))
+    seeds = [int(s) for s in options.seeds]
+    # 2. the output folder, before any work
+    out = None if options.out is None else Path(options.out).expanduser().absolute()
+    if out is not None:
+        check_output_folder(out, options.overwrite)
+    # 3. the datasets
+    data = load_inputs(Path(options.train), None if options.test is None else Path(options.test),
+                       [Path(p) for p in options.synthetic], progress=options.progress)
+    notes = list(data.warnings)
+    # 4. splits
+    splits = make_splits(data, options.folds)
+    if data.test is None and data.synthetic:
+        unknown = [str(s.path) for s in data.synthetic if any(c.source is None for c in s.cases)]
+        note = ("K-fold: synthetic cases made from a held-out case are left out of that fold's training"
+                + (f"; {', '.join(unknown)} do not record their source case, so some of their cases may come "
+                   "from held-out cases" if unknown else ""))
+        notes.append(note)
+        if unknown:
+            warnings.warn(note, DownstreamWarning, stacklevel=2)
+    # 5. the segmenter
+    labels = sorted(data.labels)
+    spec = plan_segmenter(options.network, data.spatial_dims, data.channels, len(labels),
+                          [c.shape for c in data.train], base_channels=options.channels, patch_size=options.patch_size)
+    variants = variant_names(data.synthetic)
+    # 6. train and test every variant x seed x fold
+    results: dict[tuple[str, int], dict[str, tuple[int, CaseMetrics]]] = {}
+    seconds: dict[str, float] = {}
+    counts: dict[str, tuple[int, int]] = {}
+    parameters = 0
+    total = len(variants) * len(seeds) * len(splits) * options.steps
+    with progress_bar("downstream", total=total, enabled=options.progress) as bar:
+        for v in variants:
+            t_v = time.perf_counter()
+            n_real = n_syn = 0
+            for seed in seeds:
+                per_case: dict[str, tuple[int, CaseMetrics]] = {}
+                for split in splits:
+                    syn = [] if v.set_index is None else _fold_synthetic(data.synthetic[v.set_index], split)
+                    if seed == seeds[0]:
+                        n_real, n_syn = n_real + len(split.train), n_syn + len(syn)
+                    net = _train_one(spec, data, split, syn, v, seed, options, device, bar)
+                    parameters = parameters or sum(p.numel() for p in net.parameters())
+                    for case, metrics in _test_one(net, spec, split, labels, data.foreground, device, options):
+                        per_case[case.case_id] = (split.fold, metrics)
+                results[(v.name, seed)] = per_case
+            seconds[v.name] = time.perf_counter() - t_v
+            counts[v.name] = (n_real, n_syn)
+    # 7. aggregate
+    case_ids = [c.case_id for s in splits for c in s.test]
+    names = {v: data.labels[v] for v in data.foreground}
+    variant_results = [_aggregate(v, data, seeds, case_ids, results, names, seconds[v.name], counts[v.name])
+                       for v in variants]
+    comparisons = _compare(variants, seeds, case_ids, results, options.bootstrap)
+    summary = DownstreamSummary(
+        train=str(data.train_path), test=None if data.test_path is None else str(data.test_path),
+        synthetic=[str(s.path) for s in data.synthetic], folds=None if data.test is not None else options.folds,
+        spatial_dims=data.spatial_dims, labels=dict(data.labels), seeds=seeds, steps=options.steps,
+        batch_size=options.batch_size, real_fraction=options.real_fraction, segmenter=spec.describe(),
+        parameters=int(parameters), patch=list(spec.patch), device=device, train_cases=len(data.train),
+        test_cases=len(case_ids), variants=variant_results, comparisons=comparisons, warnings=notes,
+        out=None if out is None else str(out),
+    )
+    summary.seconds = time.perf_counter() - t0
+    # 8. outputs
+    if out is not None:
+        rows = metric_rows(variants, seeds, case_ids, results, data)
+        write_outputs(summary, rows, out, overwrite=options.overwrite)
+    return summary
+
+
+def _train_one(spec: SegmenterSpec, data: DownstreamData, split: Split, syn: list[LoadedCase], v: Variant,
+               seed: int, options: DownstreamOptions, device: str, bar: Any) -> Any:
+    from medsynth.downstream.segmenter import TrainingPool, train_segmenter
+
+    pool = TrainingPool(split.train, syn, patch=spec.patch, labels=sorted(data.labels), ranges=data.ranges,
+                        classic=v.classic, real_fraction=options.real_fraction, seed=seed, fold=max(split.fold, 0))
+    where = f"{v.name} seed {seed}" + (f" fold {split.fold}" if split.fold >= 0 else "")
+
+    def on_step(loss: float) -> None:
+        bar.note(f"{where} loss {loss:.3f}")
+        bar.advance()
+
+    return train_segmenter(spec, pool, steps=options.steps, batch_size=options.batch_size, seed=seed,
+                           fold=max(split.fold, 0), device=device, workers=options.workers, on_step=on_step)
+
+
+def _test_one(net: Any, spec: SegmenterSpec, split: Split, labels: list[int], foreground: list[int], device: str,
+              options: DownstreamOptions) -> list[tuple[LoadedCase, CaseMetrics]]:
+    from medsynth.downstream.metrics import label_metrics
+    from medsynth.downstream.segmenter import case_stats, normalise, predict
+
+    values = np.asarray(labels, dtype=np.int64)
+    out = []
+    for case in split.test:
+        index = predict(net, spec, normalise(case.image, case_stats(case.image)), device=device,
+                        batch_size=options.batch_size)
+        out.append((case, label_metrics(values[index], case.label, foreground, case.spacing)))
+    return out
+
+
+def _stat(values: list[float]) -> SeedStat:
+    arr = np.asarray(values, dtype=np.float64)
+    ok = arr[~np.isnan(arr)]
+    mean = float(ok.mean()) if ok.size else None
+    std = float(ok.std(ddof=1)) if ok.size > 1 else None
+    return SeedStat(mean=mean, std=std, per_seed=[None if math.isnan(x) else float(x) for x in arr])
+
+
+def _aggregate(v: Variant, data: DownstreamData, seeds: list[int], case_ids: list[str],
+               results: Mapping[tuple[str, int], Mapping[str, tuple[int, CaseMetrics]]], names: dict[int, str],
+               seconds: float, counts: tuple[int, int]) -> VariantResult:
+    dice_seed, hd_seed, dice_label, hd_label = [], [], [], []
+    empty = absent = 0
+    for seed in seeds:
+        per_case = results[(v.name, seed)]
+        dice = np.stack([per_case[c][1].dice for c in case_ids])  # (cases, L)
+        hd = np.stack([per_case[c][1].hd95 for c in case_ids])
+        ref = np.stack([per_case[c][1].reference for c in case_ids])
+        pred = np.stack([per_case[c][1].predicted for c in case_ids])
+        dice_seed.append(nanmean(case_scores(dice)))
+        hd_seed.append(nanmean(case_scores(hd)))
+        dice_label.append(nanmean(dice, axis=0))
+        hd_label.append(nanmean(hd, axis=0))
+        empty += int(((ref > 0) & (pred == 0)).sum())
+        absent += int((ref == 0).sum())
+    fg = list(names)
+    dl = nanmean(np.stack(dice_label), axis=0)
+    hl = nanmean(np.stack(hd_label), axis=0)
+    return VariantResult(
+        name=v.name, synthetic_set=None if v.set_index is None else str(data.synthetic[v.set_index].path),
+        classic=v.classic, dice=_stat(dice_seed), hd95=_stat(hd_seed),
+        dice_per_label={names[k]: _opt(dl[i]) for i, k in enumerate(fg)},
+        hd95_per_label={names[k]: _opt(hl[i]) for i, k in enumerate(fg)},
+        empty_predictions=empty, absent_labels=absent, real_cases=counts[0], synthetic_cases=counts[1],
+        seconds=round(seconds, 3),
+    )
+
+
+def _opt(x: float) -> float | None:
+    return None if math.isnan(float(x)) else float(x)
+
+
+def score_matrix(name: str, seeds: list[int], case_ids: list[str],
+                 results: Mapping[tuple[str, int], Mapping[str, tuple[int, CaseMetrics]]], metric: str = "dice") -> np.ndarray:
+    """``(cases, seeds)`` case scores (mean over labels) of one variant."""
+    cols = []
+    for seed in seeds:
+        per_case = results[(name, seed)]
+        cols.append(case_scores(np.stack([getattr(per_case[c][1], metric) for c in case_ids])))
+    return np.stack(cols, axis=1)
+
+
+def _compare(variants: list[Variant], seeds: list[int], case_ids: list[str],
+             results: Mapping[tuple[str, int], Mapping[str, tuple[int, CaseMetrics]]], n_boot: int) -> list[Comparison]:
+    from medsynth.seeds import seed_sequence
+
+    ref = score_matrix(REFERENCE, seeds, case_ids, results)
+    out = []
+    for k, v in enumerate(variants):
+        if v.name == REFERENCE:
+            continue
+        diff = score_matrix(v.name, seeds, case_ids, results) - ref
+        boot_seed = int(seed_sequence(0, Tag.BOOTSTRAP, k).generate_state(1)[0])
+        mean, low, high = paired_bootstrap(diff, n_boot=n_boot, seed=boot_seed)
+        pairs = int((~np.isnan(diff)).all(axis=1).sum()) * len(seeds)
+        out.append(Comparison(v.name, REFERENCE, "dice", _opt(mean), _opt(low), _opt(high), pairs))
+    return out
+
+
+def metric_rows(variants: list[Variant], seeds: list[int], case_ids: list[str],
+                results: Mapping[tuple[str, int], Mapping[str, tuple[int, CaseMetrics]]],
+                data: DownstreamData) -> list[MetricRow]:
+    """Every (variant, seed, test case, foreground label) as a :class:`MetricRow`."""
+    fg = data.foreground
+    rows = []
+    for v in variants:
+        for seed in seeds:
+            per_case = results[(v.name, seed)]
+            for cid in case_ids:
+                fold, m = per_case[cid]
+                for i, label in enumerate(fg):
+                    rows.append(MetricRow(v.name, seed, fold, cid, label, data.labels[label], float(m.dice[i]),
+                                          float(m.hd95[i]), int(m.reference[i]), int(m.predicted[i])))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ the API
+
+
+def downstream(
+    train: str | Path,
+    test: str | Path | None = None,
+    synthetic: Sequence[str | Path] = (),
+    out: str | Path | None = None,
+    *,
+    seeds: Sequence[int] | int = (0, 1, 2),
+    steps: int = 500,
+    network: Network = "unet",
+    batch_size: int = 8,
+    folds: int = 3,
+    device: str = "auto",
+    channels: int | None = None,
+    patch_size: int | None = None,
+    real_fraction: float = 0.5,
+    bootstrap: int = 10_000,
+    workers: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> DownstreamSummary:
+    """Train one segmenter per variant (real, real+classic, real+<set>, real+<set>+classic) and seed,
+    test each on ``test`` (or K-fold over ``train``) and return the :class:`DownstreamSummary`.
+
+    seeds: a list of seeds, or an int ``N`` for seeds ``0..N-1``. Writes ``summary.json``,
+    ``metrics.csv``, ``report.md`` and ``dice.png`` into ``out`` when given. See
+    :class:`DownstreamOptions` for every argument."""
+    if isinstance(synthetic, (str, Path)):
+        synthetic = [synthetic]
+    seed_list = tuple(range(seeds)) if isinstance(seeds, int) else tuple(int(s) for s in seeds)
+    options = DownstreamOptions(
+        train=Path(train), test=None if test is None else Path(test), synthetic=tuple(Path(p) for p in synthetic),
+        out=None if out is None else Path(out), seeds=seed_list, steps=steps, network=network,
+        batch_size=batch_size, folds=folds, device=device, channels=channels, patch_size=patch_size,
+        real_fraction=real_fraction, bootstrap=bootstrap, workers=workers, overwrite=overwrite, progress=progress,
+    )
+    return run_downstream(options)

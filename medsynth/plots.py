@@ -1,0 +1,99 @@
+"""The pictures of medsynth's reports: figures, slices of volumes, and each chart as a function from
+plain numbers to a PNG file. ``medsynth demo``, ``medsynth evaluate`` and the downstream report draw
+with these.
+
+Figures use matplotlib's Agg canvas directly (no pyplot, no global backend switch) and are written
+atomically. Slices are shown the way the rest of medsynth shows them: NIfTI index ``(i, j)`` with
+``i`` horizontal and ``j`` vertical, upwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from medsynth.data.atomic import atomic_write_with
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
+
+__all__ = ["downstream_chart", "grid", "middle_slice", "new_figure", "save_png", "show_slice"]
+
+#: label maps are drawn with this qualitative colour map, values 0..9
+LABEL_CMAP = "tab10"
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib figure with its own Agg canvas (no global pyplot state, no display needed); inches."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def grid(rows: int, cols: int, scale: float = 1.6) -> tuple[Figure, np.ndarray]:
+    """A figure of ``rows x cols`` axes, ``scale`` inches each; the axes as a ``(rows, cols)`` array."""
+    fig = new_figure(cols * scale, rows * scale)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically (the folder is created if needed)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def middle_slice(array: np.ndarray) -> np.ndarray:
+    """``(H, W)`` as it is; ``(X, Y, Z)``: the middle slice along the last axis, ``(X, Y)``."""
+    return array if array.ndim == 2 else array[..., array.shape[-1] // 2]
+
+
+def show_slice(ax: Axes, image: np.ndarray, *, vmin: float | None = None, vmax: float | None = None,
+               cmap: str = "gray", label: bool = False, title: str | None = None) -> AxesImage:
+    """Draw a 2D slice ``(i, j)`` on ``ax`` without ticks (``label``: a label map, in
+    :data:`LABEL_CMAP`); returns the image artist (for a colour bar)."""
+    if label:
+        cmap, vmin, vmax = LABEL_CMAP, 0, 9
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax.imshow(np.asarray(image).T, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", interpolation="nearest")
+
+
+def downstream_chart(names: Sequence[str], per_seed: Sequence[Sequence[float | None]], path: Path, *,
+                     reference: str | None = None, ylabel: str = "mean Dice",
+                     ylim: tuple[float, float] = (0.0, 1.0)) -> Path:
+    """A bar per variant (the mean over seeds) with each seed's value as a point; ``path`` (PNG).
+
+    names: variant names; per_seed: for each variant, one value per seed (None or NaN: missing).
+    reference: the variant drawn as a dashed horizontal line across the chart. ylim: the value axis
+    (bars start at its lower end, so keep it at 0 for a quantity like Dice)."""
+    values = [np.array([np.nan if x is None else float(x) for x in seeds], dtype=np.float64) for seeds in per_seed]
+    means = [float(np.nanmean(v)) if np.isfinite(v).any() else np.nan for v in values]
+    fig = new_figure(max(4.0, 0.9 * len(names) + 1.5), 3.6)
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    colors = ["tab:gray" if n == reference else ("tab:orange" if n.endswith("+classic") else "tab:blue") for n in names]
+    ax.bar(x, np.nan_to_num(means), color=colors, alpha=0.6, width=0.7)
+    rng = np.random.default_rng(0)  # fixed jitter: the same numbers draw the same picture
+    for i, v in enumerate(values):
+        ok = v[np.isfinite(v)]
+        ax.scatter(i + rng.uniform(-0.15, 0.15, ok.size), ok, color="black", s=12, zorder=3)
+    if reference in names:
+        ref = means[list(names).index(reference)]
+        if np.isfinite(ref):
+            ax.axhline(ref, color="tab:gray", linestyle="--", linewidth=1)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(*ylim)
+    ax.set_title("bars: mean over seeds; points: one seed each", fontsize=8)
+    return save_png(fig, Path(path))
