@@ -2,10 +2,11 @@
 
     python benchmarks/sample.py               # GPU sizes on CUDA, small ones on the CPU
 
-Run it beside ``../shared/peers/monai_baseline.py`` in the same call. Its ``unet3d_sample`` rows time
-MONAI's 3d_ldm UNet on a 3x32^3 latent, batch 1, eager bf16: DDPM 1000 steps, DDIM 50, RFlow 30.
+Run it in the same call as the peer baseline (``monai_baseline.py``, MONAI's tutorial networks in a plain
+loop). Its ``unet3d_sample`` rows time MONAI's 3d_ldm UNet on a 3x32^3 latent, batch 1, eager bf16:
+DDPM 1000 steps, DDIM 50, RFlow 30.
 Here the same UNet (configs/ldm3d.yaml, concat conditioning on a 7-label one-hot mask of 128^3)
-runs through our :func:`~medsynth.synthesis.samplers.sample_latents`:
+runs through our :func:`~medsynth.diffusion.sample_latents`:
 
 - ``ldm_unet3d_sample``: latents only, per sampler and steps, batch 1 and 8, modes ``eager_fp32``,
   ``eager_bf16`` and ``graph_bf16`` (the guided UNet forward captured once in a CUDA graph and
@@ -32,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medsynth.config import load_config  # noqa: E402
+from medsynth.diffusion import Condition, NoiseProcess, sample_latents  # noqa: E402
 from medsynth.models.autoencoder import build_autoencoder, decode  # noqa: E402
 from medsynth.models.diffusion import MaskConditionedUNet  # noqa: E402
 from medsynth.synthesis.ldm import LatentDiffusionPipeline, SamplingDefaults  # noqa: E402
-from medsynth.synthesis.samplers import Condition, NoiseProcess, sample_latents  # noqa: E402
 
 from _common import emit, peak, sync  # noqa: E402
 

@@ -3,8 +3,8 @@
     python benchmarks/train_ldm.py                 # GPU sizes on CUDA, small ones on the CPU
     python benchmarks/train_ldm.py --compile       # also torch.compile the UNet (CUDA; slow first step)
 
-Run it beside ``../shared/peers/monai_baseline.py`` in the same call: the networks and batches are
-that script's (MONAI's 2d_ldm / 3d_ldm tutorial networks, which ``configs/ldm2d.yaml`` and
+Run it in the same call as the peer baseline (``monai_baseline.py``, a plain loop): the networks and
+batches are that script's (MONAI's 2d_ldm / 3d_ldm tutorial networks, which ``configs/ldm2d.yaml`` and
 ``configs/ldm3d.yaml`` use), so ``samples_per_s`` divides directly:
 
 - ``unet2d``: the diffusion UNet of configs/ldm2d.yaml, batch 64 of 3x64x64 latents (CPU: 4 of 3x16x16);
@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from medsynth.config import load_config  # noqa: E402
+from medsynth.diffusion import NoiseProcess  # noqa: E402
 from medsynth.models.autoencoder import build_autoencoder  # noqa: E402
 from medsynth.models.diffusion import MaskConditionedUNet  # noqa: E402
-from medsynth.synthesis.samplers import NoiseProcess  # noqa: E402
 from medsynth.training.ldm import _Reconstructor, denoising_loss  # noqa: E402
 
 from _common import emit, peak, sync  # noqa: E402

@@ -141,7 +141,6 @@ def phantoms(
 
 
 # ------------------------------------------------------------------------------------ evaluate
-# (implemented in medsynth.evaluation; see issue 3)
 
 
 @app.command()
@@ -188,7 +187,6 @@ def evaluate(
         typer.echo(format_summary(summary))
 
 # ------------------------------------------------------------------------------------ train / sample
-# (implemented in medsynth.training and medsynth.synthesis; see issues 4 and 5)
 
 
 def _plain_warnings() -> Any:
@@ -217,7 +215,7 @@ def _stage_help() -> str:
 @app.command()
 @user_errors
 def train(
-    config: Annotated[Path, typer.Argument(help="A training recipe: a YAML file, or a shipped recipe's name (gan2d, tiny/ldm2d; see `medsynth recipes`).")],
+    config: Annotated[Path, typer.Argument(help="A recipe: a YAML file, or a shipped name (see `medsynth recipes`).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to create (refused if it exists, unless --resume).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Dataset manifest (overrides data.manifest).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Total steps (overrides training.max_steps).")] = None,
@@ -298,18 +296,25 @@ def sample(
     typer.echo(f"wrote {len(names)} channels {names[0]} ... {names[-1]} (shape {tuple(image.array.shape[1:])}, seed {seed})")
 
 # ------------------------------------------------------------------------------------ augment
-# (implemented in medsynth.augment; see issue 6)
+
+
+def _method_help() -> str:
+    """``synthseg, classic, gan or ldm``: every method of the family registry (torch-free)."""
+    from medsynth.registry import method_names
+
+    names = method_names()
+    return f"{', '.join(names[:-1])} or {names[-1]} (a trained model's family needs --model)."
 
 
 @app.command()
 @user_errors
 def augment(
     input: Annotated[Path, typer.Argument(help="An MSD dataset JSON, a CSV manifest or an nnU-Net raw folder.")],
-    method: Annotated[str, typer.Option(help="synthseg, classic, gan or ldm.")],
+    method: Annotated[str, typer.Option(help=_method_help())],
     num: Annotated[int, typer.Option(help="Number of synthetic cases to make.")],
     out: Annotated[Path, typer.Option(help="Output folder (written in the input's format).")],
     seed: Annotated[int, typer.Option(help="Job seed: same seed, same bytes.")] = 0,
-    model: Annotated[Optional[Path], typer.Option(help="Trained run folder (for --method gan or ldm).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Trained run folder (for a model family's --method, e.g. gan).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUT (same settings).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier augment output in OUT.")] = False,
     synthetic_only: Annotated[bool, typer.Option("--synthetic-only", help="List only synthetic cases in the manifest.")] = False,
@@ -324,7 +329,7 @@ def augment(
     from medsynth.augment import AugmentOptions, load_augment_config, run_augment
 
     options = AugmentOptions(
-        input=input, out=out, method=method, num=num, seed=seed, model=model, resume=resume,  # type: ignore[arg-type]
+        input=input, out=out, method=method, num=num, seed=seed, model=model, resume=resume,
         overwrite=overwrite, synthetic_only=synthetic_only, workers=workers, dry_run=dry_run,
         config=load_augment_config(config), progress=progress and not json_out,
     )
@@ -389,15 +394,21 @@ def downstream(
     train: Annotated[Path, typer.Argument(help="Real training set: MSD JSON, CSV or nnU-Net raw folder.")],
     out: Annotated[Path, typer.Option(help="Output folder: summary.json, metrics.csv, report.md, dice.png.")],
     test: Annotated[Optional[Path], typer.Option(help="Held-out labelled test set (default: K-fold over TRAIN).")] = None,
-    synthetic: Annotated[Optional[list[Path]], typer.Option("--synthetic", help="A dataset written by `medsynth augment`; repeatable.")] = None,
+    synthetic: Annotated[
+        Optional[list[Path]], typer.Option("--synthetic", help="A dataset written by `medsynth augment`; repeatable.")
+    ] = None,
     seeds: Annotated[str, typer.Option(help="Training seeds: a count N (seeds 0..N-1) or a list like 0,1,2.")] = "3",
     steps: Annotated[int, typer.Option(help="Optimizer steps per model (the same for every variant).")] = 500,
     network: Annotated[str, typer.Option(help="unet or dynunet (MONAI), sized from the data.")] = "unet",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.")] = 8,
     folds: Annotated[int, typer.Option(help="Folds of the cross-validation without --test.")] = 3,
     channels: Annotated[Optional[int], typer.Option(help="Channels of the network's first level (default 16).")] = None,
-    patch_size: Annotated[Optional[int], typer.Option("--patch-size", help="Largest patch side (default 256 in 2D, 96 in 3D).")] = None,
-    real_fraction: Annotated[float, typer.Option("--real-fraction", help="Share of real samples in batches with a synthetic set.")] = 0.5,
+    patch_size: Annotated[
+        Optional[int], typer.Option("--patch-size", help="Largest patch side (default 256 in 2D, 96 in 3D).")
+    ] = None,
+    real_fraction: Annotated[
+        float, typer.Option("--real-fraction", help="Share of real samples in batches with a synthetic set.")
+    ] = 0.5,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[int, typer.Option(help="Processes making training batches (results do not depend on it).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier downstream run's outputs in OUT.")] = False,

@@ -8,7 +8,9 @@ Stages (each a plain call into the library, the same ones the CLI commands make)
 4. augment    3D with the training-free ``synthseg`` method; 2D with the GAN and the LDM
 5. evaluate   paired (GAN/LDM images made from the real masks vs the real images) and
               unpaired (radiomic distances, diversity, memorisation of each synthetic set)
-6. report     ``DIR/report.md`` with PNG montages, loss curves and a metrics table
+6. downstream "does it help?": the same small segmenter trained on real, real+classic and
+              real + each 2D synthetic set (+ classic), tested on the held-out slices
+7. report     ``DIR/report.md`` with PNG montages, loss curves, metrics and downstream tables
 
 Everything is CPU-sized: about 2-4 minutes on two cores. ``quick=True`` shortens every stage
 (tests use it); the numbers it gives are not meant to be read.
@@ -25,8 +27,22 @@ from typing import Any
 
 import numpy as np
 
+from medsynth.augment import SYNTHETIC_PREFIX, AugmentOptions, AugmentSummary, run_augment
+from medsynth.config import load_config
+from medsynth.data.atomic import atomic_write_text
+from medsynth.data.manifest import Case, read_manifest, write_manifest
+from medsynth.data.nifti import read_volume, write_volume
+from medsynth.data.phantoms import make_phantom_dataset
+from medsynth.data.validate import validate_dataset
+from medsynth.downstream import DownstreamSummary, downstream
+from medsynth.downstream.report import format_table
 from medsynth.errors import JobError
+from medsynth.evaluation.evaluate import run_evaluate
+from medsynth.plots import grid, middle_slice, save_png, show_slice
 from medsynth.recipes import recipe_path
+from medsynth.runcard import read_run_card
+from medsynth.synthesis.synthesizer import Synthesizer
+from medsynth.training import run_training
 
 # The tiny LDM recipe compresses 32^2 to 8^2 latents (fast tests); for the demo's pictures a latent of
 # 16^2 with 3 channels and a diffusion batch of 8 look much better for ~1 minute of CPU time.
@@ -37,7 +53,6 @@ LDM_DEMO_SETTINGS = ("model.autoencoder.channels=[16,32]", "model.autoencoder.la
 @dataclass(frozen=True)
 class DemoPlan:
     """How big each stage is."""
-
     cases_3d: int = 6
     size_3d: int = 40
     cases_2d: int = 24
@@ -50,11 +65,16 @@ class DemoPlan:
     num_gan: int = 24
     num_ldm: int = 24
     sample_steps: int = 10
+    # the "does it help?" segmenter: sized to keep the demo within about 3 minutes on two cores
+    seg_seeds: int = 2
+    seg_steps: int = 60
+    seg_batch: int = 4
+    seg_channels: int = 8
 
     @classmethod
     def quick(cls) -> DemoPlan:
         return cls(cases_3d=3, size_3d=24, cases_2d=6, size_2d=32, gan_steps=4, ae_steps=3, diffusion_steps=3,
-                   num_synthseg=3, num_gan=6, num_ldm=6, sample_steps=2)
+                   num_synthseg=3, num_gan=6, num_ldm=6, sample_steps=2, seg_seeds=1, seg_steps=2)
 
 
 @dataclass
@@ -67,7 +87,6 @@ class DemoResult:
 
 class _Stages:
     """Numbered stage headings and timings on stderr."""
-
     def __init__(self, total: int) -> None:
         from rich.console import Console
 
@@ -113,18 +132,12 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
     """Run every stage into ``out`` and write ``out/report.md``. Returns where it is and the headline numbers."""
     import torch
 
-    from medsynth.augment import AugmentOptions, run_augment
-    from medsynth.config import load_config
-    from medsynth.data.phantoms import make_phantom_dataset
-    from medsynth.data.validate import validate_dataset
-    from medsynth.evaluation.evaluate import run_evaluate
-    from medsynth.training import run_training
 
     out = Path(out).absolute()
     plan = DemoPlan.quick() if quick else DemoPlan()
     _prepare_out(out, overwrite)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    st = _Stages(total=6)
+    st = _Stages(total=7)
     data, runs, aug, ev = out / "data", out / "runs", out / "augmented", out / "evaluation"
 
     # 1. phantom datasets
@@ -198,7 +211,15 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
         unpaired[name] = run_evaluate(ref, cand, data_range="auto", unpaired=True, out=ev / folder)
         unpaired[name]["folder"] = f"evaluation/{folder}"
 
-    # 6. report
+    # 6. does it help? (a synthseg 2D set joins the GAN and LDM sets)
+    st.start("downstream", f"does it help? a segmenter trained {plan.seg_seeds} time(s) x {plan.seg_steps} steps on "
+                           "real, real+classic and real+each 2D synthetic set (+classic)")
+    summaries["synthseg2d"] = run_augment(AugmentOptions(input=real2d, out=aug / "synthseg2d", method="synthseg",
+                                                         num=plan.num_gan, seed=0, progress=progress))
+    helps = _does_it_help(real2d, heldout2d, [summaries[k].manifest for k in ("gan2d", "ldm2d", "synthseg2d")],
+                          out / "downstream", plan, progress)
+
+    # 7. report
     st.start("report", "writing the report")
     figures = out / "figures"
     figs = {
@@ -209,11 +230,12 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
     }
     seconds = st.finish()
     report = _write_report(out, plan, quick, fingerprints, {"gan2d": gan_result, "ldm2d": ldm_result}, summaries,
-                           paired_summaries, unpaired, figs, st.times, seconds)
+                           paired_summaries, unpaired, figs, st.times, seconds, helps)
     headline = {
         "paired": {k: {"ssim": v["ssim"], "psnr": v["psnr"]} for k, v in paired_summaries.items()},
         "unpaired": {k: {"frechet": v["radiomics"]["frechet_distance"], "mmd2": v["radiomics"]["mmd2"]}
                      for k, v in unpaired.items()},
+        "downstream_dice": {v.name: v.dice.mean for v in helps.variants},
         "stage_seconds": st.times,
     }
     (out / "summary.json").write_text(json.dumps(headline, indent=2) + "\n", encoding="utf-8")
@@ -224,74 +246,72 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
 # ------------------------------------------------------------------------------------ helpers
 
 
+def _does_it_help(train: Path, test: Path, sets: list[Path | None], out: Path, plan: DemoPlan,
+                  progress: bool) -> DownstreamSummary:
+    """``medsynth downstream`` on the 2D slices: trained on ``train``, tested on the held-out ``test``."""
+    manifests = [m for m in sets if m is not None]
+    return downstream(train, test, manifests, out, seeds=plan.seg_seeds, steps=plan.seg_steps,
+                      batch_size=plan.seg_batch, channels=plan.seg_channels, bootstrap=2000, progress=progress)
+
+
+def _downstream_lines(summary: DownstreamSummary, out: Path) -> list[str]:
+    chart = (Path(summary.out or out) / "dice.png").relative_to(out).as_posix()
+    return [
+        "## 5. Does it help?",
+        "",
+        "The question a user has: does a synthetic set make a segmenter better than the augmentation they already "
+        "use? `medsynth downstream` trained the same segmenter with the same step budget and seeds on the real "
+        f"2D slices alone, with MONAI classic augmentation on the fly, and with each synthetic set (half of every "
+        f"batch real), then tested every model on the {summary.test_cases} held-out slices.",
+        "",
+        f"Segmenter: {summary.segmenter}, {summary.parameters:,} parameters; {summary.steps} steps of batch "
+        f"{summary.batch_size}, seeds {summary.seeds}.",
+        "",
+        "> **A smoke check, not evidence.** Phantoms are easy and this budget is tiny (sized to keep the demo "
+        "within about 3 minutes on two cores): these numbers show the command works, not whether a method helps. "
+        "Measure on your own data with a real budget and at least 3 seeds "
+        "(`medsynth downstream TRAIN --test TEST --synthetic AUG --out DIR`, see `docs/downstream.md`).",
+        "",
+        format_table(summary),
+        f"![downstream Dice]({chart})",
+        "",
+        "Mean Dice: per test slice the mean over the foreground labels it contains, then the mean over slices; the "
+        "last column is the paired difference to `real+classic` with a bootstrap 95% interval over slices and "
+        "seeds. Per case and label: `downstream/metrics.csv`; everything: `downstream/summary.json` and "
+        "`downstream/report.md`.",
+        "",
+    ]
+
+
+
 def _paired_from_real_masks(run: Path, real: Path, out: Path, plan: DemoPlan) -> Path:
     """Generate one image per real case from that case's own mask: a dataset paired by case id."""
-    from medsynth.data.manifest import Case, read_manifest, write_manifest
-    from medsynth.data.nifti import read_volume, write_volume
-    from medsynth.synthesis.synthesizer import Synthesizer
-
     manifest = read_manifest(real)
     synth = Synthesizer.from_run(run, device="cpu")
-    family = synth.card.get("family") if hasattr(synth, "card") else None
-    options = {"steps": plan.sample_steps} if family == "ldm" else {}
+    options = {"steps": plan.sample_steps} if read_run_card(run).family == "ldm" else {}
     cases = []
     for k, case in enumerate(manifest.cases):
+        if case.label is None:
+            continue
         label = read_volume(case.label, kind="label")
-        image = synth.generate(label.array, seed=k, **options)
-        img_path = write_volume(out / "imagesTr" / f"{case.case_id}.nii.gz", image, label.affine, kind="image")
+        image = synth.generate_volume(label, k, **options)
+        img_path = write_volume(out / "imagesTr" / f"{case.case_id}.nii.gz", image.array, label.affine, kind="image")
         cases.append(Case(case_id=case.case_id, images=[img_path], label=case.label))
     return write_manifest(manifest.with_cases(cases), out / "dataset.json", fmt="msd")
 
 
 def _synthetic_only(manifest_path: Path | None, out: Path) -> Path:
     """A manifest of an augmented dataset's synthetic cases only (for unpaired evaluation)."""
-    from medsynth.data.manifest import read_manifest, write_manifest
-
     if manifest_path is None:
         raise JobError("augment wrote no manifest")
     m = read_manifest(manifest_path)
-    syn = [c for c in m.cases if c.case_id.startswith("syn_")]
+    syn = [c for c in m.cases if c.case_id.startswith(SYNTHETIC_PREFIX)]
     return write_manifest(m.with_cases(syn), out, fmt="msd")
 
 
-def _middle(array: np.ndarray) -> np.ndarray:
-    return array if array.ndim == 2 else array[:, :, array.shape[2] // 2]
-
-
-def _show(ax: Any, image: np.ndarray, *, label: bool = False, title: str | None = None,
-          vmin: float | None = None, vmax: float | None = None) -> None:
-    # NIfTI index (i, j) -> display with i horizontal, j vertical (radiological-ish view)
-    data = np.rot90(image)
-    if label:
-        ax.imshow(data, cmap="tab10", vmin=0, vmax=9, interpolation="nearest")
-    else:
-        ax.imshow(data, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=8)
-
-
-def _figure(rows: int, cols: int, scale: float = 1.6) -> tuple[Any, Any]:
-    from medsynth.evaluation.report import new_figure
-
-    fig = new_figure(cols * scale, rows * scale)
-    return fig, fig.subplots(rows, cols, squeeze=False)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    from medsynth.evaluation.report import save_png
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return save_png(fig, path)
-
-
 def _data_figure(real3d: Path, path: Path) -> Path:
-    from medsynth.data.manifest import read_manifest
-    from medsynth.data.nifti import read_volume
-
     m3 = read_manifest(real3d)
-    fig, axes = _figure(2, 6)
+    fig, axes = grid(2, 6)
     for r, case in enumerate(m3.cases[:2]):
         img = read_volume(case.images[0]).array
         lab = read_volume(case.label, kind="label").array
@@ -299,57 +319,51 @@ def _data_figure(real3d: Path, path: Path) -> Path:
         views = [("axial", img[:, :, z], lab[:, :, z]), ("coronal", img[:, y, :], lab[:, y, :]),
                  ("sagittal", img[x, :, :], lab[x, :, :])]
         for c, (name, im, lb) in enumerate(views):
-            _show(axes[r, 2 * c], im, title=f"3D {case.case_id} {name}")
-            _show(axes[r, 2 * c + 1], lb, label=True, title="labels")
-    _save(fig, path)
+            show_slice(axes[r, 2 * c], im, title=f"3D {case.case_id} {name}")
+            show_slice(axes[r, 2 * c + 1], lb, label=True, title="labels")
+    save_png(fig, path)
     return path
 
 
 def _methods_figure(real2d: Path, paired: dict[str, Path], path: Path, n: int = 4) -> Path:
-    from medsynth.data.manifest import read_manifest
-    from medsynth.data.nifti import read_volume
-
     real = read_manifest(real2d)
     gens = {name: {c.case_id: c for c in read_manifest(p).cases} for name, p in paired.items()}
     cases = real.cases[:n]
-    fig, axes = _figure(len(cases), 2 + len(gens))
+    fig, axes = grid(len(cases), 2 + len(gens))
     for r, case in enumerate(cases):
-        img = _middle(read_volume(case.images[0]).array)
+        img = middle_slice(read_volume(case.images[0]).array)
         lo, hi = np.percentile(img, [0.5, 99.5])
-        _show(axes[r, 0], _middle(read_volume(case.label, kind="label").array), label=True, title="mask" if r == 0 else None)
-        _show(axes[r, 1], img, vmin=lo, vmax=hi, title="real" if r == 0 else None)
+        show_slice(axes[r, 0], middle_slice(read_volume(case.label, kind="label").array), label=True, title="mask" if r == 0 else None)
+        show_slice(axes[r, 1], img, vmin=lo, vmax=hi, title="real" if r == 0 else None)
         for c, (name, by_id) in enumerate(gens.items()):
-            gen = _middle(read_volume(by_id[case.case_id].images[0]).array)
-            _show(axes[r, 2 + c], gen, vmin=lo, vmax=hi, title=f"{name.upper()[:3]} from mask" if r == 0 else None)
-    _save(fig, path)
+            gen = middle_slice(read_volume(by_id[case.case_id].images[0]).array)
+            show_slice(axes[r, 2 + c], gen, vmin=lo, vmax=hi, title=f"{name.upper()[:3]} from mask" if r == 0 else None)
+    save_png(fig, path)
     return path
 
 
-def _augmented_figure(summaries: dict[str, Any], path: Path, n: int = 3) -> Path:
+def _augmented_figure(summaries: dict[str, AugmentSummary], path: Path, n: int = 3) -> Path:
     """One row per augmented output: (new mask, synthetic image) for its first ``n`` synthetic cases."""
-    from medsynth.data.manifest import read_manifest
-    from medsynth.data.nifti import read_volume
-
-    rows = {name: [c for c in read_manifest(s.manifest).cases if c.case_id.startswith("syn_")][:n]
+    rows = {name: [c for c in read_manifest(s.manifest).cases if c.case_id.startswith(SYNTHETIC_PREFIX)][:n]
             for name, s in summaries.items()}
-    fig, axes = _figure(len(rows), 2 * n)
+    fig, axes = grid(len(rows), 2 * n)
     for r, (name, cases) in enumerate(rows.items()):
         for k in range(n):
             if k >= len(cases):
                 axes[r, 2 * k].axis("off")
                 axes[r, 2 * k + 1].axis("off")
                 continue
-            img = _middle(read_volume(cases[k].images[0]).array)
+            img = middle_slice(read_volume(cases[k].images[0]).array)
             lo, hi = np.percentile(img, [0.5, 99.5])
-            _show(axes[r, 2 * k], _middle(read_volume(cases[k].label, kind="label").array), label=True,
-                  title=f"{name} {cases[k].case_id}")
-            _show(axes[r, 2 * k + 1], img, vmin=lo, vmax=hi, title="image")
-    _save(fig, path)
+            show_slice(axes[r, 2 * k], middle_slice(read_volume(cases[k].label, kind="label").array), label=True,
+                       title=f"{name} {cases[k].case_id}")
+            show_slice(axes[r, 2 * k + 1], img, vmin=lo, vmax=hi, title="image")
+    save_png(fig, path)
     return path
 
 
 def _loss_figure(runs: dict[str, Path], path: Path) -> Path:
-    fig, axes = _figure(1, len(runs), scale=3.2)
+    fig, axes = grid(1, len(runs), scale=3.2)
     for ax, (name, run) in zip(axes[0], runs.items()):
         series: dict[str, tuple[list[int], list[float]]] = {}
         metrics = run / "metrics.jsonl"
@@ -371,11 +385,11 @@ def _loss_figure(runs: dict[str, Path], path: Path) -> Path:
         ax.set_yscale("symlog", linthresh=1e-2)
         if series:
             ax.legend(fontsize=6)
-    _save(fig, path)
+    save_png(fig, path)
     return path
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def _fmt(value: object, digits: int = 3) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
@@ -389,9 +403,9 @@ def _memorisation_threshold(unpaired: dict[str, Any]) -> str:
 
 
 def _write_report(out: Path, plan: DemoPlan, quick: bool, fingerprints: dict[str, Any], results: dict[str, Any],
-                  augments: dict[str, Any], paired: dict[str, Any], unpaired: dict[str, Any],
-                  figs: dict[str, Path], times: dict[str, float], seconds: float) -> Path:
-    from medsynth.data.atomic import atomic_write_text
+                  augments: dict[str, AugmentSummary], paired: dict[str, Any], unpaired: dict[str, Any],
+                  figs: dict[str, Path], times: dict[str, float], seconds: float,
+                  downstream: DownstreamSummary) -> Path:
 
     rel = {k: p.relative_to(out).as_posix() for k, p in figs.items()}
     rerun = "medsynth demo --out DIR --overwrite" + (" --quick" if quick else "")
@@ -492,7 +506,8 @@ def _write_report(out: Path, plan: DemoPlan, quick: bool, fingerprints: dict[str
         "(a copy of the training data would be flagged).",
         "- Full details: `evaluation/unpaired_*/summary.json` and its pictures; conventions in `docs/evaluation.md`.",
         "",
-        "## 5. Time per stage",
+        *_downstream_lines(downstream, out),
+        "## 6. Time per stage",
         "",
         "| stage | seconds |",
         "|---|---|",

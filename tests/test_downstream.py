@@ -164,6 +164,49 @@ def test_kfold_leaves_out_synthetic_cases_of_held_out_sources() -> None:
         assert kept == {f"s{i}" for i in range(4) if f"r{i}" not in split.held_out} | {"s_x"}
 
 
+def test_3d_patches_smaller_than_the_volume_train_and_predict_full_size(tmp_path: Path) -> None:
+    import medsynth
+    from medsynth.data.phantoms import make_phantom_dataset
+
+    train = make_phantom_dataset(tmp_path / "t3", dim=3, cases=2, seed=0, size=20)
+    test = make_phantom_dataset(tmp_path / "v3", dim=3, cases=1, seed=1, size=20)
+    s = medsynth.downstream(train, test, seeds=[0], steps=2, batch_size=2, channels=4, patch_size=12,
+                            network="dynunet")
+    assert s.spatial_dims == 3 and s.patch == [12, 12, 12] and "DynUNet" in s.segmenter
+    assert all(v.dice.mean is not None for v in s.variants)
+    # the sliding window covers a volume larger than the patch, and an odd-sized one
+    from medsynth.downstream.segmenter import plan_segmenter, predict
+
+    spec = plan_segmenter("unet", 3, 1, 7, [(20, 20, 20)], base_channels=2, patch_size=12)
+    net = spec.build().eval()
+    for shape in ((20, 20, 20), (9, 23, 14)):
+        index = predict(net, spec, np.zeros((1, *shape), np.float32), device="cpu", batch_size=2)
+        assert index.shape == shape and index.min() >= 0 and index.max() < 7
+
+
+def test_batches_depend_only_on_seed_fold_and_step(datasets: dict[str, Path]) -> None:
+    from medsynth.downstream.data import load_inputs
+    from medsynth.downstream.segmenter import TrainingPool
+
+    data = load_inputs(datasets["train"], datasets["test"], [datasets["aug"]])
+
+    def pool(classic: bool, seed: int = 0) -> TrainingPool:
+        return TrainingPool(data.train, data.synthetic[0].cases, patch=(16, 16), labels=sorted(data.labels),
+                            ranges=data.ranges, classic=classic, real_fraction=0.5, seed=seed, fold=0)
+
+    images, index = pool(True).batch(4, 6)
+    assert images.shape == (6, 1, 16, 16) and index.shape == (6, 1, 16, 16) and images.dtype == np.float32
+    assert index.min() >= 0 and index.max() <= 6
+    again = pool(True).batch(4, 6)
+    assert np.array_equal(images, again[0]) and np.array_equal(index, again[1])
+    assert not np.array_equal(images, pool(True, seed=1).batch(4, 6)[0])
+    # without classic augmentation a real sample is the case itself, z-scored
+    plain, _ = TrainingPool(data.train, [], patch=(16, 16), labels=sorted(data.labels), ranges=data.ranges,
+                            classic=False, real_fraction=0.5, seed=0, fold=0).batch(0, 1)
+    case = next(c for c in data.train if np.allclose((c.image - c.image.mean()) / c.image.std(), plain[0], atol=1e-5))
+    assert case is not None
+
+
 def test_a_synthetic_set_from_other_real_cases_warns(datasets: dict[str, Path]) -> None:
     from medsynth.augment import AugmentOptions, run_augment
 

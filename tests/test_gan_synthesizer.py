@@ -76,6 +76,20 @@ def test_gan_synth_refuses_bad_masks_and_runs(run2d, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no model_card.json"):
         Synthesizer.from_run(tmp_path / "empty")
+    # a card of a family this installation does not have, and a card whose weights are missing
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(run, foreign)
+    card = json.loads((foreign / "model_card.json").read_text())
+    card["family"] = card["config"]["model"]["family"] = "vae"
+    (foreign / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match=r"foreign/model_card.json: field 'family' is 'vae', not a model family"):
+        Synthesizer.from_run(foreign)
+    (run_copy := tmp_path / "noweights").mkdir()
+    shutil.copy(run / "model_card.json", run_copy / "model_card.json")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        Synthesizer.from_run(run_copy)
 
 
 def test_two_channel_run_samples_one_file_per_channel(tmp_path: Path) -> None:

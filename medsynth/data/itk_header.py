@@ -26,7 +26,7 @@ from pathlib import Path
 from medsynth.data.limits import CappedInflater, check_claimed_size, format_bytes, open_regular, regular_file_size
 from medsynth.errors import DataError
 
-__all__ = ["ItkClaim", "checked_itk_file"]
+__all__ = ["ItkClaim", "checked_itk_file", "itk_claim"]
 
 MAX_HEADER_BYTES = 1 << 20  # a header (comments included) longer than this is refused
 
@@ -83,10 +83,7 @@ def checked_itk_file(
     Returns the claim SimpleITK's result is compared with after reading.
     """
     path = Path(path)
-    if suffix in (".mha", ".mhd"):
-        claim = _metaimage_claim(path, root)
-    else:
-        claim = _nrrd_claim(path, root)
+    claim = itk_claim(path, suffix, root=root)
     check_claimed_size(path, claim.data_bytes, claim.describe(), memory_limit)
     try:
         _check_data_size(path, claim)
@@ -95,6 +92,11 @@ def checked_itk_file(
             raise
         raise DataError(f"{path}: data file {exc}") from None
     return claim
+
+
+def itk_claim(path: Path, suffix: str, *, root: Path | None = None) -> ItkClaim:
+    """What the header of ``path`` claims, from its text alone (the data file is not opened)."""
+    return _metaimage_claim(path, root) if suffix in (".mha", ".mhd") else _nrrd_claim(path, root)
 
 
 # ------------------------------------------------------------------------------------ header text
@@ -318,7 +320,7 @@ def _check_data_size(path: Path, claim: ItkClaim) -> None:
         fh.seek(claim.offset)
         stream = CappedInflater(fh, claim.data_file, wbits=47)
         remaining = claim.data_bytes
-        while remaining:  # inflate in slices: only the cap is ever in memory at once, and at most 64 MiB
-            got = stream.read_exact(min(remaining, 64 << 20), f"header {path.name} claims {what}")
+        while remaining:  # inflate in 8 MiB slices, each dropped once counted
+            got = stream.read_exact(min(remaining, 8 << 20), f"header {path.name} claims {what}")
             remaining -= len(got)
         stream.expect_end(what)

@@ -125,7 +125,7 @@ def check_claimed_size(path: Path, claimed: int, description: str, memory_limit:
     if claimed > limit:
         raise DataError(
             f"{path}: header claims {description} = {format_bytes(claimed)} ({claimed} bytes) to decode, "
-            f"above the memory limit of {format_bytes(limit)} per case; if the file is genuine, raise "
+            f"above the memory limit of {format_bytes(limit)} ({limit} bytes) per case; if the file is genuine, raise "
             "the limit (medsynth validate --memory-limit, or memory_limit= in Python)"
         )
 
@@ -151,8 +151,8 @@ def regular_file_size(path: Path) -> int:
         st = os.stat(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found" + (" (dangling symbolic link)" if path.is_symlink() else "")) from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise DataError(f"{path}: cannot read file ({getattr(exc, 'strerror', None) or exc})") from None
     if not stat.S_ISREG(st.st_mode):
         raise _not_regular(path, st.st_mode)
     return st.st_size

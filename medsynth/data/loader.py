@@ -22,6 +22,7 @@ from medsynth.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+    from torch.utils.data import DataLoader
 
     from medsynth.config import DataConfig
     from medsynth.data.manifest import Case, Manifest
@@ -302,7 +303,7 @@ class StepBatchSampler:
 
 
 def make_loader(data: TrainingData, *, start_step: int, max_steps: int, batch_size: int, rank: int = 0,
-                world_size: int = 1, workers: int = 0, pin_memory: bool = False) -> Any:
+                world_size: int = 1, workers: int = 0, pin_memory: bool = False) -> DataLoader[dict[str, Any]]:
     """A torch DataLoader yielding one collated batch per step from ``start_step``."""
     from torch.utils.data import DataLoader
 

@@ -27,8 +27,8 @@ from typing import Any, Literal
 import numpy as np
 
 from medsynth.data.atomic import atomic_path
-from medsynth.data.itk_header import ItkClaim, checked_itk_file
-from medsynth.data.limits import CappedInflater, check_claimed_size, default_memory_limit, open_regular
+from medsynth.data.itk_header import ItkClaim, checked_itk_file, itk_claim
+from medsynth.data.limits import CappedInflater, check_claimed_size, default_memory_limit, format_bytes, open_regular
 from medsynth.errors import DataError
 
 Kind = Literal["image", "label"]
@@ -38,6 +38,9 @@ ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 SUPPORTED_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI2_HEADER_SIZE = 540  # the larger of the two fixed headers (NIfTI-1: 348)
+#: the most bytes a NIfTI header with its extensions may take before the data (the memory ceiling
+#: bounds the voxel data; this bounds what comes before it)
+MAX_NIFTI_OFFSET = 64 << 20
 
 
 @dataclass
@@ -107,6 +110,8 @@ def read_volume(
     Only regular files are read (no FIFOs, devices or sockets, also not through a symlink).
     """
     path = Path(path)
+    if "\x00" in str(path):
+        raise DataError(f"{path!r}: a file name cannot contain a NUL byte")
     if not path.exists():
         raise DataError(f"{path}: file not found" + (" (dangling symbolic link)" if path.is_symlink() else ""))
     if path.is_dir():
@@ -195,6 +200,9 @@ def _nifti_claim(head: bytes, path: Path) -> _NiftiClaim:
     if not math.isfinite(vox_offset) or vox_offset != int(vox_offset) or vox_offset < minimum:
         raise DataError(f"{path}: vox_offset {vox_offset:g} is not a whole number of bytes >= {minimum} "
                         "(the data must start after the header)")
+    if vox_offset > MAX_NIFTI_OFFSET:
+        raise DataError(f"{path}: vox_offset {vox_offset:.0f} claims {format_bytes(int(vox_offset))} of header "
+                        f"extensions before the data; more than {format_bytes(MAX_NIFTI_OFFSET)} is refused")
     return _NiftiClaim(klass=klass, shape=shape, dtype=dtype, offset=int(vox_offset))
 
 
@@ -231,7 +239,7 @@ def _read_nifti_bytes(path: Path, suffix: str, memory_limit: int | None) -> tupl
         stream = CappedInflater(fh, path, wbits=31)
         head = stream.read(NIFTI2_HEADER_SIZE)
         claim = _nifti_claim(head, path)
-        check_claimed_size(path, claim.end, f"{claim.describe()} after a {claim.offset}-byte header", memory_limit)
+        check_claimed_size(path, claim.data_bytes, claim.describe(), memory_limit)
         what = f"{claim.describe()} = {claim.data_bytes} bytes of voxel data from byte {claim.offset}"
         if len(head) >= claim.end:
             raw = head[: claim.end]
@@ -242,6 +250,45 @@ def _read_nifti_bytes(path: Path, suffix: str, memory_limit: int | None) -> tupl
             raw = head + stream.read_exact(claim.end - len(head), f"header claims {what}")
         stream.expect_end(what)
         return raw, claim
+
+
+def claimed_bytes(path: str | Path, *, root: str | Path | None = None) -> int:
+    """Bytes of decoded voxel data the header of ``path`` claims; only the header is read.
+
+    DataError if the file cannot be opened or its header parsed (as :func:`read_volume`)."""
+    path = Path(path)
+    if "\x00" in str(path):
+        raise DataError(f"{path!r}: a file name cannot contain a NUL byte")
+    suffix = volume_suffix(path)
+    if suffix in ITK_SUFFIXES:
+        return itk_claim(path, suffix, root=None if root is None else Path(root)).data_bytes
+    fh, _ = open_regular(path)
+    with fh:
+        if fh.read(2) == GZIP_MAGIC:
+            fh.seek(0)
+            return _nifti_claim(CappedInflater(fh, path).read(NIFTI2_HEADER_SIZE), path).data_bytes
+        fh.seek(0)
+        return _nifti_claim(fh.read(NIFTI2_HEADER_SIZE), path).data_bytes
+
+
+def check_case_size(paths: list[Path], memory_limit: int | None = None, *, root: str | Path | None = None) -> None:
+    """DataError naming the files if, together, the headers of one case's files claim more decoded
+    bytes than ``memory_limit`` (``None``: :func:`~medsynth.data.limits.default_memory_limit`).
+    A file whose header cannot be read is skipped here; reading it reports the problem."""
+    limit = default_memory_limit() if memory_limit is None else memory_limit
+    claims = []
+    for p in paths:
+        try:
+            claims.append((Path(p), claimed_bytes(p, root=root)))
+        except DataError:
+            continue
+    total = sum(n for _, n in claims)
+    if total > limit and len(claims) > 1:
+        parts = ", ".join(f"{'/'.join(p.parts[-2:])} {format_bytes(n)}" for p, n in claims)
+        raise DataError(f"{claims[0][0]}: the case's files claim {format_bytes(total)} ({total} bytes) of voxel data "
+                        f"together ({parts}), above the memory limit of {format_bytes(limit)} ({limit} bytes) per "
+                        "case; if the files "
+                        "are genuine, raise the limit (medsynth validate --memory-limit, or memory_limit= in Python)")
 
 
 def _read_all(fh: Any, size: int, path: Path) -> bytes:
@@ -272,8 +319,12 @@ def _read_nifti(path: Path, suffix: str, memory_limit: int | None = None) -> Vol
         raise DataError(f"{path}: truncated or corrupt data ({type(exc).__name__}: {exc})") from None
     if array.size != int(np.prod(raw_shape)):
         raise DataError(f"{path}: decoded {array.size} voxels, header says shape {raw_shape}")
-    sform, sform_code = hdr.get_sform(coded=True)
-    qform, qform_code = hdr.get_qform(coded=True)
+    try:
+        sform, sform_code = hdr.get_sform(coded=True)
+        qform, qform_code = hdr.get_qform(coded=True)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except (ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:  # e.g. a quaternion of norm > 1
+        raise DataError(f"{path}: invalid orientation in the header ({exc})") from None
     dataobj = img.dataobj
     header = {
         "format": "nifti",
@@ -289,12 +340,7 @@ def _read_nifti(path: Path, suffix: str, memory_limit: int | None = None) -> Vol
         # as stored in the file, before nibabel's fixes (0 -> 1, negative -> absolute value)
         "pixdim": tuple(float(v) for v in stored["pixdim"][1 : 1 + len(raw_shape)]),
     }
-    return Volume(
-        array=_squeeze_trailing(array),
-        affine=np.asarray(img.affine, dtype=np.float64),
-        path=path,
-        header=header,
-    )
+    return Volume(array=_squeeze_trailing(array), affine=affine, path=path, header=header)
 
 
 def _read_itk(path: Path, suffix: str, claim: ItkClaim) -> Volume:
@@ -454,9 +500,8 @@ def read_case_arrays(
 
     memory_limit: bytes of voxel data the case's files may claim together (``None``: the default
     ceiling, :func:`~medsynth.data.limits.default_memory_limit`); root: as :func:`read_volume`."""
-    budget = default_memory_limit() if memory_limit is None else memory_limit
-    lab = read_volume(label_path, kind="label", memory_limit=budget, root=root)
-    budget -= lab.array.nbytes
+    check_case_size([*image_paths, label_path], memory_limit, root=root)
+    lab = read_volume(label_path, kind="label", memory_limit=memory_limit, root=root)
     label = np.asarray(lab.array)
     if label.dtype.kind == "f":
         if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
@@ -467,9 +512,7 @@ def read_case_arrays(
         raise DataError(f"{label_path}: label map has shape {label.shape}; expected a 2D or 3D volume")
     channels = []
     for p in image_paths:
-        vol = read_volume(p, kind="image", memory_limit=max(budget, 0), root=root)
-        budget -= vol.array.nbytes
-        arr = np.asarray(vol.array, dtype=np.float32)
+        arr = np.asarray(read_volume(p, kind="image", memory_limit=memory_limit, root=root).array, dtype=np.float32)
         parts = split_channels(arr, label.shape)
         if parts is None:
             raise DataError(f"{p}: image shape {arr.shape} differs from its label's {label.shape} ({label_path})")

@@ -23,12 +23,15 @@ in millimetres per voxel, one value per spatial axis. All randomness comes from 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from medsynth.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monai.transforms import Compose
 
 # ------------------------------------------------------------------------------------ configs
 
@@ -506,7 +509,7 @@ def check_edit_labels(config: EditConfig, labels: list[int]) -> None:
 # ------------------------------------------------------------------------------------ classic chain
 
 
-def _monai_chain(config: ClassicConfig, low: float, high: float) -> Any:
+def _monai_chain(config: ClassicConfig, low: float, high: float) -> Compose:
     from monai import transforms as T
 
     span = max(high - low, 1e-6)

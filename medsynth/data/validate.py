@@ -415,6 +415,18 @@ def _read(path: Path, kind: Kind, memory_limit: int, root: Path | None) -> tuple
         return None, [error(path, _one_line(f"cannot be read ({type(exc).__name__}: {exc})"))]
 
 
+def _case_size_problem(case: Case, memory_limit: int, root: Path | None) -> list[Problem]:
+    """The case's files together may claim at most ``memory_limit`` bytes (headers only are read)."""
+    from medsynth.data.nifti import check_case_size
+
+    files = [*case.images, *([case.label] if case.label is not None else [])]
+    try:
+        check_case_size(files, memory_limit, root=root)
+    except DataError as exc:
+        return [error(files[0], _one_line(_strip_prefix(str(exc), files[0])))]
+    return []
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -447,13 +459,12 @@ def _check_case(case: Case, manifest: Manifest, index: int, manifest_name: str,
                 memory_limit: int) -> tuple[list[Problem], _CaseStats | None]:
     n_ch = manifest.num_channels
     problems: list[Problem] = []
-    budget = memory_limit  # bytes of the case's memory ceiling not yet taken by its files
+    too_big = _case_size_problem(case, memory_limit, manifest.root)
+    if too_big:
+        return too_big, None
 
     def read(path: Path, kind: Kind) -> tuple[Volume | None, list[Problem]]:
-        nonlocal budget
-        vol, found = _read(path, kind, max(budget, 0), manifest.root)
-        budget -= 0 if vol is None else vol.array.nbytes
-        return vol, found
+        return _read(path, kind, memory_limit, manifest.root)
 
     # 1. image files: one per channel, or one file holding all channels on a 4th axis
     if len(case.images) not in (1, n_ch):

@@ -276,7 +276,7 @@ def variant_names(sets: Sequence[SyntheticSet]) -> list[Variant]:
         names.append("classic-pairs" if s.name == "classic" else s.name)
     for i, name in enumerate(names):
         if names.count(name) > 1:
-            folder = s_folder(sets[i].path)
+            folder = _folder_name(sets[i].path)
             names[i] = f"{name}({folder})"
     for i, name in enumerate(names):  # still equal (same folder name): number them
         if names.count(name) > 1:
@@ -287,7 +287,7 @@ def variant_names(sets: Sequence[SyntheticSet]) -> list[Variant]:
     return out
 
 
-def s_folder(path: Path) -> str:
+def _folder_name(path: Path) -> str:
     p = Path(path)
     return p.name if p.is_dir() else p.parent.name
 
@@ -338,16 +338,17 @@ def run_downstream(options: DownstreamOptions) -> DownstreamSummary:
     # 3. the datasets
     data = load_inputs(Path(options.train), None if options.test is None else Path(options.test),
                        [Path(p) for p in options.synthetic], progress=options.progress)
-    notes = list(data.warnings)
+    notes, rules = list(data.warnings), list(RULES)
     # 4. splits
     splits = make_splits(data, options.folds)
-    if data.test is None and data.synthetic:
+    if data.test is None:
+        rules.append(f"{options.folds}-fold cross-validation over the real training cases (the same folds for every "
+                     "seed); a synthetic case made from a held-out case is left out of that fold's training.")
         unknown = [str(s.path) for s in data.synthetic if any(c.source is None for c in s.cases)]
-        note = ("K-fold: synthetic cases made from a held-out case are left out of that fold's training"
-                + (f"; {', '.join(unknown)} do not record their source case, so some of their cases may come "
-                   "from held-out cases" if unknown else ""))
-        notes.append(note)
         if unknown:
+            note = (f"{', '.join(unknown)}: synthetic cases without a recorded source case are used in every fold; "
+                    "some may have been made from held-out cases")
+            notes.append(note)
             warnings.warn(note, DownstreamWarning, stacklevel=2)
     # 5. the segmenter
     labels = sorted(data.labels)
@@ -389,7 +390,7 @@ def run_downstream(options: DownstreamOptions) -> DownstreamSummary:
         spatial_dims=data.spatial_dims, labels=dict(data.labels), seeds=seeds, steps=options.steps,
         batch_size=options.batch_size, real_fraction=options.real_fraction, segmenter=spec.describe(),
         parameters=int(parameters), patch=list(spec.patch), device=device, train_cases=len(data.train),
-        test_cases=len(case_ids), variants=variant_results, comparisons=comparisons, warnings=notes,
+        test_cases=len(case_ids), variants=variant_results, comparisons=comparisons, rules=rules, warnings=notes,
         out=None if out is None else str(out),
     )
     summary.seconds = time.perf_counter() - t0

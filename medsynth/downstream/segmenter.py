@@ -2,7 +2,7 @@
 
 - **Size** (:func:`plan_segmenter`): the patch is the largest case extent per axis, capped at 256
   (2D) or 96 (3D) voxels, then rounded up to a multiple of the network's total stride. The network
-  has one level per halving of the smallest patch side down to at least 4 voxels (2 to 5 levels);
+  has one level per halving of the smallest patch side down to at least 4 voxels (3 to 5 levels);
   level ``i`` has ``base * 2**i`` channels (base 16 by default), capped at 256 (2D) / 320 (3D).
   ``unet``: ``monai.networks.nets.UNet`` with one residual unit per level; ``dynunet``:
   ``monai.networks.nets.DynUNet`` (nnU-Net's two 3x3 convolutions per level, no deep supervision).
@@ -106,7 +106,7 @@ def plan_segmenter(network: str, spatial_dims: int, in_channels: int, num_classe
     cap = PATCH_CAP[spatial_dims] if patch_size is None else int(patch_size)
     extent = [max(s[a] for s in shapes) for a in range(spatial_dims)]
     patch = [min(e, cap) for e in extent]
-    levels = int(np.clip(math.floor(math.log2(max(min(patch), 4) / 4)) + 1, 2, 5))
+    levels = int(np.clip(math.floor(math.log2(max(min(patch), 4) / 4)) + 1, 3, 5))
     stride = 2 ** (levels - 1)
     patch = [int(math.ceil(p / stride) * stride) for p in patch]
     base = 16 if base_channels is None else int(base_channels)

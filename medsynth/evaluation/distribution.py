@@ -23,11 +23,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medsynth.errors import CheckpointError, DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 __all__ = [
     "FIRST_ORDER_FEATURES",
@@ -76,7 +79,7 @@ class FeatureSet:
     levels: int
 
 
-def _check_image(image: Any, what: str) -> np.ndarray:
+def _check_image(image: np.ndarray, what: str) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise DataError(f"{what}: expected a 2D or 3D image, got shape {arr.shape}")
@@ -420,7 +423,7 @@ def fid(
     candidate: Sequence[np.ndarray],
     *,
     feature_weights: str | Path,
-    model: Any = None,
+    model: torch.nn.Module | None = None,
     device: str = "cpu",
 ) -> float:
     """Frechet distance over the features of a network loaded from a local file (off by default).
@@ -476,7 +479,7 @@ def fid(
     return frechet_distance(features(reference, "reference"), features(candidate, "candidate"))
 
 
-def _load_network_file(path: Path, device: str) -> Any:
+def _load_network_file(path: Path, device: str) -> torch.nn.Module:
     """A ``torch.export`` program, else a TorchScript module, from a local file."""
     import warnings
 

@@ -72,7 +72,7 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def progress_bar_items(items: Sequence[T], description: str, enabled: bool) -> Iterator[T]:
+def _with_progress(items: Sequence[T], description: str, enabled: bool) -> Iterator[T]:
     """Iterate over ``items`` with :func:`medsynth.progress.progress_bar` (shown for several items)."""
     with progress_bar(description, len(items), enabled=enabled and len(items) >= 2, transient=True) as bar:
         for item in items:
@@ -276,7 +276,7 @@ def evaluate_paired(
     mask_arg = None if mask is None else str(mask)
     mode, pairs, unmatched = _pairs(reference, candidate, mask_arg)
     rows, previews = [], []
-    for spec in progress_bar_items(pairs, "evaluate", progress):
+    for spec in _with_progress(pairs, "evaluate", progress):
         row, preview = _evaluate_pair(spec, data_range)
         rows.append(row)
         previews.append(preview)
@@ -315,7 +315,7 @@ def _load_set(path: Path, what: str, progress: bool) -> LoadedSet:
         raise DataError(f"{what} {path}: {len(missing)} file(s) not found: {_list_ids(missing, 10)}")
     with_labels = all(c.label is not None for c in manifest.cases)
     ids, images, labels = [], [], []
-    for case in progress_bar_items(manifest.cases, f"read {what}", progress):
+    for case in _with_progress(manifest.cases, f"read {what}", progress):
         arr, _ = _read_image(case.images[0])
         ids.append(case.case_id)
         images.append(arr)
@@ -432,7 +432,7 @@ def run_evaluate(
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable text of a summary (what the CLI prints without --json)."""
 
-    def num(v: Any, fmt: str) -> str:
+    def num(v: object, fmt: str) -> str:
         return "n/a" if v is None else format(v, fmt)
 
     lines = []

@@ -117,7 +117,7 @@ class _Inputs:
         return self.x.ndim - 2
 
 
-def _to_tensor(value: Any, name: str, device: torch.device | None) -> torch.Tensor:
+def _to_tensor(value: object, name: str, device: torch.device | None) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         t = value.detach()
     elif isinstance(value, np.ndarray):

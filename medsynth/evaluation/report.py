@@ -68,7 +68,7 @@ class UnpairedExtras:
     candidate_z: np.ndarray
 
 
-def _cell(value: Any) -> str:
+def _cell(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, float):

@@ -72,9 +72,11 @@ class Synthesizer:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, *, device: str = "auto") -> Synthesizer:
-        """Load ``run_dir`` (run card + weights; no pickle). ``device``: auto, cpu or cuda."""
+        """Load ``run_dir`` (run card + weights; no pickle). ``device``: auto, cpu or cuda (under
+        torchrun, the process's own GPU ``cuda:LOCAL_RANK``)."""
         import torch
 
+        from medsynth.distributed import torchrun_env
         from medsynth.registry import family_names, get_family, load_object
         from medsynth.runcard import read_run_card
 
@@ -93,6 +95,9 @@ class Synthesizer:
             raise ConfigError(f"model family {card.family!r}: its backend {get_family(card.family).backend} "
                               "is not a function")
         dev = torch.device(device)
+        env = torchrun_env()
+        if dev.type == "cuda" and env.distributed:  # one GPU per torchrun process
+            dev = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         return cls(card, loader(card, dev), dev)
 
     @property

@@ -158,6 +158,8 @@ def load_json(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: cannot read manifest ({exc})") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to be a manifest") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object at the top level")
     return data
