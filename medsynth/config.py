@@ -56,35 +56,44 @@ class StrictModel(BaseModel):
 
 
 class DataConfig(StrictModel):
-    """What to train on and how to present it to the model.
+    """What to train on and how to present it to the model (each field's ``description`` says its
+    unit and effect; docs/recipes.md lists them)."""
 
-    manifest: the dataset (MSD JSON, CSV, nnU-Net raw folder); ``--data`` on the CLI overrides it.
-    dim: 2 trains on 2D images (2D volumes, or slices drawn from 3D volumes along ``slice_axis``);
-        3 trains on 3D patches.
-    slice_axis: the volume axis (file index order) 2D slices are drawn along, for 3D volumes.
-    spacing: target voxel size in mm, one value per axis of the volumes (3 for 3D volumes, 2 for 2D
-        volumes); volumes are resampled to it (images linearly, labels nearest) before training.
-        None keeps the native grid.
-    size: the training patch (3D, 3 values) or slice crop (2D, 2 values) in voxels; smaller volumes
-        are padded with background. Each value must be divisible by the model's downsampling factor.
-    ct_window: ``[lo, hi]`` in the dataset's units (HU): intensities are clipped to it and mapped to [0, 1].
-    mri_percentiles: ``[lo, hi]`` percentiles of the training set's intensities (per channel) mapped to
-        [0, 1] (values outside are clipped). The default when ``ct_window`` is not given.
-    class_key: a per-case manifest field (``Case.extra``) used for class conditioning, e.g. ``modality``.
-    classes: the class values in order; None takes the sorted distinct values found in the data.
-    foreground_slices: draw 2D slices only where the label map has foreground (when any slice has).
-    """
-
-    manifest: Path | None = None
-    dim: Literal[2, 3] = 3
-    slice_axis: Literal[0, 1, 2] = 2
-    spacing: list[Annotated[float, Field(gt=0)]] | None = None
-    size: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 32, 32])
-    ct_window: tuple[float, float] | None = None
-    mri_percentiles: tuple[float, float] | None = None
-    class_key: str | None = None
-    classes: list[str] | None = None
-    foreground_slices: bool = True
+    manifest: Path | None = Field(default=None, description=(
+        "The dataset: an MSD dataset.json, a CSV manifest or an nnU-Net raw folder. A relative path in a "
+        "recipe is relative to the recipe's folder; `--data` on the command line overrides it."))
+    dim: Literal[2, 3] = Field(default=3, description=(
+        "Spatial dimensions of the model. 2: trains on 2D images, or on slices drawn from 3D volumes along "
+        "`slice_axis`, and generates a 3D mask slice by slice (no continuity between slices); 3: trains on "
+        "3D patches and generates whole volumes (3D data only)."))
+    slice_axis: Literal[0, 1, 2] = Field(default=2, description=(
+        "dim 2 with 3D volumes: the volume axis (file index order) that training slices are drawn along and "
+        "that generation steps through; 2 is axial for RAS volumes. Ignored otherwise."))
+    spacing: list[Annotated[float, Field(gt=0)]] | None = Field(default=None, description=(
+        "Target voxel size in mm, one value per volume axis (3 for 3D volumes, 2 for 2D images): every volume "
+        "is resampled to it before training (images linearly, labels nearest), and a mask given at sampling "
+        "is resampled to it and the image back. null keeps each volume's own grid."))
+    size: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 32, 32], description=(
+        "Training crop in voxels: a random patch (dim 3, 3 values) or a random crop of a slice (dim 2, 2 "
+        "values), drawn anew at every step; smaller volumes are padded with background. Only training uses "
+        "it: generation is fully convolutional and works on the whole mask. Each value must be a multiple of "
+        "the model's downsampling factor; memory and time per step grow with the product of the values."))
+    ct_window: tuple[float, float] | None = Field(default=None, description=(
+        "[lo, hi] in the dataset's units (HU for CT): intensities are clipped to it and mapped linearly to "
+        "[0, 1], and generated images mapped back. Set either this or mri_percentiles."))
+    mri_percentiles: tuple[float, float] | None = Field(default=None, description=(
+        "[lo, hi] percentiles (0-100) of the training set's intensities, per channel, mapped to [0, 1] "
+        "(values outside are clipped) and generated images mapped back. Without ct_window it defaults to "
+        "[0.5, 99.5]."))
+    class_key: str | None = Field(default=None, description=(
+        "A per-case manifest field (e.g. `modality`) whose value conditions the model; sampling then needs "
+        "`--class VALUE`. null: no class conditioning."))
+    classes: list[str] | None = Field(default=None, description=(
+        "The values of class_key in condition order; null takes the sorted distinct values of the data."))
+    foreground_slices: bool = Field(default=True, description=(
+        "dim 2 with 3D volumes: draw training slices only among those holding a foreground label (when a "
+        "volume has any), so empty slices beyond the anatomy are not learned; false draws every slice. "
+        "Ignored otherwise."))
 
     @field_validator("spacing")
     @classmethod
@@ -158,41 +167,50 @@ def _model_section(value: object) -> object:
 
 
 class GeneratorConfig(StrictModel):
-    """SPADE-ResNet generator.
+    """SPADE-ResNet generator."""
 
-    channels: feature channels per resolution level, coarsest first (``[64, 32, 16]``: the noise map
-        enters at 1/4 resolution with 64 channels; 2 upsamplings). The training size must be divisible
-        by ``2 ** (len(channels) - 1)``.
-    noise_channels: channels of the random latent noise map (at the coarsest level); one mask gives
-        a different image for each noise draw (the seed picks one).
-    spade_hidden: hidden channels of the SPADE modulation convolutions.
-    """
-
-    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64, 32])
-    noise_channels: int = Field(default=16, ge=1)
-    spade_hidden: int = Field(default=64, gt=0)
+    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64, 32], description=(
+        "Feature channels per resolution level, coarsest first: [64, 32, 16] starts from a noise map at 1/4 "
+        "of the image size with 64 channels and upsamples twice. The downsampling factor is 2 ** (levels - 1) "
+        "and data.size must be a multiple of it; more or wider levels: more capacity, memory and time."))
+    noise_channels: int = Field(default=16, ge=1, description=(
+        "Channels of the random noise map at the coarsest level; the seed draws it, so one mask gives a "
+        "different image for each seed."))
+    spade_hidden: int = Field(default=64, gt=0, description=(
+        "Hidden channels of each SPADE block's modulation convolutions (the mask -> feature modulation)."))
+    fill: Literal["none", "input", "residual"] = Field(default="residual", description=(
+        "The label-mean fill (each label painted with its mean training intensity, stored in the run card): "
+        "`residual` gives it to the generator as input channels and adds the generator's output to it, so a "
+        "fresh model paints the fill and per-label intensities match the training set by construction; "
+        "`input` gives it as input channels only; `none` is the plain SPADE generator."))
 
 
 class DiscriminatorConfig(StrictModel):
-    """MONAI MultiScalePatchDiscriminator that sees image and one-hot mask concatenated."""
+    """Multi-scale MONAI patch discriminator that sees image and one-hot mask concatenated."""
 
-    num_d: int = Field(default=2, ge=1)
-    num_layers: int = Field(default=3, ge=1)
-    channels: int = Field(default=64, gt=0)
+    num_d: int = Field(default=2, ge=1, description=(
+        "Patch discriminators, each on the input average-pooled by a further factor of 2 (more: coarser "
+        "structure is judged too)."))
+    num_layers: int = Field(default=3, ge=1, description=(
+        "Strided convolution layers per discriminator (more: a larger patch behind each decision)."))
+    channels: int = Field(default=64, gt=0, description="Feature channels of each discriminator's first layer.")
+    spectral_norm: bool = Field(default=True, description=(
+        "Spectral normalisation of every discriminator convolution (SPADE, pix2pixHD): keeps the "
+        "discriminator's signal alive instead of saturating the hinge loss."))
 
 
 class PerceptualConfig(StrictModel):
-    """Optional perceptual loss from a LOCAL weights file (nothing is downloaded).
+    """Optional perceptual loss from a LOCAL weights file (nothing is downloaded)."""
 
-    weight: 0 turns it off (default).
-    network: MONAI ResNet depth whose weights ``weights_path`` holds (e.g. MedicalNet resnet10 in 3D,
-        a RadImageNet/ImageNet resnet50 in 2D), spatial dims as the run's.
-    weights_path: ``.safetensors`` or ``.pt`` state dict (read with weights_only=True).
-    """
-
-    weight: float = Field(default=0.0, ge=0)
-    network: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = "resnet10"
-    weights_path: Path | None = None
+    weight: float = Field(default=0.0, ge=0, description=(
+        "Weight of the perceptual term (a feature distance in a frozen pretrained ResNet); 0 turns it off. "
+        "Needs weights_path."))
+    network: Literal["resnet10", "resnet18", "resnet34", "resnet50"] = Field(default="resnet10", description=(
+        "MONAI ResNet depth whose weights weights_path holds (e.g. MedicalNet resnet10 in 3D, a "
+        "RadImageNet/ImageNet resnet50 in 2D); its spatial dims are the run's."))
+    weights_path: Path | None = Field(default=None, description=(
+        "Local .safetensors or .pt state dict of `network`, read with weights_only=True (nothing is "
+        "downloaded); needed when weight > 0."))
 
     @model_validator(mode="after")
     def _need_file(self) -> PerceptualConfig:
@@ -204,20 +222,30 @@ class PerceptualConfig(StrictModel):
 class GanLossConfig(StrictModel):
     """Generator objective: adversarial + feature matching + L1 to the paired real image (+ perceptual)."""
 
-    adversarial: Literal["hinge", "lsgan"] = "hinge"
-    adversarial_weight: float = Field(default=1.0, ge=0)
-    feature_matching_weight: float = Field(default=10.0, ge=0)
-    l1_weight: float = Field(default=10.0, ge=0)
-    perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
+    adversarial: Literal["hinge", "lsgan"] = Field(default="hinge", description=(
+        "Adversarial loss of generator and discriminator: `hinge` (SPADE, pix2pixHD) or `lsgan` (least "
+        "squares)."))
+    adversarial_weight: float = Field(default=1.0, ge=0, description=(
+        "Weight of the generator's adversarial term (realism as the discriminator judges it)."))
+    feature_matching_weight: float = Field(default=10.0, ge=0, description=(
+        "Weight of feature matching: L1 between the discriminator's intermediate features of generated and "
+        "real images (steadies training)."))
+    l1_weight: float = Field(default=10.0, ge=0, description=(
+        "Weight of the L1 distance between the generated image and the paired real image (intensities in "
+        "[-1, 1]); higher ties images closer to the real ones and leaves less variety across seeds."))
+    perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig, description=(
+        "Optional perceptual loss (off by default)."))
 
 
 class GanModelConfig(ModelSection):
     """Mask-conditioned GAN (SPADE generator + multi-scale patch discriminator)."""
 
-    family: Literal["gan"] = "gan"
-    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
-    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
-    loss: GanLossConfig = Field(default_factory=GanLossConfig)
+    family: Literal["gan"] = Field(default="gan", description=(
+        "The model family: `gan` (one training stage; fast sampling)."))
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig, description="The SPADE generator.")
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig, description=(
+        "The multi-scale patch discriminator (training only)."))
+    loss: GanLossConfig = Field(default_factory=GanLossConfig, description="The generator's objective.")
 
 
 def _check_levels(section: LdmAutoencoderConfig | LdmDiffusionConfig) -> None:
@@ -233,43 +261,49 @@ def _check_levels(section: LdmAutoencoderConfig | LdmDiffusionConfig) -> None:
 
 
 class LdmAutoencoderConfig(StrictModel):
-    """Stage 1: MONAI AutoencoderKL trained with L1 + KL + SSIM + patch adversarial (+ perceptual).
+    """Stage 1: MONAI AutoencoderKL trained with L1 + KL + SSIM + patch adversarial (+ perceptual)."""
 
-    channels: feature channels per level; the image is downsampled ``2 ** (len(channels) - 1)``
-        times per axis (data.size must be divisible by it).
-    attention_levels: one bool per level (None: no attention); nonlocal_attn: the attention block at
-        the bottom of encoder and decoder (memory grows with the latent voxels squared).
-    latent_channels: channels of the latent the diffusion model works on.
-    use_checkpoint: activation checkpointing (less memory, ~1.4x the time).
-    lr: the autoencoder's learning rate (the patch discriminator uses training.lr_d).
-    max_steps: this stage's steps (None: training.max_steps); training.max_steps caps it either way.
-    batch_size: this stage's batch (None: training.batch_size).
-    kl_weight / ssim_weight / adv_weight: loss weights of the KL term, (1 - SSIM) and the
-        least-squares patch adversarial term; adv_start: steps before the adversarial term starts.
-    disc_channels / disc_layers: MONAI PatchDiscriminator size.
-    perceptual: optional perceptual loss from a local weights file (off by default).
-    decode_tile: latent tile edge for sliding-window decoding at sampling time (None: whole).
-    """
-
-    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 64, 64], min_length=2)
-    num_res_blocks: int = Field(default=1, ge=1)
-    attention_levels: list[bool] | None = None
-    latent_channels: int = Field(default=3, ge=1)
-    norm_num_groups: int = Field(default=16, ge=1)
-    nonlocal_attn: bool = False
-    use_checkpoint: bool = False
-    lr: float = Field(default=1e-4, gt=0)
-    max_steps: int | None = Field(default=None, ge=0)
-    batch_size: int | None = Field(default=None, gt=0)
-    kl_weight: float = Field(default=1e-6, ge=0)
-    ssim_weight: float = Field(default=0.5, ge=0)
-    adv_weight: float = Field(default=0.01, ge=0)
-    adv_start: int = Field(default=0, ge=0)
-    disc_channels: int = Field(default=32, gt=0)
-    disc_layers: int = Field(default=3, ge=1)
-    perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig)
-    decode_tile: int | None = Field(default=None, ge=2)
-    decode_overlap: float = Field(default=0.25, ge=0, lt=1)
+    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 64, 64], min_length=2,
+                                                        description=(
+        "Feature channels per level; the image is downsampled 2 ** (levels - 1) times per axis into the "
+        "latent, and data.size must be a multiple of that times the diffusion UNet's factor."))
+    num_res_blocks: int = Field(default=1, ge=1, description="Residual blocks per level.")
+    attention_levels: list[bool] | None = Field(default=None, description=(
+        "One bool per level: self-attention at that level (memory grows with the square of its voxels); "
+        "null: none."))
+    latent_channels: int = Field(default=3, ge=1, description=(
+        "Channels of the latent the diffusion model works on (more: finer reconstructions, a harder "
+        "diffusion task)."))
+    norm_num_groups: int = Field(default=16, ge=1, description=(
+        "Groups of the group normalisation; every value of channels must be a multiple of it."))
+    nonlocal_attn: bool = Field(default=False, description=(
+        "An attention block at the bottom of encoder and decoder (memory grows with the square of the "
+        "latent voxels)."))
+    use_checkpoint: bool = Field(default=False, description=(
+        "Activation checkpointing: about 35% less memory for about 1.4x the time per step."))
+    lr: float = Field(default=1e-4, gt=0, description=(
+        "Learning rate of the autoencoder (its patch discriminator uses training.lr_d)."))
+    max_steps: int | None = Field(default=None, ge=0, description=(
+        "Steps of the autoencoder stage; null: training.max_steps. training.max_steps (and --max-steps) caps "
+        "it either way: --max-steps N trains each stage at most N steps."))
+    batch_size: int | None = Field(default=None, gt=0, description=(
+        "Samples per step per process in this stage; null: training.batch_size."))
+    kl_weight: float = Field(default=1e-6, ge=0, description=(
+        "Weight of the KL divergence of the latent from a unit Gaussian (a smooth latent; too high blurs)."))
+    ssim_weight: float = Field(default=0.5, ge=0, description="Weight of the structural term (1 - SSIM) beside L1.")
+    adv_weight: float = Field(default=0.01, ge=0, description=(
+        "Weight of the least-squares patch adversarial term (sharper reconstructions); 0: no discriminator."))
+    adv_start: int = Field(default=0, ge=0, description=(
+        "Steps of this stage before the adversarial term starts (a reconstruction warm-up)."))
+    disc_channels: int = Field(default=32, gt=0, description="Channels of the patch discriminator's first layer.")
+    disc_layers: int = Field(default=3, ge=1, description="Strided layers of the patch discriminator.")
+    perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig, description=(
+        "Optional perceptual loss of the reconstruction (off by default)."))
+    decode_tile: int | None = Field(default=None, ge=2, description=(
+        "Sampling only: decode large masks in overlapping latent tiles of this edge (latent voxels), which "
+        "bounds memory; null decodes the whole latent at once."))
+    decode_overlap: float = Field(default=0.25, ge=0, lt=1, description=(
+        "Sampling only: overlap of neighbouring decode tiles, a fraction of the tile edge."))
 
     @model_validator(mode="after")
     def _levels(self) -> LdmAutoencoderConfig:
@@ -278,45 +312,56 @@ class LdmAutoencoderConfig(StrictModel):
 
 
 class LdmDiffusionConfig(StrictModel):
-    """Stage 2: MONAI diffusion UNet on scaled latents, conditioned on the one-hot label map.
+    """Stage 2: MONAI diffusion UNet on scaled latents, conditioned on the one-hot label map (and on
+    the class through MONAI's class embedding when data.class_key gives more than one class). The UNet's
+    learning rate is training.lr."""
 
-    conditioning: ``concat`` (mask resampled to the latent grid, concatenated to the input),
-        ``controlnet`` (MONAI ControlNet over the base UNet, reading the full-resolution mask) or
-        ``spade`` (MONAI SPADEDiffusionModelUNet); mask_resample: ``area`` (label fractions) or
-        ``nearest`` for concat/spade.
-    Class conditioning (MONAI's class embedding) is on when data.class_key gives more than one class.
-    cond_dropout: probability of training a sample with its conditions dropped (zero mask, null
-        class), which enables classifier-free ``guidance`` (> 1 strengthens the conditions).
-    scheduler: the noise process trained on: ``rflow`` (rectified flow, velocity prediction) or
-        ``ddpm`` (with ``prediction_type``).
-    sampler / sample_steps / guidance: sampling defaults (each overridable at sampling time).
-    max_steps / batch_size: this stage's steps and batch (None: training.max_steps / batch_size);
-        training.max_steps caps the steps either way. The UNet's learning rate is training.lr.
-    num_head_channels: channels per attention head, one value or one per level (MONAI's convention;
-        a level narrower than the value gets one head; the value of a level without attention is unused
-        except at the last level, whose mid block always attends).
-    spade_channels / controlnet_channels: hidden channels of the SPADE modulation / the first
-        ControlNet embedding level.
-    """
-
-    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 64, 64], min_length=1)
-    num_res_blocks: int = Field(default=1, ge=1)
-    attention_levels: list[bool] | None = None
-    num_head_channels: int | list[Annotated[int, Field(ge=0)]] = Field(default=32)
-    norm_num_groups: int = Field(default=16, ge=1)
-    conditioning: Literal["concat", "controlnet", "spade"] = "concat"
-    mask_resample: Literal["area", "nearest"] = "area"
-    cond_dropout: float = Field(default=0.1, ge=0, le=1)
-    scheduler: Literal["ddpm", "rflow"] = "rflow"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    num_train_timesteps: int = Field(default=1000, ge=2)
-    sampler: Literal["ddpm", "ddim", "rflow"] = "rflow"
-    sample_steps: int = Field(default=30, ge=1)
-    guidance: float = Field(default=1.0, ge=0)
-    max_steps: int | None = Field(default=None, ge=0)
-    batch_size: int | None = Field(default=None, gt=0)
-    spade_channels: int = Field(default=64, gt=0)
-    controlnet_channels: int = Field(default=16, gt=0)
+    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 64, 64], min_length=1,
+                                                        description=(
+        "Feature channels per UNet level on the latent grid; each level after the first halves the latent "
+        "resolution."))
+    num_res_blocks: int = Field(default=1, ge=1, description="Residual blocks per level.")
+    attention_levels: list[bool] | None = Field(default=None, description=(
+        "One bool per level: self-attention at that level; null: none (the last level's middle block always "
+        "attends)."))
+    num_head_channels: int | list[Annotated[int, Field(ge=0)]] = Field(default=32, description=(
+        "Channels per attention head: one value for every level, or one per level (MONAI's convention; a "
+        "level narrower than the value gets one head; unused at levels without attention but the last)."))
+    norm_num_groups: int = Field(default=16, ge=1, description=(
+        "Groups of the group normalisation; every value of channels must be a multiple of it."))
+    conditioning: Literal["concat", "controlnet", "spade"] = Field(default="concat", description=(
+        "How the label map conditions the UNet: `concat` (resampled to the latent grid and concatenated to "
+        "the input), `controlnet` (a MONAI ControlNet reading the full-resolution mask) or `spade` (MONAI's "
+        "SPADE UNet, the mask modulating its normalisation)."))
+    mask_resample: Literal["area", "nearest"] = Field(default="area", description=(
+        "concat and spade: how the one-hot mask reaches the latent grid, `area` (label fractions per latent "
+        "voxel) or `nearest`."))
+    cond_dropout: float = Field(default=0.1, ge=0, le=1, description=(
+        "Probability of training a sample with its conditions dropped (empty mask, null class); above 0 it "
+        "enables classifier-free guidance at sampling."))
+    scheduler: Literal["ddpm", "rflow"] = Field(default="rflow", description=(
+        "The noise process trained: `rflow` (rectified flow, velocity prediction) or `ddpm` (see "
+        "prediction_type)."))
+    prediction_type: Literal["epsilon", "v_prediction"] = Field(default="epsilon", description=(
+        "scheduler ddpm: what the UNet predicts, the noise (`epsilon`) or the velocity (`v_prediction`)."))
+    num_train_timesteps: int = Field(default=1000, ge=2, description="Timesteps of the noise process.")
+    sampler: Literal["ddpm", "ddim", "rflow"] = Field(default="rflow", description=(
+        "Default sampler: `rflow` (needs scheduler rflow), `ddim` or `ddpm`; `medsynth sample --sampler` "
+        "overrides it."))
+    sample_steps: int = Field(default=30, ge=1, description=(
+        "Default sampling steps; time per image grows linearly with it. `--steps` overrides it."))
+    guidance: float = Field(default=1.0, ge=0, description=(
+        "Default classifier-free guidance scale: 1 none, above 1 follows the mask and class more strongly "
+        "(needs cond_dropout > 0). `--guidance` overrides it."))
+    max_steps: int | None = Field(default=None, ge=0, description=(
+        "Steps of the diffusion stage; null: training.max_steps. training.max_steps (and --max-steps) caps "
+        "it either way: --max-steps N trains each stage at most N steps."))
+    batch_size: int | None = Field(default=None, gt=0, description=(
+        "Samples per step per process in this stage; null: training.batch_size."))
+    spade_channels: int = Field(default=64, gt=0, description=(
+        "conditioning spade: hidden channels of the SPADE modulation."))
+    controlnet_channels: int = Field(default=16, gt=0, description=(
+        "conditioning controlnet: channels of the ControlNet's first mask-embedding level."))
 
     def head_channels(self) -> list[int]:
         """Channels per attention head at each level (an int applies to all, capped at the level's width)."""
@@ -341,15 +386,16 @@ class LdmDiffusionConfig(StrictModel):
 
 
 class LdmModelConfig(ModelSection):
-    """Latent diffusion model: stage 1 ``autoencoder`` then stage 2 ``diffusion``.
+    """Latent diffusion model: stage 1 ``autoencoder`` then stage 2 ``diffusion``."""
 
-    use_flash_attention: PyTorch SDPA in MONAI's attention blocks (auto: on for CUDA).
-    """
-
-    family: Literal["ldm"] = "ldm"
-    autoencoder: LdmAutoencoderConfig = Field(default_factory=LdmAutoencoderConfig)
-    diffusion: LdmDiffusionConfig = Field(default_factory=LdmDiffusionConfig)
-    use_flash_attention: Literal["auto", True, False] = "auto"
+    family: Literal["ldm"] = Field(default="ldm", description=(
+        "The model family: `ldm` (two training stages, autoencoder then diffusion; iterative sampling)."))
+    autoencoder: LdmAutoencoderConfig = Field(default_factory=LdmAutoencoderConfig, description=(
+        "Stage 1: the AutoencoderKL that maps images to latents and back."))
+    diffusion: LdmDiffusionConfig = Field(default_factory=LdmDiffusionConfig, description=(
+        "Stage 2: the mask-conditioned diffusion UNet on the latents."))
+    use_flash_attention: Literal["auto", True, False] = Field(default="auto", description=(
+        "PyTorch scaled-dot-product attention in MONAI's attention blocks: `auto` uses it on CUDA only."))
 
 
 # ---------------------------------------------------------------------------- optimiser / training
@@ -358,10 +404,13 @@ class LdmModelConfig(ModelSection):
 class OptimizerConfig(StrictModel):
     """Adam(W) settings shared by a family's optimisers (learning rates live in ``training``)."""
 
-    name: Literal["adam", "adamw"] = "adam"
-    betas: tuple[float, float] = (0.5, 0.999)
-    weight_decay: float = Field(default=0.0, ge=0)
-    grad_clip: float | None = Field(default=None, gt=0)
+    name: Literal["adam", "adamw"] = Field(default="adam", description=(
+        "`adam`, or `adamw` (weight decay decoupled from the gradient)."))
+    betas: tuple[float, float] = Field(default=(0.5, 0.999), description=(
+        "Adam's (beta1, beta2), each in [0, 1): decay rates of the gradient's running mean and square."))
+    weight_decay: float = Field(default=0.0, ge=0, description="Weight decay per step; 0 turns it off.")
+    grad_clip: float | None = Field(default=None, gt=0, description=(
+        "Clip each optimiser's gradient norm to this value before its step; null: no clipping."))
 
     @field_validator("betas")
     @classmethod
@@ -372,46 +421,58 @@ class OptimizerConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    """The loop.
+    """The loop (each field's ``description`` says its unit and effect)."""
 
-    max_steps: optimisation steps in total (a resumed run continues up to it).
-    batch_size: samples per step per process (a torchrun job of P processes uses P * batch_size).
-    lr: learning rate of the main network (GAN generator, diffusion UNet); lr_d: of a discriminator.
-    amp: bf16 autocast on CUDA (ignored on CPU, where bf16 is slow).
-    ema: decay of the exponential moving average of the main network's weights; null turns it off
-        (the export then takes the raw weights).
-    checkpoint_every / log_every / preview_every: intervals in steps (0 turns previews off).
-    keep_last: checkpoints kept (older ones are deleted after a new one is written).
-    seed: every random draw (initial weights, data order, crops, noise) derives from it.
-    workers: DataLoader worker processes (0: load in the main process).
-    device: ``auto`` picks CUDA when present.
-    deterministic: ``torch.use_deterministic_algorithms`` during training (CPU always; CUDA when set).
-    """
-
-    max_steps: int = Field(default=1000, ge=0)
-    batch_size: int = Field(default=4, gt=0)
-    lr: float = Field(default=2e-4, gt=0)
-    lr_d: float = Field(default=2e-4, gt=0)
-    amp: bool = True
-    ema: float | None = Field(default=0.999, gt=0, lt=1)
-    checkpoint_every: int = Field(default=500, gt=0)
-    keep_last: int = Field(default=3, gt=0)
-    log_every: int = Field(default=10, gt=0)
-    preview_every: int = Field(default=500, ge=0)
-    seed: int = Field(default=0, ge=0)
-    workers: int = Field(default=0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = False
+    max_steps: int = Field(default=1000, ge=0, description=(
+        "Optimisation steps in total; a resumed run continues up to it. For a staged family (ldm) it caps "
+        "each stage, and so does `--max-steps`."))
+    batch_size: int = Field(default=4, gt=0, description=(
+        "Samples per step per process; a torchrun job of P processes trains on P x batch_size."))
+    lr: float = Field(default=2e-4, gt=0, description=(
+        "Learning rate of the main network (the GAN generator, the diffusion UNet)."))
+    lr_d: float = Field(default=2e-4, gt=0, description=(
+        "Learning rate of the discriminators (the GAN's, the LDM autoencoder's patch discriminator)."))
+    amp: bool = Field(default=True, description=(
+        "bf16 autocast on CUDA (faster, less activation memory); ignored on the CPU, where bf16 is slow."))
+    ema: float | None = Field(default=0.999, gt=0, lt=1, description=(
+        "Decay of the exponential moving average of the main network's weights, which previews, export and "
+        "sampling use (0.999 averages over about the last 1000 steps); null: off, the raw weights are used."))
+    checkpoint_every: int = Field(default=500, gt=0, description=(
+        "Steps between checkpoints; each also rewrites RUN/report.md and RUN/curves.png. The last step "
+        "always writes one."))
+    keep_last: int = Field(default=3, gt=0, description=(
+        "Checkpoints kept per stage; older ones are deleted once a newer one is written."))
+    log_every: int = Field(default=10, gt=0, description=(
+        "Steps between records of RUN/metrics.jsonl; a record holds each loss averaged over the steps since "
+        "the previous record (the numbers the progress line and the final summary show)."))
+    preview_every: int = Field(default=500, ge=0, description=(
+        "Steps between evaluations with a preview image (RUN/previews/, full-size slices of a few training "
+        "cases); 0: no previews (evaluations still run at the first and last step)."))
+    seed: int = Field(default=0, ge=0, description=(
+        "Seeds every random draw (initial weights, data order, crops, noise): the same recipe and seed "
+        "train the same run, bit for bit on the CPU."))
+    workers: int = Field(default=0, ge=0, description=(
+        "DataLoader worker processes preparing batches (0: the main process); results do not depend on it."))
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description=(
+        "`auto` (CUDA when available), `cpu` or `cuda`."))
+    deterministic: bool = Field(default=False, description=(
+        "Deterministic torch algorithms on CUDA too (slower); the CPU always uses them."))
+    threads: int = Field(default=0, ge=0, description=(
+        "CPU threads torch uses in each training process; 0: auto (OMP_NUM_THREADS when set, else the CPU "
+        "cores this process may run on, at most 32). Set your share on a shared machine; the number is "
+        "printed at the start ('using N CPU threads')."))
 
 
 class Config(StrictModel):
     """A whole recipe."""
 
-    name: str = "run"
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: SerializeAsAny[ModelSection] = Field(default_factory=GanModelConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    name: str = Field(default="run", description="The recipe's name, shown in the run's report.")
+    data: DataConfig = Field(default_factory=DataConfig, description="What to train on and how to present it.")
+    model: SerializeAsAny[ModelSection] = Field(default_factory=GanModelConfig, description=(
+        "The model family (`model.family`) and its networks."))
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description=(
+        "Optimiser settings shared by the family's networks."))
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="The training loop.")
 
     @field_validator("model", mode="before")
     @classmethod

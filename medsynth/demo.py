@@ -141,7 +141,8 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
     data, runs, aug, ev = out / "data", out / "runs", out / "augmented", out / "evaluation"
 
     # 1. phantom datasets
-    st.start("phantoms", f"phantom datasets: {plan.cases_3d} 3D cases ({plan.size_3d}^3), {plan.cases_2d} 2D slices ({plan.size_2d}^2)")
+    st.start("phantoms", f"phantom datasets: {plan.cases_3d} 3D cases ({plan.size_3d}^3), "
+                         f"{plan.cases_2d} 2D slices ({plan.size_2d}^2)")
     real3d = make_phantom_dataset(data / "phantoms3d", dim=3, cases=plan.cases_3d, seed=0, size=plan.size_3d)
     real2d = make_phantom_dataset(data / "phantoms2d", dim=2, cases=plan.cases_2d, seed=1, size=plan.size_2d)
     # held-out real slices (never trained on): the real-vs-real floor of the distribution distances
@@ -151,18 +152,19 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
     st.start("validate", "validating both datasets")
     fingerprints = {}
     for name, path in (("3D", real3d), ("2D", real2d)):
-        report = validate_dataset(path)
-        if not report.ok:  # cannot happen for phantoms; a bug if it does
-            raise JobError(f"{path}: the demo's own phantom dataset failed validation: {report.errors[0].message}")
-        fingerprints[name] = report.fingerprint
+        checked = validate_dataset(path)
+        if not checked.ok:  # cannot happen for phantoms; a bug if it does
+            raise JobError(f"{path}: the demo's own phantom dataset failed validation: {checked.errors[0].message}")
+        fingerprints[name] = checked.fingerprint
 
     # 3. training
     st.start("train", f"training a SPADE GAN ({plan.gan_steps} steps) and a latent diffusion model "
                       f"({plan.ae_steps} autoencoder + {plan.diffusion_steps} diffusion steps) on the 2D slices")
     every = max(1, plan.gan_steps // 4)
-    gan_cfg = load_config(recipe_path("tiny/gan2d"), [f"data.manifest={json.dumps(str(real2d))}", f"training.max_steps={plan.gan_steps}",
-                                             f"training.checkpoint_every={plan.gan_steps}", f"training.preview_every={every}",
-                                             "training.keep_last=1"])
+    gan_cfg = load_config(recipe_path("tiny/gan2d"), [f"data.manifest={json.dumps(str(real2d))}",
+                                                      f"training.max_steps={plan.gan_steps}",
+                                                      f"training.checkpoint_every={plan.gan_steps}",
+                                                      f"training.preview_every={every}", "training.keep_last=1"])
     gan_run = runs / "gan2d"
     gan_result = run_training(gan_cfg, gan_run, progress=progress)
     ldm_cfg = load_config(recipe_path("tiny/ldm2d"), [f"data.manifest={json.dumps(str(real2d))}", *LDM_DEMO_SETTINGS,
@@ -199,12 +201,12 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
     unpaired_sets = {  # label -> (folder under evaluation/, reference = training set, candidate)
         f"held-out real 2D ({n2}) vs real 2D ({n2}): the floor": ("unpaired_heldout2d", real2d, heldout2d),
         f"GAN 2D ({plan.num_gan}) vs real 2D ({n2})":
-            ("unpaired_gan2d", real2d, _synthetic_only(summaries["gan2d"].manifest, ev / "sets" / "gan2d.json")),
+            ("unpaired_gan2d", real2d, _synthetic_only(_manifest(summaries["gan2d"]), ev / "sets" / "gan2d.json")),
         f"LDM 2D ({plan.num_ldm}) vs real 2D ({n2})":
-            ("unpaired_ldm2d", real2d, _synthetic_only(summaries["ldm2d"].manifest, ev / "sets" / "ldm2d.json")),
+            ("unpaired_ldm2d", real2d, _synthetic_only(_manifest(summaries["ldm2d"]), ev / "sets" / "ldm2d.json")),
         f"synthseg 3D ({plan.num_synthseg}) vs real 3D ({n3})":
             ("unpaired_synthseg3d", real3d,
-             _synthetic_only(summaries["synthseg3d"].manifest, ev / "sets" / "synthseg3d.json")),
+             _synthetic_only(_manifest(summaries["synthseg3d"]), ev / "sets" / "synthseg3d.json")),
     }
     unpaired = {}
     for name, (folder, ref, cand) in unpaired_sets.items():
@@ -288,22 +290,32 @@ def _paired_from_real_masks(run: Path, real: Path, out: Path, plan: DemoPlan) ->
     """Generate one image per real case from that case's own mask: a dataset paired by case id."""
     manifest = read_manifest(real)
     synth = Synthesizer.from_run(run, device="cpu")
-    options = {"steps": plan.sample_steps} if read_run_card(run).family == "ldm" else {}
+    steps = plan.sample_steps if read_run_card(run).family == "ldm" else None
     cases = []
     for k, case in enumerate(manifest.cases):
-        if case.label is None:
-            continue
-        label = read_volume(case.label, kind="label")
-        image = synth.generate_volume(label, k, **options)
+        label = read_volume(_label(case), kind="label")
+        image = synth.generate_volume(label, k, steps=steps)
         img_path = write_volume(out / "imagesTr" / f"{case.case_id}.nii.gz", image.array, label.affine, kind="image")
         cases.append(Case(case_id=case.case_id, images=[img_path], label=case.label))
     return write_manifest(manifest.with_cases(cases), out / "dataset.json", fmt="msd")
 
 
-def _synthetic_only(manifest_path: Path | None, out: Path) -> Path:
+def _label(case: Case) -> Path:
+    """The label file of a case the demo made (every one has one)."""
+    if case.label is None:
+        raise JobError(f"case {case.case_id} has no label map")
+    return case.label
+
+
+def _manifest(summary: AugmentSummary) -> Path:
+    """The manifest an augment job wrote (rank 0 of a finished job always writes one)."""
+    if summary.manifest is None:
+        raise JobError(f"augment wrote no manifest into {summary.out}")
+    return summary.manifest
+
+
+def _synthetic_only(manifest_path: Path, out: Path) -> Path:
     """A manifest of an augmented dataset's synthetic cases only (for unpaired evaluation)."""
-    if manifest_path is None:
-        raise JobError("augment wrote no manifest")
     m = read_manifest(manifest_path)
     syn = [c for c in m.cases if c.case_id.startswith(SYNTHETIC_PREFIX)]
     return write_manifest(m.with_cases(syn), out, fmt="msd")
@@ -314,7 +326,7 @@ def _data_figure(real3d: Path, path: Path) -> Path:
     fig, axes = grid(2, 6)
     for r, case in enumerate(m3.cases[:2]):
         img = read_volume(case.images[0]).array
-        lab = read_volume(case.label, kind="label").array
+        lab = read_volume(_label(case), kind="label").array
         x, y, z = (s // 2 for s in img.shape)
         views = [("axial", img[:, :, z], lab[:, :, z]), ("coronal", img[:, y, :], lab[:, y, :]),
                  ("sagittal", img[x, :, :], lab[x, :, :])]
@@ -333,7 +345,8 @@ def _methods_figure(real2d: Path, paired: dict[str, Path], path: Path, n: int = 
     for r, case in enumerate(cases):
         img = middle_slice(read_volume(case.images[0]).array)
         lo, hi = np.percentile(img, [0.5, 99.5])
-        show_slice(axes[r, 0], middle_slice(read_volume(case.label, kind="label").array), label=True, title="mask" if r == 0 else None)
+        show_slice(axes[r, 0], middle_slice(read_volume(_label(case), kind="label").array), label=True,
+                   title="mask" if r == 0 else None)
         show_slice(axes[r, 1], img, vmin=lo, vmax=hi, title="real" if r == 0 else None)
         for c, (name, by_id) in enumerate(gens.items()):
             gen = middle_slice(read_volume(by_id[case.case_id].images[0]).array)
@@ -344,7 +357,7 @@ def _methods_figure(real2d: Path, paired: dict[str, Path], path: Path, n: int = 
 
 def _augmented_figure(summaries: dict[str, AugmentSummary], path: Path, n: int = 3) -> Path:
     """One row per augmented output: (new mask, synthetic image) for its first ``n`` synthetic cases."""
-    rows = {name: [c for c in read_manifest(s.manifest).cases if c.case_id.startswith(SYNTHETIC_PREFIX)][:n]
+    rows = {name: [c for c in read_manifest(_manifest(s)).cases if c.case_id.startswith(SYNTHETIC_PREFIX)][:n]
             for name, s in summaries.items()}
     fig, axes = grid(len(rows), 2 * n)
     for r, (name, cases) in enumerate(rows.items()):
@@ -355,7 +368,7 @@ def _augmented_figure(summaries: dict[str, AugmentSummary], path: Path, n: int =
                 continue
             img = middle_slice(read_volume(cases[k].images[0]).array)
             lo, hi = np.percentile(img, [0.5, 99.5])
-            show_slice(axes[r, 2 * k], middle_slice(read_volume(cases[k].label, kind="label").array), label=True,
+            show_slice(axes[r, 2 * k], middle_slice(read_volume(_label(cases[k]), kind="label").array), label=True,
                        title=f"{name} {cases[k].case_id}")
             show_slice(axes[r, 2 * k + 1], img, vmin=lo, vmax=hi, title="image")
     save_png(fig, path)
@@ -454,7 +467,7 @@ def _write_report(out: Path, plan: DemoPlan, quick: bool, fingerprints: dict[str
     ]
     for name, s in augments.items():
         lines.append(f"| `augmented/{name}` | {s.method} | {s.real_cases} | {s.synthetic_cases} | {s.redraws} | "
-                     f"`{Path(s.manifest).relative_to(out).as_posix()}` |")
+                     f"`{_manifest(s).relative_to(out).as_posix()}` |")
     lines += [
         "",
         "Each synthetic case has a new mask made by deforming a real one, and an image made for it; "
@@ -470,7 +483,8 @@ def _write_report(out: Path, plan: DemoPlan, quick: bool, fingerprints: dict[str
         "|---|---|---|---|---|",
     ]
     for name, s in paired.items():
-        lines.append(f"| {name} | {_fmt(s.get('ssim'))} | {_fmt(s.get('psnr'), 2)} | {_fmt(s.get('mae'), 2)} | {s.get('n_cases')} |")
+        lines.append(f"| {name} | {_fmt(s.get('ssim'))} | {_fmt(s.get('psnr'), 2)} | {_fmt(s.get('mae'), 2)} | "
+                     f"{s.get('n_cases')} |")
     lines += [
         "",
         "- **SSIM** (structural similarity, scikit-image's Wang et al. setting, Gaussian window sigma 1.5, "
@@ -478,7 +492,8 @@ def _write_report(out: Path, plan: DemoPlan, quick: bool, fingerprints: dict[str
         "- **PSNR** = 10 log10(R^2 / MSE), averaged over cases in dB: higher is closer. **MAE** = mean |real - synthetic| / R "
         "(a fraction of the data range; multiply by R for intensity units).",
         "- A generator is not meant to reproduce the real image (noise, bias field and texture are random), so these "
-        "say how faithfully it follows the mask, not how realistic it is. See `evaluation/paired_*/` for per-case CSVs and pictures.",
+        "say how faithfully it follows the mask, not how realistic it is. See `evaluation/paired_*/` for per-case CSVs "
+        "and pictures.",
         "",
         "### Unpaired: synthetic set vs real set",
         "",

@@ -9,7 +9,8 @@ atomically. Slices are shown the way the rest of medsynth shows them: NIfTI inde
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from matplotlib.image import AxesImage
 
-__all__ = ["downstream_chart", "grid", "middle_slice", "new_figure", "save_png", "show_slice"]
+__all__ = ["CurvePanel", "downstream_chart", "grid", "label_preview", "middle_slice", "new_figure", "save_png", "show_slice",
+           "training_curves"]
 
 #: label maps are drawn with this qualitative colour map, values 0..9
 LABEL_CMAP = "tab10"
@@ -87,7 +89,7 @@ def downstream_chart(names: Sequence[str], per_seed: Sequence[Sequence[float | N
     for i, v in enumerate(values):
         ok = v[np.isfinite(v)]
         ax.scatter(i + rng.uniform(-0.15, 0.15, ok.size), ok, color="black", s=12, zorder=3)
-    if reference in names:
+    if reference is not None and reference in names:
         ref = means[list(names).index(reference)]
         if np.isfinite(ref):
             ax.axhline(ref, color="tab:gray", linestyle="--", linewidth=1)
@@ -96,4 +98,86 @@ def downstream_chart(names: Sequence[str], per_seed: Sequence[Sequence[float | N
     ax.set_ylabel(ylabel)
     ax.set_ylim(*ylim)
     ax.set_title("bars: mean over seeds; points: one seed each", fontsize=8)
+    return save_png(fig, Path(path))
+
+
+@dataclass(frozen=True)
+class CurvePanel:
+    """One panel of :func:`training_curves`: a logged quantity over training steps.
+
+    title: e.g. ``"diffusion: mse"``; steps / values: the points (equal length); points: draw markers
+    (evaluations) rather than a line only; marks: steps to mark with a faint vertical line (the
+    evaluation steps of the stage)."""
+
+    title: str
+    steps: Sequence[int]
+    values: Sequence[float]
+    points: bool = False
+    marks: Sequence[int] = ()
+
+
+def training_curves(panels: Sequence[CurvePanel], path: Path, *, columns: int = 4) -> Path:
+    """Small multiples, one :class:`CurvePanel` each in the given order, ``columns`` per row; a panel
+    whose values are all positive uses a log value axis. Writes ``path`` (PNG)."""
+    n = max(1, len(panels))
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig = new_figure(2.6 * cols, 1.9 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(panels):
+            ax.set_axis_off()
+            continue
+        p = panels[k]
+        steps = np.asarray(p.steps, dtype=np.float64)
+        values = np.asarray(p.values, dtype=np.float64)
+        for s in p.marks:
+            ax.axvline(float(s), color="0.85", linewidth=0.8, zorder=0)
+        ax.plot(steps, values, color="tab:orange" if p.points else "tab:blue", linewidth=1.2,
+                marker="o" if p.points else None, markersize=3)
+        finite = values[np.isfinite(values)]
+        if finite.size and bool((finite > 0).all()):
+            ax.set_yscale("log")
+        ax.set_title(p.title, fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("step", fontsize=6)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "nothing logged yet", ha="center", va="center", fontsize=8)
+    return save_png(fig, Path(path))
+
+
+def label_preview(masks: Sequence[np.ndarray], rows: Mapping[str, Sequence[np.ndarray]], legend: Sequence[str],
+                  path: Path, *, scale: float = 1.8) -> Path:
+    """A grid of 2D slices with a label legend: the first row the label maps, then one row per entry
+    of ``rows``, one column per sample. Writes ``path`` (PNG).
+
+    masks: label channel indices ``(i, j)`` (0 = background), drawn in :data:`LABEL_CMAP`; rows: name ->
+    one image ``(i, j)`` in [0, 1] per sample (grey, 0 black, 1 white); legend: the name of each
+    channel index, shown as given (at most the colour map's 10 colours are told apart)."""
+    from matplotlib.patches import Patch
+
+    names = ["mask", *rows]
+    cells = [list(masks), *(list(v) for v in rows.values())]
+    ncol = max(1, len(masks))
+    fig = new_figure(scale * ncol, scale * len(names) + 0.5)
+    axes = fig.subplots(len(names), ncol, squeeze=False)
+    for r, (name, images) in enumerate(zip(names, cells)):
+        for c in range(ncol):
+            ax = axes[r][c]
+            if c >= len(images):
+                ax.set_axis_off()
+                continue
+            if r == 0:
+                show_slice(ax, images[c], label=True)
+            else:
+                show_slice(ax, np.clip(images[c], 0.0, 1.0), vmin=0.0, vmax=1.0)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    from matplotlib import colormaps
+
+    colours = colormaps[LABEL_CMAP]
+    handles = [Patch(color=colours(i % 10), label=name) for i, name in enumerate(legend)]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=7,
+                   frameon=False)
     return save_png(fig, Path(path))

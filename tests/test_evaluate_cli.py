@@ -42,13 +42,15 @@ def make_dataset(root: Path, ids: list[str], seed: int, noise: float = 0.0, shap
     for k, cid in enumerate(ids):
         img = root / "imagesTr" / f"{cid}.nii.gz"
         lab = root / "labelsTr" / f"{cid}.nii.gz"
-        write_volume(img, volume(100 + k, shape, noise=0.0) + np.random.default_rng(seed + k).normal(0, 1 + noise, shape), AFFINE, kind="image")
+        noisy = volume(100 + k, shape, noise=0.0) + np.random.default_rng(seed + k).normal(0, 1 + noise, shape)
+        write_volume(img, noisy, AFFINE, kind="image")
         label = np.zeros(shape, np.uint8)
         label[4:14, 3:13, 3:11] = 1
         write_volume(lab, label, AFFINE, kind="label")
         entries.append({"image": f"imagesTr/{cid}.nii.gz", "label": f"labelsTr/{cid}.nii.gz"})
     manifest = root / "dataset.json"
-    manifest.write_text(json.dumps({"name": "t", "labels": {"0": "bg", "1": "body"}, "modality": {"0": "MR"}, "training": entries}))
+    manifest.write_text(json.dumps({"name": "t", "labels": {"0": "bg", "1": "body"}, "modality": {"0": "MR"},
+                                    "training": entries}))
     return manifest
 
 

@@ -462,7 +462,8 @@ def build_cases(root: Path) -> tuple[list[Case], list[Case]]:
     control = root / "control" / "dataset.json"
     for name, manifest in [("zeros-after-data", root / "repro" / "zeros-after-data" / "dataset.json"),
                            ("dev-zero-link", root / "repro" / "dev-zero-link" / "dataset.json"),
-                           ("nifti001", root / "nifti001" / "dataset.json"), ("json-nan", root / "manifests" / "manifest000" / "dataset.json")]:
+                           ("nifti001", root / "nifti001" / "dataset.json"),
+                           ("manifest000", root / "manifests" / "manifest000" / "dataset.json")]:
         evaluate.append(Case(f"eval-dataset-{name}", ["evaluate", str(control), str(manifest), "--data-range", "auto",
                                                       "--mask", "labels", "--no-progress"]))
         evaluate.append(Case(f"eval-unpaired-{name}", ["evaluate", str(control), str(manifest), "--data-range", "1",

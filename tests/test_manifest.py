@@ -4,10 +4,9 @@ relative paths resolve against the manifest's folder, not the working directory.
 from __future__ import annotations
 
 import json
-
-import numpy as np
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medsynth.data.manifest import (

@@ -98,7 +98,8 @@ def test_batched_numpy_and_torch():
     a = rng.random(shape).astype(np.float32) * 400.0
     b = (a + rng.normal(0, 30.0, shape)).astype(np.float32)
     ranges = [400.0, 500.0, 600.0]
-    expected_ssim = [np.mean([structural_similarity(a[i, c], b[i, c], data_range=ranges[i], **WANG) for c in range(2)]) for i in range(3)]
+    expected_ssim = [np.mean([structural_similarity(a[i, c], b[i, c], data_range=ranges[i], **WANG) for c in range(2)])
+                     for i in range(3)]
     expected_psnr = [10 * np.log10(ranges[i] ** 2 / np.mean((a[i].astype(np.float64) - b[i]) ** 2)) for i in range(3)]
 
     out = ssim(a, b, data_range=ranges, spatial_dims=3)

@@ -59,10 +59,9 @@ def test_second_job_is_refused_naming_the_holder_then_the_kernel_releases_a_kill
 
 
 def test_the_same_process_cannot_take_the_lock_twice(tmp_path: Path) -> None:
-    with J.output_lock(tmp_path / "out"):
-        with pytest.raises(JobError, match=rf"in use by another medsynth job \(PID {os.getpid()} \(this process\)\)"):
-            with J.output_lock(tmp_path / "out"):
-                pass
+    held = rf"in use by another medsynth job \(PID {os.getpid()} \(this process\)\)"
+    with J.output_lock(tmp_path / "out"), pytest.raises(JobError, match=held), J.output_lock(tmp_path / "out"):
+        pass
 
 
 def test_lock_leaves_no_trace_when_the_job_fails_before_writing(tmp_path: Path) -> None:

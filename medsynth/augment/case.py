@@ -18,7 +18,7 @@ from medsynth.data.nifti import write_volume
 from medsynth.distributed import torchrun_env
 from medsynth.journal import sha256_file
 from medsynth.registry import is_model_method
-from medsynth.synthesis.pairs import PairSettings, PairSource, load_synthesizer, make_pair
+from medsynth.synthesis.pairs import GenerateOptions, PairSettings, PairSource, load_synthesizer, make_pair
 
 if TYPE_CHECKING:
     from medsynth.synthesis.synthesizer import Synthesizer
@@ -74,7 +74,7 @@ def make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
     # 1. the source case (and the lesion donor's label map)
     source = read_case(ctx.sources[plan.source])
     donor = None if plan.donor is None else read_case(ctx.sources[plan.donor]).label
-    options: dict[str, object] = {}
+    options = GenerateOptions()
     if ctx.class_key is not None:  # class-conditioned run: the source case's class
         options["class_value"] = str(ctx.sources[plan.source].extra[ctx.class_key])
     synthesizer = None

@@ -242,8 +242,8 @@ class CappedInflater:
                 parts.append(out)
                 want -= len(out)
                 if not out and not self._d.eof:
-                    raise DataError(f"{self._path}: truncated or corrupt {self._kind} data (the stream ends before its end marker, "
-                                    f"after {self.produced + n - want} decompressed bytes)")
+                    raise DataError(f"{self._path}: truncated or corrupt {self._kind} data (the stream ends before "
+                                    f"its end marker, after {self.produced + n - want} decompressed bytes)")
                 continue
             data = self._d.unconsumed_tail or self._input
             if not self._d.unconsumed_tail:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from medsynth.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from medsynth.config import DataConfig
     from medsynth.data.manifest import Case, Manifest
@@ -76,7 +76,10 @@ class DataInfo:
     labels: label values in one-hot channel order (background 0 first); label_names: value -> name;
     channels: image channel names; classes: class-conditioning values (empty: none);
     spacing: target spacing in mm (None: native grid); normalization: intensity mapping;
-    fingerprint: sha256 over the training arrays as read; num_cases: training cases.
+    fingerprint: sha256 over the training arrays as read; num_cases: training cases;
+    label_means / label_stds: per image channel, per label (one-hot order), the mean / standard
+    deviation of the training intensities in [0, 1] units over that label's voxels (a label with no
+    voxels gets the channel's overall value); the label-mean fill and QC read them (None: not known).
     """
 
     dim: int
@@ -92,6 +95,8 @@ class DataInfo:
     fingerprint: str = ""
     num_cases: int = 0
     class_key: str | None = None
+    label_means: list[list[float]] | None = None
+    label_stds: list[list[float]] | None = None
 
     @property
     def num_labels(self) -> int:
@@ -124,7 +129,7 @@ class DataInfo:
             "channels": list(self.channels), "classes": list(self.classes), "class_key": self.class_key,
             "spacing": None if self.spacing is None else list(self.spacing),
             "normalization": self.normalization.to_dict(), "fingerprint": self.fingerprint,
-            "num_cases": self.num_cases,
+            "num_cases": self.num_cases, "label_means": self.label_means, "label_stds": self.label_stds,
         }
 
     @classmethod
@@ -138,7 +143,17 @@ class DataInfo:
             normalization=Normalization.from_dict(d["normalization"]),
             fingerprint=str(d.get("fingerprint", "")), num_cases=int(d.get("num_cases", 0)),
             class_key=d.get("class_key"),
+            label_means=_stat_table(d.get("label_means")), label_stds=_stat_table(d.get("label_stds")),
         )
+
+
+def _stat_table(raw: object) -> list[list[float]] | None:
+    """A (channels, labels) table of floats from JSON, or None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(row, list) for row in raw):
+        raise TypeError(f"expected a list of lists of numbers, got {raw!r}")
+    return [[float(v) for v in row] for row in raw]
 
 
 @dataclass
@@ -263,7 +278,7 @@ class TrainingData:
         starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(index.shape, info.size)]
         sl = tuple(slice(a, a + s) for a, s in zip(starts, info.size))
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image[(slice(None), *sl)], dtype=np.float32)),
+            "image": torch.from_numpy(np.ascontiguousarray(image[(slice(None),) + sl], dtype=np.float32)),
             "label_index": torch.from_numpy(np.ascontiguousarray(index[sl]).astype(np.int64)),
             "class_index": torch.tensor(case.class_index, dtype=torch.int64),
             "index": torch.tensor(g, dtype=torch.int64),
@@ -308,7 +323,8 @@ def make_loader(data: TrainingData, *, start_step: int, max_steps: int, batch_si
     from torch.utils.data import DataLoader
 
     sampler = StepBatchSampler(start_step, max_steps, batch_size, rank, world_size)
-    return DataLoader(data, batch_sampler=sampler, num_workers=workers, collate_fn=data.collate,
+    dataset = cast("Dataset[dict[str, Any]]", data)  # a map-style dataset: __len__ and __getitem__
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=data.collate,
                       pin_memory=pin_memory, persistent_workers=False)
 
 
@@ -361,11 +377,11 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int) -> Tr
         classes: list[str] = []
     elif cfg.classes is not None:
         classes = list(cfg.classes)
-        bad = sorted({v for v in class_values if v not in classes})
+        bad = sorted({str(v) for v in class_values if v not in classes})
         if bad:
             raise DataError(f"{manifest.source}: {cfg.class_key} values {bad} are not in data.classes {classes}")
     else:
-        classes = sorted({v for v in class_values if v is not None})
+        classes = sorted({str(v) for v in class_values if v is not None})
 
     # normalisation fitted on the training set (per channel)
     nch = raw[0][1].shape[0]
@@ -407,4 +423,34 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int) -> Tr
         arrays.append(CaseArrays(case.case_id, norm.to_unit(image), index,
                                  classes.index(cls) if cls is not None else 0, fg))
     info.fingerprint = digest.hexdigest()
+    info.label_means, info.label_stds = label_statistics([(a.image, a.index) for a in arrays], len(labels))
     return TrainingData(arrays, info, seed)
+
+
+def label_statistics(cases: list[tuple[np.ndarray, np.ndarray]], num_labels: int
+                     ) -> tuple[list[list[float]], list[list[float]]]:
+    """Per channel and label: mean and standard deviation of the intensities over the label's voxels.
+
+    cases: (image (C, *spatial) float, index (*spatial) int label-channel indices) pairs. A label
+    without voxels gets the channel's overall mean and standard deviation.
+    """
+    nch = cases[0][0].shape[0]
+    count = np.zeros(num_labels)
+    total = np.zeros((nch, num_labels))
+    square = np.zeros((nch, num_labels))
+    for image, index in cases:
+        flat = index.ravel().astype(np.int64)
+        count += np.bincount(flat, minlength=num_labels)[:num_labels]
+        for c in range(nch):
+            v = image[c].ravel().astype(np.float64)
+            total[c] += np.bincount(flat, weights=v, minlength=num_labels)[:num_labels]
+            square[c] += np.bincount(flat, weights=v * v, minlength=num_labels)[:num_labels]
+    means, stds = [], []
+    for c in range(nch):
+        all_mean = total[c].sum() / max(count.sum(), 1)
+        all_var = square[c].sum() / max(count.sum(), 1) - all_mean**2
+        m = np.where(count > 0, total[c] / np.maximum(count, 1), all_mean)
+        var = np.where(count > 0, square[c] / np.maximum(count, 1) - m**2, all_var)
+        means.append([float(x) for x in m])
+        stds.append([float(x) for x in np.sqrt(np.maximum(var, 0.0))])
+    return means, stds

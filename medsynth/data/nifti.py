@@ -4,6 +4,11 @@ NIfTI (``.nii``, ``.nii.gz``) is read with nibabel, fully decoded, keeping the a
 MetaImage and NRRD (``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``) are read with SimpleITK and
 converted from ITK's LPS world to the RAS affine NIfTI uses.
 
+Reads are bounded (:mod:`medsynth.data.limits`): only regular files are opened, and what a header
+claims (shape x dtype) is checked against the bytes the file holds, read with a cap when compressed,
+and against a memory ceiling per case, before anything of that size is allocated. MetaImage/NRRD
+headers are parsed first (:mod:`medsynth.data.itk_header`): their data file must lie in the dataset.
+
 Arrays are in file index order ``(i, j, k)``; a 2D volume stored as ``(H, W)`` or ``(H, W, 1)``
 is returned as ``(H, W)``. The affine is always 4x4 (voxel index -> RAS millimetres).
 
@@ -186,10 +191,13 @@ def _nifti_claim(head: bytes, path: Path) -> _NiftiClaim:
         try:
             hdr = klass.header_class(head[:size], check=False)
             shape = tuple(int(s) for s in hdr.get_data_shape())
-            dtype = np.dtype(hdr.get_data_dtype())
             vox_offset = float(hdr["vox_offset"])
         except Exception as exc:  # nibabel raises many types for a bad header
             raise DataError(f"{path}: not a readable NIfTI header ({type(exc).__name__}: {exc})") from None
+        try:
+            dtype = np.dtype(hdr.get_data_dtype())
+        except Exception:  # an unknown code: KeyError or HeaderDataError
+            raise DataError(f"{path}: unknown NIfTI datatype code {int(hdr['datatype'])}") from None
     if len(shape) == 0 or any(s == 0 for s in shape):
         raise DataError(f"{path}: has a zero-size axis (shape {shape})")
     if any(s < 0 for s in shape):

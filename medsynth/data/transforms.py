@@ -41,19 +41,19 @@ class DeformConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    affine_prob: float = Field(1.0, ge=0, le=1, description="Probability of a random affine.")
-    rotate_deg: float = Field(10.0, ge=0, le=180, description="Max |rotation| per axis, degrees.")
-    scale: float = Field(0.1, ge=0, lt=1, description="Scale factors drawn in [1-scale, 1+scale].")
-    isotropic_scale: bool = Field(False, description="One scale factor for all axes.")
-    translate_mm: float = Field(4.0, ge=0, description="Max |translation| per axis, mm.")
-    elastic_prob: float = Field(1.0, ge=0, le=1, description="Probability of an elastic deformation.")
-    elastic_mm: float = Field(4.0, ge=0, description="Max |displacement| of a control point, mm.")
-    control_points: int = Field(6, ge=3, le=64, description="Control points per axis of the elastic grid.")
+    affine_prob: float = Field(default=1.0, ge=0, le=1, description="Probability of a random affine.")
+    rotate_deg: float = Field(default=10.0, ge=0, le=180, description="Max |rotation| per axis, degrees.")
+    scale: float = Field(default=0.1, ge=0, lt=1, description="Scale factors drawn in [1-scale, 1+scale].")
+    isotropic_scale: bool = Field(default=False, description="One scale factor for all axes.")
+    translate_mm: float = Field(default=4.0, ge=0, description="Max |translation| per axis, mm.")
+    elastic_prob: float = Field(default=1.0, ge=0, le=1, description="Probability of an elastic deformation.")
+    elastic_mm: float = Field(default=4.0, ge=0, description="Max |displacement| of a control point, mm.")
+    control_points: int = Field(default=6, ge=3, le=64, description="Control points per axis of the elastic grid.")
     flip_axes: list[int] = Field(
         default_factory=list,
         description="Axes that may be flipped (0, 1, 2). Empty (default): never flip (anatomy is lateralised).",
     )
-    flip_prob: float = Field(0.5, ge=0, le=1, description="Probability of flipping each allowed axis.")
+    flip_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of flipping each allowed axis.")
 
     @field_validator("flip_axes")
     @classmethod
@@ -70,17 +70,17 @@ class EditConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     structures: list[int] | None = Field(
-        None, description="Labels that may grow or shrink (default: every foreground label)."
+        default=None, description="Labels that may grow or shrink (default: every foreground label)."
     )
-    grow_prob: float = Field(0.0, ge=0, le=1, description="Probability of growing each structure.")
-    shrink_prob: float = Field(0.0, ge=0, le=1, description="Probability of shrinking each structure.")
-    max_radius: int = Field(2, ge=1, le=20, description="Largest grow/shrink radius, voxels (city-block).")
+    grow_prob: float = Field(default=0.0, ge=0, le=1, description="Probability of growing each structure.")
+    shrink_prob: float = Field(default=0.0, ge=0, le=1, description="Probability of shrinking each structure.")
+    max_radius: int = Field(default=2, ge=1, le=20, description="Largest grow/shrink radius, voxels (city-block).")
     removable: list[int] = Field(default_factory=list, description="Labels that may be removed entirely.")
-    remove_prob: float = Field(0.0, ge=0, le=1, description="Probability of removing each removable label.")
-    paste_prob: float = Field(0.0, ge=0, le=1, description="Probability of pasting a lesion from another case.")
-    lesion_label: int | None = Field(None, ge=1, description="The lesion label to paste (e.g. 6).")
+    remove_prob: float = Field(default=0.0, ge=0, le=1, description="Probability of removing each removable label.")
+    paste_prob: float = Field(default=0.0, ge=0, le=1, description="Probability of pasting a lesion from another case.")
+    lesion_label: int | None = Field(default=None, ge=1, description="The lesion label to paste (e.g. 6).")
     lesion_hosts: list[int] | None = Field(
-        None, description="Labels a pasted lesion may overwrite (default: every foreground label)."
+        default=None, description="Labels a pasted lesion may overwrite (default: every foreground label)."
     )
 
     @property
@@ -94,18 +94,18 @@ class ClassicConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bias_prob: float = Field(0.5, ge=0, le=1, description="Probability of a smooth multiplicative bias field.")
-    bias_coeff: float = Field(0.15, ge=0, le=1, description="Largest bias-field polynomial coefficient (MONAI).")
-    gamma_prob: float = Field(0.5, ge=0, le=1, description="Probability of a gamma contrast change.")
-    gamma_range: tuple[float, float] = Field((0.7, 1.5), description="Gamma drawn in this range.")
-    scale_prob: float = Field(0.3, ge=0, le=1, description="Probability of scaling intensities.")
-    scale: float = Field(0.1, ge=0, lt=1, description="Intensities scaled by 1 + U(-scale, scale).")
-    shift_prob: float = Field(0.0, ge=0, le=1, description="Probability of shifting intensities.")
-    shift: float = Field(0.05, ge=0, description="Shift by U(-shift, shift) x range.")
-    smooth_prob: float = Field(0.0, ge=0, le=1, description="Probability of Gaussian smoothing.")
-    smooth_sigma: tuple[float, float] = Field((0.25, 1.0), description="Smoothing sigma range, voxels.")
-    noise_prob: float = Field(0.5, ge=0, le=1, description="Probability of additive Gaussian noise.")
-    noise_std: float = Field(0.02, ge=0, description="Noise std (fraction of range).")
+    bias_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of a smooth multiplicative bias field.")
+    bias_coeff: float = Field(default=0.15, ge=0, le=1, description="Largest bias-field polynomial coefficient (MONAI).")
+    gamma_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of a gamma contrast change.")
+    gamma_range: tuple[float, float] = Field(default=(0.7, 1.5), description="Gamma drawn in this range.")
+    scale_prob: float = Field(default=0.3, ge=0, le=1, description="Probability of scaling intensities.")
+    scale: float = Field(default=0.1, ge=0, lt=1, description="Intensities scaled by 1 + U(-scale, scale).")
+    shift_prob: float = Field(default=0.0, ge=0, le=1, description="Probability of shifting intensities.")
+    shift: float = Field(default=0.05, ge=0, description="Shift by U(-shift, shift) x range.")
+    smooth_prob: float = Field(default=0.0, ge=0, le=1, description="Probability of Gaussian smoothing.")
+    smooth_sigma: tuple[float, float] = Field(default=(0.25, 1.0), description="Smoothing sigma range, voxels.")
+    noise_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of additive Gaussian noise.")
+    noise_std: float = Field(default=0.02, ge=0, description="Noise std (fraction of range).")
 
     @field_validator("gamma_range", "smooth_sigma")
     @classmethod
@@ -233,11 +233,8 @@ def draw_spatial(
     # 3. elastic: control-point displacements (mm -> voxels)
     use_elastic = rng.random() < config.elastic_prob
     g = config.control_points
-    control = rng.uniform(-config.elastic_mm, config.elastic_mm, size=(d,) + (g,) * d)
-    if use_elastic and config.elastic_mm > 0:
-        control = control / sp.reshape((d,) + (1,) * d)
-    else:
-        control = None
+    drawn = rng.uniform(-config.elastic_mm, config.elastic_mm, size=(d,) + (g,) * d)
+    control = drawn / sp.reshape((d,) + (1,) * d) if use_elastic and config.elastic_mm > 0 else None
     return SpatialParams(tuple(int(s) for s in shape), matrix, offset, flips, control)
 
 
@@ -278,12 +275,11 @@ def warp_label(label: np.ndarray, coords: np.ndarray) -> np.ndarray:
 
     Values are copied from the input, so the output's label set is a subset of the input's."""
     shape = label.shape
-    flat = None
+    flat = np.zeros(coords.shape[1:], dtype=np.intp)
     for a, n in enumerate(shape):
         idx = np.rint(coords[a])
         np.clip(idx, 0, n - 1, out=idx)
-        idx = idx.astype(np.intp)
-        flat = idx if flat is None else flat * n + idx
+        flat = flat * n + idx.astype(np.intp)
     return label.reshape(-1)[flat.reshape(-1)].reshape(coords.shape[1:])
 
 

@@ -215,7 +215,7 @@ def check_label_sets(entries: Sequence[tuple[Path, dict[int, str] | None, set[in
     """
     first = next(((p, d) for p, d, _ in entries if d is not None), None)
     if first is not None:
-        ref_path, names = first[0], dict(first[1])  # type: ignore[arg-type]
+        ref_path, names = first[0], dict(first[1])
     else:
         ref_path, names = entries[0][0], {v: str(v) for v in sorted(entries[0][2] | {0})}
     ref = set(names)

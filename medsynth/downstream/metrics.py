@@ -57,18 +57,21 @@ def label_metrics(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int], spac
     return CaseMetrics(dice=dice, hd95=hd95, reference=n_ref.astype(np.int64), predicted=n_pred.astype(np.int64))
 
 
-def nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
-    """Mean ignoring NaN; NaN (without a warning) where every value is NaN."""
-    values = np.asarray(values, dtype=np.float64)
+def nanmean(values: np.ndarray | Sequence[float]) -> float:
+    """Mean of every value ignoring NaN; NaN (without a warning) when every value is NaN."""
+    return float(nanmean_axis(np.asarray(values, dtype=np.float64).reshape(-1), 0))
+
+
+def nanmean_axis(values: np.ndarray, axis: int) -> np.ndarray:
+    """Means along ``axis`` ignoring NaN; NaN (without a warning) where every value is NaN."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = np.nanmean(values, axis=axis)
-    return float(out) if axis is None else out
+        return np.asarray(np.nanmean(np.asarray(values, dtype=np.float64), axis=axis))
 
 
 def case_scores(per_label: np.ndarray) -> np.ndarray:
     """``(cases, L)`` per-label values -> ``(cases,)`` means over the labels with a value (NaN if none)."""
-    return np.asarray(nanmean(per_label, axis=1))
+    return nanmean_axis(per_label, 1)
 
 
 def paired_bootstrap(diff: np.ndarray, *, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float, float]:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from medsynth.downstream.data import DownstreamData, DownstreamWarning, LoadedCase, SyntheticSet
-from medsynth.downstream.metrics import CaseMetrics, case_scores, nanmean, paired_bootstrap
+from medsynth.downstream.metrics import CaseMetrics, case_scores, nanmean, nanmean_axis, paired_bootstrap
 from medsynth.downstream.segmenter import NETWORKS, Network, SegmenterSpec, Tag
 from medsynth.errors import ConfigError
 
@@ -452,13 +452,13 @@ def _aggregate(v: Variant, data: DownstreamData, seeds: list[int], case_ids: lis
         pred = np.stack([per_case[c][1].predicted for c in case_ids])
         dice_seed.append(nanmean(case_scores(dice)))
         hd_seed.append(nanmean(case_scores(hd)))
-        dice_label.append(nanmean(dice, axis=0))
-        hd_label.append(nanmean(hd, axis=0))
+        dice_label.append(nanmean_axis(dice, 0))
+        hd_label.append(nanmean_axis(hd, 0))
         empty += int(((ref > 0) & (pred == 0)).sum())
         absent += int((ref == 0).sum())
     fg = list(names)
-    dl = nanmean(np.stack(dice_label), axis=0)
-    hl = nanmean(np.stack(hd_label), axis=0)
+    dl = nanmean_axis(np.stack(dice_label), 0)
+    hl = nanmean_axis(np.stack(hd_label), 0)
     return VariantResult(
         name=v.name, synthetic_set=None if v.set_index is None else str(data.synthetic[v.set_index].path),
         classic=v.classic, dice=_stat(dice_seed), hd95=_stat(hd_seed),

@@ -30,7 +30,7 @@ class indices (position of the label value in the sorted label set).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Literal
@@ -167,7 +167,7 @@ class TrainingPool:
         self.real_fraction = real_fraction if synthetic else 1.0
         self.seed, self.fold = seed, fold
         self.lut = label_lut(labels)
-        self.deform, self.intensity = DeformConfig(), ClassicConfig()
+        self.deform, self.intensity = DeformConfig.model_validate({}), ClassicConfig.model_validate({})  # augment's defaults
         self._stats = {id(c): case_stats(c.image) for c in [*real, *synthetic]}
         self._fg = {id(c): np.flatnonzero(c.label.reshape(-1) != 0) for c in [*real, *synthetic]}
 
@@ -196,12 +196,12 @@ class TrainingPool:
             lo, hi = max(start - margin, 0), min(start + p + margin, n)
             outer.append(slice(lo, hi))
             inner.append(slice(start - lo, start - lo + p))
-        image, label = case.image[(slice(None), *outer)], case.label[tuple(outer)]
+        image, label = case.image[tuple([slice(None), *outer])], case.label[tuple(outer)]
         # 3. classic augmentation, then the centre
         if self.classic:
             image, label, _ = classic_pair(image, label, case.spacing, deform=self.deform, intensity=self.intensity,
                                            ranges=self.ranges, rng=classic_rng)
-        image, label = image[(slice(None), *inner)], label[tuple(inner)]
+        image, label = image[tuple([slice(None), *inner])], label[tuple(inner)]
         # 4. z-score with the case's statistics, class indices, pad to the patch
         image = _pad_to(normalise(image, self._stats[id(case)]), self.patch, 0.0)
         index = _pad_to(self.lut[label], self.patch, 0)
@@ -221,6 +221,9 @@ class TrainingPool:
 
 class _StepBatches:
     """Batch ``t`` of a training run as item ``t`` (a map-style dataset for torch's DataLoader)."""
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return (self[t] for t in range(self.steps))
 
     def __init__(self, pool: TrainingPool, steps: int, batch_size: int) -> None:
         self.pool, self.steps, self.batch_size = pool, steps, batch_size
@@ -253,8 +256,9 @@ def train_segmenter(spec: SegmenterSpec, pool: TrainingPool, *, steps: int, batc
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=steps, power=0.9)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     batches = _StepBatches(pool, steps, batch_size)
-    loader = batches if workers == 0 else torch.utils.data.DataLoader(
-        batches, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.startswith("cuda"))
+    loader: Iterable[tuple[np.ndarray, np.ndarray]] = batches if workers == 0 else torch.utils.data.DataLoader(
+        batches, batch_size=None, shuffle=False, num_workers=workers,  # type: ignore[arg-type]
+        pin_memory=device.startswith("cuda"))
     for images, targets in loader:
         x = torch.as_tensor(images).to(device, non_blocking=True)
         y = torch.as_tensor(targets).to(device, non_blocking=True)
@@ -278,4 +282,6 @@ def predict(net: torch.nn.Module, spec: SegmenterSpec, image: np.ndarray, *, dev
     with torch.no_grad():
         logits = sliding_window_inference(x, roi_size=spec.patch, sw_batch_size=batch_size, predictor=net,
                                           overlap=0.25, mode="gaussian")
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"the network returned {type(logits).__name__}, expected a tensor of logits")
     return logits.argmax(dim=1)[0].cpu().numpy().astype(np.int64)

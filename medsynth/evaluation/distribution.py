@@ -18,6 +18,7 @@ same shape with non-negative integers. Conventions and the exact feature list: `
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -224,7 +225,7 @@ def radiomic_features(
                 raise DataError(f"{name}: label shape {lab.shape} differs from image shape {arr.shape}")
             masks = [lab == r for r in region_list]
         row: list[float] = []
-        for r, mask in zip(region_list or ["fg"], masks):
+        for r, mask in zip([str(v) for v in region_list] if region_list is not None else ["fg"], masks):
             if not mask.any():
                 raise DataError(f"{name}: region {r} has no voxels")
             row += _first_order(arr[mask], low, high, int(levels))
@@ -385,9 +386,10 @@ def compare_radiomics(
     if regions is None and reference_labels is not None and candidate_labels is not None:
         regions = common_regions([*reference_labels, *candidate_labels]) or None
     use_labels = regions is not None
-    common = dict(regions=regions, intensity_range=intensity_range, levels=levels, slices_per_plane=slices_per_plane)
-    ref = radiomic_features(reference, reference_labels if use_labels else None, ids=reference_ids, **common)
-    cand = radiomic_features(candidate, candidate_labels if use_labels else None, ids=candidate_ids, **common)
+    ref = radiomic_features(reference, reference_labels if use_labels else None, ids=reference_ids, regions=regions,
+                            intensity_range=intensity_range, levels=levels, slices_per_plane=slices_per_plane)
+    cand = radiomic_features(candidate, candidate_labels if use_labels else None, ids=candidate_ids, regions=regions,
+                             intensity_range=intensity_range, levels=levels, slices_per_plane=slices_per_plane)
     ref_z, cand_z = zscore(ref.values, cand.values)
     bandwidth = median_bandwidth(ref_z, cand_z)
     return RadiomicComparison(
@@ -457,10 +459,8 @@ def fid(
         except Exception as exc:
             raise CheckpointError(f"{path}: weights do not fit the model ({exc})") from None
         net = model.to(device)
-    try:
+    with contextlib.suppress(NotImplementedError):  # a torch.export module: already in inference form
         net.eval()
-    except NotImplementedError:  # a torch.export module: already in inference form
-        pass
 
     def features(images: Sequence[np.ndarray], what: str) -> np.ndarray:
         rows = []

@@ -4,7 +4,8 @@ distribution metrics for two datasets; optionally a report folder.
 Inputs are NIfTI (or MetaImage/NRRD) files read with :func:`medsynth.data.nifti.read_volume`, or
 datasets read with :func:`medsynth.data.manifest.read_manifest` (MSD JSON, CSV, nnU-Net folder)
 and paired by case id. Images are converted to float64 (as nibabel's ``get_fdata()`` does), so the
-metrics are computed in float64 and equal ``medsynth.ssim(img.get_fdata(), ...)`` exactly. The result is one plain ``dict`` (JSON-ready: non-finite numbers are None).
+metrics are computed in float64 and equal ``medsynth.ssim(img.get_fdata(), ...)`` exactly. The result
+is one plain ``dict`` (JSON-ready: non-finite numbers are None).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from medsynth.errors import DataError
 from medsynth.evaluation.report import LoadedSet, Preview, UnpairedExtras, write_paired_report, write_unpaired_report
 from medsynth.plots import middle_slice
 from medsynth.progress import progress_bar
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 T = TypeVar("T")
 
@@ -189,8 +193,9 @@ def _pairs(reference: Path, candidate: Path, mask: str | None) -> tuple[str, lis
 def _evaluate_pair(spec: PairSpec, data_range: float | str) -> tuple[dict[str, Any], Preview]:
     from medsynth.evaluation.metrics import MS_SSIM_WEIGHTS, WINDOW_SIZE, mae, ms_ssim, psnr, ssim
 
-    refs, cands = [], []
-    ref_affine = None
+    refs: list[np.ndarray] = []
+    cands: list[np.ndarray] = []
+    ref_affine: np.ndarray | None = None
     for rp, cp in zip(spec.reference, spec.candidate):
         ra, raff = _read_image(rp)
         ca, caff = _read_image(cp)
@@ -200,6 +205,8 @@ def _evaluate_pair(spec: PairSpec, data_range: float | str) -> tuple[dict[str, A
         refs.append(ra)
         cands.append(ca)
         ref_affine = raff if ref_affine is None else ref_affine
+    if ref_affine is None:
+        raise DataError(f"case {spec.case_id}: no reference image")
     ref = np.stack(refs)[None]  # (1, C, *spatial)
     cand = np.stack(cands)[None]
     spatial = ref.shape[2:]
@@ -218,20 +225,24 @@ def _evaluate_pair(spec: PairSpec, data_range: float | str) -> tuple[dict[str, A
         r = float(data_range)
     if min(spatial) < WINDOW_SIZE:
         raise DataError(f"case {spec.case_id}: image of shape {tuple(spatial)} is smaller than the 11-voxel SSIM window")
-    kw = {"data_range": r, "spatial_dims": len(spatial), "mask": mask}
+    dims = len(spatial)
+
+    def first(value: float | np.ndarray | torch.Tensor) -> float:
+        return float(np.asarray(value).reshape(-1)[0])
+
     try:
         row: dict[str, Any] = {
             "case_id": spec.case_id,
-            "ssim": float(ssim(ref, cand, **kw)[0]),
-            "psnr": float(psnr(ref, cand, **kw)[0]),
-            "mae": float(mae(ref, cand, **kw)[0]),
+            "ssim": first(ssim(ref, cand, data_range=r, spatial_dims=dims, mask=mask)),
+            "psnr": first(psnr(ref, cand, data_range=r, spatial_dims=dims, mask=mask)),
+            "mae": first(mae(ref, cand, data_range=r, spatial_dims=dims, mask=mask)),
             "ms_ssim": None,
         }
     except DataError as exc:
         raise DataError(f"case {spec.case_id}: {exc}") from None
     if all(s // 2 ** (len(MS_SSIM_WEIGHTS) - 1) >= WINDOW_SIZE for s in spatial):
         try:
-            row["ms_ssim"] = float(ms_ssim(ref, cand, **kw)[0])
+            row["ms_ssim"] = first(ms_ssim(ref, cand, data_range=r, spatial_dims=dims, mask=mask))
         except DataError as exc:  # optional: e.g. a small mask has no voxel left at the coarsest scale
             row["ms_ssim_note"] = str(exc)
     row["data_range"] = r
@@ -438,23 +449,30 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = []
     if summary["mode"] == "unpaired":
         rad, div, mem = summary["radiomics"], summary["diversity"], summary["memorisation"]
-        lines.append(f"{summary['n_candidate']} candidate vs {summary['n_reference']} reference images (unpaired, R = {summary['data_range']:g})")
+        lines.append(f"{summary['n_candidate']} candidate vs {summary['n_reference']} reference images "
+                     f"(unpaired, R = {summary['data_range']:g})")
         regions = "foreground" if rad["regions"] is None else f"labels {rad['regions']}"
-        lines.append(f"  radiomic Frechet distance {num(rad['frechet_distance'], '.4g')}   MMD^2 {num(rad['mmd2'], '.4g')}   ({rad['n_features']} scikit-image features, {regions})")
-        lines.append(f"  diversity: mean pairwise {div['metric']} {num(div['mean'], '.4f')} over {div['pairs']} pairs (lower = more diverse)")
-        lines.append(f"  memorisation: {mem['flagged']} of {summary['n_candidate']} with SSIM >= {mem['threshold']} to a reference image (max {num(mem['max_ssim_max'], '.4f')})")
+        lines.append(f"  radiomic Frechet distance {num(rad['frechet_distance'], '.4g')}   "
+                     f"MMD^2 {num(rad['mmd2'], '.4g')}   ({rad['n_features']} scikit-image features, {regions})")
+        lines.append(f"  diversity: mean pairwise {div['metric']} {num(div['mean'], '.4f')} over {div['pairs']} pairs "
+                     "(lower = more diverse)")
+        lines.append(f"  memorisation: {mem['flagged']} of {summary['n_candidate']} with SSIM >= {mem['threshold']} "
+                     f"to a reference image (max {num(mem['max_ssim_max'], '.4f')})")
         if mem["flagged_cases"]:
             lines.append(f"    flagged: {_list_ids(mem['flagged_cases'])}")
         lines.append(f"  FID: {num(summary['fid'], '.4g')} ({summary['fid_note']})")
     else:
         st = summary["stats"]
-        lines.append(f"{summary['n_cases']} case(s), data range {summary['data_range']}" + (f", mask {summary['mask']}" if summary["mask"] else ""))
+        mask_text = f", mask {summary['mask']}" if summary["mask"] else ""
+        lines.append(f"{summary['n_cases']} case(s), data range {summary['data_range']}{mask_text}")
         for key, fmt in (("ssim", ".4f"), ("psnr", ".2f"), ("mae", ".4g"), ("ms_ssim", ".4f")):
             if st.get(key):
                 s = st[key]
-                lines.append(f"  {key:8s} mean {num(s['mean'], fmt)}  std {num(s['std'], fmt)}  min {num(s['min'], fmt)}  max {num(s['max'], fmt)}")
+                lines.append(f"  {key:8s} mean {num(s['mean'], fmt)}  std {num(s['std'], fmt)}  "
+                             f"min {num(s['min'], fmt)}  max {num(s['max'], fmt)}")
         if summary["reference_cases_without_candidate"]:
-            lines.append(f"  ({len(summary['reference_cases_without_candidate'])} reference case(s) without a candidate were skipped)")
+            skipped = len(summary["reference_cases_without_candidate"])
+            lines.append(f"  ({skipped} reference case(s) without a candidate were skipped)")
     if summary.get("files"):
         lines.append(f"  wrote {len(summary['files'])} file(s) to {Path(summary['files'][0]).parent}")
     return "\n".join(lines)

@@ -50,7 +50,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,8 +71,8 @@ __all__ = [
     "ssim_map",
 ]
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
-Result = Union[float, np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
+Result = float | np.ndarray | torch.Tensor
 
 SIGMA = 1.5
 TRUNCATE = 3.5

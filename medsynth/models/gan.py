@@ -1,75 +1,175 @@
 """Mask-conditioned GAN networks (builders only): a SPADE-ResNet generator and a multi-scale
-patch discriminator, 2D or 3D, from MONAI blocks.
+patch discriminator, 2D or 3D.
 
 Generator (SPADE, Park et al. 2019): a random noise map ``(N, Z, *spatial / F)`` (F = 2 ** (levels-1))
-and the downsampled conditioning map enter a convolution at the coarsest level; each level is a
-MONAI ``SPADENetResBlock`` whose normalisation is modulated by the conditioning map (one-hot labels,
-plus one-hot class channels when class-conditioned), followed by 2x nearest upsampling. The network is
-fully convolutional, so a model trained on patches generates any size divisible by F; the noise map
-makes one mask give many images (the seed picks one).
+and the conditioning map (one-hot labels, plus one-hot class channels when class-conditioned, plus
+the label-mean fill's C channels when ``fill`` is not ``none``) shrunk to that grid enter a convolution
+at the coarsest level; each level is a SPADE residual block whose parameter-free instance norm is
+modulated by ``gamma``/``beta`` convolved from the conditioning map, followed by 2x nearest
+upsampling. The SPADE block is our own: MONAI's ``SPADE`` instance-normalises gamma and beta (its
+``Convolution`` default norm), which removes their spatial mean per channel, and shrinks the map with
+``nearest`` (a shift of (f - 1) / 2 voxels); here they are plain convolutions of the map shrunk by
+area averaging (:func:`medsynth.models.conditioning.resize_condition`).
+
+``fill`` (``model.generator.fill``):
+
+- ``residual`` (default): the output is ``fill + r`` (in [-1, 1] units) where the last convolution
+  ``r`` starts at zero, so a fresh generator paints the label-mean fill (per-label intensities of
+  the training set by construction) and training adds partial volume and texture on top;
+- ``input``: the fill is an input channel only, output ``tanh``;
+- ``none``: no fill, output ``tanh`` (the plain SPADE generator).
+
+The per-label means are a buffer of the generator (saved with its weights). The network is fully
+convolutional: a model trained on patches generates any size divisible by F; the noise map makes
+one mask give many images (the seed picks one).
 
 Discriminator: pix2pixHD-style multi-scale: ``num_d`` MONAI ``PatchDiscriminator`` s, the i-th seeing
-the input average-pooled by 2**i. (MONAI's ``MultiScalePatchDiscriminator`` instead deepens the i-th
-discriminator to ``num_layers * (i + 1)`` layers with channels doubling at every layer uncapped:
-num_d=2, num_layers=3 builds a 4096-channel convolution. Pooling keeps each scale small.)
-It sees the image concatenated with the conditioning map.
+the input average-pooled by 2**i, each convolution under spectral normalisation (Miyato et al. 2018;
+SPADE's ``spectralinstance``) unless turned off. (MONAI's ``MultiScalePatchDiscriminator`` instead
+deepens the i-th discriminator to ``num_layers * (i + 1)`` layers with channels doubling at every
+layer uncapped: num_d=2, num_layers=3 builds a 4096-channel convolution.) It sees the image
+concatenated with the one-hot conditioning map.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from medsynth.errors import ConfigError
+from medsynth.models.conditioning import fill_image, resize_condition
 
 if TYPE_CHECKING:  # pragma: no cover
     from medsynth.config import GanModelConfig
     from medsynth.data.loader import DataInfo
 
+FillMode = Literal["none", "input", "residual"]
+
+
+def _conv(spatial_dims: int, cin: int, cout: int, kernel: int = 3) -> nn.Module:
+    cls = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    return cls(cin, cout, kernel, padding=kernel // 2)
+
+
+class SpadeNorm(nn.Module):
+    """``instance_norm(x) * (1 + gamma(cond)) + beta(cond)``; x ``(N, C, *s)``, cond ``(N, Lc, *S)``
+    (resized to ``s``), gamma/beta plain 3x3 convolutions of a shared ReLU hidden layer."""
+
+    def __init__(self, spatial_dims: int, channels: int, cond_channels: int, hidden: int) -> None:
+        super().__init__()
+        norm = nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d
+        self.norm = norm(channels, affine=False)
+        self.shared = nn.Sequential(_conv(spatial_dims, cond_channels, hidden), nn.ReLU())
+        self.gamma = _conv(spatial_dims, hidden, channels)
+        self.beta = _conv(spatial_dims, hidden, channels)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.shared(resize_condition(cond, x.shape[2:]))
+        return self.norm(x) * (1.0 + self.gamma(h)) + self.beta(h)
+
+
+class SpadeResBlock(nn.Module):
+    """SPADE residual block: ``x + conv(act(norm(conv(act(norm(x))))))`` with a learned
+    (SPADE-normalised) shortcut when the channel count changes; LeakyReLU 0.2."""
+
+    def __init__(self, spatial_dims: int, cin: int, cout: int, cond_channels: int, hidden: int) -> None:
+        super().__init__()
+        mid = min(cin, cout)
+        self.norm_0 = SpadeNorm(spatial_dims, cin, cond_channels, hidden)
+        self.conv_0 = _conv(spatial_dims, cin, mid)
+        self.norm_1 = SpadeNorm(spatial_dims, mid, cond_channels, hidden)
+        self.conv_1 = _conv(spatial_dims, mid, cout)
+        self.shortcut: nn.ModuleList | None = None
+        if cin != cout:
+            self.shortcut = nn.ModuleList([SpadeNorm(spatial_dims, cin, cond_channels, hidden),
+                                           _conv(spatial_dims, cin, cout, kernel=1)])
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, cond), 0.2))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, cond), 0.2))
+        if self.shortcut is None:
+            return x + dx
+        norm, conv = self.shortcut
+        return conv(norm(x, cond)) + dx
+
 
 class SpadeGenerator(nn.Module):
-    """SPADE-ResNet generator.
+    """SPADE-ResNet generator (see the module docstring).
 
-    forward(cond, noise): cond (N, Lc, *spatial) float conditioning map; noise (N, Z, *spatial / F)
-    -> image (N, C, *spatial) in [-1, 1] (tanh).
+    forward(cond, noise): cond (N, L [+ K], *spatial) one-hot labels (first L channels) [+ class
+    channels]; noise (N, Z, *spatial / F) -> image (N, C, *spatial) in [-1, 1] units (``residual``
+    may leave the range slightly; the synthesizer clamps).
+    label_means: (C, L) per-label mean training intensity in [0, 1] units (needed unless fill is ``none``).
     """
 
     def __init__(self, spatial_dims: int, cond_channels: int, out_channels: int, channels: list[int],
-                 noise_channels: int, spade_hidden: int) -> None:
+                 noise_channels: int, spade_hidden: int, *, num_labels: int | None = None,
+                 fill: FillMode = "none", label_means: list[list[float]] | None = None) -> None:
         super().__init__()
-        from monai.networks.blocks import Convolution
-        from monai.networks.nets.spade_network import SPADENetResBlock
-
+        if fill != "none" and (label_means is None or num_labels is None):
+            raise ConfigError(f"model.generator.fill={fill!r} needs the training set's per-label means "
+                              "(DataInfo.label_means); this data has none")
         self.spatial_dims = spatial_dims
         self.noise_channels = noise_channels
         self.factor = 2 ** (len(channels) - 1)
-        self.conv_in = Convolution(spatial_dims, noise_channels + cond_channels, channels[0],
-                                   kernel_size=3, act=None, norm=None)
+        self.fill = fill
+        self.num_labels = num_labels if num_labels is not None else cond_channels
+        extra = out_channels if fill != "none" else 0
+        means = torch.tensor(label_means, dtype=torch.float32) if label_means is not None else \
+            torch.zeros(out_channels, self.num_labels)
+        if tuple(means.shape) != (out_channels, self.num_labels):
+            raise ConfigError(f"label means of shape {tuple(means.shape)} do not fit {out_channels} channel(s) "
+                              f"x {self.num_labels} labels")
+        self.register_buffer("label_means", means)
+        full = cond_channels + extra
+        self.conv_in = _conv(spatial_dims, noise_channels + full, channels[0])
         blocks = []
         prev = channels[0]
         for ch in channels:
-            blocks.append(SPADENetResBlock(spatial_dims, prev, ch, cond_channels,
-                                           spade_intermediate_channels=spade_hidden, norm="INSTANCE"))
+            blocks.append(SpadeResBlock(spatial_dims, prev, ch, full, spade_hidden))
             prev = ch
         self.blocks = nn.ModuleList(blocks)
-        self.conv_out = Convolution(spatial_dims, prev, out_channels, kernel_size=3, act=None, norm=None,
-                                    conv_only=True)
+        self.conv_out = _conv(spatial_dims, prev, out_channels)
+        if fill == "residual":  # a fresh generator paints the fill exactly
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
 
     def noise_shape(self, spatial: tuple[int, ...] | list[int]) -> tuple[int, ...]:
         """(Z, *spatial / F) for an output of ``spatial`` (each divisible by F)."""
         return (self.noise_channels, *[int(s) // self.factor for s in spatial])
 
+    def fill_of(self, cond: torch.Tensor) -> torch.Tensor:
+        """The label-mean fill (N, C, *spatial) of ``cond``'s label channels, in [-1, 1] units."""
+        return fill_image(cond[:, : self.num_labels], self.label_means) * 2.0 - 1.0
+
     def forward(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([noise, F.interpolate(cond, size=noise.shape[2:], mode="nearest")], dim=1)
+        fill = None
+        if self.fill != "none":
+            fill = self.fill_of(cond)
+            cond = torch.cat([cond, fill], dim=1)
+        x = torch.cat([noise, resize_condition(cond, noise.shape[2:])], dim=1)
         x = self.conv_in(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cond)
             if i < len(self.blocks) - 1:
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return torch.tanh(self.conv_out(F.leaky_relu(x, 0.2)))
+        out = self.conv_out(F.leaky_relu(x, 0.2))
+        if fill is not None and self.fill == "residual":
+            return fill + out
+        return torch.tanh(out)
+
+
+def _spectral(module: nn.Module) -> nn.Module:
+    """Spectral normalisation on every convolution of ``module`` (in place; returns it)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    convs = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    for conv in convs:
+        spectral_norm(conv)
+    return module
 
 
 class MultiScaleDiscriminator(nn.Module):
@@ -79,18 +179,20 @@ class MultiScaleDiscriminator(nn.Module):
     the same interface as MONAI's MultiScalePatchDiscriminator.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, num_d: int, num_layers: int, channels: int) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, num_d: int, num_layers: int, channels: int,
+                 spectral_norm: bool = True) -> None:
         super().__init__()
         from monai.networks.nets import PatchDiscriminator
 
         self.spatial_dims = spatial_dims
-        self.nets = nn.ModuleList(
-            PatchDiscriminator(spatial_dims=spatial_dims, channels=channels, in_channels=in_channels,
-                               out_channels=1, num_layers_d=num_layers, norm="INSTANCE")
+        nets = []
+        for _ in range(num_d):
             # The last conv must be spatial (MONAI's default 4x4): a 1x1 conv over instance-normalised
             # features gives every image nearly the same mean score, and a hinge D then never learns.
-            for _ in range(num_d)
-        )
+            net = PatchDiscriminator(spatial_dims=spatial_dims, channels=channels, in_channels=in_channels,
+                                     out_channels=1, num_layers_d=num_layers, norm="INSTANCE")
+            nets.append(_spectral(net) if spectral_norm else net)
+        self.nets = nn.ModuleList(nets)
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
         pool = F.avg_pool2d if self.spatial_dims == 2 else F.avg_pool3d
@@ -132,17 +234,18 @@ def check_sizes(model: GanModelConfig, size: list[int]) -> None:
 
 
 def build_generator(model: GanModelConfig, info: DataInfo) -> SpadeGenerator:
-    """The generator for ``info``'s dims, conditioning channels and image channels."""
+    """The generator for ``info``'s dims, conditioning channels, image channels and label means."""
     g = model.generator
     return SpadeGenerator(info.dim, info.condition_channels, info.num_channels, list(g.channels),
-                          g.noise_channels, g.spade_hidden)
+                          g.noise_channels, g.spade_hidden, num_labels=info.num_labels, fill=g.fill,
+                          label_means=info.label_means)
 
 
 def build_discriminator(model: GanModelConfig, info: DataInfo) -> MultiScaleDiscriminator:
     """The discriminator: input = image (C) + conditioning map (Lc) channels."""
     d = model.discriminator
     return MultiScaleDiscriminator(info.dim, info.num_channels + info.condition_channels,
-                                   d.num_d, d.num_layers, d.channels)
+                                   d.num_d, d.num_layers, d.channels, spectral_norm=d.spectral_norm)
 
 
 def condition_map(label: torch.Tensor, class_index: torch.Tensor | None, num_classes: int) -> torch.Tensor:

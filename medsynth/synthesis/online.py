@@ -39,7 +39,7 @@ import operator
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -54,6 +54,8 @@ from medsynth.registry import is_model_method
 from medsynth.runcard import read_run_card
 from medsynth.seeds import MixTag, seed_sequence
 from medsynth.synthesis.pairs import (
+    GENERATE_OPTIONS,
+    GenerateOptions,
     PairSettings,
     PairSource,
     QCConfig,
@@ -65,7 +67,7 @@ from medsynth.synthesis.pairs import (
 from medsynth.synthesis.procedural import IntensityStats, SynthSegConfig, fit_intensity_stats
 
 #: what the online API accepts as an image or label: numpy arrays, torch tensors, MONAI MetaTensors
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = np.ndarray | torch.Tensor
 #: a MONAI-style data dict
 Sample = Mapping[Hashable, Any]
 
@@ -165,6 +167,9 @@ class OnlinePairs:
             check_run_family(read_run_card(run), method)
         elif model is not None:
             raise ConfigError(f"model is only used by a trained model's method, not {method!r}")
+        unknown = sorted(set(generate_kwargs or {}) - set(GENERATE_OPTIONS))
+        if unknown:
+            raise ConfigError(f"generate_kwargs: unknown option(s) {unknown} (known: {', '.join(GENERATE_OPTIONS)})")
         settings = PairSettings(
             method=method,
             deform=_model_of(DeformConfig, deform, "deform"),
@@ -217,7 +222,8 @@ class OnlinePairs:
         # 3. the pair
         synthesizer = None if self.model is None else load_synthesizer(self.model, self.device)
         pair = make_pair(PairSource(img, lab, affine), self.settings, stats=stats, labels=labels, seq=seq,
-                         synthesizer=synthesizer, generate_options=dict(self.generate_kwargs), where=where)
+                         synthesizer=synthesizer, generate_options=cast(GenerateOptions, dict(self.generate_kwargs)),
+                         where=where)
         new_label = pair.label.reshape(_numpy(label).shape)
         return _like(pair.images, image), _like(new_label, label)
 
@@ -629,7 +635,7 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
             return {k: (v.clone() if isinstance(v, torch.Tensor) else v.copy() if isinstance(v, np.ndarray) else v)
                     for k, v in hit.items()}
         if self._entries is None:
-            item = self.real[j]  # type: ignore[index]
+            item = self.real[j]
             if not isinstance(item, Mapping):
                 raise DataError(f"real[{j}] is a {type(item).__name__}, expected a data dict")
             sample = load_pair(item, self.image_key, self.label_key)

@@ -26,10 +26,10 @@ up to ``qc.max_tries`` attempts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from medsynth.synthesis.synthesizer import Synthesizer
 
 __all__ = [
+    "GENERATE_OPTIONS",
+    "GenerateOptions",
     "PairSettings",
     "PairSource",
     "QCConfig",
@@ -59,14 +61,27 @@ __all__ = [
 ]
 
 
+class GenerateOptions(TypedDict, total=False):
+    """Keyword arguments of ``Synthesizer.generate_volume`` a pair passes on (absent: the run's default)."""
+
+    class_value: str
+    steps: int
+    sampler: str
+    guidance: float
+
+
+#: the keys of :class:`GenerateOptions`
+GENERATE_OPTIONS: tuple[str, ...] = tuple(GenerateOptions.__annotations__)
+
+
 class QCConfig(BaseModel):
     """Quality control of each synthetic sample."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tries: int = Field(5, ge=1, le=100, description="Draws per case before the job fails.")
+    max_tries: int = Field(default=5, ge=1, le=100, description="Draws per case before the job fails.")
     range_margin: float = Field(
-        0.5, ge=0, description="Intensities must lie in [min - m*r, max + m*r] of the real data (r = max - min)."
+        default=0.5, ge=0, description="Intensities must lie in [min - m*r, max + m*r] of the real data (r = max - min)."
     )
 
 
@@ -191,7 +206,7 @@ def make_pair(
     labels: Sequence[int],
     seq: np.random.SeedSequence,
     synthesizer: Synthesizer | None = None,
-    generate_options: Mapping[str, object] | None = None,
+    generate_options: GenerateOptions | None = None,
     where: str = "synthetic pair",
 ) -> SyntheticPair:
     """Make one synthetic pair from ``source`` that passes QC.
@@ -212,7 +227,7 @@ def make_pair(
     failures: list[str] = []
     for attempt in range(settings.qc.max_tries):
         images, label, record = _draw(source, settings, stats, list(labels), attempt_streams(seq, attempt),
-                                      synthesizer, dict(generate_options or {}))
+                                      synthesizer, generate_options or GenerateOptions())
         reason = qc_sample(images, label, shape=source.label.shape, affine=source.affine,
                            source_affine=source.affine, labels=labels, ranges=ranges)
         if reason is None:
@@ -228,19 +243,18 @@ def _draw(
     labels: list[int],
     streams: dict[PairStream, np.random.SeedSequence],
     synthesizer: Synthesizer | None,
-    options: dict[str, object],
+    options: GenerateOptions,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
     """One attempt: (images (C, *spatial) float32, label (*spatial) int64, record)."""
     rng = {s: np.random.default_rng(streams[s]) for s in (PairStream.DEFORM, PairStream.EDIT, PairStream.IMAGE)}
     spacing = source.spacing
     # 1. classic: one joint spatial transform, then intensity transforms of the real image
     if settings.method == "classic":
-        images, label, record = T.classic_pair(
+        images, label, classic = T.classic_pair(
             source.images, source.label, spacing, deform=settings.deform, intensity=settings.classic,
             ranges=[(s.low, s.high) for s in stats], rng=rng[PairStream.DEFORM],
         )
-        record["mask_edits"] = []
-        return images, label, record
+        return images, label, {**classic, "mask_edits": []}
     # 2. deform the label, then edit it
     params = T.draw_spatial(source.label.shape, spacing, settings.deform, rng[PairStream.DEFORM])
     deformed, _ = T.apply_spatial(params, source.label)

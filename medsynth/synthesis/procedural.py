@@ -34,19 +34,20 @@ class SynthSegConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mean_range: tuple[float, float] = Field((0.0, 1.0), description="Per-label mean drawn in this range.")
-    std_range: tuple[float, float] = Field((0.0, 0.08), description="Per-label std drawn in this range.")
-    fit_intensities: bool = Field(False, description="Draw around per-label intensities fitted to the real data.")
-    fit_mean_jitter: float = Field(0.05, ge=0, description="Fitted mode: std of the mean's jitter (fraction of range).")
-    fit_std_scale: tuple[float, float] = Field((0.5, 1.5), description="Fitted mode: the fitted std is scaled by U(a, b).")
-    blur_sigma: tuple[float, float] = Field((0.3, 1.0), description="Partial-volume blur sigma range, voxels.")
-    bias_prob: float = Field(0.9, ge=0, le=1, description="Probability of a bias field.")
-    bias_std: float = Field(0.3, ge=0, description="Std of the log bias field at control points.")
-    bias_control_points: int = Field(4, ge=2, le=32, description="Control points per axis of the bias grid.")
-    resolution_prob: float = Field(0.5, ge=0, le=1, description="Probability of simulating a coarser resolution.")
-    max_resolution_factor: float = Field(3.0, ge=1, le=10, description="Largest down-sampling factor of an axis.")
-    noise_std: tuple[float, float] = Field((0.0, 0.03), description="Noise std range (fraction of range).")
-    gamma_std: float = Field(0.25, ge=0, le=2, description="gamma = exp(N(0, gamma_std)).")
+    mean_range: tuple[float, float] = Field(default=(0.0, 1.0), description="Per-label mean drawn in this range.")
+    std_range: tuple[float, float] = Field(default=(0.0, 0.08), description="Per-label std drawn in this range.")
+    fit_intensities: bool = Field(default=False, description="Draw around per-label intensities fitted to the real data.")
+    fit_mean_jitter: float = Field(default=0.05, ge=0, description="Fitted mode: std of the mean's jitter (fraction of range).")
+    fit_std_scale: tuple[float, float] = Field(default=(0.5, 1.5),
+                                               description="Fitted mode: the fitted std is scaled by U(a, b).")
+    blur_sigma: tuple[float, float] = Field(default=(0.3, 1.0), description="Partial-volume blur sigma range, voxels.")
+    bias_prob: float = Field(default=0.9, ge=0, le=1, description="Probability of a bias field.")
+    bias_std: float = Field(default=0.3, ge=0, description="Std of the log bias field at control points.")
+    bias_control_points: int = Field(default=4, ge=2, le=32, description="Control points per axis of the bias grid.")
+    resolution_prob: float = Field(default=0.5, ge=0, le=1, description="Probability of simulating a coarser resolution.")
+    max_resolution_factor: float = Field(default=3.0, ge=1, le=10, description="Largest down-sampling factor of an axis.")
+    noise_std: tuple[float, float] = Field(default=(0.0, 0.03), description="Noise std range (fraction of range).")
+    gamma_std: float = Field(default=0.25, ge=0, le=2, description="gamma = exp(N(0, gamma_std)).")
 
     @field_validator("mean_range", "std_range", "blur_sigma", "noise_std", "fit_std_scale")
     @classmethod

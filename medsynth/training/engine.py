@@ -34,7 +34,11 @@ importing the engine imports no family) under the value of ``config.model.family
         at step 0, every ``preview_every`` steps and at the end (rank 0 only, no grad).
     family.preview(batch) -> dict[str, Tensor]
         Named image rows for the preview grid, each (N, C, *spatial) in [0, 1] (e.g. ``real``,
-        ``generated``); the engine adds the mask row and writes ``RUN/previews/step_XXXXXXXX.png``.
+        ``generated``); the engine adds the mask row (with a label legend) and writes
+        ``RUN/previews/step_XXXXXXXX.png``. The preview batch holds whole slices of a few training
+        cases (3D: a slab through the whole volume, as deep as ``data.size``), not training crops, so
+        its spatial sides are any multiple of ``family.preview_multiple()`` (default: the largest power
+        of 2 dividing every side of ``data.size``); generate at the batch's own size.
     family.export(run_dir: Path) -> dict[str, object]
         Write the family's inference weights (``RUN/`` + :data:`medsynth.runcard.WEIGHTS_FILE`; EMA
         weights when there are any) and return JSON-able facts for the run card
@@ -45,8 +49,15 @@ Runs, stages and the folder layout
 ``train(config, run_dir, resume=False, stage=None)`` writes::
 
     RUN/config.yaml                      the resolved recipe
-    RUN/metrics.jsonl                    {"kind": "train", "step", "samples_per_s", losses...} and
-                                         {"kind": "eval", "step", ...} records (a "stage" key if staged)
+    RUN/metrics.jsonl                    {"kind": "start", "step", "max_steps", "device", "threads", ...}
+                                         once per call, {"kind": "train", "step", "samples_per_s",
+                                         losses...} (each loss the mean over the steps since the last
+                                         record) and {"kind": "eval", "step", ...} records (a "stage"
+                                         key if staged)
+    RUN/report.md, RUN/curves.png        the run report (medsynth.training.report), rewritten at every
+                                         checkpoint and at the end
+    RUN/tensorboard/                     the same records as TensorBoard scalars, when the
+                                         ``tensorboard`` package is installed
     RUN/previews/[STAGE_]step_XXXXXXXX.png
     RUN/checkpoints/[STAGE/]step_XXXXXXXX.pt   (see medsynth.training.checkpoint)
     RUN/model.safetensors, RUN/model_card.json (family.export, then medsynth.runcard.write_run_card)
@@ -59,6 +70,12 @@ refuses a config that differs in anything but the step count, intervals and work
 holds another family's run (its ``config.yaml`` or run card names another ``model.family``) is
 refused, with or without ``resume``.
 
+The losses a run reports (the progress line, :class:`TrainResult` ``.losses``, the run card, the
+checkpoint, ``medsynth train``'s summary) are the last ``train`` record of ``metrics.jsonl``.
+
+Threads: the process uses :func:`cpu_threads` torch threads while it trains (``training.threads``;
+0: ``OMP_NUM_THREADS`` when set, else the CPU cores the process may run on, at most 32).
+
 Determinism: the data order is a function of (seed, step) (medsynth.data.loader), noise comes from
 ``rt.generator(step, ...)``, and on the CPU ``torch.use_deterministic_algorithms`` is on, so N steps
 + resume to M equals M straight, bit for bit. Under torchrun each rank takes its own slice of every
@@ -70,9 +87,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,7 +104,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from medsynth.config import Config
-    from medsynth.data.loader import DataInfo
+    from medsynth.data.loader import DataInfo, TrainingData
     from medsynth.data.manifest import Manifest
 
 #: a batch of the data loader: ``image``, ``label`` (one-hot), ``label_index``, ``class_index`` tensors
@@ -101,7 +119,29 @@ RESUME_MUTABLE = {
     "training.checkpoint_every",
     "training.keep_last",
     "training.device",
+    "training.threads",
 }
+#: the most torch threads ``training.threads: 0`` picks
+MAX_AUTO_THREADS = 32
+#: the largest side of a preview slice (2D) and of a preview slab's in-plane sides (3D), voxels
+PREVIEW_MAX_SIDE = {2: 512, 3: 256}
+
+
+def cpu_threads(setting: int, environ: Mapping[str, str] | None = None) -> int:
+    """The torch threads a training process uses: ``setting`` (``training.threads``) when above 0;
+    else ``OMP_NUM_THREADS`` when set to a positive number (torchrun sets 1 per process); else the CPU
+    cores this process may run on (``os.sched_getaffinity``), at most :data:`MAX_AUTO_THREADS`."""
+    if setting > 0:
+        return int(setting)
+    env = os.environ if environ is None else environ
+    omp = env.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_THREADS))
 
 
 def family_class(name: str) -> type[FamilyBase]:
@@ -240,6 +280,13 @@ class FamilyBase:
         """The EMA copy's module when there is one, else the raw module."""
         ema = self.emas.get(name)
         return ema.module if ema is not None else self.modules[name]
+
+    def preview_multiple(self) -> int:
+        """Preview batches have spatial sides that are multiples of this: the largest power of 2
+        dividing every side of ``data.size`` (a multiple of any power-of-2 downsampling factor the
+        training size had to fit). Override when the family needs another multiple."""
+        g = math.gcd(*(int(s) for s in self.info.size))
+        return g & -g
 
     # -- the contract
     def max_steps(self) -> int:
@@ -460,41 +507,100 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 def write_preview(path: Path, batch: Batch, rows: dict[str, torch.Tensor], info: DataInfo) -> Path:
-    """A PNG grid: one row per entry (mask, then the family's rows), one column per sample.
-
-    3D samples show their middle slice along the last axis; channel 0 only; labels as a colour map.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from medsynth.data.atomic import atomic_path
+    """A PNG grid (:func:`medsynth.plots.label_preview`): the label maps with a legend, then one row
+    per entry of ``rows``, one column per sample. 3D samples show their middle slice along the last
+    axis; channel 0 only."""
+    from medsynth.plots import label_preview, middle_slice
 
     def as_2d(t: torch.Tensor) -> np.ndarray:
-        a = t.detach().float().cpu().numpy()
-        return a[..., a.shape[-1] // 2] if a.ndim == 3 else a
+        return middle_slice(t.detach().float().cpu().numpy())
 
     idx = batch["label_index"]
-    n = idx.shape[0]
-    named = [("mask", [as_2d(idx[i]) / max(1, len(info.labels) - 1) for i in range(n)])]
-    for name, t in rows.items():
-        named.append((name, [np.clip(as_2d(t[i, 0]), 0, 1) for i in range(n)]))
-    fig, axes = plt.subplots(len(named), n, figsize=(1.6 * n, 1.6 * len(named)), squeeze=False)
-    for r, (name, imgs) in enumerate(named):
-        for c, img in enumerate(imgs):
-            ax = axes[r][c]
-            ax.imshow(img.T, origin="lower", cmap="tab10" if name == "mask" else "gray",
-                      vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(name, fontsize=8)
-    fig.tight_layout(pad=0.2)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    masks = [as_2d(idx[i]) for i in range(idx.shape[0])]
+    images = {name: [as_2d(t[i, 0]) for i in range(t.shape[0])] for name, t in rows.items()}
+    legend = [f"{v} {info.label_names.get(v, '')}".strip() for v in info.labels]
+    return label_preview(masks, images, legend, path)
+
+
+def _window(extent: np.ndarray, length: int, side: int) -> slice:
+    """``side`` voxels of an axis of ``length``, centred on the foreground ``extent`` (a bool per
+    voxel; the axis centre when it has none), kept inside the axis."""
+    hits = np.nonzero(extent)[0]
+    centre = (int(hits[0]) + int(hits[-1]) + 1) // 2 if hits.size else length // 2
+    side = min(side, length)
+    start = min(max(0, centre - side // 2), length - side)
+    return slice(start, start + side)
+
+
+def full_size_batch(data: TrainingData, n: int, multiple: int) -> Batch:
+    """The preview batch: whole slices of ``n`` training cases (the first of a fixed seeded order),
+    not training crops. 2D from 3D volumes: the middle foreground slice along ``slice_axis``; 2D
+    images: the image; 3D: a slab through the whole volume, ``data.size[2]`` deep along the last axis
+    around the foreground's middle. Sides longer than :data:`PREVIEW_MAX_SIDE` are cropped around the
+    foreground. Every sample is padded with background to one shape, each side a multiple of
+    ``multiple``. Keys as :meth:`TrainingData.fixed_batch`. Draws from no global RNG."""
+    from medsynth.data.loader import pad_to
+
+    info = data.info
+    picks = np.random.default_rng([data.seed, 3]).permutation(len(data.cases))[: max(1, min(n, len(data.cases)))]
+    cap = PREVIEW_MAX_SIDE[info.dim]
+    parts = []
+    for c in picks:
+        case = data.cases[int(c)]
+        image, index = case.image, case.index
+        if info.dim == 2 and info.volume_ndim == 3:
+            axis = info.slice_axis
+            pool = case.fg_slices if len(case.fg_slices) else np.arange(index.shape[axis])
+            k = int(pool[len(pool) // 2])
+            image, index = np.take(image, k, axis=axis + 1), np.take(index, k, axis=axis)
+        fg = index != 0
+        sides = [cap] * index.ndim
+        if info.dim == 3:
+            sides[-1] = int(info.size[-1])
+        window = tuple(_window(fg.any(axis=tuple(a for a in range(fg.ndim) if a != ax)), index.shape[ax], side)
+                       for ax, side in enumerate(sides))
+        parts.append((case, image[(slice(None), *window)], index[window]))
+    shape = [max(p[2].shape[ax] for p in parts) for ax in range(info.dim)]
+    shape = [-(-s // multiple) * multiple for s in shape]
+    samples = []
+    for j, (case, image, index) in enumerate(parts):
+        import torch
+
+        samples.append({
+            "image": torch.from_numpy(np.ascontiguousarray(pad_to(image, shape, 0.0), dtype=np.float32)),
+            "label_index": torch.from_numpy(np.ascontiguousarray(pad_to(index, shape, 0)).astype(np.int64)),
+            "class_index": torch.tensor(case.class_index, dtype=torch.int64),
+            "index": torch.tensor(2**62 + j, dtype=torch.int64),
+        })
+    return data.collate(samples)
+
+
+class _Scalars:
+    """TensorBoard scalars beside metrics.jsonl (``RUN/tensorboard``) when the ``tensorboard`` package
+    is installed; otherwise nothing happens. Rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.writer = _tensorboard_writer(run_dir / "tensorboard") if enabled else None
+
+    def add(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(folder: Path) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``folder``, or None without ``tensorboard``."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(folder))
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -1,9 +1,10 @@
 """The GAN family: one training step of a mask-conditioned SPADE GAN, its losses and its export.
 
 Step (pix2pixHD / SPADE recipe), images mapped from [0, 1] to [-1, 1]:
-  1. generator: fake = G(cond, noise); loss = w_adv * adv(D(fake|cond)) + w_fm * feature matching
-     (L1 between D's intermediate maps of fake and real, mean over scales) + w_l1 * |fake - real|
-     (+ w_p * perceptual); Adam step on G only (D frozen, not DDP-wrapped for this pass).
+  1. generator: fake = G(cond, noise) (a residual over the label-mean fill by default, see
+     :mod:`medsynth.models.gan`); loss = w_adv * adv(D(fake|cond)) + w_fm * feature matching (L1
+     between D's intermediate maps of fake and real, summed over layers, mean over scales) + w_l1 *
+     |fake - real| (+ w_p * perceptual); Adam step on G only (D frozen, not DDP-wrapped for this pass).
   2. EMA update of G.
   3. discriminator: D(real|cond) vs D(fake.detach()|cond) in one batch; hinge or least squares.
 Noise for step s is drawn from ``rt.generator(s)``, so resumed runs draw the same noise.
@@ -53,11 +54,11 @@ def adversarial_g_loss(fake_out: list[torch.Tensor], kind: str) -> torch.Tensor:
 
 
 def feature_matching_loss(fake_feats: list[list[torch.Tensor]], real_feats: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Mean over scales of the summed L1 between D's intermediate maps of fake and (detached) real."""
+    """Feature matching as in SPADE / pix2pixHD: the L1 between D's intermediate maps of fake and
+    (detached) real, summed over layers, averaged over scales."""
     per_scale: list[torch.Tensor] = []
     for ff, rf in zip(fake_feats, real_feats):
-        total = cast(torch.Tensor, sum(F.l1_loss(a.float(), b.detach().float()) for a, b in zip(ff, rf)))
-        per_scale.append(total / max(1, len(ff)))
+        per_scale.append(cast(torch.Tensor, sum(F.l1_loss(a.float(), b.detach().float()) for a, b in zip(ff, rf))))
     return torch.stack(per_scale).mean()
 
 
@@ -246,4 +247,4 @@ class GanFamily(FamilyBase):
         save_weights(Path(run_dir) / WEIGHTS_FILE, g.state_dict(),
                      {"format": "medsynth-gan-generator", "ema": "generator" in self.emas})
         return {"weights": WEIGHTS_FILE, "network": "SpadeGenerator", "ema": "generator" in self.emas,
-                "size_multiple": self.G.factor, "noise_channels": self.G.noise_channels}
+                "size_multiple": self.G.factor, "noise_channels": self.G.noise_channels, "fill": self.G.fill}
