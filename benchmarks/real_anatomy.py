@@ -328,8 +328,8 @@ def _medsynth(*args: str) -> list[str]:
     return [sys.executable, "-m", "medsynth", *args]
 
 
-def _run(cmd: list[str], *, capture: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run a command; on failure print its output and exit."""
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing its output; on failure print the output and exit."""
     res = subprocess.run(cmd, text=True, capture_output=True)
     if res.returncode != 0:
         sys.stderr.write(res.stdout + res.stderr)
@@ -386,14 +386,15 @@ def sample_eval(run: Path, test_path: Path, train_path: Path, seeds: list[int], 
 STAGES = ("build", "train", "sample-eval", "augment", "downstream")
 
 
-def _recipe(name: str) -> Path:
-    """configs/small/NAME.yaml when it exists, else configs/tiny/NAME.yaml."""
-    small = REPO / "configs" / "small" / f"{name}.yaml"
-    return small if small.is_file() else REPO / "configs" / "tiny" / f"{name}.yaml"
+def _recipe(name: str, tier: str) -> Path:
+    """configs/TIER/NAME.yaml; tier "auto": configs/small/ when it has the recipe, else configs/tiny/."""
+    if tier == "auto":
+        tier = "small" if (REPO / "configs" / "small" / f"{name}.yaml").is_file() else "tiny"
+    return REPO / "configs" / tier / f"{name}.yaml"
 
 
-def run_all(out: Path, *, steps_gan: int, steps_ldm: int, seeds: list[int], until: str, num: int,
-            overwrite: bool) -> None:
+def run_all(out: Path, *, steps_gan: int, steps_ldm: int, steps_seg: int | None, seeds: list[int], until: str,
+            num: int, tier: str, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise SystemExit(f"error: {out} is not empty; pass --overwrite to replace it")
     if out.exists():
@@ -429,11 +430,11 @@ def run_all(out: Path, *, steps_gan: int, steps_ldm: int, seeds: list[int], unti
     # 2. generators (every run reads the slices at their own size)
     common = ["--data", str(train), "--no-progress", "--set", "data.dim=2", "--set", f"data.size={json.dumps(shape)}"]
     runs = {"gan": out / "runs" / "gan", "ldm": out / "runs" / "ldm"}
-    timed("train gan", _medsynth("train", str(_recipe("gan2d")), "--out", str(runs["gan"]),
+    timed("train gan", _medsynth("train", str(_recipe("gan2d", tier)), "--out", str(runs["gan"]),
                                  "--max-steps", str(steps_gan), *common,
                                  "--set", f"training.checkpoint_every={max(1, steps_gan // 4)}"))
     for stage in ("autoencoder", "diffusion"):
-        timed(f"train ldm {stage}", _medsynth("train", str(_recipe("ldm2d")), "--out", str(runs["ldm"]),
+        timed(f"train ldm {stage}", _medsynth("train", str(_recipe("ldm2d", tier)), "--out", str(runs["ldm"]),
                                               "--stage", stage, "--max-steps", str(steps_ldm), *common,
                                               "--set", f"training.checkpoint_every={max(1, steps_ldm // 4)}"))
     if until == "train":
@@ -460,8 +461,9 @@ def run_all(out: Path, *, steps_gan: int, steps_ldm: int, seeds: list[int], unti
         return _table(rows)
 
     # 5. downstream segmenter
-    cmd = _medsynth("downstream", str(train), "--test", str(test), *synthetic,
-                    "--seeds", ",".join(map(str, seeds)), "--out", str(out / "downstream"), "--json")
+    steps = [] if steps_seg is None else ["--steps", str(steps_seg)]
+    cmd = _medsynth("downstream", str(train), "--test", str(test), *synthetic, "--seeds", ",".join(map(str, seeds)) + ",",
+                    *steps, "--out", str(out / "downstream"), "--json", "--no-progress")
     if subprocess.run(_medsynth("downstream", "--help"), capture_output=True).returncode != 0:
         record(dict(what="skipped", step="downstream", reason="this medsynth has no `downstream` command",
                     command=" ".join(cmd)))
@@ -493,16 +495,36 @@ def _table(rows: list[dict[str, Any]]) -> None:
         elif r["what"] == "mask_to_image":
             lines.append(f"| {r['model']} (seeds {','.join(map(str, r['seeds']))}) | {r['ssim']:.3f} | {r['psnr']:.1f} "
                          f"| {r['between_seed_ssim']} |")
+    for r in rows:
+        if r["what"] == "downstream" and isinstance(r["summary"], dict):
+            lines += _downstream_table(r["summary"])
     lines += ["", "| step | seconds |", "|---|---|"]
     lines += [f"| {r['step']} | {r['seconds']} |" for r in rows if r["what"] == "timing"]
     print("\n".join(lines))
+
+
+def _downstream_table(summary: dict[str, Any]) -> list[str]:
+    """Rows of ``medsynth downstream --json``: mean Dice +- std, HD95, paired difference to the reference."""
+    diffs = {c.get("variant"): c for c in summary.get("comparisons", []) if c.get("metric") == "dice"}
+    ref = summary.get("reference", "real+classic")
+    lines = ["", f"| training data ({len(summary.get('seeds', []))} seeds, {summary.get('steps')} steps) "
+             f"| mean Dice | HD95 (mm) | Dice - {ref} [95% CI] |", "|---|---|---|---|"]
+    for v in summary.get("variants", []):
+        dice, hd = v.get("dice", {}), v.get("hd95", {})
+        std = f" +- {dice['std']:.3f}" if dice.get("std") is not None else ""
+        c = diffs.get(v.get("name"))
+        diff = f"{c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" if c else ""
+        lines.append(f"| {v.get('name')} | {dice.get('mean', float('nan')):.3f}{std} | {hd.get('mean', float('nan')):.1f} | {diff} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------- CLI
 
 
 def _seeds(text: str) -> list[int]:
-    return [int(s) for s in text.split(",") if s.strip()]
+    """As ``medsynth downstream --seeds``: "0,1,2" -> [0, 1, 2]; a count "3" -> [0, 1, 2]; "5," -> [5]."""
+    parts = [p.strip() for p in text.split(",")]
+    return list(range(int(parts[0]))) if len(parts) == 1 else [int(p) for p in parts if p]
 
 
 def main() -> None:
@@ -527,7 +549,10 @@ def main() -> None:
     a.add_argument("--steps-gan", type=int, default=1000)
     a.add_argument("--steps-ldm", type=int, default=1000, help="per stage (autoencoder, diffusion)")
     a.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
+    a.add_argument("--steps-seg", type=int, help="segmenter steps of `medsynth downstream` (default: its own)")
     a.add_argument("--num", type=int, default=16, help="synthetic cases per augment method")
+    a.add_argument("--tier", choices=["auto", "small", "tiny"], default="auto",
+                   help="recipes from configs/TIER/ (auto: small when it exists, else tiny)")
     a.add_argument("--until", choices=STAGES, default="downstream", help="stop after this stage")
     a.add_argument("--overwrite", action="store_true")
     args = ap.parse_args()
@@ -546,8 +571,8 @@ def main() -> None:
         for row in sample_eval(args.run, args.test, train, args.seeds, out, args.name):
             emit(**row)
     else:
-        run_all(args.out, steps_gan=args.steps_gan, steps_ldm=args.steps_ldm, seeds=args.seeds, until=args.until,
-                num=args.num, overwrite=args.overwrite)
+        run_all(args.out, steps_gan=args.steps_gan, steps_ldm=args.steps_ldm, steps_seg=args.steps_seg,
+                seeds=args.seeds, until=args.until, num=args.num, tier=args.tier, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

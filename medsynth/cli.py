@@ -243,10 +243,25 @@ def train(
     from medsynth.training import run_training
 
     with _plain_warnings():
-        result = run_training(cfg, out, resume=resume, stage=stage, progress=progress)
-    if torchrun_env().is_main:  # under torchrun, rank 0 reports (its own losses)
-        losses = " ".join(f"{k}={v:.4g}" for k, v in result.losses.items())
-        typer.echo(f"trained {result.step} steps: {out}" + (f" ({losses})" if losses else ""))
+        run_training(cfg, out, resume=resume, stage=stage, progress=progress)
+    if torchrun_env().is_main:  # under torchrun, rank 0 reports: the last records of metrics.jsonl
+        from medsynth.training.report import REPORT_FILE, summary_line
+
+        typer.echo(summary_line(out))
+        typer.echo(f"report: {out / REPORT_FILE}")
+
+
+@app.command()
+@user_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="A training run folder (holds config.yaml and metrics.jsonl).")],
+) -> None:
+    """Rebuild a run's report.md and curves.png from its folder (also mid-training)."""
+    from medsynth.training.report import summary_line, write_report
+
+    path = write_report(run)
+    typer.echo(summary_line(run))
+    typer.echo(f"report: {path}")
 
 
 @app.command()
@@ -262,6 +277,7 @@ def sample(
     class_value: Annotated[Optional[str], typer.Option("--class", help="Condition class (class-conditioned runs).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress (slices or chunks generated, ETA) on stderr.")] = True,
 ) -> None:
     """Generate one image for a label map from a trained run."""
     check_seed(seed)
@@ -278,7 +294,7 @@ def sample(
         synth = Synthesizer.from_run(run, device=device)
         label = read_volume(mask, kind="label")
         image = synth.generate_volume(label, seed, class_value=class_value, steps=steps, sampler=sampler,
-                                      guidance=guidance)
+                                      guidance=guidance, progress=progress)
     if image.array.ndim == label.array.ndim:
         write_volume(out, image.array, label.affine, kind="image")
         typer.echo(f"wrote {out} (shape {tuple(image.array.shape)}, seed {seed})")

@@ -10,9 +10,10 @@ A recipe has four sections::
     optimizer:  optimiser settings shared by a family's networks (learning rates are in ``training``)
     training:   the loop (steps, batch, learning rates, AMP, EMA, intervals, seed, workers)
 
-Every model has ``extra="forbid"``; a bad recipe raises one :class:`~medsynth.errors.ConfigError`
-listing every problem with its field path (``training.batch_size: Input should be greater than 0
-(got -1)``).
+Every field carries a ``description`` (its unit and effect); ``docs/recipes.md`` is generated from
+them by :mod:`medsynth.recipe_docs`. Every model has ``extra="forbid"``; a bad recipe raises one
+:class:`~medsynth.errors.ConfigError` listing every problem with its field path
+(``training.batch_size: Input should be greater than 0 (got -1)``).
 
 ``load_config(path, overrides)`` applies ``--set key=value`` overrides before validation: the key is
 a dotted path (``training.max_steps``), the value is parsed as a YAML scalar or flow collection
@@ -56,8 +57,7 @@ class StrictModel(BaseModel):
 
 
 class DataConfig(StrictModel):
-    """What to train on and how to present it to the model (each field's ``description`` says its
-    unit and effect; docs/recipes.md lists them)."""
+    """What to train on and how to present it to the model."""
 
     manifest: Path | None = Field(default=None, description=(
         "The dataset: an MSD dataset.json, a CSV manifest or an nnU-Net raw folder. A relative path in a "
@@ -140,7 +140,7 @@ class ModelSection(StrictModel):
     """Base of every family's ``model`` section: ``family`` names a registered family; a subclass
     narrows it to ``Literal["<its name>"]`` and adds the family's settings."""
 
-    family: str
+    family: str = Field(description="A registered model family (`gan`, `ldm`, ...); it picks the section's fields.")
 
 
 M = TypeVar("M", bound=ModelSection)
@@ -304,6 +304,10 @@ class LdmAutoencoderConfig(StrictModel):
         "bounds memory; null decodes the whole latent at once."))
     decode_overlap: float = Field(default=0.25, ge=0, lt=1, description=(
         "Sampling only: overlap of neighbouring decode tiles, a fraction of the tile edge."))
+    target_psnr: float = Field(default=32.0, ge=0, description=(
+        "Reconstruction quality (PSNR in dB, intensities in [0, 1], data range 1) the autoencoder should reach "
+        "on the held-out slices or patches before the diffusion stage builds on it; measured at the end of the "
+        "stage, logged in metrics.jsonl (`heldout_recon_psnr`) and the run card, with a warning when below."))
 
     @model_validator(mode="after")
     def _levels(self) -> LdmAutoencoderConfig:
@@ -335,7 +339,7 @@ class LdmDiffusionConfig(StrictModel):
         "SPADE UNet, the mask modulating its normalisation)."))
     mask_resample: Literal["area", "nearest"] = Field(default="area", description=(
         "concat and spade: how the one-hot mask reaches the latent grid, `area` (label fractions per latent "
-        "voxel) or `nearest`."))
+        "voxel) or `nearest` (the label at the voxel nearest each latent voxel's centre)."))
     cond_dropout: float = Field(default=0.1, ge=0, le=1, description=(
         "Probability of training a sample with its conditions dropped (empty mask, null class); above 0 it "
         "enables classifier-free guidance at sampling."))
@@ -396,6 +400,11 @@ class LdmModelConfig(ModelSection):
         "Stage 2: the mask-conditioned diffusion UNet on the latents."))
     use_flash_attention: Literal["auto", True, False] = Field(default="auto", description=(
         "PyTorch scaled-dot-product attention in MONAI's attention blocks: `auto` uses it on CUDA only."))
+    fill: Literal["none", "condition", "residual"] = Field(default="residual", description=(
+        "The label-mean fill (each label painted with its mean training intensity, stored in the run card): "
+        "`condition` gives it to the diffusion UNet beside the mask; `residual` also makes the autoencoder "
+        "code the difference between the image and the fill, and adds the fill back after decoding, so a "
+        "model that has learned little still paints the training set's per-label intensities; `none`: off."))
 
 
 # ---------------------------------------------------------------------------- optimiser / training
@@ -421,7 +430,7 @@ class OptimizerConfig(StrictModel):
 
 
 class TrainingConfig(StrictModel):
-    """The loop (each field's ``description`` says its unit and effect)."""
+    """The training loop."""
 
     max_steps: int = Field(default=1000, ge=0, description=(
         "Optimisation steps in total; a resumed run continues up to it. For a staged family (ldm) it caps "

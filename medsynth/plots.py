@@ -139,7 +139,7 @@ def training_curves(panels: Sequence[CurvePanel], path: Path, *, columns: int = 
         if finite.size and bool((finite > 0).all()):
             ax.set_yscale("log")
         ax.set_title(p.title, fontsize=8)
-        ax.tick_params(labelsize=6)
+        ax.tick_params(which="both", labelsize=6)
         ax.set_xlabel("step", fontsize=6)
     if not panels:
         axes[0][0].text(0.5, 0.5, "nothing logged yet", ha="center", va="center", fontsize=8)

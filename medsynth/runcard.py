@@ -10,7 +10,8 @@ demo). The file is JSON::
      "data": {...},                        medsynth.data.loader.DataInfo.to_dict()
      "steps": 200, "final_losses": {...},  the last stage trained
      "model": {...},                       facts the family's export returned (weights file, ...)
-     "stages": {"autoencoder": {"steps": ..., "final_losses": {...}}, ...}}   staged families only
+     "stages": {"autoencoder": {"steps": ..., "final_losses": {...}}, ...},  staged families only
+     "yardstick": {"model_ssim": ..., "fill_ssim": ..., "beats_fill": true, ...}}  once measured
 
 A card of another format, an older or newer layout, or with a missing or mistyped field is refused
 with a :class:`~medsynth.errors.CheckpointError` naming the file and the field.
@@ -53,7 +54,9 @@ class RunCard:
     run_dir: the run folder the card was read from (or is written to); family: its model family;
     config: the resolved recipe as a plain dict; data: the training data facts (labels, channels,
     classes, spacing, normalisation); steps / final_losses: of the last stage trained; model: the
-    family's exported facts; stages: per-stage records of a staged family.
+    family's exported facts; stages: per-stage records of a staged family; yardstick: the end-of-training
+    mask -> image check against the label-mean fill (:mod:`medsynth.training.yardstick`; None: not
+    measured), whose ``beats_fill`` says whether the model learned more than the fill.
     """
 
     run_dir: Path
@@ -64,6 +67,7 @@ class RunCard:
     final_losses: dict[str, float]
     model: dict[str, Any] = field(default_factory=dict)
     stages: dict[str, StageRecord] = field(default_factory=dict)
+    yardstick: dict[str, Any] | None = None
     medsynth_version: str = ""
     version: int = CARD_VERSION
 
@@ -117,6 +121,8 @@ class RunCard:
             "final_losses": {k: float(v) for k, v in self.final_losses.items()},
             "model": self.model,
         }
+        if self.yardstick is not None:
+            out["yardstick"] = self.yardstick
         if self.stages:
             out["stages"] = {k: {"steps": int(r.steps), "final_losses": dict(r.final_losses)}
                              for k, r in self.stages.items()}
@@ -192,9 +198,13 @@ class RunCard:
                 raise bad(f"stages.{name}", "must be an object with an integer 'steps'")
             stages[str(name)] = StageRecord(int(rec["steps"]),
                                             _losses(rec.get("final_losses", {}), f"stages.{name}.final_losses", bad))
+        yardstick = raw.get("yardstick")
+        if yardstick is not None and (not isinstance(yardstick, dict)
+                                      or not isinstance(yardstick.get("beats_fill"), bool)):
+            raise bad("yardstick", "must be an object with a boolean 'beats_fill'")
         mv = raw.get("medsynth_version", "")
         return cls(run_dir=Path(run_dir), family=family, config=config, data=info, steps=steps,
-                   final_losses=losses, model=model, stages=stages,
+                   final_losses=losses, model=model, stages=stages, yardstick=yardstick,
                    medsynth_version=mv if isinstance(mv, str) else str(mv), version=version)
 
 

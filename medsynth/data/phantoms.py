@@ -409,7 +409,15 @@ def make_phantom_dataset(
     return fmt.dataset_path(out)
 
 
-_CASE_FOLDERS = ("imagesTr", "labelsTr")  # where every format puts a training case
+def _owned() -> tuple[list[str], list[str]]:
+    """(top-level folders, manifest file names) a phantom dataset of any registered format writes."""
+    from medsynth.data.formats import LIST_OF_FORMATS
+
+    folders: set[str] = set()
+    for fmt in LIST_OF_FORMATS:
+        for path in [*fmt.image_paths(Path(), "phantom_000", 1, ".nii.gz"), fmt.label_path(Path(), "phantom_000", ".nii.gz")]:
+            folders.add(path.parts[0])
+    return sorted(folders), sorted({fmt.manifest_name for fmt in LIST_OF_FORMATS})
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
@@ -420,7 +428,8 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise JobError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
     # Replace only what a phantom dataset owns, and only if those folders hold phantom files.
-    for sub in _CASE_FOLDERS:
+    folders, manifests = _owned()
+    for sub in folders:
         folder = out / sub
         if folder.is_dir():
             foreign = [f.name for f in folder.iterdir() if not f.name.startswith(("phantom_", ".phantom_"))]
@@ -429,9 +438,7 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
                     f"output folder {folder} holds files that are not phantoms ({', '.join(sorted(foreign)[:3])}); "
                     "refusing to overwrite it"
                 )
-    from medsynth.data.formats import LIST_OF_FORMATS
-
-    for name in (*_CASE_FOLDERS, *sorted({f.manifest_name for f in LIST_OF_FORMATS})):
+    for name in (*folders, *manifests):
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -153,7 +154,7 @@ def _grid(affine: np.ndarray, ndim: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return spacing, direction, np.asarray(affine, dtype=np.float64)[:3, 3]
 
 
-def _fmt(values: Any) -> str:
+def _fmt(values: np.ndarray | Sequence[float]) -> str:
     return "(" + ", ".join(f"{float(v):.4g}" for v in np.ravel(values)) + ")"
 
 

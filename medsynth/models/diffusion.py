@@ -12,9 +12,13 @@
 - ``spade``: ``SPADEDiffusionModelUNet``, whose normalisation layers are modulated by the mask
   (given on the latent grid, resampled as for ``concat``).
 
+With ``fill`` on, the label-mean fill of the mask (:func:`medsynth.models.conditioning.fill_image`,
+C channels from the buffer ``label_means``) joins the mask as conditioning channels wherever the
+mask goes (concatenated on the latent grid, in the SPADE map, in the ControlNet's input).
+
 Optional class conditioning (``num_classes > 0``, from ``data.class_key``) uses MONAI's class embedding with one extra
 "null" class. Classifier-free guidance drops the conditions: the null condition is an all-zero
-mask and the null class, see :meth:`MaskConditionedUNet.null_condition`.
+mask and the null class, see :meth:`MaskConditionedUNet.null_condition` (its fill is zero too).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsynth.models.conditioning import fill_image, resize_condition
+
 if TYPE_CHECKING:  # pragma: no cover
     from medsynth.config import LdmDiffusionConfig
 
@@ -34,16 +40,15 @@ def resample_mask(mask: torch.Tensor, size: tuple[int, ...], mode: str = "area")
     """One-hot (or soft) mask ``(N, L, *spatial)`` -> ``(N, L, *size)``.
 
     ``area`` gives each label's fraction of the voxels under a latent voxel (rows still sum to 1);
-    ``nearest`` keeps a one-hot map by picking one voxel.
+    ``nearest`` keeps a one-hot map by picking the voxel nearest each latent voxel's centre
+    (``nearest-exact``; plain ``nearest`` would shift the mask by ``(f - 1) / 2`` voxels).
     """
     if tuple(mask.shape[2:]) == tuple(size):
         return mask
     if mode == "area":
-        if mask.ndim == 4:
-            return F.adaptive_avg_pool2d(mask, (size[0], size[1]))
-        return F.adaptive_avg_pool3d(mask, (size[0], size[1], size[2]))
+        return resize_condition(mask, size)
     if mode == "nearest":
-        return F.interpolate(mask, size=size, mode="nearest")
+        return F.interpolate(mask, size=size, mode="nearest-exact")
     raise ValueError(f"mask resample mode must be 'area' or 'nearest', got {mode!r}")
 
 
@@ -59,6 +64,8 @@ class MaskConditionedUNet(nn.Module):
             embedded for classifier-free guidance).
         downsample_factor: image voxels per latent voxel along each axis (a power of 2).
         use_flash_attention: PyTorch SDPA in MONAI's attention blocks.
+        label_means: ``(C, L)`` per-label mean training intensities in [0, 1] units: turns on the
+            fill conditioning (None: off).
     """
 
     def __init__(
@@ -71,6 +78,7 @@ class MaskConditionedUNet(nn.Module):
         num_classes: int = 0,
         downsample_factor: int,
         use_flash_attention: bool = False,
+        label_means: list[list[float]] | None = None,
     ) -> None:
         super().__init__()
         from monai.networks.nets import ControlNet, DiffusionModelUNet, SPADEDiffusionModelUNet
@@ -79,6 +87,14 @@ class MaskConditionedUNet(nn.Module):
         self.mask_resample = cfg.mask_resample
         self.num_labels = num_labels
         self.num_classes = num_classes
+        self.fill = label_means is not None
+        cond_channels = num_labels
+        if label_means is not None:  # a buffer only then: runs without the fill keep their weight names
+            means = torch.tensor(label_means, dtype=torch.float32)
+            if means.ndim != 2 or means.shape[1] != num_labels:
+                raise ValueError(f"label_means has shape {tuple(means.shape)}, expected (channels, {num_labels})")
+            self.register_buffer("label_means", means)
+            cond_channels += means.shape[0]
         levels = cfg.attention_levels if cfg.attention_levels is not None else [False] * len(cfg.channels)
         common: dict[str, Any] = dict(
             spatial_dims=spatial_dims,
@@ -94,13 +110,13 @@ class MaskConditionedUNet(nn.Module):
         self.unet: DiffusionModelUNet | SPADEDiffusionModelUNet
         if cfg.conditioning == "concat":
             self.unet = DiffusionModelUNet(
-                in_channels=latent_channels + num_labels, out_channels=latent_channels, **common
+                in_channels=latent_channels + cond_channels, out_channels=latent_channels, **common
             )
         elif cfg.conditioning == "spade":
             self.unet = SPADEDiffusionModelUNet(
                 in_channels=latent_channels,
                 out_channels=latent_channels,
-                label_nc=num_labels,
+                label_nc=cond_channels,
                 spade_intermediate_channels=cfg.spade_channels,
                 **common,
             )
@@ -110,7 +126,7 @@ class MaskConditionedUNet(nn.Module):
             embed = tuple(cfg.controlnet_channels * 2**i for i in range(n_down + 1))
             self.controlnet = ControlNet(
                 in_channels=latent_channels,
-                conditioning_embedding_in_channels=num_labels,
+                conditioning_embedding_in_channels=cond_channels,
                 conditioning_embedding_num_channels=embed,
                 **common,
             )
@@ -131,6 +147,13 @@ class MaskConditionedUNet(nn.Module):
             null_labels = torch.full_like(class_labels, self.null_class)
         return torch.zeros_like(mask), null_labels
 
+    def fill_of(self, mask: torch.Tensor) -> torch.Tensor:
+        """The label-mean fill ``(N, C, *spatial)`` in [0, 1] units of a one-hot mask (zero where the
+        mask is all zero, as in the null condition)."""
+        if not self.fill:
+            raise ValueError("this UNet was built without label means (no fill conditioning)")
+        return fill_image(mask, self.label_means)
+
     def forward(
         self,
         z: torch.Tensor,
@@ -147,6 +170,8 @@ class MaskConditionedUNet(nn.Module):
         if self.num_classes == 0:
             class_labels = None
         mask = mask.to(dtype=z.dtype)
+        if self.fill:
+            mask = torch.cat([mask, self.fill_of(mask)], dim=1)
         if self.controlnet is not None:  # conditioning == "controlnet"
             down, mid = self.controlnet(z, timesteps, controlnet_cond=mask, class_labels=class_labels)
             return self.unet(

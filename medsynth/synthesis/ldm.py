@@ -10,7 +10,8 @@ Stages of :meth:`LatentDiffusionPipeline.__call__`:
   1. pad the mask with background up to a multiple of the networks' downsampling (autoencoder x UNet);
   2. sample scaled latents with the chosen sampler (noise from a CPU generator seeded by ``seed``;
      on CUDA the UNet forward is captured once in a CUDA graph and replayed at each step);
-  3. unscale and decode (in overlapping latent tiles when ``model.autoencoder.decode_tile`` is set);
+  3. unscale and decode in float32 (in overlapping latent tiles when ``model.autoencoder.decode_tile``
+     is set), and add the label-mean fill for a ``model.fill: residual`` run;
   4. crop back to the mask's size and clamp to [0, 1].
 """
 
@@ -65,7 +66,8 @@ class LatentDiffusionPipeline:
 
     def __init__(self, autoencoder: AutoencoderKL, unet: MaskConditionedUNet, process: NoiseProcess, *,
                  scale_factor: float, factor: int, multiple: int, latent_channels: int, defaults: SamplingDefaults,
-                 decode_tile: int | None = None, decode_overlap: float = 0.25, can_guide: bool = True) -> None:
+                 decode_tile: int | None = None, decode_overlap: float = 0.25, can_guide: bool = True,
+                 residual: bool = False) -> None:
         self.autoencoder = autoencoder.eval()
         self.unet = unet.eval()
         self.process = process
@@ -77,6 +79,7 @@ class LatentDiffusionPipeline:
         self.decode_tile = decode_tile
         self.decode_overlap = decode_overlap
         self.can_guide = can_guide
+        self.residual = residual
         self.cuda_graph = True  # on CUDA: replay one captured UNet forward per step
         self.num_labels = int(unet.num_labels)
 
@@ -96,6 +99,10 @@ class LatentDiffusionPipeline:
         from medsynth.models.diffusion import MaskConditionedUNet
 
         flash = use_flash(model, device)
+        fill = str(facts.get("fill", "none"))
+        if fill != "none" and info.label_means is None:
+            raise CheckpointError(f"{weights}: the run was trained with model.fill {fill!r} but its card has no "
+                                  "data.label_means")
         with torch.random.fork_rng(devices=[]):  # initial values are overwritten; keep global RNG as it was
             ae = build_autoencoder(model.autoencoder, spatial_dims=info.dim, in_channels=info.num_channels,
                                    use_flash_attention=flash)
@@ -103,7 +110,8 @@ class LatentDiffusionPipeline:
                                        latent_channels=model.autoencoder.latent_channels,
                                        num_labels=info.num_labels, num_classes=int(facts.get("num_classes", 0)),
                                        downsample_factor=downsample_factor(model.autoencoder),
-                                       use_flash_attention=flash)
+                                       use_flash_attention=flash,
+                                       label_means=info.label_means if fill != "none" else None)
         try:
             tensors = load_file(str(weights))
         except (OSError, SafetensorError) as exc:
@@ -123,7 +131,8 @@ class LatentDiffusionPipeline:
                    factor=downsample_factor(model.autoencoder), multiple=size_multiple(model),
                    latent_channels=model.autoencoder.latent_channels, defaults=defaults,
                    decode_tile=model.autoencoder.decode_tile, decode_overlap=model.autoencoder.decode_overlap,
-                   can_guide=float(facts.get("cond_dropout", model.diffusion.cond_dropout)) > 0)
+                   can_guide=float(facts.get("cond_dropout", model.diffusion.cond_dropout)) > 0,
+                   residual=fill == "residual")
 
     def resolve(self, sampler: str | None, steps: int | None, guidance: float | None) -> SamplingDefaults:
         """Per-call settings over the recipe's defaults, checked (ConfigError names the option)."""
@@ -215,12 +224,13 @@ class LatentDiffusionPipeline:
                 z = sample(cuda_graph=False)
         else:
             z = sample(cuda_graph=False)
-        # 3. decode (tiled when configured), 4. crop and clamp
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            image = decode(self.autoencoder, z / self.scale_factor, tile=self.decode_tile,
-                           overlap=self.decode_overlap)
+        # 3. decode in float32 (bf16 keeps about 8 bits of intensity), add the fill, 4. crop and clamp
+        image = decode(self.autoencoder, z.float() / self.scale_factor, tile=self.decode_tile,
+                       overlap=self.decode_overlap).float()
+        if self.residual:
+            image = image + self.unet.fill_of(mask)
         crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
-        return image.float()[crop].clamp(0.0, 1.0).cpu()
+        return image[crop].clamp(0.0, 1.0).cpu()
 
 
 def load_ldm_backend(card: RunCard, device: torch.device) -> LatentDiffusionPipeline:

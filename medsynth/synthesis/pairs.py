@@ -19,7 +19,8 @@ Methods (:func:`medsynth.registry.method_names`):
   (the dataset's units it was trained on) and are never stretched.
 
 Seeds: attempt ``a`` of the pair named by ``seq`` draws from ``SeedSequence(seq.entropy,
-spawn_key=seq.spawn_key + (a, PairStream.X))``, one stream per stage (:class:`medsynth.seeds.PairStream`).
+spawn_key=seq.spawn_key + (a, PairStream.X))``, one stream per stage (:class:`medsynth.seeds.PairStream`);
+the seed handed to ``generate_volume`` is the first 31 bits of the ``MODEL`` stream's state.
 QC checks every attempt (:func:`qc_sample`); a failed one is redrawn with the next attempt's streams,
 up to ``qc.max_tries`` attempts.
 """
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medsynth.data import transforms as T
 from medsynth.data.labels import label_problems
+from medsynth.data.nifti import Volume
 from medsynth.errors import ConfigError, DataError, JobError
 from medsynth.registry import TRAINING_FREE_METHODS, is_model_method, method_names
 from medsynth.seeds import PairStream
@@ -269,8 +271,6 @@ def _draw(
         return images, label, record
     if settings.method in TRAINING_FREE_METHODS or synthesizer is None:
         raise ConfigError(f"method {settings.method!r} has no image stage here")
-    from medsynth.data.nifti import Volume
-
     seed = int(streams[PairStream.MODEL].generate_state(1)[0] & 0x7FFFFFFF)
     if "class_value" in options:
         record["class_value"] = options["class_value"]

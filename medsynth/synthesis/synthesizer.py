@@ -7,6 +7,11 @@ mask's label values to the run's label channels, pads it to the network's size m
 crops and maps intensities back to the dataset's units. A 2D run given a 3D mask generates slice by
 slice along the run's slice axis (with a warning).
 
+Empty slices: a 2D run trained on slices of 3D volumes with ``data.foreground_slices`` on never saw a
+slice without foreground, so the same policy holds when generating: a slice of a 3D mask that is all
+background is not generated but painted with the background's mean training intensity
+(``DataInfo.label_means``; 0 in [0, 1] units when the card has none).
+
 A backend loader is called as ``loader(card, device)`` and returns a :class:`Backend`.
 """
 
@@ -136,14 +141,17 @@ class Synthesizer:
         return self.info.label_lut()[arr.astype(np.int64)]
 
     def generate(self, mask: Volume | np.ndarray, seed: int = 0, *, class_value: str | None = None, steps: int | None = None,
-                 sampler: str | None = None, guidance: float | None = None) -> np.ndarray:
+                 sampler: str | None = None, guidance: float | None = None, progress: bool = False) -> np.ndarray:
         """mask: (H, W) or (X, Y, Z) label values (numpy array or Volume) -> image with the mask's
         shape, float32 in the dataset's intensity units ((C, *shape) when the run has C > 1 channels).
 
         seed picks the latent (same seed, same image); class_value the condition class for
-        class-conditioned runs; steps/sampler/guidance are options of families that sample iteratively.
+        class-conditioned runs; steps/sampler/guidance are options of families that sample iteratively;
+        progress shows the slices (or the volume) generated, with an ETA, on stderr.
         """
         import torch
+
+        from medsynth.progress import progress_bar
 
         # 1. label values -> channel indices, and the shape to work on
         index = self._index(mask)
@@ -171,13 +179,22 @@ class Synthesizer:
         pads = [(0, 0)] + [(b, p - s - b) for b, p, s in zip(before, padded, spatial)]
         items_p = np.pad(items, pads, mode="constant", constant_values=int(self.info.label_lut()[0]))
         chunk = _SLICE_CHUNK if len(items) > 1 else 1
-        outs = []
-        for start in range(0, len(items_p), chunk):
-            part = torch.from_numpy(np.ascontiguousarray(items_p[start : start + chunk])).long()
-            seeds = [derive_seed(seed, Stream.SYNTH_ITEM, k) for k in range(start, start + len(part))]
-            classes = torch.full((len(part),), cls_idx, dtype=torch.int64)
-            outs.append(self.backend.generate(part, classes, seeds, options).float().cpu().numpy())
-        unit = np.concatenate(outs)  # (N, C, *padded)
+        skip = self._skipped_slices(items_p, index.ndim)
+        keep = np.nonzero(~skip)[0]
+        unit = np.empty((len(items_p), self.info.num_channels, *items_p.shape[1:]), np.float32)  # (N, C, *padded)
+        what = "slices" if len(items) > 1 else "volume"
+        with progress_bar(f"generating ({what})", len(keep), enabled=progress) as bar:
+            for start in range(0, len(keep), chunk):
+                ks = keep[start : start + chunk]
+                part = torch.from_numpy(np.ascontiguousarray(items_p[ks])).long()
+                seeds = [derive_seed(seed, Stream.SYNTH_ITEM, int(k)) for k in ks]
+                classes = torch.full((len(part),), cls_idx, dtype=torch.int64)
+                unit[ks] = self.backend.generate(part, classes, seeds, options).float().cpu().numpy()
+                bar.advance(len(part))
+        if skip.any():
+            means = self.info.label_means
+            background = [row[0] for row in means] if means is not None else [0.0] * self.info.num_channels
+            unit[skip] = np.asarray(background, np.float32).reshape(-1, *([1] * (unit.ndim - 2)))
         crop = tuple(slice(b, b + s) for b, s in zip(before, spatial))
         unit = unit[(slice(None), slice(None)) + crop]
 
@@ -188,6 +205,15 @@ class Synthesizer:
             unit = unit[0]
         image = self.info.normalization.from_unit(unit)
         return image[0] if image.shape[0] == 1 else image
+
+    def _skipped_slices(self, items: np.ndarray, mask_ndim: int) -> np.ndarray:
+        """(N,) bool: the items the empty-slice policy paints instead of generating (module docstring)."""
+        data = self.card.config.get("data", {})
+        trained_on_foreground = bool(data.get("foreground_slices", True)) if isinstance(data, dict) else True
+        if not (self.info.dim == 2 and mask_ndim == 3 and self.info.volume_ndim == 3 and trained_on_foreground):
+            return np.zeros(len(items), bool)
+        background = int(self.info.label_lut()[0])
+        return ~(items != background).reshape(len(items), -1).any(axis=1)
 
     def _class_index(self, class_value: str | None) -> int:
         classes = self.info.classes
@@ -201,8 +227,9 @@ class Synthesizer:
 
     def generate_volume(self, mask: Volume, seed: int = 0, *, class_value: str | None = None,
                         steps: int | None = None, sampler: str | None = None,
-                        guidance: float | None = None) -> Volume:
-        """mask: a label Volume -> an image Volume with the mask's shape and affine.
+                        guidance: float | None = None, progress: bool = False) -> Volume:
+        """mask: a label Volume -> an image Volume with the mask's shape and affine (progress: as
+        :meth:`generate`).
 
         When the run was trained at a target spacing (``data.spacing``) and the mask's grid differs,
         the mask is resampled to it (nearest), generated there, and the image resampled back
@@ -218,11 +245,11 @@ class Synthesizer:
             self._index(mask)  # unknown labels fail before any work
             small = resample(arr.astype(np.int32)[None], shape, label=True)[0]
             image = self.generate(small, seed, class_value=class_value, steps=steps, sampler=sampler,
-                                  guidance=guidance)
+                                  guidance=guidance, progress=progress)
             chans = image if image.ndim == arr.ndim + 1 else image[None]
             image = resample(chans, arr.shape, label=False).astype(np.float32)
             image = image[0] if image.shape[0] == 1 else image
         else:
             image = self.generate(mask, seed, class_value=class_value, steps=steps, sampler=sampler,
-                                  guidance=guidance)
+                                  guidance=guidance, progress=progress)
         return Volume(array=image, affine=np.array(mask.affine, dtype=np.float64), path=None, header={})

@@ -14,10 +14,14 @@ def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, s
                  progress: bool = True) -> TrainResult:
     """Train ``config`` into ``run_dir`` whatever its family: a staged family (``ldm``: autoencoder,
     then diffusion) runs its stages in order, or only ``stage``. Returns the engine's ``TrainResult``
-    (of the last stage trained)."""
+    (of the last stage trained). With ``progress``, says once on stderr how many CPU threads torch
+    uses (:func:`medsynth.training.engine.cpu_threads`); ``RUN/report.md`` is the run's report."""
+    import sys
+
+    from medsynth.distributed import torchrun_env
     from medsynth.errors import ConfigError
     from medsynth.registry import family_names, get_family, load_object
-    from medsynth.training.engine import check_run_dir, distributed_session, train
+    from medsynth.training.engine import check_run_dir, cpu_threads, distributed_session, train
 
     family = get_family(config.model.family)
     if stage is not None and stage not in family.stages:
@@ -26,6 +30,10 @@ def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, s
             raise ConfigError(f"--stage {stage}: only staged families ({staged}) have stages; "
                               f"this recipe trains a {family.name}")
         raise ConfigError(f"--stage {stage}: the {family.name} family has stages {', '.join(family.stages)}")
+    if progress and torchrun_env().is_main:
+        setting = config.training.threads
+        sys.stderr.write(f"using {cpu_threads(setting)} CPU threads "
+                         f"(training.threads: {setting or '0 = auto'})\n")
     if not family.stages:
         return train(config, run_dir, resume=resume, stage=stage, progress=progress)
     check_run_dir(Path(run_dir), stage, resume, family.name)

@@ -90,7 +90,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -223,6 +223,24 @@ class Runtime:
 # ---------------------------------------------------------------------------- family base
 
 
+def ema_warmup_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """AveragedModel's ``multi_avg_fn``: ``ema <- d * ema + (1 - d) * current`` with
+    ``d = min(decay, (1 + n) / (10 + n))``, n the updates averaged so far."""
+    import torch
+
+    @torch.no_grad()
+    def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
+            torch._foreach_lerp_(ema, current, 1.0 - d)
+        else:
+            for e, c in zip(ema, current):
+                e.copy_(e * d + c * (1.0 - d))
+
+    return update
+
+
 class FamilyBase:
     """Shared machinery for model families (see the module docstring for the contract)."""
 
@@ -252,13 +270,14 @@ class FamilyBase:
         return cls(params, lr=lr, betas=(opt.betas[0], opt.betas[1]), weight_decay=opt.weight_decay, fused=fused)
 
     def make_ema(self, module: torch.nn.Module) -> torch.optim.swa_utils.AveragedModel | None:
-        """An EMA copy (AveragedModel + get_ema_multi_avg_fn) if ``training.ema`` is set."""
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        """An EMA copy (AveragedModel) if ``training.ema`` is set, with a warm-up: the n-th update
+        uses decay ``min(ema, (1 + n) / (10 + n))``, so early weights fade within a short run."""
+        from torch.optim.swa_utils import AveragedModel
 
         decay = self.config.training.ema
         if decay is None:
             return None
-        return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        return AveragedModel(module, multi_avg_fn=ema_warmup_fn(decay), use_buffers=True)
 
     def clip_and_step(self, name: str, loss: torch.Tensor) -> None:
         """Backward ``loss``, clip (``optimizer.grad_clip``) and step optimiser ``name``."""
@@ -344,7 +363,9 @@ class FamilyBase:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` did. ``family`` is the trained family object (weights in memory)."""
+    """What :func:`train` did. ``losses``: the last ``train`` record of ``metrics.jsonl`` (each loss
+    the mean over the last ``training.log_every`` steps); ``family``: the trained family object
+    (weights in memory)."""
 
     run_dir: Path
     step: int
@@ -539,6 +560,8 @@ def full_size_batch(data: TrainingData, n: int, multiple: int) -> Batch:
     around the foreground's middle. Sides longer than :data:`PREVIEW_MAX_SIDE` are cropped around the
     foreground. Every sample is padded with background to one shape, each side a multiple of
     ``multiple``. Keys as :meth:`TrainingData.fixed_batch`. Draws from no global RNG."""
+    import torch
+
     from medsynth.data.loader import pad_to
 
     info = data.info
@@ -564,8 +587,6 @@ def full_size_batch(data: TrainingData, n: int, multiple: int) -> Batch:
     shape = [-(-s // multiple) * multiple for s in shape]
     samples = []
     for j, (case, image, index) in enumerate(parts):
-        import torch
-
         samples.append({
             "image": torch.from_numpy(np.ascontiguousarray(pad_to(image, shape, 0.0), dtype=np.float32)),
             "label_index": torch.from_numpy(np.ascontiguousarray(pad_to(index, shape, 0)).astype(np.int64)),
@@ -625,6 +646,10 @@ def train(
     check_run_dir(run_dir, stage, resume, config.model.family)
     manifest = validated_manifest(config.data.manifest)
     device, rank, world, local_rank, ours = _init_distributed(config)
+    import torch
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(config.training.threads))
     try:
         rt = Runtime(config=config, run_dir=run_dir, device=device, rank=rank,
                      world_size=world, local_rank=local_rank, stage=stage)
@@ -632,6 +657,7 @@ def train(
         with _deterministic(deterministic):
             return _train(rt, manifest, resume=resume, progress=progress)
     finally:
+        torch.set_num_threads(threads_before)
         if ours:
             import torch.distributed as dist
 
@@ -644,13 +670,21 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
     from medsynth.data.atomic import atomic_write_text
     from medsynth.data.loader import build_training_data, make_loader
     from medsynth.progress import progress_bar
+    from medsynth.registry import get_family
     from medsynth.training import checkpoint as ck
+    from medsynth.training.report import format_losses, write_report
 
     cfg, run_dir, stage = rt.config, rt.run_dir, rt.stage
     family_cls = family_class(cfg.model.family)
 
     # 1. the training arrays (normalisation fitted on the training set)
     data = build_training_data(manifest, cfg.data, seed=cfg.training.seed)
+    stages = get_family(cfg.model.family).stages
+    if data.info.dim == 2 and data.info.volume_ndim == 3 and rt.is_main and stage in (None, *stages[:1]):
+        warnings.warn(f"{manifest.source}: the recipe is 2D (data.dim: 2) and the volumes are 3D: training "
+                      f"on 2D slices along axis {data.info.slice_axis} (data.slice_axis), and sampling will "
+                      "generate a 3D mask slice by slice, without continuity between slices; for 3D "
+                      "generation use a 3D recipe (data.dim: 3, see `medsynth recipes`)", stacklevel=2)
 
     # 2. the family: networks, optimisers, EMA (seeded, without touching the global RNG)
     with torch.random.fork_rng(devices=[]):
@@ -692,19 +726,32 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
         ck.remove_stale_temp_files(ckpt_dir)
     rt.barrier()
     tag = {"stage": stage} if stage else {}
-    preview_batch = data.fixed_batch(min(4, cfg.training.batch_size))
+    if rt.is_main:
+        _append_jsonl(metrics_path, {
+            "kind": "start", "step": start_step, **tag, "max_steps": max_steps, "device": str(rt.device),
+            "threads": torch.get_num_threads(), "world_size": rt.world_size,
+            "batch_size": cfg.training.batch_size})
+    eval_batch = data.fixed_batch(min(4, cfg.training.batch_size))
+    preview_batch = (full_size_batch(data, min(4, cfg.training.batch_size), family.preview_multiple())
+                     if rt.is_main and cfg.training.preview_every else None)
+    scalars = _Scalars(run_dir, enabled=rt.is_main)
 
     def evaluate_and_preview(step: int) -> None:
         if not rt.is_main:
             return
-        pb = _to_device(preview_batch, rt.device)
         with torch.no_grad():
-            scores = family.evaluate(pb)
-            rows = family.preview(pb) if cfg.training.preview_every else {}
+            scores = family.evaluate(_to_device(eval_batch, rt.device))
+            pb = None if preview_batch is None else _to_device(preview_batch, rt.device)
+            rows = family.preview(pb) if pb is not None else {}
         if scores:
             _append_jsonl(metrics_path, {"kind": "eval", "step": step, **tag, **scores})
-        if rows:
+            scalars.add(f"{stage}/eval" if stage else "eval", scores, step)
+        if rows and pb is not None:
             write_preview(run_dir / "previews" / f"{prefix}step_{step:08d}.png", pb, rows, data.info)
+
+    def report() -> None:
+        if rt.is_main:
+            write_report(run_dir)
 
     def save(step: int, losses: dict[str, float]) -> Path | None:
         if not rt.is_main:
@@ -724,7 +771,7 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
     if start_step == 0:
         evaluate_and_preview(0)
     bar = progress_bar(stage or cfg.model.family, max_steps, start=start_step, enabled=progress and rt.is_main)
-    losses: dict[str, float] = {}
+    logged: dict[str, float] = {}  # the last train record of metrics.jsonl: what the run reports
     sums: dict[str, float] = {}
     count, busy, last_ckpt = 0, 0.0, None
     step = start_step
@@ -733,44 +780,52 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
         for batch in loader:
             # 5a. one optimisation step (timed with its data loading)
             out = family.train_step(_to_device(batch, rt.device), step)
-            losses = {k: float(v) for k, v in out.items()}
+            step_losses = {k: float(v) for k, v in out.items()}
             busy += time.perf_counter() - mark
             step += 1
-            if any(not math.isfinite(v) for v in losses.values()):
-                raise JobError(f"{run_dir}: training diverged at step {step} (losses {losses}); "
+            if any(not math.isfinite(v) for v in step_losses.values()):
+                raise JobError(f"{run_dir}: training diverged at step {step} (losses {step_losses}); "
                                "lower the learning rate or check the data")
-            for k, v in losses.items():
+            for k, v in step_losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
-            # 5b. logs, progress, previews, checkpoints (not timed)
+            # 5b. logs, progress, previews, checkpoints, report (not timed)
             if step % cfg.training.log_every == 0 or step == max_steps:
-                means = {k: v / count for k, v in sums.items()}
+                logged = {k: v / count for k, v in sums.items()}
                 rate = count / max(busy, 1e-9)
                 if rt.is_main:
                     _append_jsonl(metrics_path, {
                         "kind": "train", "step": step, **tag,
-                        "samples_per_s": round(rate * cfg.training.batch_size * rt.world_size, 3), **means})
-                bar.note(f"{rate:.2f} it/s " + " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+                        "samples_per_s": round(rate * cfg.training.batch_size * rt.world_size, 3), **logged})
+                    scalars.add(stage or "train", logged, step)
+                bar.note(f"{rate:.2f} it/s {format_losses(logged)}")
                 sums, count, busy = {}, 0, 0.0
             bar.update(step)
             if cfg.training.preview_every and step % cfg.training.preview_every == 0 and step != max_steps:
                 evaluate_and_preview(step)
             if step % cfg.training.checkpoint_every == 0 or step == max_steps:
-                last_ckpt = save(step, losses)
+                last_ckpt = save(step, logged)
+                if step != max_steps:  # the end writes the final report
+                    report()
             mark = time.perf_counter()
 
-    # 6. the end: final evaluation, preview, checkpoint, export and model card
+    # 6. the end: final evaluation, preview, checkpoint, export, model card and report
     if step > start_step or start_step == 0:
         evaluate_and_preview(step)
+    scalars.close()
     if rt.is_main:
         if last_ckpt is None and step > start_step:
-            last_ckpt = save(step, losses)
-        if not losses and resume:
-            losses = {k: float(v) for k, v in (state.get("losses") or {}).items()}
+            last_ckpt = save(step, logged)
+        if not logged and resume:
+            logged = {k: float(v) for k, v in (state.get("losses") or {}).items()}
         extras = family.export(run_dir)
-        _write_run_card(run_dir, cfg, data.info, stage, step, losses, extras)
+        _write_run_card(run_dir, cfg, data.info, stage, step, logged, extras)
+        from medsynth.training.yardstick import record_yardstick  # mask -> image vs the label-mean fill
+
+        record_yardstick(run_dir, cfg, stage, device=rt.device.type)
+        report()
     rt.barrier()
-    return TrainResult(run_dir=run_dir, step=step, losses=losses, checkpoint=last_ckpt, family=family)
+    return TrainResult(run_dir=run_dir, step=step, losses=logged, checkpoint=last_ckpt, family=family)
 
 
 def _write_run_card(run_dir: Path, cfg: Config, info: DataInfo, stage: str | None, step: int,
@@ -801,7 +856,9 @@ __all__ = [
     "check_run_dir",
     "check_run_family",
     "checkpoint_dir",
+    "cpu_threads",
     "family_class",
+    "full_size_batch",
     "train",
     "validated_manifest",
     "write_preview",

@@ -1,10 +1,19 @@
 """The latent diffusion family: two stages in one run, each its own loop of the engine.
 
+With ``model.fill: residual`` (the default) the autoencoder codes ``image - fill`` (the label-mean
+fill of the image's mask, :func:`medsynth.models.conditioning.fill_image`) and every image below is
+``fill + decode(z)``; with ``condition`` or ``residual`` the UNet also reads the fill beside the mask.
+
 Stage ``autoencoder`` (MONAI AutoencoderKL + PatchDiscriminator), images in [0, 1]:
   1. reconstruction of ``z = mu + sigma * eps`` (eps from ``rt.generator(step)``);
      loss = L1 + ssim_weight * (1 - SSIM) + kl_weight * KL (+ perceptual) (+ adv_weight * least-squares
      patch adversarial term from step ``adv_start`` on); Adam step on the autoencoder.
   2. from ``adv_start`` on: the patch discriminator on real vs detached reconstructions.
+  At the end, the posterior-mean reconstruction of held-out slices or patches
+  (:func:`medsynth.training.yardstick.evaluation_items`) is scored (``heldout_recon_psnr`` /
+  ``heldout_recon_ssim``: a ``{"kind": "heldout"}`` line of ``metrics.jsonl`` and facts of the run
+  card's ``model``), with a warning when the PSNR is below
+  ``model.autoencoder.target_psnr``: the diffusion stage cannot make images better than that.
 
 Stage ``diffusion`` (the autoencoder frozen, read from the newest autoencoder checkpoint):
   1. latents ``z0 = scale * (mu + sigma * eps)``; ``scale = 1 / std`` of the first stage-2 batch's
@@ -26,12 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import shutil
 import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +50,7 @@ from medsynth.config import Config, LdmAutoencoderConfig, LdmDiffusionConfig, Ld
 from medsynth.diffusion import Condition, Denoiser, NoiseProcess, make_process, sample_latents, size_multiple, use_flash
 from medsynth.errors import CheckpointError, ConfigError
 from medsynth.models.autoencoder import build_autoencoder, build_discriminator, downsample_factor, encode
+from medsynth.models.conditioning import fill_image
 from medsynth.models.diffusion import MaskConditionedUNet
 from medsynth.registry import get_family
 from medsynth.runcard import WEIGHTS_FILE
@@ -213,6 +225,10 @@ class LdmFamily(FamilyBase):
         check_sizes(config, list(info.size))
         self.factor = downsample_factor(self.ae_cfg)
         self.num_classes = info.num_classes if info.num_classes > 1 else 0
+        self.fill_mode = m.fill
+        if m.fill != "none" and info.label_means is None:
+            raise ConfigError(f"model.fill={m.fill!r} needs the training set's per-label means (DataInfo.label_means)")
+        self.label_means = torch.tensor(info.label_means or [[0.0] * info.num_labels], dtype=torch.float32)
         dev = rt.device
         flash = use_flash(m, dev)
         self.autoencoder = build_autoencoder(self.ae_cfg, spatial_dims=info.dim, in_channels=info.num_channels,
@@ -255,7 +271,7 @@ class LdmFamily(FamilyBase):
         self.unet = MaskConditionedUNet(
             self.df_cfg, spatial_dims=info.dim, latent_channels=self.ae_cfg.latent_channels,
             num_labels=info.num_labels, num_classes=self.num_classes, downsample_factor=self.factor,
-            use_flash_attention=flash,
+            use_flash_attention=flash, label_means=info.label_means if self.fill_mode != "none" else None,
         ).to(self.rt.device)
         self.modules = {"unet": self.unet}
         self.optimizers = {"unet": self.make_optimizer(self.unet.parameters(), self.config.training.lr)}
@@ -272,17 +288,25 @@ class LdmFamily(FamilyBase):
         self.scale_factor: float | None = None
 
     # ------------------------------------------------------------------ stage 1
+    def base(self, label: torch.Tensor) -> torch.Tensor:
+        """What the autoencoder's output is added to: the label-mean fill ``(N, C, *spatial)`` of the
+        one-hot ``label`` with ``model.fill: residual``, else zeros."""
+        if self.fill_mode != "residual":
+            return label.new_zeros((label.shape[0], self.info.num_channels, *label.shape[2:]))
+        return fill_image(label, self.label_means)
+
     def _autoencoder_step(self, batch: Batch, step: int) -> dict[str, float]:
         c, rt = self.ae_cfg, self.rt
         real = batch["image"]
+        base = self.base(batch["label"])
         adv_on = c.adv_weight > 0 and step >= c.adv_start
         # 1. autoencoder: reconstruction, SSIM, KL (+ perceptual, + adversarial)
         self.discriminator.requires_grad_(False)
         latent = (real.shape[0], c.latent_channels, *(s // self.factor for s in real.shape[2:]))
         eps = torch.randn(latent, generator=rt.generator(step, _AE_EPS)).to(rt.device)
         with rt.autocast():
-            recon, mu, sigma = self.ae_train(real, eps)
-        recon = recon.float()
+            recon, mu, sigma = self.ae_train(real - base, eps)
+        recon = recon.float() + base
         l1 = F.l1_loss(recon, real)
         ssim = ssim_loss(recon, real) if c.ssim_weight > 0 else recon.new_zeros(())
         kl = kl_loss(mu, sigma)
@@ -311,16 +335,53 @@ class LdmFamily(FamilyBase):
         return logs
 
     @torch.no_grad()
-    def _reconstruct(self, image: torch.Tensor) -> torch.Tensor:
-        """Posterior-mean reconstruction ``(N, C, *spatial)`` (eval and previews)."""
-        return self.autoencoder.decode(self.autoencoder.encode(image)[0]).float()
+    def _reconstruct(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Posterior-mean reconstruction ``(N, C, *spatial)`` of images with one-hot ``label``
+        (eval, previews and the held-out check), float32."""
+        base = self.base(label)
+        return self.autoencoder.decode(self.autoencoder.encode(image - base)[0]).float() + base
+
+    def heldout_reconstruction(self) -> dict[str, Any]:
+        """PSNR / SSIM (data range 1) of the posterior-mean reconstruction of the held-out items of
+        :func:`medsynth.training.yardstick.evaluation_items` (3D: a ``data.size`` patch around the
+        foreground's middle; 2D: each slice padded to the size multiple); {} when there are none."""
+        from medsynth.data.loader import one_hot, pad_to
+        from medsynth.training.yardstick import evaluation_items, score_pairs
+
+        items, held_out = evaluation_items(self.config, self.info)
+        reals, recons = [], []
+        m = self.factor
+        for item in items:
+            image, index = item.image, item.index
+            if self.info.dim == 3:
+                size = list(self.info.size)
+                image, index = pad_to(image, size, 0.0), pad_to(index, size, 0)
+                fg = np.argwhere(index != 0)
+                mid = fg.mean(0).round().astype(int) if len(fg) else np.array(index.shape) // 2
+                starts = [int(min(max(0, c - s // 2), n - s)) for c, s, n in zip(mid, size, index.shape)]
+                sl = tuple(slice(a, a + s) for a, s in zip(starts, size))
+                image, index = image[(slice(None), *sl)], index[sl]
+            else:
+                image = pad_to(image, [-(-n // m) * m for n in index.shape], 0.0)
+                index = pad_to(index, list(image.shape[1:]), 0)
+            x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None].to(self.rt.device)
+            lab = one_hot(torch.from_numpy(np.ascontiguousarray(index, np.int64))[None], self.info.num_labels)
+            recon = self._reconstruct(x, lab.to(self.rt.device)).clamp(0, 1)[0].cpu().numpy()
+            reals.append(image)
+            recons.append(recon)
+        if not items:
+            return {}
+        ssim_v, psnr_v = score_pairs(reals, recons)
+        return {"heldout_recon_psnr": round(psnr_v, 3), "heldout_recon_ssim": round(ssim_v, 5),
+                "heldout_items": len(items), "held_out": held_out}
 
     # ------------------------------------------------------------------ stage 2
     @torch.no_grad()
-    def latents(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Unscaled latents ``(N, Cz, *size/f)`` of images in [0, 1], reparameterised with ``generator``."""
+    def latents(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Unscaled latents ``(N, Cz, *size/f)`` of images in [0, 1] with one-hot ``label`` (the
+        autoencoder codes ``image - base(label)``), reparameterised with ``generator``."""
         with self.rt.autocast():
-            z, _, _ = encode(self.autoencoder, image, generator=generator)
+            z, _, _ = encode(self.autoencoder, image - self.base(label), generator=generator)
         return z.float()
 
     def _set_scale(self, z: torch.Tensor) -> float:
@@ -342,7 +403,7 @@ class LdmFamily(FamilyBase):
     def _diffusion_step(self, batch: Batch, step: int) -> dict[str, float]:
         rt = self.rt
         # 1. scaled latents of the frozen autoencoder
-        z = self.latents(batch["image"], rt.generator(step, _ENCODE))
+        z = self.latents(batch["image"], batch["label"], rt.generator(step, _ENCODE))
         scale = self.scale_factor if self.scale_factor is not None else self._set_scale(z)
         z0 = z * scale
         n = z0.shape[0]
@@ -384,14 +445,14 @@ class LdmFamily(FamilyBase):
         raw and EMA UNets on fixed noise at 8 evenly spread timesteps (once the scale is known, i.e.
         not before the first diffusion step)."""
         if self.stage == "autoencoder":
-            recon = self._reconstruct(batch["image"])
+            recon = self._reconstruct(batch["image"], batch["label"])
             return {"l1": float(F.l1_loss(recon, batch["image"])), "ssim_loss": float(ssim_loss(recon, batch["image"]))}
         if self.scale_factor is None:
             return {}
         # every item at EVAL_LEVELS stratified timesteps, fixed noise: a low-variance loss estimate
         k = EVAL_LEVELS
         image = batch["image"]
-        z0 = self.latents(image, self._fixed_generator(0)) * self.scale_factor
+        z0 = self.latents(image, batch["label"], self._fixed_generator(0)) * self.scale_factor
         z0 = z0.repeat(k, *[1] * (image.ndim - 1))
         n = image.shape[0]
         levels = (torch.arange(k, dtype=torch.float32) + 0.5) / k * self.process.T
@@ -413,7 +474,8 @@ class LdmFamily(FamilyBase):
     @torch.no_grad()
     def preview(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.stage == "autoencoder":
-            return {"real": batch["image"], "reconstruction": self._reconstruct(batch["image"]).clamp(0, 1)}
+            return {"real": batch["image"],
+                    "reconstruction": self._reconstruct(batch["image"], batch["label"]).clamp(0, 1)}
         if self.scale_factor is None:
             return {}
         net = self.inference_module("unet").eval()
@@ -422,7 +484,7 @@ class LdmFamily(FamilyBase):
                            process=self.process, sampler=self.df_cfg.sampler, steps=self.df_cfg.sample_steps,
                            generator=self._fixed_generator(3))
         self.unet.train()
-        image = self.autoencoder.decode(z / self.scale_factor).float()
+        image = self.autoencoder.decode(z / self.scale_factor).float() + self.base(batch["label"])
         return {"real": batch["image"], "generated": image.clamp(0, 1)}
 
     def extra_state(self) -> dict[str, Any]:
@@ -448,8 +510,22 @@ class LdmFamily(FamilyBase):
             "network": "AutoencoderKL+DiffusionModelUNet",
             "downsample_factor": self.factor,
             "latent_channels": self.ae_cfg.latent_channels,
+            "fill": self.fill_mode,
         }
         if self.stage == "autoencoder":
+            quality = self.heldout_reconstruction()
+            if quality:
+                with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"kind": "heldout", "step": self.max_steps(), "stage": "autoencoder",
+                                         **quality}) + "\n")
+                target = self.ae_cfg.target_psnr
+                if quality["heldout_recon_psnr"] < target:
+                    where = "held-out" if quality["held_out"] else "training (no labelled test cases)"
+                    warnings.warn(f"{run_dir}: the autoencoder reconstructs {quality['heldout_items']} {where} "
+                                  f"item(s) at PSNR {quality['heldout_recon_psnr']:.2f} dB, below "
+                                  f"model.autoencoder.target_psnr {target:g}: diffusion samples cannot be "
+                                  "sharper than that (train the autoencoder longer)", stacklevel=2)
+            facts.update(quality)
             return facts
         if self.scale_factor is None:
             return facts  # no diffusion step was trained: nothing to sample with yet

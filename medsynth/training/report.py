@@ -278,7 +278,7 @@ def write_report(run_dir: str | Path) -> Path:
                                             + (f" of {current.max_steps}" if current.max_steps is not None else ""))
         status = f"in progress ({where})" if where else "in progress"
     out = [f"# Training report: {config.get('name', run_dir.name)}", "",
-           f"Run `{run_dir}`: family `{family}`, {status}. The recipe is `config.yaml`; every setting is "
+           f"Run folder `{run_dir.name}`: family `{family}`, {status}. The recipe is `config.yaml`; every setting is "
            "explained in the recipe reference (docs/recipes.md).", ""]
     if card_problem:
         out += [f"Warning: {card_problem}", ""]
@@ -324,9 +324,9 @@ def write_report(run_dir: str | Path) -> Path:
     # 4. data and use
     out += ["## Data", "", *_data_lines(config, card), ""]
     if finished:
-        out += ["## Use it", "", "```bash no-run",
-                f"medsynth sample {run_dir} --mask MASK.nii.gz --out image.nii.gz --seed 0",
-                f"medsynth augment DATASET --method {family} --model {run_dir} --num 20 --out DATASET_plus",
+        out += ["## Use it", "", "With RUN this folder:", "", "```bash no-run",
+                "medsynth sample RUN --mask MASK.nii.gz --out image.nii.gz --seed 0",
+                f"medsynth augment DATASET --method {family} --model RUN --num 20 --out DATASET_plus",
                 "```", ""]
     path = run_dir / REPORT_FILE
     atomic_write_text(path, "\n".join(out))
