@@ -3,12 +3,15 @@
 Each ``docs/*.md`` file is one script: its ```python blocks run in order in one namespace and its
 ```bash blocks run in a shell, all in a fresh temporary working directory. A block whose fence says
 ``no-run`` (``python no-run``, ``bash no-run``) is shown only (GPU-only commands, for example).
+The quickstart's ``medsynth demo --quick`` is such a block: the suite runs the quick demo once
+(the ``quick_demo`` fixture) and the page's other blocks read a copy of its output.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,10 +43,12 @@ TUTORIALS = sorted(DOCS.glob("*.md"))
 
 
 @pytest.mark.parametrize("doc", TUTORIALS, ids=[p.stem for p in TUTORIALS])
-def test_tutorial_runs(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_tutorial_runs(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest):
     blocks = code_blocks(doc.read_text(encoding="utf-8"))
     if not blocks:
         pytest.skip(f"{doc.name} has no runnable code")
+    if doc.stem == "quickstart":
+        shutil.copytree(request.getfixturevalue("quick_demo"), tmp_path / "demo_quick")
     monkeypatch.chdir(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     bindir = str(Path(sys.executable).parent)

@@ -31,9 +31,8 @@ def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, s
                               f"this recipe trains a {family.name}")
         raise ConfigError(f"--stage {stage}: the {family.name} family has stages {', '.join(family.stages)}")
     if progress and torchrun_env().is_main:
-        setting = config.training.threads
-        sys.stderr.write(f"using {cpu_threads(setting)} CPU threads "
-                         f"(training.threads: {setting or '0 = auto'})\n")
+        setting, n = config.training.threads, cpu_threads(config.training.threads)
+        sys.stderr.write(f"using {n} CPU thread{'s' if n != 1 else ''} (training.threads: {setting or '0 = auto'})\n")
     if not family.stages:
         return train(config, run_dir, resume=resume, stage=stage, progress=progress)
     check_run_dir(Path(run_dir), stage, resume, family.name)

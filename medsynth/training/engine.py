@@ -35,10 +35,12 @@ importing the engine imports no family) under the value of ``config.model.family
     family.preview(batch) -> dict[str, Tensor]
         Named image rows for the preview grid, each (N, C, *spatial) in [0, 1] (e.g. ``real``,
         ``generated``); the engine adds the mask row (with a label legend) and writes
-        ``RUN/previews/step_XXXXXXXX.png``. The preview batch holds whole slices of a few training
-        cases (3D: a slab through the whole volume, as deep as ``data.size``), not training crops, so
-        its spatial sides are any multiple of ``family.preview_multiple()`` (default: the largest power
-        of 2 dividing every side of ``data.size``); generate at the batch's own size.
+        ``RUN/previews/step_XXXXXXXX.png``.
+    family.preview_multiple() -> int | None                 (optional; default None)
+        None: the preview batch is the fixed batch of training crops. An int m: the family's
+        ``preview`` generates at the batch's own size, and the preview batch holds whole slices of a
+        few training cases (3D: a slab through the whole volume, as deep as ``data.size``), each side
+        a multiple of m (:func:`full_size_batch`).
     family.export(run_dir: Path) -> dict[str, object]
         Write the family's inference weights (``RUN/`` + :data:`medsynth.runcard.WEIGHTS_FILE`; EMA
         weights when there are any) and return JSON-able facts for the run card
@@ -300,12 +302,12 @@ class FamilyBase:
         ema = self.emas.get(name)
         return ema.module if ema is not None else self.modules[name]
 
-    def preview_multiple(self) -> int:
-        """Preview batches have spatial sides that are multiples of this: the largest power of 2
-        dividing every side of ``data.size`` (a multiple of any power-of-2 downsampling factor the
-        training size had to fit). Override when the family needs another multiple."""
-        g = math.gcd(*(int(s) for s in self.info.size))
-        return g & -g
+    def preview_multiple(self) -> int | None:
+        """None (the default): previews show the fixed batch of training crops. A family whose
+        ``preview`` generates at any size returns the multiple its networks need (e.g. the
+        generator's downsampling factor); previews then show whole slices (see
+        :func:`full_size_batch`)."""
+        return None
 
     # -- the contract
     def max_steps(self) -> int:
@@ -732,8 +734,11 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
             "threads": torch.get_num_threads(), "world_size": rt.world_size,
             "batch_size": cfg.training.batch_size})
     eval_batch = data.fixed_batch(min(4, cfg.training.batch_size))
-    preview_batch = (full_size_batch(data, min(4, cfg.training.batch_size), family.preview_multiple())
-                     if rt.is_main and cfg.training.preview_every else None)
+    multiple = family.preview_multiple()
+    preview_batch = None
+    if rt.is_main and cfg.training.preview_every:
+        preview_batch = (eval_batch if multiple is None
+                         else full_size_batch(data, min(4, cfg.training.batch_size), multiple))
     scalars = _Scalars(run_dir, enabled=rt.is_main)
 
     def evaluate_and_preview(step: int) -> None:
