@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -75,12 +76,10 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-#: seeds feed numpy's SeedSequence and torch.Generator.manual_seed (a signed 64-bit integer)
-SEED_MAX = 2**63 - 1
-
-
 def check_seed(seed: int | None, option: str = "--seed") -> None:
-    """Exit with one ``error:`` line unless ``seed`` is None or in ``0..2**63-1``."""
+    """Exit with one ``error:`` line unless ``seed`` is None or in ``0..2**63-1`` (:data:`medsynth.seeds.SEED_MAX`)."""
+    from medsynth.seeds import SEED_MAX
+
     if seed is not None and not 0 <= seed <= SEED_MAX:
         fail(f"{option} {seed}: must be a whole number from 0 to {SEED_MAX} (2**63 - 1)")
 
@@ -167,6 +166,10 @@ def evaluate(
         typer.Option(help="With --unpaired: a local feature network (torch.export or TorchScript file) for FID; off by default, nothing is downloaded."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="With --out: replace the report files in an existing folder (other files stay)."),
+    ] = False,
 ) -> None:
     """Compare synthetic images with real ones: SSIM, PSNR, MAE, MS-SSIM, or distribution metrics."""
     from medsynth.evaluation.evaluate import format_summary, run_evaluate
@@ -180,6 +183,7 @@ def evaluate(
         out=out,
         fid_weights=fid_weights,
         progress=progress,
+        overwrite=overwrite,
     )
     if json_out:
         print_json(summary)
@@ -240,6 +244,10 @@ def train(
     from medsynth.recipes import recipe_path
 
     cfg = load_config(recipe_path(config), overrides)
+    from medsynth.config import check_memory, device_memory
+
+    what, available = device_memory(cfg.training.device)
+    check_memory(cfg, available, what)  # a recipe that cannot fit fails before anything is allocated
     from medsynth.training import run_training
 
     with _plain_warnings():
@@ -264,6 +272,18 @@ def report(
     typer.echo(f"report: {path}")
 
 
+def _check_mask_size(mask: Path, shape: tuple[int, ...], synth: Any) -> None:
+    """Exit with one ``error:`` line for a mask too small for the run's networks: padded to the run's
+    size multiple, its coarsest feature map would hold a single voxel (normalisation needs more)."""
+    mult = int(synth.backend.size_multiple)
+    spatial = list(shape)
+    if synth.dim == 2 and len(spatial) == 3:  # generated slice by slice
+        del spatial[synth.info.slice_axis]
+    if all(-(-s // mult) == 1 for s in spatial):
+        fail(f"{mask}: a mask of shape {tuple(shape)} is too small for this run; at least one side must be longer "
+             f"than {mult} voxels (the run's size multiple)")
+
+
 @app.command()
 @user_errors
 def sample(
@@ -285,14 +305,28 @@ def sample(
         fail(f"--sampler {sampler!r}: expected ddpm, ddim or rflow")
     if device not in ("auto", "cpu", "cuda"):
         fail(f"--device {device!r}: expected auto, cpu or cuda")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        fail(f"--guidance {guidance}: must be a finite number >= 0 (1: no guidance)")
+    if steps is not None and steps < 1:
+        fail(f"--steps {steps}: must be at least 1")
+    from medsynth.data.nifti import NIFTI_SUFFIXES, read_volume, volume_suffix, write_volume
+
+    if out.is_symlink() and not out.exists():
+        fail(f"{out}: is a symbolic link to a missing target")
+    if out.is_dir():
+        fail(f"--out {out} is a folder; name the image file to write, e.g. {out / 'image.nii.gz'}")
+    if volume_suffix(out) not in NIFTI_SUFFIXES:
+        fail(f"--out {out}: the image is written as NIfTI; name it .nii.gz or .nii")
     if out.exists() and not overwrite:
         fail(f"{out}: exists; pass --overwrite to replace it")
-    from medsynth.data.nifti import read_volume, write_volume
     from medsynth.synthesis.synthesizer import Synthesizer
 
     with _plain_warnings():
         synth = Synthesizer.from_run(run, device=device)
+        if class_value is not None and len(synth.info.classes) <= 1:
+            fail(f"--class {class_value!r}: the run {run} is not class-conditioned (trained without data.class_key)")
         label = read_volume(mask, kind="label")
+        _check_mask_size(mask, label.array.shape, synth)
         image = synth.generate_volume(label, seed, class_value=class_value, steps=steps, sampler=sampler,
                                       guidance=guidance, progress=progress)
     if image.array.ndim == label.array.ndim:
@@ -331,11 +365,16 @@ def augment(
     out: Annotated[Path, typer.Option(help="Output folder (written in the input's format).")],
     seed: Annotated[int, typer.Option(help="Job seed: same seed, same bytes.")] = 0,
     model: Annotated[Optional[Path], typer.Option(help="Trained run folder (for a model family's --method, e.g. gan).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUT (same settings).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUT (same settings; a larger --num grows a finished job).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier augment output in OUT.")] = False,
     synthetic_only: Annotated[bool, typer.Option("--synthetic-only", help="List only synthetic cases in the manifest.")] = False,
-    workers: Annotated[int, typer.Option(help="Parallel CPU worker processes (results do not depend on it).")] = 1,
+    workers: Annotated[int, typer.Option(help="Parallel CPU worker processes (results do not depend on it; each case runs on one thread).")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    real: Annotated[
+        str,
+        typer.Option("--real", help="Real cases in OUT: link, copy or reference (their paths; OUT then cannot be moved). "
+                     "Default: a hard link on the same file system, else a copy."),
+    ] = "auto",
     config: Annotated[Optional[Path], typer.Option(help="Augment recipe YAML (see configs/augment.yaml).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
@@ -347,7 +386,7 @@ def augment(
     options = AugmentOptions(
         input=input, out=out, method=method, num=num, seed=seed, model=model, resume=resume,
         overwrite=overwrite, synthetic_only=synthetic_only, workers=workers, dry_run=dry_run,
-        config=load_augment_config(config), progress=progress and not json_out,
+        config=load_augment_config(config), progress=progress and not json_out, real=real,
     )
     with _plain_warnings():  # e.g. "2D run given a 3D mask" as one line
         summary = run_augment(options)
@@ -355,10 +394,15 @@ def augment(
         print_json({**summary.to_dict(), "plan": [vars(p) for p in summary.plan] if dry_run else None})
         return
     if dry_run:
-        typer.echo(f"plan: {summary.real_cases} real + {summary.synthetic_cases} synthetic cases -> {summary.out}")
+        from medsynth.data.limits import format_bytes
+
+        typer.echo(f"plan: {summary.real_cases} real + {summary.synthetic_cases} synthetic cases -> {summary.out} "
+                   f"(about {format_bytes(summary.estimated_bytes)} of new files)")
         for p in summary.plan:
             outputs = " ".join([*p.images, p.label])
             typer.echo(f"{p.case_id}  source={p.source}  donor={p.donor or '-'}  {outputs}")
+        if summary.synthetic_cases > len(summary.plan):
+            typer.echo(f"... and {summary.synthetic_cases - len(summary.plan)} more synthetic cases")
         typer.echo("dry run: nothing written")
         return
     if summary.manifest is None:  # a torchrun rank other than 0
@@ -369,6 +413,41 @@ def augment(
         f"({summary.generated} made now, {summary.reused} verified from before, {summary.redraws} QC redraw(s)) "
         f"in {summary.seconds:.1f} s"
     )
+
+# ------------------------------------------------------------------------------------ export
+
+
+def _format_help() -> str:
+    """``nnunet, csv or msd``: every format of the manifest-format registry (torch-free)."""
+    from medsynth.data.formats import format_names
+
+    names = format_names()
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+@app.command()
+@user_errors
+def export(
+    dataset: Annotated[Path, typer.Argument(help="The dataset: an MSD JSON, a CSV manifest or an nnU-Net raw folder.")],
+    format: Annotated[str, typer.Option("--format", help=f"The new dataset's format: {_format_help()}.")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the dataset (nnU-Net: named DatasetNNN_Name, "
+                                      "e.g. $nnUNet_raw/Dataset002_Brain).")],
+    name: Annotated[Optional[str], typer.Option(help="The name its manifest declares (default: nnU-Net: the --out "
+                                                "folder's name; other formats: the input's).")] = None,
+    copy: Annotated[bool, typer.Option("--copy", help="Copy every file (default: a hard link where the file system "
+                                       "allows, else a copy).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Write a dataset in another format (e.g. an augmented MSD dataset as an nnU-Net raw dataset)."""
+    from medsynth.data.export import export_dataset
+
+    summary = export_dataset(dataset, out, format, name=name, copy=copy, progress=progress and not json_out)
+    if json_out:
+        print_json(summary.to_dict())
+        return
+    typer.echo(f"wrote {summary.manifest}: {summary.cases} cases as {summary.format} dataset {summary.name!r} "
+               f"({summary.linked} file(s) linked, {summary.copied} copied, {summary.rewritten} rewritten)")
 
 # ------------------------------------------------------------------------------------ recipes
 

@@ -41,8 +41,15 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from medsynth.errors import ConfigError
+from medsynth.seeds import SEED_MAX
 
 DEFAULT_MRI_PERCENTILES = (0.5, 99.5)
+#: upper bounds of the sizes a recipe may ask for (no machine holds more; a typo such as an extra
+#: zero is then an error naming the field, before anything is allocated)
+MAX_BATCH_SIZE = 4096
+MAX_SIZE = 4096  # voxels per axis of data.size
+MAX_CHANNELS = 2048  # feature channels of one network level
+MAX_LEVELS = 8  # resolution levels of one network, or blocks / layers repeated per level
 #: the family of a recipe whose ``model`` section does not name one
 DEFAULT_FAMILY = "gan"
 
@@ -73,7 +80,7 @@ class DataConfig(StrictModel):
         "Target voxel size in mm, one value per volume axis (3 for 3D volumes, 2 for 2D images): every volume "
         "is resampled to it before training (images linearly, labels nearest), and a mask given at sampling "
         "is resampled to it and the image back. null keeps each volume's own grid."))
-    size: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 32, 32], description=(
+    size: list[Annotated[int, Field(gt=0, le=MAX_SIZE)]] = Field(default_factory=lambda: [32, 32, 32], description=(
         "Training crop in voxels: a random patch (dim 3, 3 values) or a random crop of a slice (dim 2, 2 "
         "values), drawn anew at every step; smaller volumes are padded with background. Only training uses "
         "it: generation is fully convolutional and works on the whole mask. Each value must be a multiple of "
@@ -169,14 +176,15 @@ def _model_section(value: object) -> object:
 class GeneratorConfig(StrictModel):
     """SPADE-ResNet generator."""
 
-    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64, 32], description=(
+    channels: list[Annotated[int, Field(gt=0, le=MAX_CHANNELS)]] = Field(default_factory=lambda: [128, 64, 32],
+                                                                        max_length=MAX_LEVELS, description=(
         "Feature channels per resolution level, coarsest first: [64, 32, 16] starts from a noise map at 1/4 "
         "of the image size with 64 channels and upsamples twice. The downsampling factor is 2 ** (levels - 1) "
         "and data.size must be a multiple of it; more or wider levels: more capacity, memory and time."))
-    noise_channels: int = Field(default=16, ge=1, description=(
+    noise_channels: int = Field(default=16, ge=1, le=MAX_CHANNELS, description=(
         "Channels of the random noise map at the coarsest level; the seed draws it, so one mask gives a "
         "different image for each seed."))
-    spade_hidden: int = Field(default=64, gt=0, description=(
+    spade_hidden: int = Field(default=64, gt=0, le=MAX_CHANNELS, description=(
         "Hidden channels of each SPADE block's modulation convolutions (the mask -> feature modulation)."))
     fill: Literal["none", "input", "residual"] = Field(default="residual", description=(
         "The label-mean fill (each label painted with its mean training intensity, stored in the run card): "
@@ -188,12 +196,12 @@ class GeneratorConfig(StrictModel):
 class DiscriminatorConfig(StrictModel):
     """Multi-scale MONAI patch discriminator that sees image and one-hot mask concatenated."""
 
-    num_d: int = Field(default=2, ge=1, description=(
+    num_d: int = Field(default=2, ge=1, le=MAX_LEVELS, description=(
         "Patch discriminators, each on the input average-pooled by a further factor of 2 (more: coarser "
         "structure is judged too)."))
-    num_layers: int = Field(default=3, ge=1, description=(
+    num_layers: int = Field(default=3, ge=1, le=MAX_LEVELS, description=(
         "Strided convolution layers per discriminator (more: a larger patch behind each decision)."))
-    channels: int = Field(default=64, gt=0, description="Feature channels of each discriminator's first layer.")
+    channels: int = Field(default=64, gt=0, le=MAX_CHANNELS, description="Feature channels of each discriminator's first layer.")
     spectral_norm: bool = Field(default=True, description=(
         "Spectral normalisation of every discriminator convolution (SPADE, pix2pixHD): keeps the "
         "discriminator's signal alive instead of saturating the hinge loss."))
@@ -263,15 +271,15 @@ def _check_levels(section: LdmAutoencoderConfig | LdmDiffusionConfig) -> None:
 class LdmAutoencoderConfig(StrictModel):
     """Stage 1: MONAI AutoencoderKL trained with L1 + KL + SSIM + patch adversarial (+ perceptual)."""
 
-    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 64, 64], min_length=2,
-                                                        description=(
+    channels: list[Annotated[int, Field(gt=0, le=MAX_CHANNELS)]] = Field(default_factory=lambda: [32, 64, 64], min_length=2,
+                                                                        max_length=MAX_LEVELS, description=(
         "Feature channels per level; the image is downsampled 2 ** (levels - 1) times per axis into the "
         "latent, and data.size must be a multiple of that times the diffusion UNet's factor."))
-    num_res_blocks: int = Field(default=1, ge=1, description="Residual blocks per level.")
+    num_res_blocks: int = Field(default=1, ge=1, le=MAX_LEVELS, description="Residual blocks per level.")
     attention_levels: list[bool] | None = Field(default=None, description=(
         "One bool per level: self-attention at that level (memory grows with the square of its voxels); "
         "null: none."))
-    latent_channels: int = Field(default=3, ge=1, description=(
+    latent_channels: int = Field(default=3, ge=1, le=MAX_CHANNELS, description=(
         "Channels of the latent the diffusion model works on (more: finer reconstructions, a harder "
         "diffusion task)."))
     norm_num_groups: int = Field(default=16, ge=1, description=(
@@ -286,7 +294,7 @@ class LdmAutoencoderConfig(StrictModel):
     max_steps: int | None = Field(default=None, ge=0, description=(
         "Steps of the autoencoder stage; null: training.max_steps. training.max_steps (and --max-steps) caps "
         "it either way: --max-steps N trains each stage at most N steps."))
-    batch_size: int | None = Field(default=None, gt=0, description=(
+    batch_size: int | None = Field(default=None, gt=0, le=MAX_BATCH_SIZE, description=(
         "Samples per step per process in this stage; null: training.batch_size."))
     kl_weight: float = Field(default=1e-6, ge=0, description=(
         "Weight of the KL divergence of the latent from a unit Gaussian (a smooth latent; too high blurs)."))
@@ -295,8 +303,9 @@ class LdmAutoencoderConfig(StrictModel):
         "Weight of the least-squares patch adversarial term (sharper reconstructions); 0: no discriminator."))
     adv_start: int = Field(default=0, ge=0, description=(
         "Steps of this stage before the adversarial term starts (a reconstruction warm-up)."))
-    disc_channels: int = Field(default=32, gt=0, description="Channels of the patch discriminator's first layer.")
-    disc_layers: int = Field(default=3, ge=1, description="Strided layers of the patch discriminator.")
+    disc_channels: int = Field(default=32, gt=0, le=MAX_CHANNELS, description=(
+        "Channels of the patch discriminator's first layer."))
+    disc_layers: int = Field(default=3, ge=1, le=MAX_LEVELS, description="Strided layers of the patch discriminator.")
     perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig, description=(
         "Optional perceptual loss of the reconstruction (off by default)."))
     decode_tile: int | None = Field(default=None, ge=2, description=(
@@ -320,11 +329,11 @@ class LdmDiffusionConfig(StrictModel):
     the class through MONAI's class embedding when data.class_key gives more than one class). The UNet's
     learning rate is training.lr."""
 
-    channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [32, 64, 64], min_length=1,
-                                                        description=(
+    channels: list[Annotated[int, Field(gt=0, le=MAX_CHANNELS)]] = Field(default_factory=lambda: [32, 64, 64], min_length=1,
+                                                                        max_length=MAX_LEVELS, description=(
         "Feature channels per UNet level on the latent grid; each level after the first halves the latent "
         "resolution."))
-    num_res_blocks: int = Field(default=1, ge=1, description="Residual blocks per level.")
+    num_res_blocks: int = Field(default=1, ge=1, le=MAX_LEVELS, description="Residual blocks per level.")
     attention_levels: list[bool] | None = Field(default=None, description=(
         "One bool per level: self-attention at that level; null: none (the last level's middle block always "
         "attends)."))
@@ -360,11 +369,11 @@ class LdmDiffusionConfig(StrictModel):
     max_steps: int | None = Field(default=None, ge=0, description=(
         "Steps of the diffusion stage; null: training.max_steps. training.max_steps (and --max-steps) caps "
         "it either way: --max-steps N trains each stage at most N steps."))
-    batch_size: int | None = Field(default=None, gt=0, description=(
+    batch_size: int | None = Field(default=None, gt=0, le=MAX_BATCH_SIZE, description=(
         "Samples per step per process in this stage; null: training.batch_size."))
-    spade_channels: int = Field(default=64, gt=0, description=(
+    spade_channels: int = Field(default=64, gt=0, le=MAX_CHANNELS, description=(
         "conditioning spade: hidden channels of the SPADE modulation."))
-    controlnet_channels: int = Field(default=16, gt=0, description=(
+    controlnet_channels: int = Field(default=16, gt=0, le=MAX_CHANNELS, description=(
         "conditioning controlnet: channels of the ControlNet's first mask-embedding level."))
 
     def head_channels(self) -> list[int]:
@@ -435,7 +444,7 @@ class TrainingConfig(StrictModel):
     max_steps: int = Field(default=1000, ge=0, description=(
         "Optimisation steps in total; a resumed run continues up to it. For a staged family (ldm) it caps "
         "each stage, and so does `--max-steps`."))
-    batch_size: int = Field(default=4, gt=0, description=(
+    batch_size: int = Field(default=4, gt=0, le=MAX_BATCH_SIZE, description=(
         "Samples per step per process; a torchrun job of P processes trains on P x batch_size."))
     lr: float = Field(default=2e-4, gt=0, description=(
         "Learning rate of the main network (the GAN generator, the diffusion UNet)."))
@@ -457,7 +466,7 @@ class TrainingConfig(StrictModel):
     preview_every: int = Field(default=500, ge=0, description=(
         "Steps between evaluations with a preview image (RUN/previews/, full-size slices of a few training "
         "cases); 0: no previews (evaluations still run at the first and last step)."))
-    seed: int = Field(default=0, ge=0, description=(
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description=(
         "Seeds every random draw (initial weights, data order, crops, noise): the same recipe and seed "
         "train the same run, bit for bit on the CPU."))
     workers: int = Field(default=0, ge=0, description=(
@@ -625,3 +634,85 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         base = Path(path).parent if path is not None and str(manifest) == str(from_file) else Path.cwd()
         cfg.data.manifest = (base / manifest).resolve()
     return cfg
+
+
+# ---------------------------------------------------------------------------- memory
+
+#: bytes per trained float32 parameter: the weight, its gradient and Adam's two moments
+_BYTES_PER_PARAMETER = 16
+#: bytes per activation kept for the backward pass: the float32 value and its gradient
+_BYTES_PER_ACTIVATION = 8
+
+
+def network_widths(node: object) -> list[list[int]]:
+    """Every ``channels`` setting under a model section: one list of level widths per network."""
+    found: list[list[int]] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "channels" and isinstance(value, list) and all(isinstance(c, int) for c in value):
+                found.append([int(c) for c in value])
+            elif key == "channels" and isinstance(value, int) and not isinstance(value, bool):
+                found.append([int(value)])
+            else:
+                found.extend(network_widths(value))
+    return found
+
+
+def _batch_sizes(node: object) -> list[int]:
+    """Every non-null ``batch_size`` under ``node`` (the stages' own batch sizes)."""
+    if not isinstance(node, dict):
+        return []
+    found = [int(v) for k, v in node.items() if k == "batch_size" and isinstance(v, int) and not isinstance(v, bool)]
+    return found + [b for v in node.values() for b in _batch_sizes(v)]
+
+
+def memory_estimate(cfg: Config) -> tuple[int, int]:
+    """``(bytes, parameters)``: a LOWER bound of the memory training ``cfg`` needs, from the recipe alone.
+
+    Parameters: for every network (each ``channels`` setting of the model section) one
+    ``3**dim``-tap convolution ``c -> c`` per level of width ``c``, each trained float32 parameter
+    taking 16 bytes (weight, gradient, two Adam moments). Activations: per sample of the smallest
+    batch any stage uses, one float32 feature map of the narrowest level over the whole training crop
+    (``data.size``), kept with its gradient (8 bytes per value). Real networks hold many such maps, so
+    a recipe above this bound cannot train on the device; one below it may still not fit."""
+    model = cfg.model.model_dump(mode="json")
+    widths = network_widths(model)
+    taps = 3 ** cfg.data.dim
+    parameters = sum(taps * c * c for net in widths for c in net)
+    batch = min([cfg.training.batch_size, *_batch_sizes(model)])
+    voxels = 1
+    for s in cfg.data.size:
+        voxels *= int(s)
+    narrowest = min((c for net in widths for c in net), default=1)
+    activations = batch * voxels * narrowest
+    return parameters * _BYTES_PER_PARAMETER + activations * _BYTES_PER_ACTIVATION, parameters
+
+
+def device_memory(device: str) -> tuple[str, int]:
+    """``(what, bytes)``: the memory training on ``device`` (``auto``, ``cpu``, ``cuda``) can use: one
+    GPU's total memory under CUDA, else :func:`medsynth.data.limits.available_memory`."""
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            index = torch.cuda.current_device()
+            return f"GPU {torch.cuda.get_device_name(index)}", int(torch.cuda.get_device_properties(index).total_memory)
+    from medsynth.data.limits import available_memory
+
+    return "memory of this machine", available_memory()
+
+
+def check_memory(cfg: Config, available: int, what: str = "device") -> int:
+    """ConfigError, before anything is allocated, when the lower bound :func:`memory_estimate` of
+    training ``cfg`` exceeds ``available`` bytes (``what``: the device, for the message). Returns the bound."""
+    from medsynth.data.limits import format_bytes
+
+    needed, parameters = memory_estimate(cfg)
+    if needed > available:
+        raise ConfigError(
+            f"{cfg.name}: training this recipe needs at least {format_bytes(needed)} (about {parameters:,} "
+            f"parameters with their gradients and optimiser state, and batch {cfg.training.batch_size} of "
+            f"{'x'.join(map(str, cfg.data.size))} crops), more than the {format_bytes(available)} of the {what}; "
+            "lower training.batch_size, data.size or the model's channels"
+        )
+    return needed

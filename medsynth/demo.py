@@ -67,7 +67,7 @@ class DemoPlan:
     sample_steps: int = 10
     # the "does it help?" segmenter: sized to keep the demo within about 3 minutes on two cores
     seg_seeds: int = 2
-    seg_steps: int = 60
+    seg_steps: int = 50
     seg_batch: int = 4
     seg_channels: int = 8
 

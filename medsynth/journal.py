@@ -22,18 +22,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medsynth.data.atomic import atomic_write_text
+from medsynth.data.atomic import atomic_write_text, named_os_error
 from medsynth.errors import JobError
 
 JOB_FILE = ".medsynth_job.json"
 JOURNAL_PREFIX = ".journal"
 LOCK_FILE = ".medsynth.lock"
 TEMP_GLOB = ".*.tmp-*"  # the temp names of medsynth.data.atomic.temp_path_for
+#: the settings key of the job's input files and their sha256 (see check_output_state)
+INPUTS_KEY = "inputs"
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 (hex) of the regular file at ``path`` (DataError for a FIFO, a device, a folder)."""
+    from medsynth.data.limits import open_regular
+
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    fh, _ = open_regular(Path(path))
+    with fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -52,16 +58,23 @@ class Journal:
         self.path = Path(out) / _journal_name(rank)
 
     def append(self, entry: dict[str, Any]) -> None:
+        """Append one entry (flushed and fsynced); an OSError names the journal file."""
         line = json.dumps(entry, sort_keys=True) + "\n"
-        with open(self.path, "a+b") as fh:
-            # a kill can leave a last line without its newline: end it, so this entry stays whole
-            if fh.tell() > 0:
-                fh.seek(-1, os.SEEK_END)
-                if fh.read(1) != b"\n":
-                    fh.write(b"\n")
-            fh.write(line.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(self.path, "a+b") as fh:
+                # a kill can leave a last line without its newline: end it, so this entry stays whole
+                if fh.tell() > 0:
+                    fh.seek(-1, os.SEEK_END)
+                    if fh.read(1) != b"\n":
+                        fh.write(b"\n")
+                fh.write(line.encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            named = named_os_error(exc, self.path)
+            if named is exc:
+                raise
+            raise named from exc
 
 
 def read_journals(out: Path) -> dict[str, list[dict[str, Any]]]:
@@ -153,8 +166,12 @@ def _acquire(out: Path) -> int:
             here = None
         held = os.fstat(fd)
         if here is not None and (here.st_ino, here.st_dev) == (held.st_ino, held.st_dev):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            except OSError as exc:  # a full disk: name the lock file
+                os.close(fd)
+                raise named_os_error(exc, path) from exc
             return fd
         os.close(fd)
 
@@ -257,6 +274,16 @@ def _journaled_files(out: Path) -> dict[str, set[str]]:
     return made
 
 
+def journaled_bytes(out: Path) -> int:
+    """Bytes of the files the journals of ``out`` record that are still there (what an overwrite frees,
+    at most); 0 for a folder without journals."""
+    total = 0
+    for rel in _journaled_files(out):
+        with contextlib.suppress(OSError):
+            total += (Path(out) / rel).stat().st_size
+    return total
+
+
 def _job_made_files(out: Path) -> list[Path]:
     """The files an overwrite of ``out`` removes: those the journals list (each unchanged since it was
     recorded), the journals and the job file. JobError, before anything is removed, if one was changed."""
@@ -275,9 +302,29 @@ def _job_made_files(out: Path) -> list[Path]:
     return remove
 
 
+def held_here(out: Path) -> bool:
+    """Whether this process holds :func:`output_lock` on ``out``."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _lock_pid(fd) == str(os.getpid())
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def _remove_strays(out: Path, folders: set[Path]) -> None:
-    """Temp files of a killed write in ``out`` and ``folders``; none while another process holds the lock."""
-    if lock_holder(out) is not None:
+    """Temp files of a killed write in ``out`` and ``folders``; only while this process holds the lock
+    (a running job's temp files are not strays, and without the lock another job may be running)."""
+    if not held_here(out):
         return
     for folder in sorted({out, *folders}):
         if folder.is_dir():
@@ -286,10 +333,36 @@ def _remove_strays(out: Path, folders: set[Path]) -> None:
                     stray.unlink(missing_ok=True)
 
 
+def _changed_input(old: object, new: object) -> str | None:
+    """The first input file whose sha256 differs between two ``inputs`` records (see
+    :func:`check_output_state`), as ``"input case c1: /data/labelsTr/c1.nii.gz has changed"``."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None
+    for name, files in new.items():
+        before = old.get(name)
+        if not isinstance(before, dict) or not isinstance(files, dict):
+            return f"input {name} is new"
+        for path, digest in files.items():
+            if path not in before:
+                return f"input {name}: {path} is new"
+            if before[path] != digest:
+                return f"input {name}: {path} has changed (sha256 {str(before[path])[:12]}..., now {str(digest)[:12]}...)"
+        gone = sorted(set(before) - set(files))
+        if gone:
+            return f"input {name}: {gone[0]} is no longer used"
+    gone_names = [name for name in old if name not in new]
+    if gone_names:
+        return f"input {gone_names[0]} is no longer in the dataset"
+    return None
+
+
 def check_output_state(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> str:
     """Read-only check of the output folder. Returns ``"new"``, ``"resume"`` or ``"overwrite"``.
 
-    An overwrite needs a job file medsynth can read and journals that name only files inside ``out``."""
+    An overwrite needs a job file medsynth can read and journals that name only files inside ``out``.
+    A resume needs the very same settings; ``settings["inputs"]`` (if present), ``{name: {path: sha256}}``
+    for every input file of the job (``name``: ``"case ID"``, ``"manifest"``, ``"model"``), is compared
+    first, so that a changed input is reported by its name and file."""
     out = Path(out)
     if out.is_symlink() and not out.exists():
         raise JobError(f"--out {out} is a symbolic link to a missing target")
@@ -310,6 +383,10 @@ def check_output_state(out: Path, settings: dict[str, Any], resume: bool, overwr
         _journaled_files(out)
         return "overwrite"
     old = _read_job_file(out, "resume")
+    changed = _changed_input(old.get(INPUTS_KEY), settings.get(INPUTS_KEY))
+    if changed is not None:
+        raise JobError(f"cannot resume {out}: {changed} since the job started, so its files would mix old and new "
+                       "inputs; restore the input, or pass --overwrite to start again from the new one")
     diff = _settings_difference(old, settings)
     if diff is not None:
         raise JobError(
@@ -319,7 +396,17 @@ def check_output_state(out: Path, settings: dict[str, Any], resume: bool, overwr
     return "resume"
 
 
-LAYOUT_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
+def layout_folders() -> set[str]:
+    """The folders (relative to a dataset root) where the registered manifest formats put case files."""
+    from medsynth.data.formats import LIST_OF_FORMATS
+
+    folders = set()
+    for fmt in LIST_OF_FORMATS:
+        for split in ("train", "test"):
+            for path in [*fmt.image_paths(Path(), "case", 2, ".nii.gz", split), fmt.label_path(Path(), "case", ".nii.gz", split)]:
+                if path.parent != Path():
+                    folders.add(path.parent.as_posix())
+    return folders
 
 
 def claim_output(out: Path, settings: dict[str, Any], state: str) -> None:
@@ -327,10 +414,10 @@ def claim_output(out: Path, settings: dict[str, Any], state: str) -> None:
 
     ``"overwrite"`` removes the files the journals list (JobError, removing nothing, if one of them was
     changed since), the journals and the job file, and folders that this leaves empty; files a user
-    added stay. ``"overwrite"`` and ``"resume"`` remove stray temp files of a killed write unless
-    another process holds the lock (a running job's temp files are not strays)."""
+    added stay. ``"overwrite"`` and ``"resume"`` remove stray temp files of a killed write when this
+    process holds :func:`output_lock` on ``out`` (never without it)."""
     out = Path(out)
-    folders = {out / name for name in LAYOUT_FOLDERS}
+    folders = {out / name for name in layout_folders()}
     if state == "overwrite":
         _read_job_file(out, "overwrite")
         removed = _job_made_files(out)

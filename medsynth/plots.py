@@ -119,11 +119,17 @@ class CurvePanel:
 def training_curves(panels: Sequence[CurvePanel], path: Path, *, columns: int = 4) -> Path:
     """Small multiples, one :class:`CurvePanel` each in the given order, ``columns`` per row; a panel
     whose values are all positive uses a log value axis. Writes ``path`` (PNG)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     n = max(1, len(panels))
     cols = min(columns, n)
     rows = -(-n // cols)
-    fig = new_figure(2.6 * cols, 1.9 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    width, height = 2.6 * cols, 1.9 * rows
+    fig = new_figure(width, height)
+    fig.set_layout_engine(None)  # fixed margins: constrained layout costs seconds for many panels
+    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={
+        "left": 0.55 / width, "right": 1 - 0.15 / width, "bottom": 0.4 / height, "top": 1 - 0.3 / height,
+        "wspace": 0.45, "hspace": 0.7})
     for k, ax in enumerate(axes.ravel()):
         if k >= len(panels):
             ax.set_axis_off()
@@ -138,6 +144,12 @@ def training_curves(panels: Sequence[CurvePanel], path: Path, *, columns: int = 
         finite = values[np.isfinite(values)]
         if finite.size and bool((finite > 0).all()):
             ax.set_yscale("log")
+            lo, hi = float(finite.min()), float(finite.max())
+            digits = 3 + max(0, int(np.ceil(np.log10(hi / max(hi - lo, hi * 1e-12)))) - 1)  # narrow ranges: more
+            plain = FuncFormatter(lambda v, _, d=digits: f"{v:.{d}g}")
+            ax.yaxis.set_major_formatter(plain)
+            # within one decade the minor ticks carry the only labels; across decades they would crowd
+            ax.yaxis.set_minor_formatter(plain if hi < 10 * lo else NullFormatter())
         ax.set_title(p.title, fontsize=8)
         ax.tick_params(which="both", labelsize=6)
         ax.set_xlabel("step", fontsize=6)

@@ -161,6 +161,7 @@ class RunCard:
             raise bad("config", "must be the recipe as an object with a 'model' section")
         if config["model"].get("family") != family:
             raise bad("config.model.family", f"is {config['model'].get('family')!r}, the card says {family!r}")
+        _check_sizes(config, bad)
         data = raw["data"]
         if not isinstance(data, dict):
             raise bad("data", "must be an object")
@@ -206,6 +207,20 @@ class RunCard:
         return cls(run_dir=Path(run_dir), family=family, config=config, data=info, steps=steps,
                    final_losses=losses, model=model, stages=stages, yardstick=yardstick,
                    medsynth_version=mv if isinstance(mv, str) else str(mv), version=version)
+
+
+def _check_sizes(config: dict[str, Any], bad: Any) -> None:
+    """Refuse network sizes no recipe may ask for (:data:`medsynth.config.MAX_CHANNELS`,
+    :data:`~medsynth.config.MAX_LEVELS`, :data:`~medsynth.config.MAX_SIZE`), before a network is built."""
+    from medsynth.config import MAX_CHANNELS, MAX_LEVELS, MAX_SIZE, network_widths
+
+    for widths in network_widths(config["model"]):
+        if len(widths) > MAX_LEVELS or any(not 0 < c <= MAX_CHANNELS for c in widths):
+            raise bad("config.model", f"asks for a network with channels {widths[:MAX_LEVELS + 1]}; a recipe allows at "
+                                      f"most {MAX_LEVELS} levels of 1 to {MAX_CHANNELS} channels")
+    size = config.get("data", {}).get("size") if isinstance(config.get("data"), dict) else None
+    if isinstance(size, list) and any(not isinstance(s, int) or not 0 < s <= MAX_SIZE for s in size):
+        raise bad("config.data.size", f"is {size[:4]}; a recipe allows 1 to {MAX_SIZE} voxels per axis")
 
 
 def _losses(raw: object, key: str, bad: Any) -> dict[str, float]:

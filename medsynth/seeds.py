@@ -17,7 +17,11 @@ from enum import IntEnum
 
 import numpy as np
 
-__all__ = ["CaseTag", "MixTag", "PairStream", "Stream", "derive_seed", "seed_sequence"]
+__all__ = ["SEED_MAX", "CaseTag", "MixTag", "PairStream", "Stream", "derive_seed", "seed_sequence"]
+
+#: the largest job seed: seeds feed numpy's SeedSequence and torch.Generator.manual_seed (a signed
+#: 64-bit integer), so every seed option and setting accepts 0 .. 2**63 - 1
+SEED_MAX = 2**63 - 1
 
 
 class Stream(IntEnum):

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from medsynth.cli import app
 
-COMMANDS = ("validate", "phantoms", "evaluate", "train", "sample", "augment", "demo", "recipes", "downstream")
+COMMANDS = ("validate", "phantoms", "evaluate", "train", "sample", "augment", "demo", "recipes", "downstream", "export")
 
 
 def test_help_lists_every_command() -> None:

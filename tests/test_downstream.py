@@ -314,3 +314,16 @@ def test_the_package_is_the_api_and_still_a_package() -> None:
     assert callable(medsynth.downstream)
     assert medsynth.downstream.metrics is metrics
     assert medsynth.DownstreamSummary is medsynth.downstream.DownstreamSummary
+
+
+def test_variant_names_follow_the_method_and_stay_unique() -> None:
+    from medsynth.downstream.data import SyntheticSet
+    from medsynth.downstream.run import variant_names
+
+    sets = [SyntheticSet(n, Path(p), [], []) for n, p in
+            (("gan", "g/dataset.json"), ("classic", "c/dataset.json"), ("synthseg", "a/dataset.json"),
+             ("synthseg", "b/dataset.json"))]
+    names = [v.name for v in variant_names(sets)]
+    assert names == ["real", "real+classic", "real+gan", "real+gan+classic", "real+classic-pairs",
+                     "real+classic-pairs+classic", "real+synthseg(a)", "real+synthseg(a)+classic",
+                     "real+synthseg(b)", "real+synthseg(b)+classic"]

@@ -111,3 +111,42 @@ def test_resampled_labels_stay_aligned_with_resampled_images(spacing: float, tar
     lab = resample(label[None], shape, label=True)[0][:, 0]
     # each output label voxel takes the source voxel nearest to where the image sampled
     assert np.all(np.abs(lab - img) <= 0.5 + 1e-9), (lab[:6], img[:6])
+
+
+def _disk_labels(manifest: Path) -> list[np.ndarray]:
+    return [np.asarray(read_volume(c.label, kind="label").array) for c in read_manifest(manifest).cases]
+
+
+def test_preview_batch_holds_the_middle_foreground_slice_of_whole_cases(data3d: Path) -> None:
+    """2D run on 3D volumes: each preview sample is a whole slice (not a crop) of a training case,
+    the middle one of the slices with foreground along slice_axis, padded with background to a
+    multiple of 32."""
+    from medsynth.training.engine import full_size_batch
+
+    data = _data(data3d, "data.dim=2", "data.size=[8, 8]", "data.slice_axis=0")
+    batch = full_size_batch(data, 2, 32)
+    assert batch["image"].shape == (2, 1, 32, 32) and batch["label"].shape == (2, 7, 32, 32)
+    middles = []
+    for lab in _disk_labels(data3d):
+        fg = np.nonzero((lab != 0).any(axis=(1, 2)))[0]
+        middles.append(lab[fg[len(fg) // 2]])
+    for j in range(2):
+        sample = batch["label_index"][j].numpy()
+        inner = sample[8:24, 8:24]  # 16 voxels centred in 32
+        assert not sample[:8].any() and not sample[24:].any() and not sample[:, :8].any()
+        assert any(np.array_equal(inner, m) for m in middles)
+    assert not torch.equal(batch["label_index"][0], batch["label_index"][1])  # two different cases
+
+
+def test_preview_batch_of_a_3d_run_is_a_slab_through_the_whole_volume(data3d: Path) -> None:
+    from medsynth.training.engine import full_size_batch
+
+    data = _data(data3d, "data.size=[8, 8, 8]")
+    batch = full_size_batch(data, 1, 8)
+    assert batch["image"].shape == (1, 1, 16, 16, 8)  # whole in-plane extent, data.size deep
+    sample = batch["label_index"][0].numpy()
+    found = [(lab, a) for lab in _disk_labels(data3d) for a in range(9) if np.array_equal(lab[:, :, a:a + 8], sample)]
+    assert found
+    lab, a = found[0]
+    fg = np.nonzero((lab != 0).any(axis=(0, 1)))[0]
+    assert fg[0] <= a + 4 <= fg[-1]  # the slab's middle slice (the one previews show) holds foreground

@@ -72,8 +72,9 @@ def _records(run: Path, kind: str) -> list[dict]:
 # ---------------------------------------------------------------------------- learning
 
 
-def test_gan_generator_l1_to_real_drops(run20, data2d: Path) -> None:
-    """L1 of the generator's output to the paired real images on a fixed batch: trained < initial."""
+def test_gan_generator_starts_at_the_fill_and_l1_to_real_drops(run20, data2d: Path) -> None:
+    """The fresh generator paints the label-mean fill (per-label means of the training images,
+    recomputed here); L1 of its output to the paired real images on a fixed batch: trained < initial."""
     from medsynth.data.loader import build_training_data
     from medsynth.data.manifest import read_manifest
     from medsynth.models.gan import condition_map
@@ -90,8 +91,14 @@ def test_gan_generator_l1_to_real_drops(run20, data2d: Path) -> None:
     cond = condition_map(batch["label"], batch["class_index"], 0)
     z = torch.randn((4, *trained.noise_shape((32, 32))), generator=torch.Generator().manual_seed(123))
     with torch.no_grad():
+        fresh = initial(cond, z) * 0.5 + 0.5
         l1 = [float((g(cond, z) * 0.5 + 0.5 - batch["image"]).abs().mean()) for g in (initial, trained)]
-    assert l1[1] < 0.5 * l1[0], l1
+    images = np.concatenate([c.image[0].ravel() for c in data.cases])
+    index = np.concatenate([c.index.ravel() for c in data.cases])
+    means = np.array([images[index == j].mean() for j in range(len(data.info.labels))])
+    expected = means[batch["label_index"].numpy()]
+    np.testing.assert_allclose(fresh[:, 0].numpy(), expected, atol=1e-5)
+    assert l1[1] < 0.9 * l1[0], l1
     evals = _records(run20.run_dir, "eval")  # the engine's own log agrees in direction
     assert [r["step"] for r in evals] == [0, 10, 20]
     assert evals[-1]["l1"] < evals[0]["l1"]

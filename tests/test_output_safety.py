@@ -146,8 +146,9 @@ def test_overwrite_removes_only_what_the_job_made(tmp_path: Path) -> None:
     (out / "labelsTr" / "extra.nii.gz").write_text("a label I added")
     stray = temp_path_for(out / "imagesTr" / "syn_1.nii.gz")
     stray.write_text("half-written")
-    assert J.check_output_state(out, {"seed": 1}, resume=False, overwrite=True) == "overwrite"
-    J.claim_output(out, {"seed": 1}, "overwrite")
+    with J.output_lock(out):  # stray temp files are removed only under the lock
+        assert J.check_output_state(out, {"seed": 1}, resume=False, overwrite=True) == "overwrite"
+        J.claim_output(out, {"seed": 1}, "overwrite")
     assert _tree(out) == [J.JOB_FILE, "labelsTr", "labelsTr/extra.nii.gz", "mywork", "mywork/model.pt", "notes.txt"]
     assert json.loads((out / J.JOB_FILE).read_text()) == {"seed": 1}
     assert (out / "mywork" / "model.pt").read_text() == "weights"
@@ -175,11 +176,13 @@ def test_overwrite_refuses_a_journal_naming_files_outside(tmp_path: Path) -> Non
     assert (tmp_path / "thesis.docx").exists() and (out / "dataset.json").exists()
 
 
-def test_strays_are_removed_only_when_no_other_job_holds_the_lock(tmp_path: Path) -> None:
+def test_strays_are_removed_only_under_this_jobs_lock(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _fake_job(out)
     stray = temp_path_for(out / "imagesTr" / "syn_1.nii.gz")
     stray.write_text("another job's file in flight")
+    J.claim_output(out, {"method": "classic", "seed": 0}, "resume")  # nobody holds the lock: not proof enough
+    assert stray.exists() and not J.held_here(out)
     proc = _holder(out)
     try:
         J.claim_output(out, {"method": "classic", "seed": 0}, "resume")

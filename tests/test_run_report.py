@@ -76,6 +76,14 @@ def test_summary_line_prints_the_last_metrics_record(trained) -> None:
     ckpt = torch.load(run / "checkpoints/step_00000006.pt", map_location="cpu", weights_only=True)
     assert card["final_losses"] == losses == ckpt["losses"]
     assert f"report: {run / 'report.md'}" in output
+    # the progress line shows the same numbers; the 2D-on-3D warning comes once, before any step
+    assert "gan: 6/6" in output and printed_line(output, "gan: 6/6").endswith(m.group(1))
+    warning = "the recipe is 2D (data.dim: 2) and the volumes are 3D"
+    assert output.count(warning) == 1 and output.index(warning) < output.index("gan: ")
+
+
+def printed_line(output: str, start: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith(start))
 
 
 def test_a_record_is_the_mean_of_its_steps(trained, data3d: Path, tmp_path: Path) -> None:
@@ -197,35 +205,36 @@ def test_threads_are_set_said_recorded_and_restored(trained) -> None:
 
 def test_full_size_previews_when_the_family_generates_at_any_size(data3d: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A family that opts in (preview_multiple) previews whole 24x24 slices padded to 32; one that
-    does not previews the 32x32 training crops. Evaluations use the crops either way."""
+    """A family that says it generates at any size (preview_multiple) previews whole 24x24 slices,
+    while evaluations keep scoring the 16x16 training crops."""
     from medsynth.config import load_config
     from medsynth.training.engine import train
     from medsynth.training.gan import GanFamily
 
-    seen: list[tuple[str, tuple[int, ...]]] = []
+    seen: set[tuple[str, tuple[int, ...]]] = set()
     preview, evaluate = GanFamily.preview, GanFamily.evaluate
-    monkeypatch.setattr(GanFamily, "preview", lambda self, b: (seen.append(("p", tuple(b["image"].shape))),
+    monkeypatch.setattr(GanFamily, "preview", lambda self, b: (seen.add(("p", tuple(b["image"].shape))),
                                                                preview(self, b))[1])
-    monkeypatch.setattr(GanFamily, "evaluate", lambda self, b: (seen.append(("e", tuple(b["image"].shape))),
+    monkeypatch.setattr(GanFamily, "evaluate", lambda self, b: (seen.add(("e", tuple(b["image"].shape))),
                                                                 evaluate(self, b))[1])
-    cfg = load_config(TINY2D, [f"data.manifest={data3d}", "training.max_steps=1", "training.batch_size=2",
-                               "training.preview_every=1", "data.size=[16, 16]"])
-    train(cfg, tmp_path / "crops", progress=False)
-    assert set(seen) == {("p", (2, 1, 16, 16)), ("e", (2, 1, 16, 16))}
-    seen.clear()
     monkeypatch.setattr(GanFamily, "preview_multiple", lambda self: self.G.factor, raising=False)
+    cfg = load_config(TINY2D, [f"data.manifest={data3d}", "training.max_steps=1", "training.batch_size=2",
+                               "training.preview_every=1", "data.size=[16, 16]", "model.discriminator.num_d=1"])
     train(cfg, tmp_path / "full", progress=False)
-    assert set(seen) == {("p", (2, 1, 24, 24)), ("e", (2, 1, 16, 16))}
+    assert seen == {("p", (2, 1, 24, 24)), ("e", (2, 1, 16, 16))}
 
 
 def test_sample_shows_progress_over_slices(trained, data3d: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+
     run, _, _ = trained
     mask = next((data3d.parent / "labelsTr").glob("*.nii.gz"))
+    # slices along axis 2 holding a label: the ones generated (the empty ones are painted background)
+    busy = int((np.asarray(nib.load(mask).dataobj) != 0).any(axis=(0, 1)).sum())
     res = CliRunner().invoke(app, ["sample", str(run), "--mask", str(mask), "--out", str(tmp_path / "s.nii.gz")])
     assert res.exit_code == 0, res.output
-    assert re.search(r"generating \(slices\): 24/24 \([\d.]+/s\)", res.output), res.output
+    assert re.search(rf"generating \(slices\): {busy}/{busy} \([\d.]+/s\)", res.output), res.output
     assert "2D run given a 3D mask" in res.output
     quiet = CliRunner().invoke(app, ["sample", str(run), "--mask", str(mask), "--out", str(tmp_path / "q.nii.gz"),
                                      "--no-progress"])
-    assert quiet.exit_code == 0 and "generating" not in quiet.output
+    assert quiet.exit_code == 0 and "generating (slices)" not in quiet.output

@@ -1,12 +1,21 @@
 """Making one synthetic case: read its source, make a pair with the synthetic-pair core, write it.
 
-Every file is written atomically (:func:`medsynth.data.nifti.write_volume`) and its sha256 returned
-for the journal, with the case's provenance record.
+Every file is written atomically (:func:`medsynth.data.nifti.write_volume`, with the source label
+map's affine and sform/qform codes) and its sha256 returned for the journal, with the case's
+provenance record.
+
+A case is computed on one torch thread (:func:`one_torch_thread`), in this process as in a worker:
+torch's CPU kernels split some float reductions by thread count (a 1x1x1 ``Conv3d`` on a 40^3
+volume differs by ~1e-6 between 1 and 2 threads, ~6e-5 after a generator's output is mapped to
+intensity units), so a case's bytes would otherwise depend on ``--workers`` and the machine.
+Parallelism comes from ``--workers`` (and torchrun ranks) instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,8 +78,30 @@ def job_synthesizer(run: Path) -> Synthesizer:
     return load_synthesizer(run)
 
 
+@contextlib.contextmanager
+def one_torch_thread(needed: bool) -> Iterator[None]:
+    """Run the block with one torch intra-op thread (restored after); ``needed=False``: leave torch
+    alone (a method that never imports it keeps worker start-up light)."""
+    if not needed:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
-    """Make, check (QC with bounded redraws) and write one synthetic case."""
+    """Make, check (QC with bounded redraws) and write one synthetic case, on one torch thread."""
+    with one_torch_thread(ctx.method != "synthseg"):
+        return _make_case(ctx, plan)
+
+
+def _make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
     # 1. the source case (and the lesion donor's label map)
     source = read_case(ctx.sources[plan.source])
     donor = None if plan.donor is None else read_case(ctx.sources[plan.donor]).label
@@ -90,9 +121,9 @@ def make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
     # 3. the files, then what was made
     files: dict[str, str] = {}
     for c, rel in enumerate(plan.images):
-        write_volume(ctx.out / rel, pair.images[c], source.affine, kind="image")
+        write_volume(ctx.out / rel, pair.images[c], source.affine, kind="image", codes=source.codes)
         files[rel] = sha256_file(ctx.out / rel)
-    write_volume(ctx.out / plan.label, pair.label, source.affine, kind="label")
+    write_volume(ctx.out / plan.label, pair.label, source.affine, kind="label", codes=source.codes)
     files[plan.label] = sha256_file(ctx.out / plan.label)
     provenance = {
         "case_id": plan.case_id,

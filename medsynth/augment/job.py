@@ -15,7 +15,7 @@ statistics per channel for synthesis and QC, the label set, which labels each ca
 5. plan: for synthetic case ``k`` the source case (and a lesion donor) follow from ``(seed, k)``;
 6. claim the output folder (new, ``--resume`` with identical settings, or ``--overwrite`` of a
 folder this job made) and store the settings in ``OUT/.medsynth_job.json``; 7. place real cases
-where the format needs them (nnU-Net: hard links, or copies); 8. make the missing or corrupt
+in the output folder (``--real``: hard links, or copies; or none for ``reference``); 8. make the missing or corrupt
 synthetic cases (in process, in ``workers`` processes, and/or sharded over torchrun ranks), each
 file written atomically and recorded with its sha256 in ``OUT/.journal.jsonl``; 9. rank 0 checks
 every file against the journal, writes ``provenance.jsonl`` and then, last, the manifest.
@@ -26,9 +26,11 @@ so the bytes written do not depend on workers, ranks, or on a kill followed by `
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from medsynth.augment.layout import (
     OutputLayout,
     RealCase,
     check_output_location,
+    check_real_mode,
     place_real_file,
     real_cases_out,
     synthetic_case,
@@ -46,18 +49,34 @@ from medsynth.augment.layout import (
 )
 from medsynth.augment.model import check_model, class_key, model_checksum, read_model
 from medsynth.augment.options import AugmentOptions, check_options
-from medsynth.augment.plan import SYNTHETIC_PREFIX, PlannedCase, plan_cases
+from medsynth.augment.plan import SYNTHETIC_PREFIX, PlannedCase, growth_settings, plan_cases
 from medsynth.augment.workers import Ranks, generate, join_ranks
 from medsynth.data.atomic import atomic_write_text
 from medsynth.data.formats import get_format
-from medsynth.data.manifest import Manifest, read_manifest
+from medsynth.data.limits import format_bytes
+from medsynth.data.manifest import Case, Manifest, read_manifest
 from medsynth.data.transforms import check_edit_labels
 from medsynth.data.validate import load_valid_dataset
+from medsynth.distributed import torchrun_env
 from medsynth.errors import DataError, JobError
-from medsynth.journal import Journal, check_output_state, claim_output, read_journals, sha256_file, verified_entry
+from medsynth.journal import (
+    INPUTS_KEY,
+    Journal,
+    check_output_state,
+    claim_output,
+    journaled_bytes,
+    output_lock,
+    read_journals,
+    sha256_file,
+    verified_entry,
+)
+from medsynth.runcard import RunCard
 
 PROVENANCE_FILE = "provenance.jsonl"
-JOB_FORMAT_VERSION = 1
+#: 2: the settings hold the sha256 of every input file
+JOB_FORMAT_VERSION = 2
+#: planned cases a dry run lists (it counts the rest without planning them)
+DRY_RUN_SHOWN = 20
 
 
 @dataclass
@@ -79,6 +98,7 @@ class AugmentSummary:
     dry_run: bool = False
     rank: int = 0
     world_size: int = 1
+    estimated_bytes: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -88,28 +108,103 @@ class AugmentSummary:
             "generated": self.generated, "reused": self.reused, "redraws": self.redraws,
             "seconds": round(self.seconds, 3), "generate_seconds": round(self.generate_seconds, 3),
             "dry_run": self.dry_run, "rank": self.rank, "world_size": self.world_size,
+            "estimated_bytes": self.estimated_bytes,
         }
 
 
-def job_settings(options: AugmentOptions, manifest: Manifest, model_sha: str | None) -> dict[str, object]:
-    """The settings a resumed job must share with the original (stored in OUT/.medsynth_job.json)."""
+def _input_sha(path: Path) -> str | None:
+    """sha256 of an input file; None for one that is missing or not a regular file (validation,
+    which runs next, names its problem)."""
+    try:
+        return sha256_file(path)
+    except (DataError, OSError):
+        return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return 0
+
+
+def input_files(manifest: Manifest, card: RunCard | None) -> dict[str, dict[str, str | None]]:
+    """sha256 of every input file the job uses: ``{"case ID": {path: sha256}, ..., "manifest": {...},
+    "model": {...}}`` (the cases in manifest order). Stored with the settings, so that a resume notices
+    a changed input (:func:`medsynth.journal.check_output_state`)."""
+    inputs: dict[str, dict[str, str | None]] = {}
+    for case in manifest.cases:
+        paths = [*case.images, *([case.label] if case.label is not None else [])]
+        inputs[f"case {case.case_id}"] = {str(Path(p)): _input_sha(Path(p)) for p in paths}
+    source = get_format(manifest.format).manifest_file(Path(manifest.source or "."))
+    inputs["manifest"] = {str(source): _input_sha(source)}
+    if card is not None:
+        inputs["model"] = {str(card.weights_path): model_checksum(card)}
+    return inputs
+
+
+def job_settings(options: AugmentOptions, manifest: Manifest, card: RunCard | None) -> dict[str, object]:
+    """The settings a resumed job must share with the original (stored in OUT/.medsynth_job.json),
+    with the sha256 of every input file (:func:`input_files`)."""
     source = Path(manifest.source or ".")
+    inputs = input_files(manifest, card)
     settings = {
         "job_format": JOB_FORMAT_VERSION,
         "medsynth_version": __version__,
         "input": str(source),
         "input_format": manifest.format,
-        "input_sha256": sha256_file(get_format(manifest.format).manifest_file(source)),
         "method": options.method,
         "num": int(options.num),
         "seed": int(options.seed),
         "synthetic_only": bool(options.synthetic_only),
+        "real": options.real,
         "model": None if options.model is None else str(Path(options.model).resolve()),
-        "model_sha256": model_sha,
+        "model_sha256": None if card is None else next(iter(inputs["model"].values())),
         "config": options.config.model_dump(mode="json"),
+        INPUTS_KEY: inputs,
     }
     result: dict[str, object] = json.loads(json.dumps(settings))
     return result
+
+
+def case_bytes(sources: list[Case]) -> int:
+    """The mean size in bytes of a source case's files (images and label): what one synthetic case
+    is estimated to take on disk."""
+    sizes = []
+    for case in sources:
+        paths = [*case.images, *([case.label] if case.label is not None else [])]
+        sizes.append(sum(_size(Path(p)) for p in paths))
+    return int(sum(sizes) / max(len(sizes), 1))
+
+
+def _existing_folder(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (where its files would land)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk_space(out: Path, options: AugmentOptions, sources: list[Case], state: str) -> int:
+    """JobError when the cases still to make need more space than ``out``'s file system has free.
+
+    The estimate: ``cases x`` :func:`case_bytes`; a resume counts only the cases its journal does not
+    list, an overwrite counts the space its removals free. Returns the estimate in bytes."""
+    remaining = int(options.num)
+    free = shutil.disk_usage(_existing_folder(out)).free
+    if state == "resume":
+        listed = sum(1 for key in read_journals(out) if key.startswith("syn:"))
+        remaining = max(remaining - listed, 0)
+    elif state == "overwrite":
+        free += journaled_bytes(out)
+    per_case = case_bytes(sources)
+    needed = remaining * per_case
+    if needed > free:
+        raise JobError(
+            f"--num {options.num}: the new files need about {format_bytes(needed)} ({remaining} case(s) x "
+            f"~{format_bytes(per_case)}, the mean size of a source case's files), but {_existing_folder(out)} has "
+            f"{format_bytes(free)} free; free some space or lower --num"
+        )
+    return needed
 
 
 def run_augment(options: AugmentOptions) -> AugmentSummary:
@@ -120,36 +215,52 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
     out = Path(options.out).expanduser().absolute()
     # 2. dataset: the manifest now (cheap), every file decoded and checked after the output checks
     manifest = read_manifest(Path(options.input))
-    layout = OutputLayout.for_manifest(manifest)
     sources = [c for c in manifest.cases if c.label is not None and c.split == "train"]
     if not sources:
         raise DataError(f"{manifest.source}: no labelled training cases to augment from")
     clash = sorted(c.case_id for c in manifest.cases if c.case_id.startswith(SYNTHETIC_PREFIX))
     if clash:
         raise DataError(f"{manifest.source}: case id(s) {clash[:5]} use the prefix {SYNTHETIC_PREFIX!r} kept for synthetic cases")
-    # 3. output location and state (read-only, before any work)
+    # 3. output location; then, holding the output folder (rank 0 of a real job), its state
     check_output_location(out, manifest)
+    check_real_mode(options.real, get_format(manifest.format))
     model = None if options.model is None else Path(options.model).expanduser().resolve()
     card = None if model is None else read_model(model)
-    model_sha = None if card is None else model_checksum(card)
-    settings = job_settings(options, manifest, model_sha)
-    state = check_output_state(out, settings, options.resume, options.overwrite)
+    settings = job_settings(options, manifest, card)
+    with contextlib.ExitStack() as stack:
+        if not options.dry_run and torchrun_env().is_main:
+            stack.enter_context(output_lock(out))  # one job per output folder, until this one ends
+        state = check_output_state(out, growth_settings(out, settings, options.resume), options.resume,
+                                   options.overwrite)
+        estimate = check_disk_space(out, options, sources, state)
+        summary = _run(options, out, card, settings, state, t0)
+        summary.estimated_bytes = estimate
+        return summary
+
+
+def _run(options: AugmentOptions, out: Path, card: RunCard | None, settings: dict[str, object], state: str,
+         t0: float) -> AugmentSummary:
+    """Stages 4-9 of :func:`run_augment` (the output folder checked and, for a real job, held)."""
     ranks = join_ranks() if not options.dry_run else Ranks()
     show = options.progress and ranks.rank == 0
+    model = None if card is None else card.run_dir.resolve()
+    model_sha = None if card is None else str(settings["model_sha256"])
     # 4. validate, then facts from the real data
     manifest = load_valid_dataset(Path(options.input), progress=show)
+    layout = OutputLayout.for_manifest(manifest)
     sources = [c for c in manifest.cases if c.label is not None and c.split == "train"]
     facts = gather_facts(manifest, sources, progress=show)
     if options.method != "classic":
         check_edit_labels(options.config.edits, facts.labels)
     if card is not None:
         check_model(card, options.method, facts.labels, manifest.num_channels, sources)
-    # 5. plan
-    plan = plan_cases(options, sources, facts, layout)
-    real = [] if options.synthetic_only else real_cases_out(manifest, out, layout)
+    # 5. plan (a dry run plans the first cases only: case k depends on (seed, k) alone)
+    shown = replace(options, num=min(options.num, DRY_RUN_SHOWN)) if options.dry_run else options
+    plan = plan_cases(shown, sources, facts, layout)
+    real = [] if options.synthetic_only else real_cases_out(manifest, out, layout, options.real)
     summary = AugmentSummary(
         out=out, format=manifest.format, method=options.method, plan=plan, real_cases=len(real),
-        synthetic_cases=len(plan), dry_run=options.dry_run, rank=ranks.rank, world_size=ranks.world,
+        synthetic_cases=options.num, dry_run=options.dry_run, rank=ranks.rank, world_size=ranks.world,
     )
     if options.dry_run:
         summary.seconds = time.perf_counter() - t0
@@ -161,7 +272,7 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
     ranks.barrier()
     journal = Journal(out, ranks.rank)
     done = read_journals(out)
-    # 7. real cases in place (a format like nnU-Net needs its files in its folders)
+    # 7. real cases into the output folder (--real), so that it can be moved
     if ranks.rank == 0:
         for r in real:
             key = f"real:{r.case.case_id}"
@@ -169,7 +280,7 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
                 continue
             files = {}
             for rel, src in r.placed.items():
-                place_real_file(src, out / rel)
+                place_real_file(src, out / rel, options.real)
                 files[rel] = sha256_file(out / rel)
             journal.append({"key": key, "files": files})
     # 8. synthetic cases of this rank that are missing or corrupt

@@ -1,22 +1,32 @@
 """Where the job's files go: the output folder in the input's format, asked of the format registry.
 
 Synthetic cases go where the format puts a case (:meth:`ManifestFormat.image_paths` /
-:meth:`ManifestFormat.label_path`); real cases stay where they are, except in a format whose
-manifest is its file layout (``places_cases``: nnU-Net), where they are hard-linked (or copied)
-into the output folder. The manifest is written last.
+:meth:`ManifestFormat.label_path`). Real cases go there too (``--real``, :data:`REAL_MODES`), so the
+output folder is self-contained and can be moved: hard-linked when the file system allows it, else
+copied (``auto``, the default), always linked (``link``), always copied (``copy``), or left where
+they are and listed by relative path (``reference``; not for a format whose manifest is its file
+layout, ``places_cases``: nnU-Net). A placed file keeps its bytes, so its header and its file
+ending stay the input's. The manifest is written last.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from medsynth.data.atomic import temp_path_for
+from medsynth.data.export import DETACHED_SUFFIXES, PLACE_MODES, case_destinations, check_output_location, place_file
 from medsynth.data.formats import ManifestFormat, get_format
 from medsynth.data.manifest import Case, Manifest, write_manifest
-from medsynth.errors import JobError
+from medsynth.data.nifti import volume_suffix
+from medsynth.errors import ConfigError, DataError, JobError
+
+#: how ``--real`` puts the real cases into the output folder (``auto``: link, else copy; ``reference``:
+#: not at all, the output lists them where they are)
+REAL_MODES = (*PLACE_MODES, "reference")
+
+__all__ = ["REAL_MODES", "OutputLayout", "RealCase", "check_output_location", "check_real_mode", "place_real_file",
+           "real_cases_out", "synthetic_case", "write_output_manifest"]
 
 
 @dataclass(frozen=True)
@@ -50,64 +60,51 @@ class RealCase:
     placed: dict[str, Path]
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
+def check_real_mode(mode: str, fmt: ManifestFormat) -> None:
+    """ConfigError unless ``mode`` is one of :data:`REAL_MODES` and fits the output format."""
+    if mode not in REAL_MODES:
+        raise ConfigError(f"--real must be one of {', '.join(m for m in REAL_MODES if m != 'auto')}, got {mode!r}")
+    if mode == "reference" and fmt.places_cases:
+        raise ConfigError(f"--real reference: a {fmt.name} dataset is its file layout, so its real cases must be "
+                          "inside the output folder; use --real link or --real copy")
 
 
-def check_output_location(out: Path, manifest: Manifest) -> None:
-    """Refuse an output folder that is, or lies inside, an input folder, or contains an input."""
-    out_r = Path(out).expanduser().resolve()
-    source = Path(manifest.source or manifest.root or ".").resolve()
-    manifest_dir = source if source.is_dir() else source.parent
-    files: list[Path] = [] if source.is_dir() else [source]
-    for case in manifest.cases:
-        files.extend(Path(p).resolve() for p in case.images)
-        if case.label is not None:
-            files.append(Path(case.label).resolve())
-    folders = sorted({manifest_dir, *(f.parent for f in files)})
-    for folder in folders:
-        if _is_within(out_r, folder):
-            raise JobError(f"--out {out} lies inside the input folder {folder}; choose a folder outside the dataset")
-    for f in [source, *files]:
-        if _is_within(f, out_r):
-            raise JobError(f"--out {out} contains the input {f}; choose another output folder")
-
-
-def real_cases_out(manifest: Manifest, out: Path, layout: OutputLayout) -> list[RealCase]:
-    """The real cases of the output manifest, with the files a ``places_cases`` format needs placed."""
+def real_cases_out(manifest: Manifest, out: Path, layout: OutputLayout, mode: str = "auto") -> list[RealCase]:
+    """The real cases of the output manifest: placed inside ``out`` (the files to link or copy), or,
+    with ``mode="reference"``, listed where they are. See :data:`REAL_MODES`."""
+    check_real_mode(mode, layout.format)
     result = []
+    detached: list[str] = []
     for case in manifest.cases:
-        if not layout.format.places_cases:
+        files = [*case.images, *([case.label] if case.label is not None else [])]
+        if mode == "reference":
             result.append(RealCase(case, {}))
             continue
-        images = layout.format.image_paths(out, case.case_id, len(case.images), layout.ending, case.split)
+        if any(volume_suffix(f) in DETACHED_SUFFIXES for f in files):
+            if mode != "auto" or layout.format.places_cases:
+                raise DataError(f"case {case.case_id}: {files[0]} keeps its voxels in a separate file, which --real "
+                                f"{mode} cannot place; convert the case to .nii.gz or .mha first, or use --real reference")
+            detached.append(case.case_id)
+            result.append(RealCase(case, {}))
+            continue
+        ending = layout.ending if layout.format.places_cases else None
+        images, label = case_destinations(layout.format, out, case, ending)
         placed = {p.relative_to(out).as_posix(): Path(src) for p, src in zip(images, case.images)}
-        label = None
-        if case.label is not None:
-            label = layout.format.label_path(out, case.case_id, layout.ending, case.split)
+        if label is not None and case.label is not None:
             placed[label.relative_to(out).as_posix()] = Path(case.label)
         result.append(RealCase(replace(case, images=images, label=label), placed))
+    if detached:
+        warnings.warn(f"{len(detached)} real case(s) ({', '.join(detached[:3])}) keep their voxels in separate files "
+                      "(.mhd/.nhdr): they stay where they are and the output lists them by path", stacklevel=2)
     return result
 
 
-def place_real_file(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` at ``dst`` (atomically, via a temp name); copy if linking fails."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(dst)
+def place_real_file(src: Path, dst: Path, mode: str = "auto") -> None:
+    """Put a real case's file ``src`` at ``dst`` as ``--real`` says (:func:`medsynth.data.export.place_file`)."""
     try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+        place_file(src, dst, mode)
+    except JobError as exc:
+        raise JobError(f"--real {mode}: {exc}; use --real copy") from None
 
 
 def synthetic_case(case_id: str, images: list[str], label: str, source: str, out: Path) -> Case:
@@ -117,5 +114,6 @@ def synthetic_case(case_id: str, images: list[str], label: str, source: str, out
 
 def write_output_manifest(manifest: Manifest, cases: list[Case], out: Path, layout: OutputLayout) -> Path:
     """Write the output manifest (the input's format and facts, ``cases`` listed) into ``out``."""
-    result = replace(manifest, cases=cases, labels=manifest.labels, source=None, root=out)
+    result = replace(manifest, cases=cases, labels=manifest.labels, source=None, root=out,
+                     name=layout.format.output_name(manifest, out))
     return write_manifest(result, out, fmt=layout.format.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class AugmentOptions:
     method: a training-free method or a registered family (:func:`medsynth.registry.method_names`).
     num: synthetic cases to make. seed: job seed (>= 0). model: run folder for a family method.
     workers: parallel CPU processes (results identical for any value).
+    real: how real cases enter the output folder (:data:`medsynth.augment.layout.REAL_MODES`).
     """
 
     input: Path
@@ -60,6 +62,7 @@ class AugmentOptions:
     synthetic_only: bool = False
     workers: int = 1
     dry_run: bool = False
+    real: str = "auto"
     config: AugmentConfig = field(default_factory=AugmentConfig)
     progress: bool = False
 
@@ -70,15 +73,36 @@ class AugmentOptions:
                             classic=c.classic, qc=c.qc)
 
 
+#: the most synthetic cases one job makes (its plan and journal stay a few hundred MB at most)
+NUM_MAX = 1_000_000
+#: worker processes per usable CPU core, at most
+WORKERS_PER_CORE = 4
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def check_options(options: AugmentOptions) -> None:
     """ConfigError naming the first bad option."""
+    from medsynth.seeds import SEED_MAX
+
     check_method(options.method, "--method")
-    if options.num < 1:
-        raise ConfigError(f"--num must be at least 1, got {options.num}")
-    if options.seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {options.seed}")
-    if options.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {options.workers}")
+    for name, value in (("--num", options.num), ("--seed", options.seed), ("--workers", options.workers)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    if not 1 <= options.num <= NUM_MAX:
+        raise ConfigError(f"--num {options.num}: must be from 1 to {NUM_MAX:,} synthetic cases per job")
+    if not 0 <= options.seed <= SEED_MAX:
+        raise ConfigError(f"--seed {options.seed}: must be a whole number from 0 to {SEED_MAX} (2**63 - 1)")
+    most = WORKERS_PER_CORE * usable_cores()
+    if not 1 <= options.workers <= most:
+        raise ConfigError(f"--workers {options.workers}: must be from 1 to {most} ({WORKERS_PER_CORE} per CPU core "
+                          "of this machine); each worker holds its own copy of the job's data")
     if options.resume and options.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
     if is_model_method(options.method) and options.model is None:

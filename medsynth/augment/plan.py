@@ -1,12 +1,17 @@
 """The plan of a job: for synthetic case ``k``, its source case, lesion donor, files and seed.
 
 Everything follows from ``(seed, k)`` through :func:`medsynth.seeds.seed_sequence` with the
-:class:`medsynth.seeds.CaseTag` streams, so a plan does not depend on workers, ranks or a resume.
+:class:`medsynth.seeds.CaseTag` streams, so a plan does not depend on workers, ranks, a resume or
+``num``: the plan of ``M`` cases starts with the plan of ``N < M`` cases, which is what lets
+``--resume --num M`` grow a finished job (:func:`growth_settings`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -14,6 +19,8 @@ from medsynth.augment.facts import DatasetFacts
 from medsynth.augment.layout import OutputLayout
 from medsynth.augment.options import AugmentOptions
 from medsynth.data.manifest import Case
+from medsynth.errors import JobError
+from medsynth.journal import JOB_FILE
 from medsynth.seeds import CaseTag, seed_sequence
 
 SYNTHETIC_PREFIX = "syn_"
@@ -62,3 +69,26 @@ def plan_cases(options: AugmentOptions, sources: list[Case], facts: DatasetFacts
         plan.append(PlannedCase(k, cid, source, donor, layout.synthetic_images(cid), layout.synthetic_label(cid)))
     return plan
 
+
+
+def growth_settings(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The settings a resumed job in ``out`` is compared with (``settings`` as they are, unless growing).
+
+    ``--resume --num M`` on a job stored with ``num`` N < M grows it: the comparison uses N, so every
+    other setting must still match, and the N cases made are kept (case ``k`` depends on
+    ``(seed, k)`` only). M < N is refused: a job does not shrink. An unreadable job file is left to
+    :func:`medsynth.journal.check_output_state`, which names the problem."""
+    if not resume:
+        return settings
+    try:
+        stored = json.loads((Path(out) / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return settings
+    old = stored.get("num") if isinstance(stored, dict) else None
+    new = settings.get("num")
+    if not isinstance(old, int) or isinstance(old, bool) or not isinstance(new, int) or new == old:
+        return settings
+    if new < old:
+        raise JobError(f"--resume --num {new}: the job in {out} was started with --num {old}; a job can grow "
+                       f"(a larger --num) but not shrink. Pass --num {old} or more, or --overwrite to start again")
+    return {**settings, "num": old}

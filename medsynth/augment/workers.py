@@ -1,12 +1,14 @@
 """Where cases are made: in this process, in ``workers`` spawned processes, and/or on torchrun ranks.
 
 Ranks shard the plan (case ``k`` belongs to rank ``k % world_size``); workers share a rank's cases.
-Neither changes a byte written: every case's draws follow from ``(seed, k)``.
+Neither changes a byte written: every case's draws follow from ``(seed, k)``. Workers die with the
+job: a killed job (even ``kill -9``) leaves no worker behind (:func:`die_with_parent`).
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,11 +52,37 @@ def join_ranks() -> Ranks:
 
 # worker-process plumbing (spawn): the context is sent once, then only plans travel
 _WORKER_CTX: JobContext | None = None
+_PARENT_PID: int | None = None
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def _worker_init(ctx: JobContext) -> None:
-    global _WORKER_CTX
+def die_with_parent(parent: int) -> None:
+    """Make this process end when ``parent`` (its parent's PID) dies, also by SIGKILL: on Linux the
+    kernel sends it SIGKILL then (``prctl(PR_SET_PDEATHSIG)``); elsewhere it is checked before each
+    case. If the parent is already gone (it died before this ran), exit now."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the check before each case remains
+            pass
+    _exit_if_orphaned(parent)
+
+
+def _exit_if_orphaned(parent: int) -> None:
+    if os.getppid() != parent:
+        os._exit(1)  # the job is gone: nobody will collect this worker's results
+
+
+def _worker_init(ctx: JobContext, parent: int) -> None:
+    global _WORKER_CTX, _PARENT_PID
+    die_with_parent(parent)
     _WORKER_CTX = ctx
+    _PARENT_PID = parent
     if ctx.method != "synthseg":  # synthseg never imports torch: keep worker start-up light
         import torch
 
@@ -62,8 +90,9 @@ def _worker_init(ctx: JobContext) -> None:
 
 
 def _worker_make(plan: PlannedCase) -> CaseResult:
-    if _WORKER_CTX is None:
+    if _WORKER_CTX is None or _PARENT_PID is None:
         raise JobError("augment worker used before its initialiser ran")
+    _exit_if_orphaned(_PARENT_PID)
     return make_case(_WORKER_CTX, plan)
 
 
@@ -81,7 +110,7 @@ def generate(ctx: JobContext, todo: list[PlannedCase], workers: int, show: bool)
 
         pool = ProcessPoolExecutor(
             max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn"),
-            initializer=_worker_init, initargs=(ctx,),
+            initializer=_worker_init, initargs=(ctx, os.getpid()),
         )
         try:
             pending = {pool.submit(_worker_make, plan) for plan in todo}

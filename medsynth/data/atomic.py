@@ -38,9 +38,20 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def named_os_error(exc: OSError, path: Path) -> OSError:
+    """``exc`` if it names a file, else the same error naming ``path``: a write that fails for lack of
+    space (ENOSPC), on a read-only file system (EROFS) or for a quota (EDQUOT) raises an OSError
+    without a file name, and the message must say which file could not be written."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path to write; on success it replaces ``path``, on error it is removed."""
+    """Yield a temp path to write; on success it replaces ``path``, on error it is removed.
+
+    An OSError without a file name (a full disk, a read-only file system) is raised naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
@@ -49,8 +60,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        named = named_os_error(exc, path)
+        if named is exc:
+            raise
+        raise named from exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # missing, or a read-only file system: nothing to remove
             tmp.unlink()
 
 

@@ -21,6 +21,8 @@ import numpy as np
 from medsynth.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     import torch
     from torch.utils.data import DataLoader, Dataset
 
@@ -29,6 +31,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # cap on the voxels per channel used to estimate percentiles (deterministic stride subsample)
 _PERCENTILE_VOXELS = 20_000_000
+#: 3D training crops: the fraction centred near a random foreground voxel (the rest uniform), so a
+#: large volume does not give mostly-background patches; foreground coordinates kept per case
+FOREGROUND_CROPS = 2 / 3
+FOREGROUND_VOXELS = 4096
 
 
 @dataclass
@@ -159,13 +165,15 @@ def _stat_table(raw: object) -> list[list[float]] | None:
 @dataclass
 class CaseArrays:
     """One training case in memory: image (C, *spatial) float32 in [0, 1]; index (*spatial) int16
-    label channel indices; fg_slices: slice indices along slice_axis holding foreground."""
+    label channel indices; fg_slices: slice indices along slice_axis holding foreground; fg_voxels:
+    (K, ndim) coordinates of up to :data:`FOREGROUND_VOXELS` foreground voxels (3D crops)."""
 
     case_id: str
     image: np.ndarray
     index: np.ndarray
     class_index: int = 0
     fg_slices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    fg_voxels: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -273,9 +281,17 @@ class TrainingData:
             k = int(pool[rng.integers(len(pool))])
             image = np.take(image, k, axis=axis + 1)
             index = np.take(index, k, axis=axis)
+        shape = index.shape
         image = pad_to(image, info.size, 0.0)
         index = pad_to(index, info.size, 0)
-        starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(index.shape, info.size)]
+        if info.dim == 3 and len(case.fg_voxels) and rng.random() < FOREGROUND_CROPS:
+            # a random foreground voxel at a random place inside the crop
+            voxel = case.fg_voxels[rng.integers(len(case.fg_voxels))]
+            offset = [max(0, s - n) // 2 for n, s in zip(shape, info.size)]
+            starts = [int(np.clip(v + o - rng.integers(0, s), 0, n - s))
+                      for v, o, s, n in zip(voxel, offset, info.size, index.shape)]
+        else:
+            starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(index.shape, info.size)]
         sl = tuple(slice(a, a + s) for a, s in zip(starts, info.size))
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image[(slice(None),) + sl], dtype=np.float32)),
@@ -331,13 +347,13 @@ def make_loader(data: TrainingData, *, start_step: int, max_steps: int, batch_si
 # ---------------------------------------------------------------------------- building
 
 
-def _load_case(case: Case, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _load_case(case: Case, cfg: DataConfig, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image (C, *spatial) float64 in dataset units, label (*spatial) int, affine)."""
     from medsynth.data.nifti import read_case_arrays
 
     if case.label is None:
         raise DataError(f"case {case.case_id}: has no label map")
-    arrays = read_case_arrays(case.images, case.label)
+    arrays = read_case_arrays(case.images, case.label, root=root)  # root: where MetaImage/NRRD data may lie
     image, lab = arrays.images.astype(np.float64), arrays.label
     if cfg.spacing is not None:
         if len(cfg.spacing) != lab.ndim:
@@ -355,7 +371,7 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int) -> Tr
     cases = manifest.training_cases()
     if not cases:
         raise DataError(f"{manifest.source}: no labelled training cases")
-    raw = [(c, *_load_case(c, cfg)) for c in cases]
+    raw = [(c, *_load_case(c, cfg, manifest.root)) for c in cases]
     ndims = {lab.ndim for _, _, lab, _ in raw}
     if len(ndims) > 1:
         raise DataError(f"{manifest.source}: mixes 2D and 3D volumes")
@@ -420,8 +436,12 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int) -> Tr
         if cfg.dim == 2 and volume_ndim == 3 and cfg.foreground_slices:
             other = tuple(a for a in range(3) if a != cfg.slice_axis)
             fg = np.nonzero((lab != 0).any(axis=other))[0].astype(np.int64)
+        voxels: np.ndarray = np.zeros((0, 3), np.int64)
+        if cfg.dim == 3:
+            voxels = np.argwhere(index != 0)
+            voxels = voxels[:: max(1, -(-len(voxels) // FOREGROUND_VOXELS))].astype(np.int64)
         arrays.append(CaseArrays(case.case_id, norm.to_unit(image), index,
-                                 classes.index(cls) if cls is not None else 0, fg))
+                                 classes.index(cls) if cls is not None else 0, fg, voxels))
     info.fingerprint = digest.hexdigest()
     info.label_means, info.label_stds = label_statistics([(a.image, a.index) for a in arrays], len(labels))
     return TrainingData(arrays, info, seed)

@@ -33,6 +33,7 @@ import numpy as np
 
 from medsynth.data.atomic import atomic_path
 from medsynth.data.itk_header import ItkClaim, checked_itk_file, itk_claim
+from medsynth.data.labels import as_label_array, label_problems
 from medsynth.data.limits import CappedInflater, check_claimed_size, default_memory_limit, format_bytes, open_regular
 from medsynth.errors import DataError
 
@@ -260,43 +261,58 @@ def _read_nifti_bytes(path: Path, suffix: str, memory_limit: int | None) -> tupl
         return raw, claim
 
 
-def claimed_bytes(path: str | Path, *, root: str | Path | None = None) -> int:
-    """Bytes of decoded voxel data the header of ``path`` claims; only the header is read.
-
-    DataError if the file cannot be opened or its header parsed (as :func:`read_volume`)."""
+def _claim_of(path: Path, root: str | Path | None) -> tuple[int, int]:
+    """(bytes of decoded voxel data, bytes per value) the header of ``path`` claims."""
     path = Path(path)
     if "\x00" in str(path):
         raise DataError(f"{path!r}: a file name cannot contain a NUL byte")
     suffix = volume_suffix(path)
     if suffix in ITK_SUFFIXES:
-        return itk_claim(path, suffix, root=None if root is None else Path(root)).data_bytes
+        itk = itk_claim(path, suffix, root=None if root is None else Path(root))
+        return itk.data_bytes, itk.itemsize
     fh, _ = open_regular(path)
     with fh:
         if fh.read(2) == GZIP_MAGIC:
             fh.seek(0)
-            return _nifti_claim(CappedInflater(fh, path).read(NIFTI2_HEADER_SIZE), path).data_bytes
-        fh.seek(0)
-        return _nifti_claim(fh.read(NIFTI2_HEADER_SIZE), path).data_bytes
+            claim = _nifti_claim(CappedInflater(fh, path).read(NIFTI2_HEADER_SIZE), path)
+        else:
+            fh.seek(0)
+            claim = _nifti_claim(fh.read(NIFTI2_HEADER_SIZE), path)
+    return claim.data_bytes, claim.dtype.itemsize
 
 
-def check_case_size(paths: list[Path], memory_limit: int | None = None, *, root: str | Path | None = None) -> None:
+def claimed_bytes(path: str | Path, *, root: str | Path | None = None) -> int:
+    """Bytes of decoded voxel data the header of ``path`` claims; only the header is read.
+
+    DataError if the file cannot be opened or its header parsed (as :func:`read_volume`)."""
+    return _claim_of(Path(path), root)[0]
+
+
+def check_case_size(paths: list[Path], memory_limit: int | None = None, *, root: str | Path | None = None,
+                    itemsize: int | None = None) -> None:
     """DataError naming the files if, together, the headers of one case's files claim more decoded
     bytes than ``memory_limit`` (``None``: :func:`~medsynth.data.limits.default_memory_limit`).
+
+    itemsize: the bytes per value the caller converts the data to (8 for float64): each file then
+    counts as its number of values x ``itemsize`` (a single file too); ``None``: as stored, and a
+    single file is left to :func:`read_volume`'s own check.
     A file whose header cannot be read is skipped here; reading it reports the problem."""
     limit = default_memory_limit() if memory_limit is None else memory_limit
     claims = []
     for p in paths:
         try:
-            claims.append((Path(p), claimed_bytes(p, root=root)))
+            data, stored = _claim_of(Path(p), root)
         except DataError:
             continue
+        claims.append((Path(p), data if itemsize is None else data // stored * itemsize))
     total = sum(n for _, n in claims)
-    if total > limit and len(claims) > 1:
+    if total > limit and (len(claims) > 1 or itemsize is not None):
         parts = ", ".join(f"{'/'.join(p.parts[-2:])} {format_bytes(n)}" for p, n in claims)
+        held = "" if itemsize is None else f" as {itemsize}-byte values"
         raise DataError(f"{claims[0][0]}: the case's files claim {format_bytes(total)} ({total} bytes) of voxel data "
-                        f"together ({parts}), above the memory limit of {format_bytes(limit)} ({limit} bytes) per "
-                        "case; if the files "
-                        "are genuine, raise the limit (medsynth validate --memory-limit, or memory_limit= in Python)")
+                        f"together{held} ({parts}), above the memory limit of {format_bytes(limit)} ({limit} bytes) "
+                        "per case; if the files are genuine, raise the limit (medsynth validate --memory-limit, or "
+                        "memory_limit= in Python)")
 
 
 def _read_all(fh: Any, size: int, path: Path) -> bytes:
@@ -414,29 +430,33 @@ def label_dtype(max_value: int) -> np.dtype:
 
 
 def _label_array(array: np.ndarray, path: Path) -> np.ndarray:
+    """``array`` in its on-disk label dtype (:func:`label_dtype`); DataError ``"{path}: ..."`` listing
+    its problems (:func:`medsynth.data.labels.label_problems`) or a value the writer cannot hold."""
     array = np.asarray(array)
+    problems = label_problems(array)
+    if problems:
+        raise DataError(f"{path}: " + "; ".join(problems))
     if array.dtype.kind == "b":
         array = array.astype(np.uint8)
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise DataError(f"{path}: label data contains NaN or Inf")
-        if not np.array_equal(array, np.round(array)):
-            raise DataError(f"{path}: label data has non-integer values; round them explicitly first")
-    elif array.dtype.kind not in "iu":
-        raise DataError(f"{path}: label data has dtype {array.dtype}, expected integers")
-    if array.size and array.min() < 0:
-        raise DataError(f"{path}: label data has negative value {array.min()}")
     max_value = int(array.max()) if array.size else 0
-    return array.astype(label_dtype(max_value))
+    try:
+        dtype = label_dtype(max_value)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    return array.astype(dtype)
 
 
 def write_volume(
-    path: str | Path, array: np.ndarray, affine: np.ndarray, *, kind: Kind
+    path: str | Path, array: np.ndarray, affine: np.ndarray, *, kind: Kind, codes: tuple[int, int] = (1, 1)
 ) -> Path:
     """Write ``array`` with ``affine`` to ``path`` (``.nii.gz`` or ``.nii``) atomically.
 
     array: ``(H, W)`` or ``(X, Y, Z)``; labels non-negative integers, images finite.
-    affine: ``(4, 4)`` voxel -> RAS mm; stored as both sform and qform (code 1, scanner).
+    affine: ``(4, 4)`` voxel -> RAS mm; stored as both sform and qform.
+    codes: ``(sform_code, qform_code)`` to store: pass those of the volume the data came from
+        (:func:`header_codes`) so that a written file keeps its input's codes. ``(0, 0)`` (no
+        orientation) is kept only when ``affine`` is the header's default one (what a reader of such a
+        file gets), else both become 1 (scanner).
     The temp file is re-read and compared (data exactly, affine to float32 precision)
     before it is moved to ``path``.
     """
@@ -463,13 +483,22 @@ def write_volume(
     img = nib.Nifti1Image(data, affine)
     img.header.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
+    sform_code, qform_code = (int(c) for c in codes)
+    if (sform_code, qform_code) == (0, 0) and not np.allclose(img.header.get_base_affine(), affine, atol=1e-4):
+        sform_code = qform_code = 1
+    img.set_sform(affine, code=sform_code)
+    img.set_qform(affine, code=qform_code)
     img.header.set_xyzt_units("mm", "sec")
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
         _verify_written(tmp, path, data, affine)
     return path
+
+
+def header_codes(volume: Volume) -> tuple[int, int]:
+    """``(sform_code, qform_code)`` of a read volume's header (``(1, 1)`` when it has none)."""
+    header = volume.header
+    return int(header.get("sform_code", 1)), int(header.get("qform_code", 1))
 
 
 def _verify_written(tmp: Path, final: Path, data: np.ndarray, affine: np.ndarray) -> None:
@@ -489,11 +518,13 @@ class CaseArrays:
 
     images: ``(C, *spatial)`` float32 in the dataset's intensity units, one channel per file.
     label: ``(*spatial)`` int64 label values. affine: the label map's ``(4, 4)`` voxel -> RAS mm.
+    codes: the label map's ``(sform_code, qform_code)`` (for files written from this case).
     """
 
     images: np.ndarray
     label: np.ndarray
     affine: np.ndarray
+    codes: tuple[int, int] = (1, 1)
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -510,12 +541,7 @@ def read_case_arrays(
     ceiling, :func:`~medsynth.data.limits.default_memory_limit`); root: as :func:`read_volume`."""
     check_case_size([*image_paths, label_path], memory_limit, root=root)
     lab = read_volume(label_path, kind="label", memory_limit=memory_limit, root=root)
-    label = np.asarray(lab.array)
-    if label.dtype.kind == "f":
-        if not np.all(np.isfinite(label)) or not np.array_equal(label, np.round(label)):
-            raise DataError(f"{label_path}: label has non-integer values")
-    elif label.dtype.kind not in "iu":
-        raise DataError(f"{label_path}: label has dtype {label.dtype}, expected integers")
+    label = as_label_array(lab.array, str(label_path))
     if label.ndim not in (2, 3):
         raise DataError(f"{label_path}: label map has shape {label.shape}; expected a 2D or 3D volume")
     channels = []
@@ -527,7 +553,7 @@ def read_case_arrays(
         if not np.all(np.isfinite(arr)):
             raise DataError(f"{p}: image contains NaN or Inf")
         channels.extend(parts)
-    return CaseArrays(images=np.stack(channels), label=label.astype(np.int64), affine=lab.affine)
+    return CaseArrays(images=np.stack(channels), label=label, affine=lab.affine, codes=header_codes(lab))
 
 
 def split_channels(array: np.ndarray, spatial_shape: tuple[int, ...]) -> list[np.ndarray] | None:

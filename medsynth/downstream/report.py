@@ -102,6 +102,11 @@ def _report_md(summary: DownstreamSummary) -> str:
         format_table(summary),
         "![Dice per variant](dice.png)",
         "",
+        "Labels present in a test case but predicted nowhere (Dice 0, no HD95), over cases x seeds: "
+        + ", ".join(f"`{v.name}` {v.empty_predictions}" for v in summary.variants)
+        + f". Labels absent from a test case's reference (no Dice): {summary.variants[0].absent_labels}"
+        + " per variant.",
+        "",
         "How it was measured:",
         "",
         *[f"- {rule}" for rule in summary.rules],

@@ -271,16 +271,10 @@ def _device(name: str) -> str:
 
 def variant_names(sets: Sequence[SyntheticSet]) -> list[Variant]:
     """The variants in report order: real, real+classic, then real+<set> and real+<set>+classic per set."""
-    names = []
-    for s in sets:
-        names.append("classic-pairs" if s.name == "classic" else s.name)
-    for i, name in enumerate(names):
-        if names.count(name) > 1:
-            folder = _folder_name(sets[i].path)
-            names[i] = f"{name}({folder})"
-    for i, name in enumerate(names):  # still equal (same folder name): number them
-        if names.count(name) > 1:
-            names[i] = f"{name}-{names[:i + 1].count(name)}"
+    base = ["classic-pairs" if s.name == "classic" else s.name for s in sets]
+    names = [f"{n}({_folder_name(s.path)})" if base.count(n) > 1 else n for n, s in zip(base, sets)]
+    names = [f"{n}-{names[:i + 1].count(n)}" if names.count(n) > 1 else n  # same folder name too: number them
+             for i, n in enumerate(names)]
     out = [Variant("real", None, False), Variant(REFERENCE, None, True)]
     for i, name in enumerate(names):
         out += [Variant(f"real+{name}", i, False), Variant(f"real+{name}+classic", i, True)]

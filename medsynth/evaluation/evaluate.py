@@ -106,13 +106,13 @@ def _read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A mask file as booleans (non-zero voxels); DataError unless it holds label values (whole,
+    non-negative numbers: :func:`medsynth.data.labels.as_label_array`)."""
+    from medsynth.data.labels import as_label_array
     from medsynth.data.nifti import read_volume
 
     vol = read_volume(path, kind="label")
-    arr = np.asarray(vol.array)
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        raise DataError(f"{path}: mask contains NaN or Inf")
-    return arr != 0, vol.affine
+    return as_label_array(vol.array, f"{path} (mask)") != 0, vol.affine
 
 
 def _same_geometry(a_path: Path, a_shape: tuple, a_aff: np.ndarray, b_path: Path, b_shape: tuple, b_aff: np.ndarray) -> None:
@@ -191,8 +191,11 @@ def _pairs(reference: Path, candidate: Path, mask: str | None) -> tuple[str, lis
 
 
 def _evaluate_pair(spec: PairSpec, data_range: float | str) -> tuple[dict[str, Any], Preview]:
+    from medsynth.data.nifti import check_case_size
     from medsynth.evaluation.metrics import MS_SSIM_WEIGHTS, WINDOW_SIZE, mae, ms_ssim, psnr, ssim
 
+    # the images are held as float64: check what that takes before reading them
+    check_case_size([*spec.reference, *spec.candidate], itemsize=np.dtype(np.float64).itemsize)
     refs: list[np.ndarray] = []
     cands: list[np.ndarray] = []
     ref_affine: np.ndarray | None = None
@@ -313,8 +316,9 @@ def evaluate_paired(
 
 
 def _load_set(path: Path, what: str, progress: bool) -> LoadedSet:
+    from medsynth.data.labels import as_label_array
     from medsynth.data.manifest import read_manifest
-    from medsynth.data.nifti import read_volume
+    from medsynth.data.nifti import check_case_size, read_volume
 
     if _is_volume_path(path):
         raise DataError(f"--unpaired compares two datasets; {what} {path} is a single image file")
@@ -327,11 +331,12 @@ def _load_set(path: Path, what: str, progress: bool) -> LoadedSet:
     with_labels = all(c.label is not None for c in manifest.cases)
     ids, images, labels = [], [], []
     for case in _with_progress(manifest.cases, f"read {what}", progress):
+        check_case_size([case.images[0]], itemsize=np.dtype(np.float64).itemsize, root=manifest.root)
         arr, _ = _read_image(case.images[0])
         ids.append(case.case_id)
         images.append(arr)
         if with_labels:
-            lab = np.asarray(read_volume(case.label, kind="label").array)  # type: ignore[arg-type]
+            lab = as_label_array(read_volume(case.label, kind="label").array, str(case.label))  # type: ignore[arg-type]
             if lab.shape != arr.shape:
                 raise DataError(f"case {case.case_id}: label shape {lab.shape} differs from image shape {arr.shape}")
             labels.append(lab)
@@ -408,6 +413,47 @@ def evaluate_unpaired(
 # ------------------------------------------------------------------------------------ the job
 
 
+def _input_folders(path: Path) -> set[Path]:
+    """The folders of an input dataset (its root and every folder holding one of its files);
+    none for a single image file."""
+    from medsynth.data.manifest import read_manifest
+
+    if _is_volume_path(path):
+        return set()
+    manifest = read_manifest(path)
+    source = Path(manifest.source or path).resolve()
+    folders = {Path(manifest.root).resolve() if manifest.root else (source if source.is_dir() else source.parent)}
+    for case in manifest.cases:
+        for f in [*case.images, *([case.label] if case.label is not None else [])]:
+            folders.add(Path(f).resolve().parent)
+    return folders
+
+
+def check_report_folder(out: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
+    """DataError unless ``out`` can take a report: a folder that does not exist yet, or is empty, or
+    (with ``overwrite``) holds files, of which only the report's own are replaced; never a folder of
+    an input dataset (``inputs``: the REFERENCE and CANDIDATE paths) or one inside it."""
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise DataError(f"--out {out} is a symbolic link to a missing target")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} exists and is not a folder")
+    here = out.absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise DataError(f"{out}: Not a directory ({here} is a file)")
+    resolved = out.resolve()
+    for path in inputs:
+        for folder in sorted(_input_folders(Path(path))):
+            if resolved == folder or folder in resolved.parents:
+                raise DataError(f"--out {out} lies inside the folder {folder} of the input dataset {path}; "
+                                "evaluate never writes into an input: choose another folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DataError(f"--out {out} exists and is not empty; pass --overwrite to replace the report files in it "
+                        "(other files stay), or choose another folder")
+
+
 def run_evaluate(
     reference: str | Path,
     candidate: str | Path,
@@ -418,11 +464,16 @@ def run_evaluate(
     out: str | Path | None = None,
     fid_weights: str | Path | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """The job behind ``medsynth evaluate``: compute, optionally write the report folder, return the summary."""
+    """The job behind ``medsynth evaluate``: compute, optionally write the report folder, return the summary.
+
+    out: the report folder (:func:`check_report_folder`: new or empty, or with ``overwrite`` an
+    existing folder whose report files are replaced while other files stay; never inside an input
+    dataset's folder), checked before anything is computed."""
     out_path = None if out is None else Path(out)
-    if out_path is not None and out_path.exists() and not out_path.is_dir():
-        raise DataError(f"--out {out_path} exists and is not a folder")
+    if out_path is not None:
+        check_report_folder(out_path, overwrite, [Path(reference), Path(candidate)])
     if unpaired:
         if mask is not None:
             raise DataError("--mask applies to paired evaluation only")

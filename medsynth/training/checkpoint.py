@@ -8,7 +8,7 @@ plain Python types (dict, list, tuple, str, int, float, bool, None)::
     rng            (torch CPU state, CUDA states, numpy legacy state, python random state)
     data_order     (seed, next_step, global_batch: the order is a function of seed and step)
     config_json    (the resolved recipe as JSON text)
-    losses         (the last step's losses)
+    losses         (the last train record of metrics.jsonl: means over training.log_every steps)
 
 Files are written atomically (temp file + fsync + rename); the last ``keep_last`` are kept. Reading
 always passes ``weights_only=True`` explicitly, so a pickle that would run code is refused even when

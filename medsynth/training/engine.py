@@ -584,7 +584,7 @@ def full_size_batch(data: TrainingData, n: int, multiple: int) -> Batch:
             sides[-1] = int(info.size[-1])
         window = tuple(_window(fg.any(axis=tuple(a for a in range(fg.ndim) if a != ax)), index.shape[ax], side)
                        for ax, side in enumerate(sides))
-        parts.append((case, image[(slice(None), *window)], index[window]))
+        parts.append((case, image[(slice(None),) + window], index[window]))
     shape = [max(p[2].shape[ax] for p in parts) for ax in range(info.dim)]
     shape = [-(-s // multiple) * multiple for s in shape]
     samples = []

@@ -200,8 +200,14 @@ def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in values.items()) or "-"
 
 
+def _section(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """A recipe section as a dict ({} when missing or malformed)."""
+    value = config.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _data_lines(config: dict[str, Any], card: Any) -> list[str]:
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    data = _section(config, "data")
     dim, size = data.get("dim"), data.get("size")
     lines = []
     if card is not None:
@@ -223,6 +229,23 @@ def _data_lines(config: dict[str, Any], card: Any) -> list[str]:
     lines.append(f"- data.size {size}: the random crop each training step sees; generation works on the "
                  "whole mask")
     return lines
+
+
+def _yardstick_line(records: list[dict[str, Any]]) -> str | None:
+    """The newest ``yardstick`` record (:mod:`medsynth.training.yardstick`) in its own words."""
+    import dataclasses
+
+    from medsynth.training.yardstick import Yardstick
+
+    found = [r for r in records if r["kind"] == "yardstick"]
+    if not found:
+        return None
+    names = [f.name for f in dataclasses.fields(Yardstick)]
+    try:
+        result = Yardstick(**{k: found[-1][k] for k in names})
+    except (KeyError, TypeError):
+        return None
+    return f"Yardstick at step {found[-1]['step']}: {result.summary()}."
 
 
 def _read_card(run_dir: Path) -> tuple[Any, str | None]:
@@ -264,9 +287,9 @@ def write_report(run_dir: str | Path) -> Path:
     stages = _family_stages(config)
     summaries = stage_summaries(records, stages)
     card, card_problem = _read_card(run_dir)
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    model = _section(config, "model")
     family = model.get("family", "?")
-    training_cfg = config.get("training") if isinstance(config.get("training"), dict) else {}
+    training_cfg = _section(config, "training")
     training_curves(curve_panels(records), run_dir / CURVES_FILE)
 
     finished = card is not None and all(s.done for s in summaries)
@@ -295,6 +318,9 @@ def write_report(run_dir: str | Path) -> Path:
             "steps, `training.log_every`); the progress line and the summary `medsynth train` prints show the "
             "same numbers. Evaluations score a fixed batch with fixed noise, so they are comparable across steps.",
             ""]
+    yardstick = _yardstick_line(records)
+    if yardstick:
+        out += [yardstick, ""]
     starts = [s.start for s in summaries if s.start]
     if starts:
         st = starts[-1]

@@ -129,6 +129,10 @@ class ManifestFormat(ABC):
 
     # ------------------------------------------------------------------ output layout
 
+    def output_name(self, manifest: Manifest, folder: Path) -> str:
+        """The dataset name a dataset like ``manifest`` written into ``folder`` declares (default: its own)."""
+        return manifest.name
+
     def output_ending(self, manifest: Manifest) -> str:
         """The suffix of new volume files written into a dataset like ``manifest``."""
         return ".nii.gz"
@@ -140,6 +144,21 @@ class ManifestFormat(ABC):
     @abstractmethod
     def label_path(self, root: Path, case_id: str, ending: str, split: str = "train") -> Path:
         """Where a case's label map goes under ``root``."""
+
+    # ------------------------------------------------------------------ exporting (medsynth export)
+
+    def export_ending(self, manifest: Manifest) -> str | None:
+        """The one file ending every volume of a dataset exported to this format gets (a file with
+        another is converted to NIfTI), or None: each file keeps its own."""
+        return None
+
+    def export_manifest(self, manifest: Manifest, folder: Path, name: str | None) -> Manifest:
+        """``manifest``'s facts as a dataset of this format in ``folder`` (its cases are set by the
+        export): the format, the name (``name``, else the input's), the file ending. ConfigError or
+        DataError for what this format cannot hold."""
+        ending = self.export_ending(manifest)
+        return replace(manifest, format=self.name, name=name or self.output_name(manifest, folder), cases=[], source=None,
+                       root=Path(folder), file_ending=ending or manifest.file_ending)
 
 
 # ---------------------------------------------------------------------------- helpers for formats

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from medsynth.data.formats.base import Case, FormatNote, Manifest, ManifestFormat, load_json, parse_channels
 from medsynth.data.nifti import NIFTI_SUFFIXES
-from medsynth.errors import DataError
+from medsynth.errors import ConfigError, DataError
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+#: the folder name nnU-Net v2 looks a dataset up by (``-d NNN``)
+DATASET_FOLDER_RE = re.compile(r"Dataset\d{3}_[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _TOP_LEVEL = {"channel_names", "labels", "file_ending", "numTraining", "name"}
 
 
@@ -181,6 +184,31 @@ class NnunetFormat(ManifestFormat):
                 "medsynth writes .nii.gz/.nii only (convert the dataset first)"
             )
         return manifest.file_ending
+
+    def output_name(self, manifest: Manifest, folder: Path) -> str:
+        """The folder's name when it is an nnU-Net dataset name ``DatasetNNN_Name``, else the input's."""
+        return Path(folder).name if DATASET_FOLDER_RE.fullmatch(Path(folder).name) else manifest.name
+
+    def export_ending(self, manifest: Manifest) -> str | None:
+        """``.nii`` when every file of ``manifest`` is an uncompressed NIfTI, else ``.nii.gz``."""
+        files = [f for c in manifest.cases for f in [*c.images, *([c.label] if c.label is not None else [])]]
+        return ".nii" if files and all(str(f).lower().endswith(".nii") for f in files) else ".nii.gz"
+
+    def export_manifest(self, manifest: Manifest, folder: Path, name: str | None) -> Manifest:
+        """nnU-Net v2's rules: the folder is named ``DatasetNNN_Name`` (how ``-d NNN`` finds it), which
+        is also the default ``name``; the labels are 0, 1, 2, ... with 0 called ``background``."""
+        folder = Path(folder)
+        if not DATASET_FOLDER_RE.fullmatch(folder.name):
+            raise ConfigError(f"--out {folder}: nnU-Net finds a dataset by its folder name DatasetNNN_Name (three "
+                              "digits, then a name), e.g. Dataset002_Brain; name the folder so")
+        labels = dict(manifest.labels or {0: "background"})
+        values = sorted(labels)
+        if values[0] != 0 or values != list(range(len(values))):
+            gaps = sorted(set(range(values[-1] + 1)) - set(values))
+            raise DataError(f"{manifest.source}: nnU-Net needs the label values 0, 1, 2, ... without gaps; this dataset "
+                            f"has {values} (missing {gaps}); relabel it first")
+        labels[0] = "background"
+        return super().export_manifest(replace(manifest, labels=labels), folder, name)
 
     def image_paths(self, root: Path, case_id: str, channels: int, ending: str, split: str = "train") -> list[Path]:
         return [image_path(root, case_id, c, ending, split) for c in range(channels)]
