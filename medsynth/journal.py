@@ -286,12 +286,16 @@ def journaled_bytes(out: Path) -> int:
 
 def _job_made_files(out: Path) -> list[Path]:
     """The files an overwrite of ``out`` removes: those the journals list (each unchanged since it was
-    recorded), the journals and the job file. JobError, before anything is removed, if one was changed."""
+    recorded, or a hard link whose content stays under another name), the journals and the job file.
+    JobError, before anything is removed, if one was changed."""
     made = _journaled_files(out)
     remove: list[Path] = []
     for rel, digests in sorted(made.items()):
         path = out / rel
         if not path.exists() and not path.is_symlink():
+            continue
+        if path.is_file() and not path.is_symlink() and path.stat().st_nlink > 1:
+            remove.append(path)  # a hard link (a real case placed by link): its content lives on under its other name
             continue
         if path.is_symlink() or not path.is_file() or sha256_file(path) not in digests:
             raise JobError(f"cannot overwrite {out}: {rel} was changed after medsynth wrote it (its content is "

@@ -125,3 +125,37 @@ def test_two_channel_run_samples_one_file_per_channel(tmp_path: Path) -> None:
         img = read_volume(tmp_path / f"gen_{c:04d}.nii.gz")
         assert img.shape == lab.shape and np.allclose(img.affine, lab.affine)
         assert np.all(np.isfinite(img.array)) and img.array.std() > 0
+
+
+def test_empty_slices_follow_the_training_policy(tmp_path: Path) -> None:
+    """A 2D run trained on the foreground slices of 3D volumes never saw an empty slice: generating a
+    3D mask paints its empty slices with the background's mean training intensity (the training
+    images' own mean, recomputed here) and generates the others as it would anyway."""
+    from medsynth.data.phantoms import make_phantom_dataset
+
+    manifest = make_phantom_dataset(tmp_path / "p3", dim=3, cases=2, size=16, seed=2)
+    cfg = load_config(ROOT / "configs/tiny/gan2d.yaml",
+                      [f"data.manifest={manifest}", "data.size=[16,16]", "model.discriminator.num_d=1",
+                       "training.max_steps=2", "training.preview_every=0"])
+    train(cfg, tmp_path / "run", progress=False)
+    synth = Synthesizer.from_run(tmp_path / "run", device="cpu")
+    label = read_volume(manifest.parent / "labelsTr/phantom_000.nii.gz", kind="label").array
+    k = int(np.argmax((label != 0).sum(axis=(0, 1))))
+    stack = np.zeros((*label.shape[:2], 3), label.dtype)
+    stack[..., 1] = label[..., k]
+    with pytest.warns(UserWarning, match="slices along axis 2"):
+        out = synth.generate(stack, seed=7)
+    # the background mean of the training images in the dataset's units
+    images = [read_volume(p, kind="image").array for p in sorted((manifest.parent / "imagesTr").glob("*.nii.gz"))]
+    labels = [read_volume(p, kind="label").array for p in sorted((manifest.parent / "labelsTr").glob("*.nii.gz"))]
+    norm = json.loads((tmp_path / "run" / "model_card.json").read_text())["data"]["normalization"]
+    lo, hi = norm["lo"][0], norm["hi"][0]
+    background = np.concatenate([np.clip((im - lo) / (hi - lo), 0, 1)[lab == 0] for im, lab in zip(images, labels)])
+    expected = lo + background.mean() * (hi - lo)
+    np.testing.assert_allclose(out[..., 0], expected, rtol=1e-4)
+    np.testing.assert_allclose(out[..., 2], expected, rtol=1e-4)
+    assert out[..., 1].std() > 0
+    # the generated slice is the one a full stack of that slice gives at the same position
+    with pytest.warns(UserWarning):
+        full = synth.generate(np.repeat(label[..., k : k + 1], 3, axis=2), seed=7)
+    np.testing.assert_allclose(out[..., 1], full[..., 1], rtol=1e-5)  # (batched with 1 or 3 slices)

@@ -104,6 +104,45 @@ def test_gan_generator_starts_at_the_fill_and_l1_to_real_drops(run20, data2d: Pa
     assert evals[-1]["l1"] < evals[0]["l1"]
 
 
+def test_losses_and_networks_follow_spade() -> None:
+    """Feature matching sums layers and averages scales (hand values); the discriminator's
+    convolutions are spectrally normalised; the SPADE modulation is not instance-normalised; the EMA
+    warms up as min(decay, (1 + n) / (10 + n))."""
+    from medsynth.config import GanModelConfig
+    from medsynth.data.loader import DataInfo, Normalization
+    from medsynth.models.gan import SpadeNorm, build_discriminator
+    from medsynth.training.engine import ema_warmup_fn
+    from medsynth.training.gan import feature_matching_loss
+
+    fake = [[torch.full((1, 2), 1.0), torch.full((1, 3), 3.0)], [torch.full((1, 1), 0.0)]]
+    real = [[torch.full((1, 2), 0.5), torch.full((1, 3), 1.0)], [torch.full((1, 1), 4.0)]]
+    # scale 0: |1 - 0.5| + |3 - 1| = 2.5; scale 1: 4; mean 3.25
+    assert feature_matching_loss(fake, real).item() == pytest.approx(3.25)
+
+    info = DataInfo(dim=2, slice_axis=2, volume_ndim=2, size=[32, 32], labels=[0, 1], label_names={},
+                    channels=["mr"], classes=[], spacing=None, normalization=Normalization("x", [0.0], [1.0]))
+    d = build_discriminator(GanModelConfig(discriminator={"num_d": 1, "num_layers": 2, "channels": 8}), info)
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(hasattr(m, "parametrizations") and "weight" in m.parametrizations for m in convs)
+    for _ in range(30):
+        d(torch.rand(2, 3, 32, 32))  # power iterations run in training mode
+    for conv in convs:  # each effective weight's largest singular value is about 1
+        assert torch.linalg.matrix_norm(conv.weight.detach().flatten(1), ord=2).item() == pytest.approx(1.0, rel=0.05)
+    norm = SpadeNorm(2, channels=4, cond_channels=2, hidden=8)
+    cond = torch.zeros(1, 2, 8, 8)
+    cond[:, 0, :, :4] = 1.0
+    cond[:, 1, :, 4:] = 1.0
+    h = norm.shared(cond)
+    beta = norm.beta(h)  # a plain convolution of the map: its spatial mean is not forced to zero
+    assert beta.mean(dim=(2, 3)).abs().max().item() > 1e-3
+    ema, current = [torch.zeros(3)], [torch.ones(3)]
+    update = ema_warmup_fn(0.999)
+    update(ema, current, torch.tensor(1))  # decay min(0.999, 2 / 11)
+    np.testing.assert_allclose(ema[0].numpy(), 1 - 2 / 11, rtol=1e-6)
+    update(ema, current, torch.tensor(10_000))  # decay 0.999
+    np.testing.assert_allclose(ema[0].numpy(), 1 - 0.999 * 2 / 11, rtol=1e-5)
+
+
 def test_gan_run_folder_contents(run20, data2d: Path) -> None:
     import matplotlib.image as mpimg
     from safetensors.torch import load_file

@@ -147,3 +147,26 @@ def test_the_yardstick_is_recorded_recomputable_and_warns(conditioned, unconditi
         assert heldout["stage"] == "autoencoder" and heldout["heldout_items"] == 4
         assert card["model"]["heldout_recon_psnr"] == heldout["heldout_recon_psnr"]
     assert json.loads((unconditioned[0] / "model_card.json").read_text())["yardstick"]["beats_fill"] is False
+
+
+def test_3d_crops_favour_the_foreground(tmp_path: Path) -> None:
+    """A 40^3 volume with a 6^3 foreground cube: a uniform 12^3 crop holds foreground with probability
+    (6 + 12 - 1)^3 / (40 - 12 + 1)^3 = 0.20; two thirds of the crops are drawn around a foreground
+    voxel, so about 2/3 + 1/3 * 0.20 = 0.73 of them do."""
+    from medsynth.config import DataConfig
+    from medsynth.data.loader import build_training_data
+    from medsynth.data.manifest import read_manifest
+
+    lab = np.zeros((40, 40, 40), np.uint8)
+    lab[5:11, 28:34, 17:23] = 1
+    img = np.where(lab == 1, BRIGHT, DARK).astype(np.float32)
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    write_volume(tmp_path / "imagesTr/c.nii.gz", img, np.eye(4), kind="image")
+    write_volume(tmp_path / "labelsTr/c.nii.gz", lab, np.eye(4), kind="label")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "name": "cube", "modality": {"0": "MR"}, "labels": {"0": "background", "1": "cube"}, "numTraining": 1,
+        "training": [{"image": "imagesTr/c.nii.gz", "label": "labelsTr/c.nii.gz"}]}))
+    data = build_training_data(read_manifest(tmp_path / "dataset.json"), DataConfig(dim=3, size=[12, 12, 12], ct_window=(0.0, 255.0)), seed=0)
+    hits = [bool((data.sample(g)["label_index"] > 0).any()) for g in range(300)]
+    assert 0.63 < np.mean(hits) < 0.83, np.mean(hits)

@@ -38,11 +38,12 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def named_os_error(exc: OSError, path: Path) -> OSError:
+def named_os_error(exc: OSError, path: Path, temp: Path | None = None) -> OSError:
     """``exc`` if it names a file, else the same error naming ``path``: a write that fails for lack of
     space (ENOSPC), on a read-only file system (EROFS) or for a quota (EDQUOT) raises an OSError
-    without a file name, and the message must say which file could not be written."""
-    if exc.filename is not None or exc.errno is None:
+    without a file name, and the message must say which file could not be written. An error naming
+    ``temp`` (the temp file written in ``path``'s place) names ``path`` instead."""
+    if exc.errno is None or (exc.filename is not None and (temp is None or os.fsdecode(exc.filename) != str(temp))):
         return exc
     return type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
 
@@ -61,7 +62,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
-        named = named_os_error(exc, path)
+        named = named_os_error(exc, path, tmp)
         if named is exc:
             raise
         raise named from exc

@@ -8,9 +8,18 @@
   Radiomic Distance, which uses pyradiomics.
 - :func:`fid`: a Frechet distance over the features of a network the user names by a *local* file
   (TorchScript, or a state dict for a model the caller builds). Off unless called; nothing downloads.
-- :func:`diversity`: mean pairwise MS-SSIM inside the synthetic set (lower = more diverse).
-- :func:`memorisation`: for each synthetic image, the highest SSIM to any training image, flagged
-  at or above a threshold (default 0.95).
+  Small sets are said to be small: with fewer than 2 x F images per set for F features the sample
+  covariances are rank-deficient and the distance mostly measures estimation noise, so the result
+  carries a warning, a bootstrap interval of each distance and the reference set's distance to
+  itself under the same resampling (:class:`RadiomicComparison`).
+- :func:`diversity`: mean pairwise MS-SSIM inside the synthetic set (lower = more diverse): the
+  variety of the masks (deformed, edited) and of the images together. :func:`seed_diversity`
+  separates the model's own variety: images of the *same* mask for several seeds;
+  :func:`grouped_diversity` compares only images within groups (e.g. made from one source case).
+- :func:`memorisation`: for each synthetic image, the highest SSIM to any training image, and to its
+  own source image warped by the same deformation (:func:`warped_sources`, from the provenance
+  records of ``medsynth augment``), flagged at or above a threshold (default 0.95): a warped copy of
+  a real image is flagged although it resembles no real image as it is.
 
 Images are numpy arrays, ``(H, W)`` or ``(D, H, W)``, in their intensity units; label maps have the
 same shape with non-negative integers. Conventions and the exact feature list: ``docs/evaluation.md``.
@@ -21,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,17 +50,25 @@ __all__ = [
     "MemorisationCase",
     "MemorisationResult",
     "RadiomicComparison",
+    "SeedDiversityResult",
     "compare_radiomics",
     "diversity",
     "fid",
     "frechet_distance",
+    "grouped_diversity",
     "median_bandwidth",
     "memorisation",
     "mmd",
     "pairwise_ssim",
     "radiomic_features",
+    "seed_diversity",
+    "small_sample_warning",
+    "warped_sources",
     "zscore",
 ]
+
+#: fewer images per set than this many times the number of features: the distances are unreliable
+SAMPLES_PER_FEATURE = 2
 
 FIRST_ORDER_FEATURES = ("mean", "std", "skewness", "kurtosis", "p10", "p50", "p90", "entropy", "energy")
 TEXTURE_FEATURES = ("contrast", "homogeneity", "energy", "correlation", "dissimilarity")
@@ -331,7 +348,14 @@ def mmd(a: np.ndarray, b: np.ndarray, *, bandwidth: float | None = None) -> floa
 
 @dataclass
 class RadiomicComparison:
-    """Reference set vs candidate set in z-normalised radiomic feature space."""
+    """Reference set vs candidate set in z-normalised radiomic feature space.
+
+    frechet_ci, mmd2_ci: ``(low, high)`` percentile interval (``confidence``) of each distance over
+    ``bootstrap`` resamplings of the cases of both sets (None without bootstrap); frechet_null: the
+    median Frechet distance between two resamplings of the *reference* set of the two sets' sizes,
+    i.e. what sampling noise alone gives (a candidate near it is indistinguishable at this size);
+    warning: why the distances are unreliable (too few images for the features), else None.
+    """
 
     frechet_distance: float
     mmd2: float  # unbiased MMD^2, RBF kernel
@@ -345,14 +369,54 @@ class RadiomicComparison:
     feature_names: list[str] = field(repr=False)
     reference_z: np.ndarray = field(repr=False)
     candidate_z: np.ndarray = field(repr=False)
+    frechet_ci: tuple[float, float] | None = None
+    mmd2_ci: tuple[float, float] | None = None
+    frechet_null: float | None = None
+    bootstrap: int = 0
+    confidence: float = 0.95
+    warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("reference_z", "candidate_z"):
             d.pop(key)
         d["intensity_range"] = list(self.intensity_range)
+        for key in ("frechet_ci", "mmd2_ci"):
+            d[key] = None if d[key] is None else list(d[key])
         d["features"] = "scikit-image first-order + GLCM (not comparable with published FRD values)"
         return d
+
+
+def small_sample_warning(n_reference: int, n_candidate: int, n_features: int) -> str | None:
+    """Why distances over ``n_features`` features are unreliable for sets of these sizes (fewer than
+    :data:`SAMPLES_PER_FEATURE` x features images in a set), or None."""
+    need = SAMPLES_PER_FEATURE * n_features
+    if min(n_reference, n_candidate) >= need:
+        return None
+    return (f"{n_reference} reference and {n_candidate} candidate images for {n_features} features: fewer than "
+            f"{SAMPLES_PER_FEATURE} x {n_features} = {need} images per set, so the covariances are rank-deficient and "
+            "the Frechet distance (and MMD) mostly measure sampling noise; read them with their bootstrap interval "
+            "and the reference set's distance to itself, or use more cases or fewer features (regions)")
+
+
+def _bootstrap(ref: np.ndarray, cand: np.ndarray, bandwidth: float, rounds: int, confidence: float,
+               seed: int) -> tuple[tuple[float, float], tuple[float, float], float]:
+    """(Frechet interval, MMD^2 interval, median reference-vs-reference Frechet distance) over
+    ``rounds`` resamplings with replacement of the rows of ``ref`` ``(n, F)`` and ``cand`` ``(m, F)``."""
+    rng = np.random.default_rng(seed)
+    n, m = len(ref), len(cand)
+    fd, md, null = [], [], []
+    for _ in range(rounds):
+        a = ref[rng.integers(n, size=n)]
+        b = cand[rng.integers(m, size=m)]
+        fd.append(frechet_distance(a, b))
+        md.append(mmd(a, b, bandwidth=bandwidth))
+        null.append(frechet_distance(ref[rng.integers(n, size=n)], ref[rng.integers(n, size=m)]))
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    lo_hi = (tail, 100.0 - tail)
+    f_lo, f_hi = (float(v) for v in np.percentile(fd, lo_hi))
+    m_lo, m_hi = (float(v) for v in np.percentile(md, lo_hi))
+    return (f_lo, f_hi), (m_lo, m_hi), float(np.median(null))
 
 
 def compare_radiomics(
@@ -367,13 +431,24 @@ def compare_radiomics(
     slices_per_plane: int = 1,
     reference_ids: Sequence[str] | None = None,
     candidate_ids: Sequence[str] | None = None,
+    bootstrap: int = 200,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> RadiomicComparison:
     """Radiomic features of both sets, z-normalised with the reference, then Frechet distance and MMD.
 
     intensity_range: default the reference set's ``(min, max)``. regions: default, when both sets
     have label maps, the non-zero label values present in every label map of both sets (else the
     foreground). See :func:`radiomic_features` for the features.
+    bootstrap: resamplings of the cases for the intervals and the reference's distance to itself
+    (0: none); confidence: the interval's coverage; seed: of ``numpy.random.default_rng``.
+    The result's ``warning`` says when the sets are too small for the number of features
+    (:func:`small_sample_warning`).
     """
+    if int(bootstrap) < 0:
+        raise DataError(f"bootstrap must be >= 0, got {bootstrap!r}")
+    if not 0 < float(confidence) < 1:
+        raise DataError(f"confidence must be in (0, 1), got {confidence!r}")
     if len(reference) < 2 or len(candidate) < 2:
         raise DataError(f"compare_radiomics needs at least 2 images per set (got {len(reference)} and {len(candidate)})")
     if intensity_range is None:
@@ -392,7 +467,14 @@ def compare_radiomics(
                              intensity_range=intensity_range, levels=levels, slices_per_plane=slices_per_plane)
     ref_z, cand_z = zscore(ref.values, cand.values)
     bandwidth = median_bandwidth(ref_z, cand_z)
+    intervals = None if not bootstrap else _bootstrap(ref_z, cand_z, bandwidth, int(bootstrap), float(confidence), seed)
     return RadiomicComparison(
+        frechet_ci=None if intervals is None else intervals[0],
+        mmd2_ci=None if intervals is None else intervals[1],
+        frechet_null=None if intervals is None else intervals[2],
+        bootstrap=int(bootstrap),
+        confidence=float(confidence),
+        warning=small_sample_warning(len(reference), len(candidate), ref.values.shape[1]),
         frechet_distance=frechet_distance(ref_z, cand_z),
         mmd2=mmd(ref_z, cand_z, bandwidth=bandwidth),
         bandwidth=bandwidth,
@@ -582,12 +664,27 @@ def diversity(
     the first M weights renormalised to sum to 1; when only one scale fits it is plain SSIM.
     At most ``max_pairs`` pairs, drawn without replacement with ``numpy.random.default_rng(seed)``.
     """
-    from medsynth.evaluation.metrics import MS_SSIM_WEIGHTS, max_scales, ms_ssim, ssim
-
     ims = _check_set(images, "diversity")
     pairs = [(i, j) for i in range(len(ims)) for j in range(i + 1, len(ims)) if ims[i].shape == ims[j].shape]
     if not pairs:
         raise DataError("diversity needs at least two images of the same shape")
+    return _pairs_similarity(ims, pairs, data_range, max_pairs, seed)
+
+
+def _similarity(a: np.ndarray, b: np.ndarray, data_range: float) -> tuple[float, int]:
+    """(MS-SSIM with as many scales as fit, or SSIM when one fits; the scales used) of two images."""
+    from medsynth.evaluation.metrics import MS_SSIM_WEIGHTS, max_scales, ms_ssim, ssim
+
+    m = min(max_scales(a.shape), len(MS_SSIM_WEIGHTS))
+    if m >= 2:
+        w = np.asarray(MS_SSIM_WEIGHTS[:m])
+        return float(ms_ssim(a, b, data_range=data_range, weights=tuple(w / w.sum()))), m
+    return float(ssim(a, b, data_range=data_range)), 1
+
+
+def _pairs_similarity(ims: list[np.ndarray], pairs: list[tuple[int, int]], data_range: float, max_pairs: int,
+                      seed: int) -> DiversityResult:
+    """Mean similarity over ``pairs`` of ``ims`` (at most ``max_pairs``, drawn with ``seed``)."""
     if len(pairs) > max_pairs:
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(pairs), size=max_pairs, replace=False))
@@ -595,13 +692,8 @@ def diversity(
     values = []
     scales_used = 1
     for i, j in pairs:
-        m = min(max_scales(ims[i].shape), len(MS_SSIM_WEIGHTS))
-        if m >= 2:
-            w = np.asarray(MS_SSIM_WEIGHTS[:m])
-            values.append(ms_ssim(ims[i], ims[j], data_range=data_range, weights=tuple(w / w.sum())))
-            scales_used = m
-        else:
-            values.append(ssim(ims[i], ims[j], data_range=data_range))
+        value, scales_used = _similarity(ims[i], ims[j], data_range)
+        values.append(value)
     arr = np.asarray(values)
     return DiversityResult(
         mean=float(arr.mean()),
@@ -612,12 +704,96 @@ def diversity(
     )
 
 
+def grouped_diversity(
+    images: Sequence[np.ndarray], groups: Sequence[str], *, data_range: float, max_pairs: int = 200, seed: int = 0
+) -> DiversityResult:
+    """Mean pairwise similarity of images *within* each group only (lower = more diverse).
+
+    groups: one name per image, e.g. the source case each synthetic case was made from (its
+    ``provenance.jsonl`` record's ``"source"``): the variety of one source's deformations and images.
+    Metric and pair sampling as :func:`diversity`."""
+    ims = _check_set(images, "grouped diversity")
+    if len(groups) != len(ims):
+        raise DataError(f"{len(ims)} images but {len(groups)} group names")
+    pairs = [(i, j) for i in range(len(ims)) for j in range(i + 1, len(ims))
+             if groups[i] == groups[j] and ims[i].shape == ims[j].shape]
+    if not pairs:
+        raise DataError("grouped diversity needs a group with at least two images of the same shape")
+    return _pairs_similarity(ims, pairs, data_range, max_pairs, seed)
+
+
+@dataclass
+class SeedDiversityResult:
+    """The model's own variety: similarity of images of the same mask made with different seeds.
+
+    mean, std: over the masks, of each mask's mean pairwise similarity across the seeds (lower = the
+    model varies its images more); per_mask: mask id -> that mean; seeds: the seeds used."""
+
+    mean: float
+    std: float
+    pairs: int
+    metric: str
+    scales: int
+    seeds: list[int]
+    per_mask: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def seed_diversity(
+    generate: Callable[[np.ndarray, int], np.ndarray],
+    masks: Sequence[np.ndarray],
+    seeds: Sequence[int],
+    *,
+    data_range: float,
+    mask_ids: Sequence[str] | None = None,
+) -> SeedDiversityResult:
+    """Mean pairwise similarity of images generated for the *same* mask with different seeds.
+
+    generate: ``(mask, seed) -> image`` with the mask's shape (e.g. ``Synthesizer.generate``, channel 0
+    of a multi-channel run is used); masks: label maps ``(H, W)`` or ``(D, H, W)``; seeds: at least two.
+    Unlike :func:`diversity` over a synthetic set, whose masks were deformed, this is the variety
+    the model adds to one mask. Metric as :func:`diversity`.
+    """
+    seed_list = [int(s) for s in seeds]
+    if len(set(seed_list)) < 2:
+        raise DataError(f"seed diversity needs at least two different seeds, got {seed_list}")
+    if not masks:
+        raise DataError("seed diversity needs at least one mask")
+    ids = list(mask_ids) if mask_ids is not None else [f"mask_{i}" for i in range(len(masks))]
+    per_mask: dict[str, float] = {}
+    pairs = 0
+    scales = 1
+    for mid, mask in zip(ids, masks):
+        ims = []
+        for s in seed_list:
+            out = np.asarray(generate(np.asarray(mask), s))
+            ims.append(_check_image(out[0] if out.ndim == np.asarray(mask).ndim + 1 else out, f"mask {mid} seed {s}"))
+        values = []
+        for i in range(len(ims)):
+            for j in range(i + 1, len(ims)):
+                value, scales = _similarity(ims[i], ims[j], data_range)
+                values.append(value)
+        per_mask[mid] = float(np.mean(values))
+        pairs += len(values)
+    arr = np.asarray(list(per_mask.values()))
+    return SeedDiversityResult(mean=float(arr.mean()), std=float(arr.std()), pairs=pairs,
+                               metric="ms_ssim" if scales >= 2 else "ssim", scales=scales, seeds=seed_list,
+                               per_mask=per_mask)
+
+
 @dataclass
 class MemorisationCase:
+    """One synthetic image: its most similar training image (None: none of its shape) and that SSIM;
+    warped_source_ssim: its SSIM to its own source image warped by its own deformation (None: not
+    known); flagged: either reaches the threshold."""
+
     case_id: str
-    nearest_id: str | None  # the most similar training image (None: no training image of this shape)
+    nearest_id: str | None
     max_ssim: float | None
     flagged: bool
+    warped_source_ssim: float | None = None
 
 
 @dataclass
@@ -633,12 +809,15 @@ class MemorisationResult:
 
     def to_dict(self) -> dict[str, Any]:
         values = [c.max_ssim for c in self.cases if c.max_ssim is not None]
+        warped = [c.warped_source_ssim for c in self.cases if c.warped_source_ssim is not None]
         return {
             "threshold": self.threshold,
             "flagged": len(self.flagged),
             "flagged_cases": self.flagged,
             "max_ssim_mean": float(np.mean(values)) if values else None,
             "max_ssim_max": float(np.max(values)) if values else None,
+            "warped_source_checked": len(warped),
+            "warped_source_ssim_max": float(np.max(warped)) if warped else None,
             "cases": [asdict(c) for c in self.cases],
         }
 
@@ -651,12 +830,18 @@ def memorisation(
     threshold: float = 0.95,
     synthetic_ids: Sequence[str] | None = None,
     training_ids: Sequence[str] | None = None,
+    warped: Sequence[np.ndarray | None] | None = None,
 ) -> MemorisationResult:
     """Flag synthetic images that nearly copy a training image: max SSIM >= ``threshold``.
 
     Only same-shape pairs are compared (a synthetic image with no same-shape training image gets
     ``max_ssim=None`` and is not flagged). SSIM as :func:`medsynth.ssim` with ``data_range``.
+    warped: per synthetic image, its source image warped by the same deformation
+    (:func:`warped_sources`; None where unknown); an image whose SSIM to it reaches ``threshold``
+    is flagged too (a warped copy resembles no training image as it is).
     """
+    if warped is not None and len(warped) != len(synthetic):
+        raise DataError(f"{len(synthetic)} synthetic images but {len(warped)} warped source images")
     if not 0 < float(threshold) <= 1:
         raise DataError(f"threshold must be in (0, 1], got {threshold!r}")
     if not training:
@@ -666,9 +851,43 @@ def memorisation(
     table = pairwise_ssim(synthetic, training, data_range=data_range)
     cases = []
     for i, row in enumerate(table):
+        own = _warped_ssim(synthetic[i], None if warped is None else warped[i], data_range, sids[i])
+        copy = own is not None and own >= threshold
         if np.all(np.isnan(row)):
-            cases.append(MemorisationCase(sids[i], None, None, False))
+            cases.append(MemorisationCase(sids[i], None, None, copy, own))
             continue
         j = int(np.nanargmax(row))
-        cases.append(MemorisationCase(sids[i], tids[j], float(row[j]), bool(row[j] >= threshold)))
+        cases.append(MemorisationCase(sids[i], tids[j], float(row[j]), bool(row[j] >= threshold) or copy, own))
     return MemorisationResult(float(threshold), cases)
+
+
+def _warped_ssim(image: np.ndarray, warped: np.ndarray | None, data_range: float, what: str) -> float | None:
+    """SSIM of a synthetic image and its warped source (None when there is none or the shapes differ)."""
+    if warped is None or np.shape(warped) != np.shape(image):
+        return None
+    return float(pairwise_ssim([image], [warped], data_range=data_range)[0, 0])
+
+
+def warped_sources(
+    provenance: Mapping[str, Mapping[str, Any]],
+    candidate_ids: Sequence[str],
+    reference: Mapping[str, np.ndarray],
+) -> list[np.ndarray | None]:
+    """Each candidate's source image warped by the candidate's own deformation, for :func:`memorisation`.
+
+    provenance: ``provenance.jsonl`` records of ``medsynth augment`` by case id (each names its
+    ``"source"`` case and its ``"warp"``); reference: source case id -> its image ``(*spatial)``.
+    None for a candidate without a record, whose source is not in ``reference``, or whose record
+    has no ``"warp"`` (an older medsynth). The deformation is drawn again from the record
+    (:func:`medsynth.synthesis.pairs.warp_like_pair`)."""
+    from medsynth.synthesis.pairs import warp_like_pair
+
+    out: list[np.ndarray | None] = []
+    for cid in candidate_ids:
+        record = provenance.get(cid)
+        source = None if record is None else reference.get(str(record.get("source")))
+        if record is None or source is None or "warp" not in record:
+            out.append(None)
+            continue
+        out.append(warp_like_pair(np.asarray(source), dict(record), where=f"provenance of {cid}").astype(np.float64))
+    return out

@@ -6,9 +6,11 @@ is written atomically.
 Paired: ``metrics.csv`` (one row per case), ``summary.json``, ``metrics.png`` (per-case
 distribution of each metric: box plot with the cases as points), ``montage.png`` (middle slices of
 up to four cases, best / median / worst SSIM: reference, candidate, absolute difference).
-Unpaired: ``metrics.csv`` (one row per candidate: nearest reference image and its SSIM),
+Unpaired: ``metrics.csv`` (one row per candidate: nearest reference image and its SSIM, and its
+SSIM to its own source image warped by the same deformation when the provenance tells it),
 ``summary.json``, ``features.png`` (the two sets in the first two principal components of the
-z-normalised radiomic features), ``memorisation.png`` (histogram of each candidate's highest SSIM
+z-normalised radiomic features; the title gives the distances with their bootstrap intervals and
+says when the sets are too small for the number of features), ``memorisation.png`` (histogram of each candidate's highest SSIM
 to a reference image, with the threshold) and ``montage.png`` (the most similar candidate/reference
 pairs).
 
@@ -163,11 +165,13 @@ def write_unpaired_report(summary: dict[str, Any], extras: UnpairedExtras, out: 
     out.mkdir(parents=True, exist_ok=True)
     mem = summary["memorisation"]
     rows = [
-        {"case_id": c["case_id"], "nearest_reference": c["nearest_id"], "max_ssim": c["max_ssim"], "flagged": c["flagged"]}
+        {"case_id": c["case_id"], "nearest_reference": c["nearest_id"], "max_ssim": c["max_ssim"],
+         "warped_source_ssim": c.get("warped_source_ssim"), "flagged": c["flagged"]}
         for c in mem["cases"]
     ]
+    columns = ("case_id", "nearest_reference", "max_ssim", "warped_source_ssim", "flagged")
     written = [
-        atomic_write_text(out / "metrics.csv", _csv(rows, ("case_id", "nearest_reference", "max_ssim", "flagged"))),
+        atomic_write_text(out / "metrics.csv", _csv(rows, columns)),
         atomic_write_text(out / "summary.json", _json(summary)),
         save_png(_feature_figure(summary, extras), out / "features.png"),
         save_png(_memorisation_figure(mem), out / "memorisation.png"),
@@ -192,19 +196,34 @@ def _feature_figure(summary: dict[str, Any], extras: UnpairedExtras) -> Figure:
     ax = fig.subplots()
     ax.scatter(pr[:, 0], pr[:, 1], s=22, alpha=0.75, label=f"reference (n={len(ref)})")
     ax.scatter(pc[:, 0], pc[:, 1], s=22, alpha=0.75, marker="^", label=f"candidate (n={len(cand)})")
-    rad = summary["radiomics"]
-    fd = rad["frechet_distance"]
-    mmd2 = rad["mmd2"]
-    ax.set_title(
-        f"radiomic features, reference PCA\nFrechet distance {fd:.4g}   MMD^2 {mmd2:.4g}" if fd is not None and mmd2 is not None
-        else "radiomic features, reference PCA",
-        fontsize=10,
-    )
+    ax.set_title(radiomics_title(summary["radiomics"]), fontsize=9)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
     return fig
+
+
+def _interval(ci: object) -> str:
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        return f" [{ci[0]:.4g}, {ci[1]:.4g}]"
+    return ""
+
+
+def radiomics_title(rad: dict[str, Any]) -> str:
+    """The distances of a radiomic comparison (``RadiomicComparison.to_dict()``) in a few lines: each with
+    its bootstrap interval, the reference set's distance to itself, and a warning for small sets."""
+    fd, mmd2 = rad.get("frechet_distance"), rad.get("mmd2")
+    lines = ["radiomic features, reference PCA"]
+    if fd is not None and mmd2 is not None:
+        conf = f" ({100 * float(rad.get('confidence', 0.95)):.0f}% bootstrap)" if rad.get("frechet_ci") else ""
+        lines.append(f"Frechet distance {fd:.4g}{_interval(rad.get('frechet_ci'))}   "
+                     f"MMD^2 {mmd2:.4g}{_interval(rad.get('mmd2_ci'))}{conf}")
+        if rad.get("frechet_null") is not None:
+            lines.append(f"reference vs itself (sampling noise alone): Frechet distance {rad['frechet_null']:.4g}")
+    if rad.get("warning"):
+        lines.append(f"too few images for {rad.get('n_features')} features: distances unreliable")
+    return "\n".join(lines)
 
 
 def _memorisation_figure(mem: dict[str, Any]) -> Figure:

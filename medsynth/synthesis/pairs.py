@@ -23,6 +23,12 @@ spawn_key=seq.spawn_key + (a, PairStream.X))``, one stream per stage (:class:`me
 the seed handed to ``generate_volume`` is the first 31 bits of the ``MODEL`` stream's state.
 QC checks every attempt (:func:`qc_sample`); a failed one is redrawn with the next attempt's streams,
 up to ``qc.max_tries`` attempts.
+
+The spatial deformation of every method is the first draw of the ``DEFORM`` stream
+(:func:`medsynth.data.transforms.draw_spatial`). A pair's record names that stream, the grid and the
+deformation settings under ``"warp"`` (:func:`warp_record`), so the very same field can be drawn again
+from a provenance record (:func:`warp_from_record`) and applied to the source image
+(:func:`warp_like_pair`): what a synthetic image is compared with to flag a warped copy of its source.
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ __all__ = [
     "load_synthesizer",
     "make_pair",
     "qc_sample",
+    "warp_from_record",
+    "warp_like_pair",
+    "warp_record",
 ]
 
 
@@ -165,6 +174,64 @@ def attempt_streams(seq: np.random.SeedSequence, attempt: int) -> dict[PairStrea
     return {s: np.random.SeedSequence(entropy=seq.entropy, spawn_key=(*key, int(attempt), int(s))) for s in PairStream}
 
 
+def warp_record(stream: np.random.SeedSequence, shape: tuple[int, ...], spacing: tuple[float, ...],
+                deform: T.DeformConfig) -> dict[str, object]:
+    """What draws a pair's deformation again (JSON-ready): the ``DEFORM`` stream's entropy and spawn
+    key, the grid ``shape`` (voxels), its ``spacing`` (mm) and the deformation settings."""
+    return {
+        "entropy": _entropy(stream.entropy),
+        "spawn_key": [int(k) for k in stream.spawn_key],
+        "shape": [int(n) for n in shape],
+        "spacing": [float(v) for v in spacing],
+        "deform": deform.model_dump(mode="json"),
+    }
+
+
+def _entropy(value: object) -> int | list[int]:
+    """A SeedSequence's entropy as JSON: an int, or a list of ints."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [int(v) for v in value]
+    return int(value)  # type: ignore[call-overload]
+
+
+def warp_from_record(record: dict[str, object], where: str = "provenance record") -> T.SpatialParams:
+    """The spatial transform of a pair, drawn again from its record (a provenance line of
+    ``medsynth augment``, or :attr:`SyntheticPair.record`). DataError when the record has no
+    ``"warp"`` (written by an older medsynth) or the transform drawn does not match the ``"spatial"``
+    summary it holds (another medsynth draws differently)."""
+    warp = record.get("warp")
+    if not isinstance(warp, dict):
+        raise DataError(f"{where}: no \"warp\" entry (written by an older medsynth); the deformation cannot be drawn again")
+    try:
+        entropy = warp["entropy"]
+        stream = np.random.SeedSequence(entropy=[int(v) for v in entropy] if isinstance(entropy, list) else int(entropy),
+                                        spawn_key=tuple(int(k) for k in warp["spawn_key"]))
+        shape = tuple(int(n) for n in warp["shape"])
+        spacing = tuple(float(v) for v in warp["spacing"])
+        deform = T.DeformConfig.model_validate(warp["deform"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{where}: unreadable \"warp\" entry ({exc})") from None
+    params = T.draw_spatial(shape, spacing, deform, np.random.default_rng(stream))
+    if "spatial" in record and params.summary() != record["spatial"]:
+        raise DataError(f"{where}: the deformation drawn again differs from the one recorded (another medsynth "
+                        "version draws differently)")
+    return params
+
+
+def warp_like_pair(image: np.ndarray, record: dict[str, object], where: str = "provenance record") -> np.ndarray:
+    """``image`` ``(*spatial)`` or ``(C, *spatial)`` (the pair's source image) warped by the pair's own
+    deformation (:func:`warp_from_record`; linear, border replicated), float32 of the same shape.
+    DataError when the image's grid is not the recorded one."""
+    params = warp_from_record(record, where)
+    arr = np.asarray(image, dtype=np.float32)
+    channels = arr if arr.ndim == len(params.shape) + 1 else arr[None]
+    if tuple(channels.shape[1:]) != params.shape:
+        raise DataError(f"{where}: image shape {arr.shape} is not the recorded grid {params.shape}")
+    _, warped = T.apply_spatial(params, np.zeros(params.shape, dtype=np.int64), channels)
+    assert warped is not None
+    return warped if arr.ndim == len(params.shape) + 1 else warped[0]
+
+
 def qc_sample(
     images: np.ndarray,
     label: np.ndarray,
@@ -250,20 +317,21 @@ def _draw(
     """One attempt: (images (C, *spatial) float32, label (*spatial) int64, record)."""
     rng = {s: np.random.default_rng(streams[s]) for s in (PairStream.DEFORM, PairStream.EDIT, PairStream.IMAGE)}
     spacing = source.spacing
+    warp = warp_record(streams[PairStream.DEFORM], tuple(source.label.shape), spacing, settings.deform)
     # 1. classic: one joint spatial transform, then intensity transforms of the real image
     if settings.method == "classic":
         images, label, classic = T.classic_pair(
             source.images, source.label, spacing, deform=settings.deform, intensity=settings.classic,
             ranges=[(s.low, s.high) for s in stats], rng=rng[PairStream.DEFORM],
         )
-        return images, label, {**classic, "mask_edits": []}
+        return images, label, {**classic, "warp": warp, "mask_edits": []}
     # 2. deform the label, then edit it
     params = T.draw_spatial(source.label.shape, spacing, settings.deform, rng[PairStream.DEFORM])
     deformed, _ = T.apply_spatial(params, source.label)
     edits = T.random_edits(deformed, settings.edits, rng[PairStream.EDIT], labels,
                            donor=source.donor, donor_id=source.donor_id)
     label = edits.label
-    record: dict[str, object] = {"spatial": params.summary(), "mask_edits": edits.edits}
+    record: dict[str, object] = {"spatial": params.summary(), "warp": warp, "mask_edits": edits.edits}
     # 3. an image for the new label
     if settings.method == "synthseg":
         images = np.stack([synthseg_image(label, rng=rng[PairStream.IMAGE], config=settings.synthseg, stats=s,
