@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -333,7 +334,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(cmd, text=True, capture_output=True)
     if res.returncode != 0:
         sys.stderr.write(res.stdout + res.stderr)
-        raise SystemExit(f"error: {' '.join(cmd)} exited with {res.returncode}")
+        raise SystemExit(f"error: {shlex.join(cmd)} exited with {res.returncode}")
     return res
 
 
@@ -413,7 +414,7 @@ def run_all(out: Path, *, steps_gan: int, steps_ldm: int, steps_seg: int | None,
         t0 = time.perf_counter()
         result = _run(cmd) if cmd is not None else fn()
         record(dict(what="timing", step=step, seconds=round(time.perf_counter() - t0, 1),
-                    command=" ".join(cmd) if cmd else None))
+                    command=shlex.join(cmd) if cmd else None))
         return result
 
     # 1. data
@@ -428,7 +429,8 @@ def run_all(out: Path, *, steps_gan: int, steps_ldm: int, steps_seg: int | None,
         return _table(rows)
 
     # 2. generators (every run reads the slices at their own size)
-    common = ["--data", str(train), "--no-progress", "--set", "data.dim=2", "--set", f"data.size={json.dumps(shape)}"]
+    size = ",".join(map(str, shape))
+    common = ["--data", str(train), "--no-progress", "--set", "data.dim=2", "--set", f"data.size=[{size}]"]
     runs = {"gan": out / "runs" / "gan", "ldm": out / "runs" / "ldm"}
     timed("train gan", _medsynth("train", str(_recipe("gan2d", tier)), "--out", str(runs["gan"]),
                                  "--max-steps", str(steps_gan), *common,
@@ -466,7 +468,7 @@ def run_all(out: Path, *, steps_gan: int, steps_ldm: int, steps_seg: int | None,
                     *steps, "--out", str(out / "downstream"), "--json", "--no-progress")
     if subprocess.run(_medsynth("downstream", "--help"), capture_output=True).returncode != 0:
         record(dict(what="skipped", step="downstream", reason="this medsynth has no `downstream` command",
-                    command=" ".join(cmd)))
+                    command=shlex.join(cmd)))
     else:
         res = timed("downstream", cmd)
         record(dict(what="downstream", summary=_last_json(res.stdout)))
@@ -514,7 +516,8 @@ def _downstream_table(summary: dict[str, Any]) -> list[str]:
         std = f" +- {dice['std']:.3f}" if dice.get("std") is not None else ""
         c = diffs.get(v.get("name"))
         diff = f"{c['mean_difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]" if c else ""
-        lines.append(f"| {v.get('name')} | {dice.get('mean', float('nan')):.3f}{std} | {hd.get('mean', float('nan')):.1f} | {diff} |")
+        nan = float("nan")
+        lines.append(f"| {v.get('name')} | {dice.get('mean', nan):.3f}{std} | {hd.get('mean', nan):.1f} | {diff} |")
     return lines
 
 

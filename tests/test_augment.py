@@ -98,8 +98,11 @@ def test_synthseg_msd_writes_aligned_pairs_and_manifest(msd3d, tmp_path):
     m = read_manifest(s.manifest)
     real = read_manifest(msd3d)
     assert [c.case_id for c in m.cases] == [c.case_id for c in real.cases] + ["syn_00000", "syn_00001", "syn_00002"]
-    for got, want in zip(m.cases, real.cases):  # real cases referenced where they are
-        assert got.images == want.images and got.label == want.label
+    for got, want in zip(m.cases, real.cases):  # real cases placed inside the output, bytes unchanged
+        assert [p.parent for p in got.images] == [tmp_path / "out" / "imagesTr"] and got.label.parent.name == "labelsTr"
+        assert [p.name for p in got.images] == [p.name for p in want.images] and got.label.name == want.label.name
+        assert got.images[0].read_bytes() == want.images[0].read_bytes()
+        assert got.label.read_bytes() == want.label.read_bytes()
     prov = provenance(tmp_path / "out")
     assert [p["case_id"] for p in prov] == ["syn_00000", "syn_00001", "syn_00002"]
     assert all(p["method"] == "synthseg" and p["seed"] == 0 and p["model_sha256"] is None for p in prov)
@@ -169,8 +172,10 @@ def test_existing_out_needs_resume_with_same_settings_or_overwrite(msd3d, tmp_pa
     run_augment(opts(msd3d, out, num=2))
     with pytest.raises(JobError, match="--resume"):
         run_augment(opts(msd3d, out, num=2))
-    with pytest.raises(JobError, match="num was 2, now 3"):
-        run_augment(opts(msd3d, out, num=3, resume=True))
+    with pytest.raises(JobError, match="started with --num 2; a job can grow"):
+        run_augment(opts(msd3d, out, num=1, resume=True))
+    with pytest.raises(JobError, match="real was 'auto', now 'reference'"):
+        run_augment(opts(msd3d, out, num=2, resume=True, real="reference"))
     with pytest.raises(JobError, match="seed was 0, now 1"):
         run_augment(opts(msd3d, out, num=2, seed=1, resume=True))
     cfg = A.AugmentConfig(deform={"rotate_deg": 3.0})
@@ -188,7 +193,7 @@ def test_existing_out_needs_resume_with_same_settings_or_overwrite(msd3d, tmp_pa
     assert (foreign / "notes.txt").read_text() == "mine"
     again = run_augment(opts(msd3d, out, num=1, seed=5, overwrite=True))
     assert again.generated == 1 and json.loads((out / J.JOB_FILE).read_text())["seed"] == 5
-    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["syn_00000.nii.gz"]
+    assert sorted(p.name for p in (out / "imagesTr").iterdir() if p.name.startswith("syn_")) == ["syn_00000.nii.gz"]
 
 
 def _journal_cases(out: Path) -> int:

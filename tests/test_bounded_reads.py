@@ -388,3 +388,54 @@ def test_itk_claim_counts_components(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"size \(4, 3, 2\) x 3 components of 1-byte values = 72 bytes"):
         read_volume(tmp_path / "v.mha", memory_limit=71)
     assert math.prod((4, 3, 2, 3)) == 72
+
+
+# ------------------------------------------------------------------------------------ one label check
+
+
+@pytest.mark.parametrize("value,problem", [
+    (70000, "label value 70000 does not fit in uint16, the largest label type medsynth writes (values 0..65535); "
+            "renumber the labels"),
+    (-2, "label has negative value(s) -2"),
+    (0.5, "label has 1 non-integer value(s) (e.g. 0.5) stored as float64; round them explicitly first (resample "
+          "labels with nearest neighbour)"),
+])
+def test_writing_a_label_names_the_file_and_its_problem(tmp_path: Path, value: float, problem: str) -> None:
+    from medsynth.data.nifti import write_volume
+
+    arr = np.zeros((4, 4), dtype=np.float64 if isinstance(value, float) else np.int64)
+    arr[1, 1] = value
+    with pytest.raises(DataError) as err:
+        write_volume(tmp_path / "lab.nii.gz", arr, np.eye(4), kind="label")
+    assert str(err.value) == f"{tmp_path / 'lab.nii.gz'}: {problem}"
+    assert not list(tmp_path.iterdir())
+
+
+def test_case_arrays_refuse_a_negative_label_naming_the_file(dataset: Path) -> None:
+    from medsynth.data.nifti import read_case_arrays
+
+    label = _label_file(dataset)
+    img = nib.load(str(label))
+    data = np.asarray(img.dataobj).astype(np.int16)
+    data[0, 0] = -2
+    nib.save(nib.Nifti1Image(data, img.affine), str(label))
+    image = dataset.parent / json.loads(dataset.read_text())["training"][1]["image"]
+    with pytest.raises(DataError) as err:
+        read_case_arrays([image], label)
+    assert str(err.value) == f"{label}: label has negative value(s) -2"
+
+
+def test_case_size_counted_in_the_dtype_the_caller_converts_to(tmp_path: Path) -> None:
+    from medsynth.data.nifti import check_case_size
+
+    paths = []
+    for name in ("a.nii", "b.nii"):
+        nib.save(nib.Nifti1Image(np.zeros((16, 16, 12), np.uint8), np.eye(4)), str(tmp_path / name))
+        paths.append(tmp_path / name)
+    check_case_size(paths, memory_limit=2 * 3072)  # 3072 bytes each, as stored
+    with pytest.raises(DataError, match=r"claim 6 KiB \(6144 bytes\) of voxel data together \(.*limit of 6 KiB"):
+        check_case_size(paths, memory_limit=6143)
+    check_case_size(paths[:1], memory_limit=100)  # one file alone: read_volume's own check
+    with pytest.raises(DataError, match=r"claim 24 KiB \(24576 bytes\) of voxel data together as 8-byte values"):
+        check_case_size(paths[:1], memory_limit=24575, itemsize=8)
+    check_case_size(paths, memory_limit=2 * 24576, itemsize=8)

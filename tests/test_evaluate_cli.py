@@ -242,3 +242,93 @@ def test_small_mask_on_large_images_keeps_ssim_and_psnr(tmp_path):
     assert case["ms_ssim"] is None and "MS-SSIM" in case["ms_ssim_note"]
     assert out["ssim"] == pytest.approx(ssim(ref.astype(np.float64), cand.astype(np.float64), data_range=1.0, mask=mask))
     assert out["psnr"] == pytest.approx(psnr(ref.astype(np.float64), cand.astype(np.float64), data_range=1.0, mask=mask))
+
+
+# ------------------------------------------------------------------------------------ the report folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_refuses_a_non_empty_folder_unless_overwrite_which_keeps_other_files(pair_files, tmp_path):
+    ref_path, cand_path = pair_files
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "summary.json").write_text('{"an": "earlier summary"}')
+    result = invoke(ref_path, cand_path, "--data-range", "1000", "--out", out)
+    assert result.exit_code == 1
+    assert result.output == (f"error: --out {out} exists and is not empty; pass --overwrite to replace the report "
+                             "files in it (other files stay), or choose another folder\n")
+    assert _files(out) == {"notes.txt": b"mine", "summary.json": b'{"an": "earlier summary"}'}
+    result = invoke(ref_path, cand_path, "--data-range", "1000", "--out", out, "--overwrite", "--json")
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "mine"
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["ssim"] == json.loads(result.stdout)["ssim"]
+    assert sorted(_files(out)) == ["metrics.csv", "metrics.png", "montage.png", "notes.txt", "summary.json"]
+
+
+def test_out_never_lies_in_an_input_datasets_folder(tmp_path):
+    ref_m = make_dataset(tmp_path / "ref", ["c1", "c2"], seed=0)
+    cand_m = make_dataset(tmp_path / "cand", ["c1", "c2"], seed=50, noise=20.0)
+    before = {**_files(tmp_path / "ref"), **_files(tmp_path / "cand")}
+    for out, dataset, folder in ((tmp_path / "ref", ref_m, tmp_path / "ref"),
+                                 (tmp_path / "cand" / "report", cand_m, tmp_path / "cand"),
+                                 (tmp_path / "ref" / "labelsTr", ref_m, tmp_path / "ref")):
+        result = invoke(ref_m, cand_m, "--data-range", "auto", "--out", out, "--overwrite")
+        assert result.exit_code == 1
+        assert result.output.startswith(f"error: --out {out} lies inside the folder ")
+        assert f"of the input dataset {dataset}; evaluate never writes into an input" in result.output
+        assert str(folder) in result.output or str(folder / "labelsTr") in result.output
+    assert {**_files(tmp_path / "ref"), **_files(tmp_path / "cand")} == before
+    assert not (tmp_path / "cand" / "report").exists()
+
+
+@pytest.mark.parametrize("values,problem", [
+    (np.int16(-1), "label has negative value(s) -1"),
+    (np.float32(0.5), "label has 1 non-integer value(s) (e.g. 0.5)"),
+])
+def test_mask_must_hold_label_values(pair_files, tmp_path, values, problem):
+    ref_path, cand_path = pair_files
+    arr = np.zeros(SHAPE, dtype=np.asarray(values).dtype)
+    arr[2:10, 2:10, 2:10] = values
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(arr, AFFINE), str(mask))
+    result = invoke(ref_path, cand_path, "--data-range", "1000", "--mask", mask)
+    assert result.exit_code == 1 and result.output.startswith(f"error: {mask} (mask): {problem}")
+
+
+FLOAT64_RUNNER = r"""
+import resource, sys
+limit = 3 << 30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from typer.testing import CliRunner
+from medsynth.cli import app
+r = CliRunner().invoke(app, ["evaluate", sys.argv[1], sys.argv[1], "--data-range", "1", "--no-progress"])
+print(r.exit_code)
+print(r.output)
+"""
+
+
+def test_images_are_checked_as_float64_before_they_are_read(tmp_path):
+    """uint8 files whose float64 copies exceed the memory limit (a quarter of RLIMIT_AS 3 GiB = 768 MiB),
+    although each file's own claim (120 MB) is below it: refused before anything is read."""
+    import struct
+    import zlib
+
+    shape = (1000, 1000, 120)
+    head = bytearray(nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)).to_bytes()[:352])
+    struct.pack_into("<8h", head, 40, 3, *shape, 1, 1, 1, 1)
+    co = zlib.compressobj(1, zlib.DEFLATED, 31)
+    chunks = [co.compress(bytes(head))] + [co.compress(bytes(1000 * 1000)) for _ in range(shape[2])] + [co.flush()]
+    big = tmp_path / "big.nii.gz"
+    big.write_bytes(b"".join(chunks))
+    proc = subprocess.run([sys.executable, "-c", FLOAT64_RUNNER, str(big)], capture_output=True, text=True, timeout=120)
+    code, output = proc.stdout.split("\n", 1)
+    claim = 2 * 1000 * 1000 * 120 * 8
+    assert code == "1" and "Traceback" not in proc.stdout + proc.stderr
+    assert output.startswith(f"error: {big}: the case's files claim 1.79 GiB ({claim} bytes) of voxel data together as "
+                             "8-byte values"), output
+    assert "above the memory limit of " in output  # 768 MiB, or less under a smaller cgroup limit

@@ -1,4 +1,5 @@
-"""Fuzz: hostile volumes and manifests against ``medsynth validate`` and ``medsynth evaluate``.
+"""Fuzz: hostile volumes, manifests, model cards and options against ``medsynth validate``,
+``medsynth evaluate``, ``medsynth augment --dry-run`` and ``medsynth sample``.
 
 A seeded generator writes hostile NIfTI (.nii, .nii.gz, NIfTI-2), MetaImage (.mha, .mhd) and NRRD
 (.nrrd, .nhdr) files and manifests: the reproductions of the bounded-read bugs (symlinks to devices,
@@ -32,6 +33,11 @@ SEED = 20240613
 RANDOM_NIFTI = 90  # random NIfTI header/payload mutations
 RANDOM_ITK = 30  # random MetaImage / NRRD header mutations
 RANDOM_MANIFEST = 24  # random JSON manifest mutations
+RANDOM_CARDS = 16  # random model card mutations (sample)
+#: the fixed reproductions, each also run through augment --dry-run
+REPRODUCTIONS = ("dev-zero-link", "fifo-label", "dir-as-label", "dangling-label", "zeros-after-data", "members-1.6GB",
+                 "claims-1.6GB-members", "tiny-nii-claims-2GB", "nii-claims-2GB", "nrrd-bomb", "mhd-dev-zero",
+                 "mhd-passwd", "mhd-fifo-data", "mhd-link-dev-zero")
 ADDRESS_SPACE = 3 << 30  # RLIMIT_AS of each runner process (bytes)
 PEAK_RSS = 1 << 30  # the most resident memory a runner may reach (bytes)
 CASE_SECONDS = 10  # alarm per case
@@ -402,16 +408,31 @@ def _fixed_manifests(root: Path) -> list[tuple[str, Path]]:
 # ------------------------------------------------------------------------------------ the case list
 
 
-def build_cases(root: Path) -> tuple[list[Case], list[Case]]:
-    """(validate cases, evaluate cases), all written under ``root``."""
+@dataclass
+class FuzzCases:
+    """The CLI calls of each target, and the hostile volume files (name, path) the sample target reuses."""
+
+    validate: list[Case]
+    evaluate: list[Case]
+    augment: list[Case]
+    hostile: list[tuple[str, Path]]
+
+
+def build_cases(root: Path) -> FuzzCases:
+    """The validate, evaluate and ``augment --dry-run`` cases, all written under ``root``."""
     rng = np.random.default_rng(SEED)
     validate: list[Case] = []
     evaluate: list[Case] = []
+    augment: list[Case] = []
     hostile_files: list[tuple[str, Path]] = []
 
     def check(name: str, manifest: Path, expect_ok: bool = False) -> None:
         limit = ["--memory-limit", "64MiB"] if len(validate) % 2 else []
         validate.append(Case(name, ["validate", str(manifest), "--no-progress", *limit], expect_ok=expect_ok))
+        if len(validate) % 3 == 0 or expect_ok or name in REPRODUCTIONS:
+            augment.append(Case(f"augment-{name}", ["augment", str(manifest), "--method", "synthseg", "--num", "2",
+                                                    "--out", str(root / "augment-out" / name.split(":")[0]),
+                                                    "--dry-run", "--no-progress"], expect_ok=expect_ok))
 
     # 1. valid controls: the harness must see them pass
     check("control", _dataset(root / "control"), expect_ok=True)
@@ -468,7 +489,90 @@ def build_cases(root: Path) -> tuple[list[Case], list[Case]]:
                                                       "--mask", "labels", "--no-progress"]))
         evaluate.append(Case(f"eval-unpaired-{name}", ["evaluate", str(control), str(manifest), "--data-range", "1",
                                                        "--unpaired", "--no-progress"]))
-    return validate, evaluate
+    # 7. augment: hostile options on the valid control
+    for option, value in (("--num", "0"), ("--num", "-1"), ("--num", str(10**12)), ("--num", str(10**6 + 1)),
+                          ("--workers", str(10**9)), ("--workers", "0"), ("--seed", "-1"), ("--seed", str(2**64)),
+                          ("--method", "nope"), ("--out", str(control.parent)), ("--out", str(control))):
+        args = ["augment", str(control), "--method", "synthseg", "--num", "2", "--out", str(root / "augment-out" / "o"),
+                "--seed", "0", "--workers", "1", "--dry-run", "--no-progress"]
+        args[args.index(option) + 1] = value
+        augment.append(Case(f"augment-option{option}={value[:20]}", args))
+    return FuzzCases(validate, evaluate, augment, hostile_files)
+
+
+def _mutate_card(rng: np.random.Generator, card: dict[str, object]) -> str:
+    """Set 1-2 random fields of a model card (nested, by path) to hostile JSON values; what was done."""
+    done = []
+    for _ in range(int(rng.integers(1, 3))):
+        path = _CARD_PATHS[int(rng.integers(len(_CARD_PATHS)))]
+        value = (_CARD_VALUES + _JSON_VALUES)[int(rng.integers(len(_CARD_VALUES) + len(_JSON_VALUES)))]
+        node: object = card
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None  # type: ignore[union-attr]
+        if isinstance(node, dict):
+            node[path[-1]] = value
+            done.append(f"{'.'.join(path)}={str(value)[:20]}")
+    return ";".join(done)
+
+
+_CARD_PATHS = [("version",), ("family",), ("format",), ("config", "model", "generator", "channels"),
+               ("config", "model", "generator", "noise_channels"), ("config", "model", "family"), ("config", "data", "size"),
+               ("config", "data", "dim"), ("data", "labels"), ("data", "channels"), ("data", "dim"), ("data", "size"),
+               ("data", "normalization", "lo"), ("data", "normalization", "mode"), ("data", "classes"), ("steps",),
+               ("model", "weights"), ("final_losses",), ("config", "model", "generator", "fill")]
+_CARD_VALUES: list[object] = [[3000, 3000, 3000], [8] * 100, [100000, 100000], 99, 2, 3, -5, ["a"], [-1, 2**40], "ldm"]
+
+
+def _safetensors_mutations(weights: bytes) -> dict[str, bytes]:
+    """Hostile model.safetensors files: cut, a header claiming a huge tensor, a huge header length, noise."""
+    n = struct.unpack("<Q", weights[:8])[0]
+    header = json.loads(weights[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["shape"] = [100000, 100000, 100]
+    header[name]["data_offsets"] = [0, 4 * 10**12]
+    huge = json.dumps(header).encode()
+    return {"cut": weights[: len(weights) // 2], "claims-4TB": struct.pack("<Q", len(huge)) + huge + weights[8 + n:],
+            "header-2^60": struct.pack("<Q", 1 << 60) + weights[8:], "noise": bytes(range(256)) * 8, "empty": b""}
+
+
+def sample_cases(root: Path, run: Path, mask: Path, hostile: list[tuple[str, Path]]) -> list[Case]:
+    """``medsynth sample`` against hostile masks, model cards, weights files and options."""
+    rng = np.random.default_rng(SEED + 1)
+    out = root / "sample-out"
+    cases = [Case("control", ["sample", str(run), "--mask", str(mask), "--out", str(out / "control.nii.gz"),
+                              "--no-progress"], expect_ok=True)]
+    picks = rng.choice(len(hostile), size=min(24, len(hostile)), replace=False)
+    for pick in sorted(int(p) for p in picks):
+        name, path = hostile[pick]
+        cases.append(Case(f"sample-mask-{name}", ["sample", str(run), "--mask", str(path), "--out",
+                                                  str(out / f"{name.split(':')[0]}.nii.gz"), "--no-progress"]))
+    card = json.loads((run / "model_card.json").read_text())
+    weights = (run / "model.safetensors").read_bytes()
+    runs = root / "sample-runs"
+    for k in range(RANDOM_CARDS):
+        folder = runs / f"card{k:02d}"
+        folder.mkdir(parents=True)
+        mutated = json.loads(json.dumps(card))
+        what = _mutate_card(rng, mutated)
+        (folder / "model_card.json").write_text(json.dumps(mutated))
+        (folder / "model.safetensors").write_bytes(weights)
+        cases.append(Case(f"sample-card{k:02d}:{what}", ["sample", str(folder), "--mask", str(mask), "--out",
+                                                        str(out / f"card{k:02d}.nii.gz"), "--no-progress"]))
+    for name, data in _safetensors_mutations(weights).items():
+        folder = runs / f"weights-{name}"
+        folder.mkdir(parents=True)
+        (folder / "model_card.json").write_text(json.dumps(card))
+        (folder / "model.safetensors").write_bytes(data)
+        cases.append(Case(f"sample-weights-{name}", ["sample", str(folder), "--mask", str(mask), "--out",
+                                                     str(out / f"w-{name}.nii.gz"), "--no-progress"]))
+    for option, value in (("--seed", str(2**64)), ("--seed", "-5"), ("--steps", "-1"), ("--guidance", "nan"),
+                          ("--guidance", "inf"), ("--class", "T1"), ("--out", str(out)), ("--out", str(root / "x.png")),
+                          ("--device", "tpu"), ("--sampler", "euler")):
+        args = ["sample", str(run), "--mask", str(mask), "--out", str(out / "o.nii.gz"), "--no-progress", option, value]
+        if option == "--out":
+            args = ["sample", str(run), "--mask", str(mask), "--no-progress", "--out", value]
+        cases.append(Case(f"sample-option{option}={value[:20]}", args))
+    return cases
 
 
 def _run_batch(cases: list[Case], folder: Path, label: str) -> list[dict[str, object]]:
@@ -507,14 +611,14 @@ def _problems(cases: list[Case], results: list[dict[str, object]]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fuzz_cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Case], list[Case]]:
+def fuzz_cases(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FuzzCases]:
     root = tmp_path_factory.mktemp("fuzz")
-    validate, evaluate = build_cases(root)
-    return root, validate, evaluate
+    return root, build_cases(root)
 
 
-def test_fuzz_validate(fuzz_cases: tuple[Path, list[Case], list[Case]]) -> None:
-    root, cases, _ = fuzz_cases
+def test_fuzz_validate(fuzz_cases: tuple[Path, FuzzCases]) -> None:
+    root, fuzz = fuzz_cases
+    cases = fuzz.validate
     assert len(cases) >= 150
     half = len(cases) // 2
     results = _run_batch(cases[:half], root, "validate-a") + _run_batch(cases[half:], root, "validate-b")
@@ -527,9 +631,37 @@ def test_fuzz_validate(fuzz_cases: tuple[Path, list[Case], list[Case]]) -> None:
     assert refused >= len(cases) * 0.7  # the mutations mostly break files: most cases must be refused
 
 
-def test_fuzz_evaluate(fuzz_cases: tuple[Path, list[Case], list[Case]]) -> None:
-    root, _, cases = fuzz_cases
-    results = _run_batch(cases, root, "evaluate")
+def test_fuzz_evaluate(fuzz_cases: tuple[Path, FuzzCases]) -> None:
+    root, fuzz = fuzz_cases
+    results = _run_batch(fuzz.evaluate, root, "evaluate")
+    bad = _problems(fuzz.evaluate, results)
+    assert not bad, f"{len(bad)} of {len(fuzz.evaluate)} cases misbehaved:\n" + "\n".join(bad)
+    assert max(int(r["peak_rss"]) for r in results) < PEAK_RSS
+
+
+def test_fuzz_augment_dry_run(fuzz_cases: tuple[Path, FuzzCases]) -> None:
+    root, fuzz = fuzz_cases
+    assert len(fuzz.augment) >= 60
+    results = _run_batch(fuzz.augment, root, "augment")
+    bad = _problems(fuzz.augment, results)
+    assert not bad, f"{len(bad)} of {len(fuzz.augment)} cases misbehaved:\n" + "\n".join(bad)
+    assert max(int(r["peak_rss"]) for r in results) < PEAK_RSS
+    assert not (root / "augment-out").exists()  # a dry run writes nothing, not even an output folder
+
+
+def test_fuzz_sample(fuzz_cases: tuple[Path, FuzzCases]) -> None:
+    from medsynth.config import load_config
+    from medsynth.training.engine import train
+
+    root, fuzz = fuzz_cases
+    control = root / "control" / "dataset.json"
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny/gan2d.yaml",
+                      [f"data.manifest={control}", "training.max_steps=1", "training.preview_every=0"])
+    with pytest.warns(UserWarning):  # 3D volumes learned as 2D slices; one step does not beat the fill
+        train(cfg, root / "run", progress=False)
+    mask = root / "control" / "labelsTr" / "good.nii.gz"
+    cases = sample_cases(root, root / "run", mask, fuzz.hostile)
+    results = _run_batch(cases, root, "sample")
     bad = _problems(cases, results)
     assert not bad, f"{len(bad)} of {len(cases)} cases misbehaved:\n" + "\n".join(bad)
     assert max(int(r["peak_rss"]) for r in results) < PEAK_RSS

@@ -426,7 +426,8 @@ def label_dtype(max_value: int) -> np.dtype:
         return np.dtype(np.uint8)
     if max_value <= LABEL_MAX:
         return np.dtype(np.uint16)
-    raise DataError(f"label value {max_value} does not fit in uint16")
+    raise DataError(f"label value {max_value} does not fit in uint16, the largest label type medsynth writes "
+                    f"(values 0..{LABEL_MAX}); renumber the labels")
 
 
 def _label_array(array: np.ndarray, path: Path) -> np.ndarray:

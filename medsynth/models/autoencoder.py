@@ -36,15 +36,18 @@ def _attention_levels(cfg: LdmAutoencoderConfig) -> tuple[bool, ...]:
 
 
 def build_autoencoder(
-    cfg: LdmAutoencoderConfig, *, spatial_dims: int, in_channels: int, use_flash_attention: bool = False
+    cfg: LdmAutoencoderConfig, *, spatial_dims: int, in_channels: int, use_flash_attention: bool = False,
+    zero_output: bool = False,
 ) -> AutoencoderKL:
     """MONAI ``AutoencoderKL``: ``(N, in_channels, *spatial)`` <-> ``(N, latent_channels, *spatial/f)``.
 
-    ``use_flash_attention`` turns on PyTorch SDPA in the attention blocks (CUDA only matters).
+    ``use_flash_attention`` turns on PyTorch SDPA in the attention blocks (CUDA only matters);
+    ``zero_output`` starts the decoder's last convolution at zero, so a fresh autoencoder of a residual
+    (the image's difference to the label-mean fill) decodes to zero: the fill itself.
     """
     from monai.networks.nets import AutoencoderKL
 
-    return AutoencoderKL(
+    net = AutoencoderKL(
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         out_channels=in_channels,
@@ -58,6 +61,11 @@ def build_autoencoder(
         use_checkpoint=cfg.use_checkpoint,
         use_flash_attention=use_flash_attention,
     )
+    if zero_output:
+        last = net.decoder.blocks[-1].conv
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return net
 
 
 def build_discriminator(cfg: LdmAutoencoderConfig, *, spatial_dims: int, in_channels: int) -> nn.Module:

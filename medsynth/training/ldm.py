@@ -232,7 +232,7 @@ class LdmFamily(FamilyBase):
         dev = rt.device
         flash = use_flash(m, dev)
         self.autoencoder = build_autoencoder(self.ae_cfg, spatial_dims=info.dim, in_channels=info.num_channels,
-                                             use_flash_attention=flash).to(dev)
+                                             use_flash_attention=flash, zero_output=m.fill == "residual").to(dev)
         if self.stage == "autoencoder":
             self._init_autoencoder_stage(info)
         else:

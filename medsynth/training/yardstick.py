@@ -42,7 +42,7 @@ __all__ = ["MAX_CASES", "MAX_SLICES", "EvalItem", "Yardstick", "evaluation_items
            "record_yardstick", "score_pairs"]
 
 MAX_CASES = 4
-MAX_SLICES = 16
+MAX_SLICES = 8
 HELD_OUT_SPLIT = "test"
 
 
