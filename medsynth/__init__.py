@@ -53,10 +53,10 @@ _EXPORTS: dict[str, str] = {
     "AugmentOptions": "medsynth.augment",
     "AugmentConfig": "medsynth.augment",
     "run_augment": "medsynth.augment",
-    # downstream (the package is callable: medsynth.downstream(train, test, synthetic, ...))
-    "downstream": "medsynth.downstream",
-    "DownstreamOptions": "medsynth.downstream",
-    "DownstreamSummary": "medsynth.downstream",
+    # downstream: does the synthetic data make a segmenter better?
+    "downstream": "medsynth.evaluation.downstream",
+    "DownstreamOptions": "medsynth.evaluation.downstream",
+    "DownstreamSummary": "medsynth.evaluation.downstream",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -66,9 +66,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'medsynth' has no attribute {name!r}")
-    value = importlib.import_module(module)
-    if module != f"{__name__}.{name}":  # a subpackage exported as itself stays the package
-        value = getattr(value, name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
@@ -82,8 +80,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from medsynth.config import load_config
     from medsynth.data.manifest import Case, Manifest, read_manifest, write_manifest
     from medsynth.data.nifti import Volume, read_volume, write_volume
-    from medsynth.downstream import DownstreamOptions, DownstreamSummary, downstream
     from medsynth.errors import CheckpointError, ConfigError, DataError, JobError, MedsynthError
+    from medsynth.evaluation.downstream import DownstreamOptions, DownstreamSummary, downstream
     from medsynth.evaluation.metrics import mae, ms_ssim, psnr, ssim
     from medsynth.recipes import list_recipes, recipe_path
     from medsynth.registry import Family, register_family

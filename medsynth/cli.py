@@ -511,8 +511,8 @@ def downstream(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train the same segmenter on real, real+classic, real+SET, real+SET+classic; compare Dice/HD95 on a test set."""
-    from medsynth.downstream import DownstreamOptions, run_downstream
-    from medsynth.downstream.report import format_table
+    from medsynth.evaluation.downstream import DownstreamOptions, run_downstream
+    from medsynth.evaluation.downstream.report import format_table
 
     options = DownstreamOptions(
         train=train, test=test, synthetic=tuple(synthetic or ()), out=out, seeds=_parse_seeds(seeds), steps=steps,

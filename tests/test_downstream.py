@@ -86,7 +86,7 @@ def test_summary_numbers_recomputed_from_metrics_csv(cli_run: Path) -> None:
 
 
 def test_dice_and_hd95_against_a_hand_calculation() -> None:
-    from medsynth.downstream.metrics import label_metrics
+    from medsynth.evaluation.downstream.metrics import label_metrics
 
     ref = np.zeros((10, 12), dtype=np.int64)
     pred = np.zeros_like(ref)
@@ -106,7 +106,7 @@ def test_dice_and_hd95_against_a_hand_calculation() -> None:
 def test_a_perfect_prediction_scores_dice_one_and_hd95_zero(datasets: dict[str, Path]) -> None:
     from medsynth.data.manifest import read_manifest
     from medsynth.data.nifti import read_volume
-    from medsynth.downstream.metrics import label_metrics
+    from medsynth.evaluation.downstream.metrics import label_metrics
 
     case = read_manifest(datasets["test"]).cases[0]
     label = read_volume(case.label, kind="label").array.astype(np.int64)
@@ -116,7 +116,7 @@ def test_a_perfect_prediction_scores_dice_one_and_hd95_zero(datasets: dict[str, 
 
 
 def test_bootstrap_interval_contains_the_mean_and_repeats_by_seed() -> None:
-    from medsynth.downstream.metrics import paired_bootstrap
+    from medsynth.evaluation.downstream.metrics import paired_bootstrap
 
     diff = np.random.default_rng(3).normal(0.05, 0.1, size=(12, 3))
     mean, low, high = paired_bootstrap(diff, n_boot=2000, seed=7)
@@ -148,8 +148,8 @@ def test_same_seed_same_summary_and_kfold_covers_every_case(datasets: dict[str, 
 
 
 def test_kfold_leaves_out_synthetic_cases_of_held_out_sources() -> None:
-    from medsynth.downstream.data import DownstreamData, LoadedCase, SyntheticSet
-    from medsynth.downstream.run import _fold_synthetic, make_splits
+    from medsynth.evaluation.downstream.data import DownstreamData, LoadedCase, SyntheticSet
+    from medsynth.evaluation.downstream.run import _fold_synthetic, make_splits
 
     def case(cid: str, source: str | None = None) -> LoadedCase:
         return LoadedCase(cid, np.zeros((1, 4, 4), np.float32), np.zeros((4, 4), np.int64), (1.0, 1.0), source)
@@ -175,7 +175,7 @@ def test_3d_patches_smaller_than_the_volume_train_and_predict_full_size(tmp_path
     assert s.spatial_dims == 3 and s.patch == [12, 12, 12] and "DynUNet" in s.segmenter
     assert all(v.dice.mean is not None for v in s.variants)
     # the sliding window covers a volume larger than the patch, and an odd-sized one
-    from medsynth.downstream.segmenter import plan_segmenter, predict
+    from medsynth.evaluation.downstream.segmenter import plan_segmenter, predict
 
     spec = plan_segmenter("unet", 3, 1, 7, [(20, 20, 20)], base_channels=2, patch_size=12)
     net = spec.build().eval()
@@ -185,8 +185,8 @@ def test_3d_patches_smaller_than_the_volume_train_and_predict_full_size(tmp_path
 
 
 def test_batches_depend_only_on_seed_fold_and_step(datasets: dict[str, Path]) -> None:
-    from medsynth.downstream.data import load_inputs
-    from medsynth.downstream.segmenter import TrainingPool
+    from medsynth.evaluation.downstream.data import load_inputs
+    from medsynth.evaluation.downstream.segmenter import TrainingPool
 
     data = load_inputs(datasets["train"], datasets["test"], [datasets["aug"]])
 
@@ -307,18 +307,20 @@ def test_overwrite_replaces_only_its_own_files(datasets: dict[str, Path], tmp_pa
     assert json.loads((out / "summary.json").read_text())["seeds"] == [1] == s.seeds
 
 
-def test_the_package_is_the_api_and_still_a_package() -> None:
+def test_the_public_function_and_the_package() -> None:
     import medsynth
-    import medsynth.downstream.metrics as metrics
+    import medsynth.evaluation.downstream.metrics as metrics
 
-    assert callable(medsynth.downstream)
-    assert medsynth.downstream.metrics is metrics
-    assert medsynth.DownstreamSummary is medsynth.downstream.DownstreamSummary
+    from medsynth.evaluation.downstream import downstream
+
+    assert medsynth.downstream is downstream
+    assert medsynth.evaluation.downstream.metrics is metrics
+    assert medsynth.DownstreamSummary is medsynth.evaluation.downstream.DownstreamSummary
 
 
 def test_variant_names_follow_the_method_and_stay_unique() -> None:
-    from medsynth.downstream.data import SyntheticSet
-    from medsynth.downstream.run import variant_names
+    from medsynth.evaluation.downstream.data import SyntheticSet
+    from medsynth.evaluation.downstream.run import variant_names
 
     sets = [SyntheticSet(n, Path(p), [], []) for n, p in
             (("gan", "g/dataset.json"), ("classic", "c/dataset.json"), ("synthseg", "a/dataset.json"),

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from medsynth.downstream.data import LoadedCase
 from medsynth.errors import ConfigError
+from medsynth.evaluation.downstream.data import LoadedCase
 
 if TYPE_CHECKING:
     import torch

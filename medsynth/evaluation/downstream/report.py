@@ -18,8 +18,8 @@ from dataclasses import astuple, fields
 from pathlib import Path
 
 from medsynth.data.atomic import atomic_write_text
-from medsynth.downstream.run import REFERENCE, SUMMARY_KIND, DownstreamSummary, MetricRow
 from medsynth.errors import JobError
+from medsynth.evaluation.downstream.summary import REFERENCE, SUMMARY_KIND, DownstreamSummary, MetricRow
 
 OUTPUT_FILES = ("summary.json", "metrics.csv", "report.md", "dice.png")
 
