@@ -41,7 +41,8 @@ training PSNR).
     python benchmarks/real_anatomy.py build OUT [--dim 2|3]
     python benchmarks/real_anatomy.py fill OUT/train OUT/test
     python benchmarks/real_anatomy.py sample-eval RUN OUT/test [--seeds 0,1,2]
-    python benchmarks/real_anatomy.py all OUT [--steps-gan 1000 --steps-ldm 1000 --seeds 0,1,2]
+    python benchmarks/real_anatomy.py all OUT [--steps-gan 1000 --steps-ldm 1000 --seeds 0,1,2 --num 16]
+        [--steps-seg N] [--tier auto|small|tiny] [--until build|train|sample-eval|augment|downstream]
 
 Each command prints JSON lines; ``all`` also writes them to ``OUT/results.jsonl`` and ends with a
 markdown table. ``all`` runs every stage as a ``medsynth`` subprocess (build -> validate -> fill ->
@@ -471,21 +472,26 @@ def run_all(out: Path, *, steps_gan: int, steps_ldm: int, steps_seg: int | None,
                     command=shlex.join(cmd)))
     else:
         res = timed("downstream", cmd)
-        record(dict(what="downstream", summary=_last_json(res.stdout)))
+        written = out / "downstream" / "summary.json"
+        summary = json.loads(written.read_text()) if written.is_file() else _last_json(res.stdout)
+        record(dict(what="downstream", summary=summary))
     _table(rows)
 
 
 def _last_json(text: str) -> Any:
-    """The last line of ``text`` that parses as JSON (the command's --json summary), else the raw text."""
-    for line in reversed(text.strip().splitlines()):
+    """The JSON object a ``--json`` command printed (the whole output, or the last object in it that starts
+    a line), else the output's tail as text."""
+    decoder = json.JSONDecoder()
+    starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
+    for start in reversed(starts):
+        if text[start:start + 1] != "{":
+            continue
         try:
-            return json.loads(line)
+            obj, _ = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
             continue
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text.strip()[-2000:]
+        return obj
+    return text.strip()[-2000:]
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
@@ -496,7 +502,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
             lines.append(f"| fill: {r['variant']} (sigma {r['sigma_vox']} vox) | {r['ssim']:.3f} | {r['psnr']:.1f} | |")
         elif r["what"] == "mask_to_image":
             lines.append(f"| {r['model']} (seeds {','.join(map(str, r['seeds']))}) | {r['ssim']:.3f} | {r['psnr']:.1f} "
-                         f"| {r['between_seed_ssim']} |")
+                         f"| {r['between_seed_ssim'] if r['between_seed_ssim'] is not None else ''} |")
     for r in rows:
         if r["what"] == "downstream" and isinstance(r["summary"], dict):
             lines += _downstream_table(r["summary"])

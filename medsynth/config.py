@@ -686,33 +686,3 @@ def memory_estimate(cfg: Config) -> tuple[int, int]:
     narrowest = min((c for net in widths for c in net), default=1)
     activations = batch * voxels * narrowest
     return parameters * _BYTES_PER_PARAMETER + activations * _BYTES_PER_ACTIVATION, parameters
-
-
-def device_memory(device: str) -> tuple[str, int]:
-    """``(what, bytes)``: the memory training on ``device`` (``auto``, ``cpu``, ``cuda``) can use: one
-    GPU's total memory under CUDA, else :func:`medsynth.data.limits.available_memory`."""
-    if device != "cpu":
-        import torch
-
-        if torch.cuda.is_available():
-            index = torch.cuda.current_device()
-            return f"GPU {torch.cuda.get_device_name(index)}", int(torch.cuda.get_device_properties(index).total_memory)
-    from medsynth.data.limits import available_memory
-
-    return "memory of this machine", available_memory()
-
-
-def check_memory(cfg: Config, available: int, what: str = "device") -> int:
-    """ConfigError, before anything is allocated, when the lower bound :func:`memory_estimate` of
-    training ``cfg`` exceeds ``available`` bytes (``what``: the device, for the message). Returns the bound."""
-    from medsynth.data.limits import format_bytes
-
-    needed, parameters = memory_estimate(cfg)
-    if needed > available:
-        raise ConfigError(
-            f"{cfg.name}: training this recipe needs at least {format_bytes(needed)} (about {parameters:,} "
-            f"parameters with their gradients and optimiser state, and batch {cfg.training.batch_size} of "
-            f"{'x'.join(map(str, cfg.data.size))} crops), more than the {format_bytes(available)} of the {what}; "
-            "lower training.batch_size, data.size or the model's channels"
-        )
-    return needed

@@ -17,7 +17,7 @@ from enum import IntEnum
 
 import numpy as np
 
-__all__ = ["SEED_MAX", "CaseTag", "MixTag", "PairStream", "Stream", "derive_seed", "seed_sequence"]
+__all__ = ["SEED_MAX", "CaseTag", "DownstreamTag", "MixTag", "PairStream", "Stream", "derive_seed", "seed_sequence"]
 
 #: the largest job seed: seeds feed numpy's SeedSequence and torch.Generator.manual_seed (a signed
 #: 64-bit integer), so every seed option and setting accepts 0 .. 2**63 - 1
@@ -35,6 +35,8 @@ class Stream(IntEnum):
     SYNTH_ITEM = 13
     #: LDM family: the fixed noise of its evaluation and previews -> (seed, LDM_EVAL, sub-stream)
     LDM_EVAL = 17
+    #: downstream: a segmenter's initial weights -> (seed, SEGMENTER_INIT, fold)
+    SEGMENTER_INIT = 19
 
 
 class CaseTag(IntEnum):
@@ -62,6 +64,14 @@ class MixTag(IntEnum):
     SOURCE = 2  #: the order of the source masks
     ITEM = 3  #: (ITEM, epoch, i): the synthetic pair of item i
     TRANSFORM = 4  #: (TRANSFORM, epoch, i): the seed of the user's transform for item i
+
+
+class DownstreamTag(IntEnum):
+    """First spawn-key element of ``medsynth downstream`` streams."""
+
+    BATCH = 5  #: (BATCH, fold, step): the draws of one segmenter training step
+    FOLDS = 6  #: (FOLDS,) with seed 0: the K-fold assignment of the real cases
+    BOOTSTRAP = 7  #: (BOOTSTRAP, k) with seed 0: the bootstrap of comparison k
 
 
 def derive_seed(*values: int) -> int:

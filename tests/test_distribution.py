@@ -224,3 +224,132 @@ def test_fid_from_torchscript(tmp_path):
     assert D.fid(ref, shifted, feature_weights=scripted) == pytest.approx(
         D.fid(ref, shifted, feature_weights=weights, model=TinyFeatures()), rel=1e-5
     )
+
+
+# ------------------------------------------------------------------------------------ honest small sets
+
+
+def test_small_sets_get_a_warning_an_interval_and_the_noise_level():
+    rng = np.random.default_rng(0)
+    ref = [phantom(rng) for _ in range(4)]
+    cand = [phantom(rng) for _ in range(5)]
+    cmp = D.compare_radiomics([i for i, _ in ref], [i for i, _ in cand], [lab for _, lab in ref],
+                              [lab for _, lab in cand], bootstrap=50)
+    assert cmp.n_features == 28
+    assert "4 reference and 5 candidate images for 28 features" in cmp.warning
+    assert "2 x 28 = 56" in cmp.warning
+    lo, hi = cmp.frechet_ci
+    assert 0 <= lo <= hi and cmp.mmd2_ci[0] <= cmp.mmd2_ci[1] and cmp.frechet_null > 0
+    # two sets of one distribution: the distance is of the size sampling noise alone gives, not significant;
+    # the same sizes with a real intensity shift are
+    assert 0.2 < cmp.frechet_distance / cmp.frechet_null < 5 and cmp.frechet_p > 0.05 and cmp.mmd2_p > 0.05
+    shifted = [phantom(rng, shift=150.0) for _ in range(5)]
+    far = D.compare_radiomics([i for i, _ in ref], [i for i, _ in shifted], [lab for _, lab in ref],
+                              [lab for _, lab in shifted], bootstrap=50)
+    assert far.frechet_p < 0.05 and far.mmd2_p < 0.05 and far.frechet_distance > 100 * far.frechet_null
+    d = cmp.to_dict()
+    assert d["warning"] == cmp.warning and d["frechet_ci"] == [lo, hi] and d["bootstrap"] == 50
+    off = D.compare_radiomics([i for i, _ in ref], [i for i, _ in cand], bootstrap=0)
+    assert off.frechet_ci is None and off.frechet_null is None
+    assert D.small_sample_warning(56, 60, 28) is None and D.small_sample_warning(55, 60, 28) is not None
+
+
+def test_bootstrap_interval_holds_the_known_distance_and_separates_a_shift():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200, 2))
+    b = rng.standard_normal((200, 2)) + np.array([1.0, 0.0])  # true Frechet distance |mu|^2 = 1
+    boot = D.bootstrap_distances(a, b, rounds=50, seed=0, normalise=False)
+    assert boot.frechet_ci[0] < 1.0 < boot.frechet_ci[1] and boot.frechet_ci[1] - boot.frechet_ci[0] < 1.0
+    assert boot.frechet_null < 0.1 and boot.frechet_p == pytest.approx(1 / 51) and boot.mmd2_p == pytest.approx(1 / 51)
+    # small sets (6 samples, 10 features): the distance alone says little, the null and p-value tell
+    small_a = rng.standard_normal((6, 10))
+    small_b = rng.standard_normal((6, 10))
+    same = D.bootstrap_distances(small_a, small_b, rounds=100, seed=1, normalise=False)
+    shifted = D.bootstrap_distances(small_a, small_b + 3.0, rounds=100, seed=1, normalise=False)
+    assert D.frechet_distance(small_a, small_b) > 5  # far from the true 0
+    assert same.frechet_p > 0.05 and shifted.frechet_p < 0.05 and shifted.frechet_ci[0] > same.frechet_null
+    with pytest.raises(DataError, match="rounds"):
+        D.bootstrap_distances(a, b, rounds=0)
+
+
+# ------------------------------------------------------------------------------------ model vs mask variety
+
+
+def _skimage_ssim(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, data_range=data_range, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False))
+
+
+def test_seed_diversity_is_the_variety_for_one_mask():
+    rng = np.random.default_rng(10)
+    masks = [np.pad(np.ones((8 + k, 8), np.int64), ((5, 7 - k), (6, 6))) for k in range(2)]  # 20 x 20
+
+    def noisy(mask: np.ndarray, seed: int) -> np.ndarray:
+        return mask * 100.0 + np.random.default_rng(seed).normal(0.0, 20.0, mask.shape)
+
+    result = D.seed_diversity(noisy, masks, seeds=[0, 1], data_range=150.0, mask_ids=["a", "b"])
+    assert result.metric == "ssim" and result.pairs == 2 and result.seeds == [0, 1]
+    for mid, mask in zip(["a", "b"], masks):
+        assert result.per_mask[mid] == pytest.approx(_skimage_ssim(noisy(mask, 0), noisy(mask, 1), 150.0), abs=1e-5)
+    # a model that ignores its seed has no variety of its own, however different its masks are
+    fixed = D.seed_diversity(lambda mask, seed: mask * 100.0 + 1.0, masks, seeds=[0, 1, 2], data_range=150.0)
+    assert fixed.mean == pytest.approx(1.0, abs=1e-9) and fixed.pairs == 6
+    images = [mask * 100.0 + 1.0 for mask in masks] + [np.roll(masks[0], 4, axis=1) * 100.0 + 1.0]
+    assert D.diversity(images, data_range=150.0).mean < 0.9  # ... while the set as a whole looks varied
+    grouped = D.grouped_diversity([*images, noisy(masks[1], 3)], ["x", "y", "x", "z"], data_range=150.0)
+    assert grouped.pairs == 1 and grouped.mean == pytest.approx(_skimage_ssim(images[0], images[2], 150.0), abs=1e-5)
+    with pytest.raises(DataError, match="two different seeds"):
+        D.seed_diversity(noisy, masks, seeds=[3, 3], data_range=150.0)
+    with pytest.raises(DataError, match="a group with at least two images"):
+        D.grouped_diversity(images, ["p", "q", "r"], data_range=150.0)
+
+
+# ------------------------------------------------------------------------------------ warped copies
+
+
+def test_a_warped_copy_of_the_source_is_flagged(tmp_path):
+    import json
+
+    from medsynth.augment import AugmentOptions, run_augment
+    from medsynth.augment.plan import pair_seed
+    from medsynth.data import transforms as T
+    from medsynth.data.manifest import read_manifest
+    from medsynth.data.nifti import read_volume
+    from medsynth.data.phantoms import make_phantom_dataset
+    from medsynth.seeds import PairStream
+    from medsynth.synthesis.pairs import attempt_streams, warp_from_record
+
+    data = make_phantom_dataset(tmp_path / "d", dim=3, cases=3, size=24, seed=1)
+    out = tmp_path / "aug"
+    run_augment(AugmentOptions(input=data, out=out, method="synthseg", num=2, seed=3, synthetic_only=True))
+    prov = {r["case_id"]: r for r in map(json.loads, (out / "provenance.jsonl").read_text().splitlines())}
+    reals = {c.case_id: read_volume(c.images[0]).array.astype(np.float64) for c in read_manifest(data).cases}
+    syn = {cid: read_volume(out / r["images"][0]).array.astype(np.float64) for cid, r in prov.items()}
+    # the copy: syn_00000's source warped by syn_00000's deformation, drawn as the pair core draws it
+    rec = prov["syn_00000"]
+    stream = attempt_streams(pair_seed(3, 0), rec["attempt"])[PairStream.DEFORM]
+    params = T.draw_spatial(reals[rec["source"]].shape, read_volume(data.parent / "imagesTr" / f"{rec['source']}.nii.gz").spacing,
+                            T.DeformConfig(), np.random.default_rng(stream))
+    _, warped_copy = T.apply_spatial(params, np.zeros(params.shape, np.int64), reals[rec["source"]][None])
+    candidates = [warped_copy[0].astype(np.float64), syn["syn_00001"]]
+    ids = ["syn_00000", "syn_00001"]  # the copy poses as syn_00000
+    r = 900.0
+    plain = D.memorisation(candidates, list(reals.values()), data_range=r, synthetic_ids=ids, training_ids=list(reals))
+    assert plain.flagged == [] and plain.cases[0].max_ssim < 0.95  # as it is, it resembles no real image
+    warped = D.warped_sources(prov, ids, reals)
+    assert all(w is not None and w.shape == candidates[0].shape for w in warped)
+    result = D.memorisation(candidates, list(reals.values()), data_range=r, synthetic_ids=ids,
+                            training_ids=list(reals), warped=warped)
+    assert result.flagged == ["syn_00000"]
+    assert result.cases[0].warped_source_ssim == pytest.approx(1.0, abs=1e-4)
+    assert result.cases[1].warped_source_ssim < 0.95  # a genuine synthseg image is not its warped source
+    assert result.to_dict()["warped_source_checked"] == 2
+    # a record from another medsynth (other draws) or without the warp is refused, not silently used
+    tampered = {**rec, "spatial": {**rec["spatial"], "offset_vox": [0.0, 0.0, 0.0]}}
+    with pytest.raises(DataError, match="differs from the one recorded"):
+        warp_from_record(tampered)
+    with pytest.raises(DataError, match="no \"warp\" entry"):
+        warp_from_record({k: v for k, v in rec.items() if k != "warp"})
+    assert D.warped_sources({}, ids, reals) == [None, None]

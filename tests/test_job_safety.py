@@ -279,7 +279,8 @@ def test_recipe_sizes_out_of_range_are_clear_errors(override: str, field: str, g
 
 
 def test_memory_estimate_is_a_hand_checked_lower_bound(tmp_path: Path) -> None:
-    from medsynth.config import check_memory, load_config, memory_estimate
+    from medsynth.config import load_config, memory_estimate
+    from medsynth.training.memory import check_memory
 
     cfg = load_config(REPO / "configs/tiny/gan2d.yaml")  # generator [16, 16, 8], discriminator 8, batch 4, 32x32
     params = 9 * (16 * 16 + 16 * 16 + 8 * 8) + 9 * 8 * 8

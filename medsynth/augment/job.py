@@ -9,10 +9,15 @@ provenance record per synthetic case and a journal. One case is made by the synt
 
 Stages, in order (nothing is written before stage 6):
 
-1. check options; 2. load and validate the dataset; 3. refuse an output folder that is, or lies
-inside, an input folder, or that contains an input; 4. read the training cases once (intensity
+1. check options (``--num`` at most :data:`~medsynth.augment.options.NUM_MAX`); 2. load and validate
+the dataset; 3. refuse an output folder that is, or lies inside, an input folder, or that contains an
+input; take the output folder's lock (:func:`medsynth.journal.output_lock`: one job per folder, held
+until the job ends; not in a dry run) and check its state: a resume needs the same settings and the
+same inputs (the sha256 of every input file, :func:`input_files`), and the cases still to make must
+fit the free disk space (:func:`check_disk_space`); 4. read the training cases once (intensity
 statistics per channel for synthesis and QC, the label set, which labels each case has);
-5. plan: for synthetic case ``k`` the source case (and a lesion donor) follow from ``(seed, k)``;
+5. plan: for synthetic case ``k`` the source case (and a lesion donor) follow from ``(seed, k)``
+(a dry run plans only the first :data:`DRY_RUN_SHOWN` cases and counts the rest);
 6. claim the output folder (new, ``--resume`` with identical settings, or ``--overwrite`` of a
 folder this job made) and store the settings in ``OUT/.medsynth_job.json``; 7. place real cases
 in the output folder (``--real``: hard links, or copies; or none for ``reference``); 8. make the missing or corrupt

@@ -10,8 +10,8 @@
   (TorchScript, or a state dict for a model the caller builds). Off unless called; nothing downloads.
   Small sets are said to be small: with fewer than 2 x F images per set for F features the sample
   covariances are rank-deficient and the distance mostly measures estimation noise, so the result
-  carries a warning, a bootstrap interval of each distance and the reference set's distance to
-  itself under the same resampling (:class:`RadiomicComparison`).
+  carries a warning, a bootstrap interval of each distance, the distance two sets of one
+  distribution give at these sizes and permutation p-values (:func:`bootstrap_distances`).
 - :func:`diversity`: mean pairwise MS-SSIM inside the synthetic set (lower = more diverse): the
   variety of the masks (deformed, edited) and of the images together. :func:`seed_diversity`
   separates the model's own variety: images of the *same* mask for several seeds;
@@ -45,12 +45,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "FIRST_ORDER_FEATURES",
     "TEXTURE_FEATURES",
+    "BootstrapDistances",
     "DiversityResult",
     "FeatureSet",
     "MemorisationCase",
     "MemorisationResult",
     "RadiomicComparison",
     "SeedDiversityResult",
+    "bootstrap_distances",
     "compare_radiomics",
     "diversity",
     "fid",
@@ -350,11 +352,10 @@ def mmd(a: np.ndarray, b: np.ndarray, *, bandwidth: float | None = None) -> floa
 class RadiomicComparison:
     """Reference set vs candidate set in z-normalised radiomic feature space.
 
-    frechet_ci, mmd2_ci: ``(low, high)`` percentile interval (``confidence``) of each distance over
-    ``bootstrap`` resamplings of the cases of both sets (None without bootstrap); frechet_null: the
-    median Frechet distance between two resamplings of the *reference* set of the two sets' sizes,
-    i.e. what sampling noise alone gives (a candidate near it is indistinguishable at this size);
-    warning: why the distances are unreliable (too few images for the features), else None.
+    frechet_ci, mmd2_ci, frechet_null, frechet_p, mmd2_p: see :class:`BootstrapDistances` (None
+    without bootstrap): the spread over resampled cases, the distance two sets of one distribution
+    give at these sizes, and permutation p-values; warning: why the distances are unreliable (too
+    few images for the number of features), else None.
     """
 
     frechet_distance: float
@@ -372,6 +373,8 @@ class RadiomicComparison:
     frechet_ci: tuple[float, float] | None = None
     mmd2_ci: tuple[float, float] | None = None
     frechet_null: float | None = None
+    frechet_p: float | None = None
+    mmd2_p: float | None = None
     bootstrap: int = 0
     confidence: float = 0.95
     warning: str | None = None
@@ -395,28 +398,77 @@ def small_sample_warning(n_reference: int, n_candidate: int, n_features: int) ->
         return None
     return (f"{n_reference} reference and {n_candidate} candidate images for {n_features} features: fewer than "
             f"{SAMPLES_PER_FEATURE} x {n_features} = {need} images per set, so the covariances are rank-deficient and "
-            "the Frechet distance (and MMD) mostly measure sampling noise; read them with their bootstrap interval "
-            "and the reference set's distance to itself, or use more cases or fewer features (regions)")
+            "the Frechet distance (and MMD) mostly measure sampling noise; read them with their bootstrap interval, "
+            "the distance two sets of one distribution give at these sizes and the permutation p-value, or use more "
+            "cases or fewer features (regions)")
 
 
-def _bootstrap(ref: np.ndarray, cand: np.ndarray, bandwidth: float, rounds: int, confidence: float,
-               seed: int) -> tuple[tuple[float, float], tuple[float, float], float]:
-    """(Frechet interval, MMD^2 interval, median reference-vs-reference Frechet distance) over
-    ``rounds`` resamplings with replacement of the rows of ``ref`` ``(n, F)`` and ``cand`` ``(m, F)``."""
+@dataclass
+class BootstrapDistances:
+    """How much the Frechet distance and MMD^2 of two feature sets can be trusted at their sizes.
+
+    frechet_ci, mmd2_ci: percentile intervals (``confidence``) over resamplings of the rows of both
+    sets with replacement (the spread that comes from which cases happened to be drawn);
+    frechet_null: the median Frechet distance over random splits of the pooled rows into sets of the
+    two sizes, i.e. what two sets of *one* distribution give at these sizes (sampling noise alone);
+    frechet_p, mmd2_p: permutation p-values, the share of those splits at least as far apart as the
+    real sets (``(1 + count) / (1 + rounds)``): large means the sets cannot be told apart."""
+
+    frechet_ci: tuple[float, float]
+    mmd2_ci: tuple[float, float]
+    frechet_null: float
+    frechet_p: float
+    mmd2_p: float
+    rounds: int
+    confidence: float
+
+
+def bootstrap_distances(
+    reference: np.ndarray, candidate: np.ndarray, *, rounds: int = 200, confidence: float = 0.95, seed: int = 0,
+    normalise: bool = True,
+) -> BootstrapDistances:
+    """Intervals, the noise level and permutation p-values of :func:`frechet_distance` and :func:`mmd`
+    (see :class:`BootstrapDistances`) for raw features ``reference`` ``(n, F)`` and ``candidate`` ``(m, F)``.
+
+    Each distance is computed as :func:`compare_radiomics` does: both sets z-normalised with the
+    reference part (``normalise``; :func:`zscore`), MMD with the median-heuristic bandwidth. Every
+    resampling and every random split is normalised with its own reference part, so the observed
+    split is one draw among the others when the sets come from one distribution (an exact
+    permutation test). rounds: resamplings, and as many random splits, drawn from
+    ``numpy.random.default_rng(seed)``."""
+    a, b = _check_sets(reference, candidate, "bootstrap_distances")
+    if int(rounds) < 1:
+        raise DataError(f"bootstrap rounds must be >= 1, got {rounds!r}")
+    if not 0 < float(confidence) < 1:
+        raise DataError(f"confidence must be in (0, 1), got {confidence!r}")
+
+    def distances(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        if normalise:
+            x, y = zscore(x, y)
+        return frechet_distance(x, y), mmd(x, y)
+
     rng = np.random.default_rng(seed)
-    n, m = len(ref), len(cand)
-    fd, md, null = [], [], []
-    for _ in range(rounds):
-        a = ref[rng.integers(n, size=n)]
-        b = cand[rng.integers(m, size=m)]
-        fd.append(frechet_distance(a, b))
-        md.append(mmd(a, b, bandwidth=bandwidth))
-        null.append(frechet_distance(ref[rng.integers(n, size=n)], ref[rng.integers(n, size=m)]))
-    tail = (1.0 - confidence) / 2.0 * 100.0
-    lo_hi = (tail, 100.0 - tail)
-    f_lo, f_hi = (float(v) for v in np.percentile(fd, lo_hi))
-    m_lo, m_hi = (float(v) for v in np.percentile(md, lo_hi))
-    return (f_lo, f_hi), (m_lo, m_hi), float(np.median(null))
+    n, m = len(a), len(b)
+    pooled = np.concatenate([a, b])
+    observed_fd, observed_mmd = distances(a, b)
+    fd, md, null_fd, null_mmd = [], [], [], []
+    for _ in range(int(rounds)):
+        # 1. resample each set (the interval)
+        f, d = distances(a[rng.integers(n, size=n)], b[rng.integers(m, size=m)])
+        fd.append(f)
+        md.append(d)
+        # 2. split the pooled rows at random (the null: one distribution, these sizes)
+        order = rng.permutation(n + m)
+        f, d = distances(pooled[order[:n]], pooled[order[n:]])
+        null_fd.append(f)
+        null_mmd.append(d)
+    tail = (1.0 - float(confidence)) / 2.0 * 100.0
+    f_lo, f_hi = (float(v) for v in np.percentile(fd, (tail, 100.0 - tail)))
+    m_lo, m_hi = (float(v) for v in np.percentile(md, (tail, 100.0 - tail)))
+    p_fd = (1 + sum(v >= observed_fd for v in null_fd)) / (1 + int(rounds))
+    p_mmd = (1 + sum(v >= observed_mmd for v in null_mmd)) / (1 + int(rounds))
+    return BootstrapDistances((f_lo, f_hi), (m_lo, m_hi), float(np.median(null_fd)), float(p_fd), float(p_mmd),
+                              int(rounds), float(confidence))
 
 
 def compare_radiomics(
@@ -440,8 +492,8 @@ def compare_radiomics(
     intensity_range: default the reference set's ``(min, max)``. regions: default, when both sets
     have label maps, the non-zero label values present in every label map of both sets (else the
     foreground). See :func:`radiomic_features` for the features.
-    bootstrap: resamplings of the cases for the intervals and the reference's distance to itself
-    (0: none); confidence: the interval's coverage; seed: of ``numpy.random.default_rng``.
+    bootstrap: resamplings (and random splits) of the cases for the intervals, the noise level and the
+    p-values (0: none; :func:`bootstrap_distances`); confidence: the interval's coverage; seed: of ``numpy.random.default_rng``.
     The result's ``warning`` says when the sets are too small for the number of features
     (:func:`small_sample_warning`).
     """
@@ -467,11 +519,14 @@ def compare_radiomics(
                              intensity_range=intensity_range, levels=levels, slices_per_plane=slices_per_plane)
     ref_z, cand_z = zscore(ref.values, cand.values)
     bandwidth = median_bandwidth(ref_z, cand_z)
-    intervals = None if not bootstrap else _bootstrap(ref_z, cand_z, bandwidth, int(bootstrap), float(confidence), seed)
+    boot = None if not bootstrap else bootstrap_distances(ref.values, cand.values, rounds=int(bootstrap),
+                                                          confidence=confidence, seed=seed)
     return RadiomicComparison(
-        frechet_ci=None if intervals is None else intervals[0],
-        mmd2_ci=None if intervals is None else intervals[1],
-        frechet_null=None if intervals is None else intervals[2],
+        frechet_ci=None if boot is None else boot.frechet_ci,
+        mmd2_ci=None if boot is None else boot.mmd2_ci,
+        frechet_null=None if boot is None else boot.frechet_null,
+        frechet_p=None if boot is None else boot.frechet_p,
+        mmd2_p=None if boot is None else boot.mmd2_p,
         bootstrap=int(bootstrap),
         confidence=float(confidence),
         warning=small_sample_warning(len(reference), len(candidate), ref.values.shape[1]),

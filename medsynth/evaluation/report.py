@@ -219,8 +219,9 @@ def radiomics_title(rad: dict[str, Any]) -> str:
         conf = f" ({100 * float(rad.get('confidence', 0.95)):.0f}% bootstrap)" if rad.get("frechet_ci") else ""
         lines.append(f"Frechet distance {fd:.4g}{_interval(rad.get('frechet_ci'))}   "
                      f"MMD^2 {mmd2:.4g}{_interval(rad.get('mmd2_ci'))}{conf}")
-        if rad.get("frechet_null") is not None:
-            lines.append(f"reference vs itself (sampling noise alone): Frechet distance {rad['frechet_null']:.4g}")
+        if rad.get("frechet_null") is not None and rad.get("frechet_p") is not None:
+            lines.append(f"one distribution at these sizes gives {rad['frechet_null']:.4g}; "
+                         f"permutation p = {rad['frechet_p']:.3g} (MMD^2 p = {rad['mmd2_p']:.3g})")
     if rad.get("warning"):
         lines.append(f"too few images for {rad.get('n_features')} features: distances unreliable")
     return "\n".join(lines)

@@ -36,7 +36,7 @@ import numpy as np
 from medsynth.errors import ConfigError
 from medsynth.evaluation.downstream.data import DownstreamData, DownstreamWarning, LoadedCase, SyntheticSet
 from medsynth.evaluation.downstream.metrics import CaseMetrics, case_scores, nanmean, nanmean_axis, paired_bootstrap
-from medsynth.evaluation.downstream.segmenter import NETWORKS, Network, SegmenterSpec, Tag
+from medsynth.evaluation.downstream.segmenter import NETWORKS, Network, SegmenterSpec
 from medsynth.evaluation.downstream.summary import (
     REFERENCE,
     RULES,
@@ -47,6 +47,7 @@ from medsynth.evaluation.downstream.summary import (
     SeedStat,
     VariantResult,
 )
+from medsynth.seeds import DownstreamTag, seed_sequence
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,6 @@ def _folder_name(path: Path) -> str:
 
 def make_splits(data: DownstreamData, folds: int) -> list[Split]:
     """The test set as one split, or ``folds`` folds over the training cases (fixed assignment)."""
-    from medsynth.seeds import seed_sequence
 
     if data.test is not None:
         return [Split(-1, data.train, data.test, set())]
@@ -130,7 +130,7 @@ def make_splits(data: DownstreamData, folds: int) -> list[Split]:
     if n < folds:
         raise ConfigError(f"--folds {folds}: the training set {data.train_path} has only {n} labelled case(s)")
     ordered = sorted(data.train, key=lambda c: c.case_id)
-    perm = np.random.default_rng(seed_sequence(0, Tag.FOLDS)).permutation(n)
+    perm = np.random.default_rng(seed_sequence(0, DownstreamTag.FOLDS)).permutation(n)
     fold_of = {ordered[j].case_id: i % folds for i, j in enumerate(perm)}
     splits = []
     for f in range(folds):
@@ -313,7 +313,6 @@ def score_matrix(name: str, seeds: list[int], case_ids: list[str],
 
 def _compare(variants: list[Variant], seeds: list[int], case_ids: list[str],
              results: Mapping[tuple[str, int], Mapping[str, tuple[int, CaseMetrics]]], n_boot: int) -> list[Comparison]:
-    from medsynth.seeds import seed_sequence
 
     ref = score_matrix(REFERENCE, seeds, case_ids, results)
     out = []
@@ -321,7 +320,7 @@ def _compare(variants: list[Variant], seeds: list[int], case_ids: list[str],
         if v.name == REFERENCE:
             continue
         diff = score_matrix(v.name, seeds, case_ids, results) - ref
-        boot_seed = int(seed_sequence(0, Tag.BOOTSTRAP, k).generate_state(1)[0])
+        boot_seed = int(seed_sequence(0, DownstreamTag.BOOTSTRAP, k).generate_state(1)[0])
         mean, low, high = paired_bootstrap(diff, n_boot=n_boot, seed=boot_seed)
         pairs = int((~np.isnan(diff)).all(axis=1).sum()) * len(seeds)
         out.append(Comparison(v.name, REFERENCE, "dice", _opt(mean), _opt(low), _opt(high), pairs))

@@ -32,13 +32,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from medsynth.errors import ConfigError
 from medsynth.evaluation.downstream.data import LoadedCase
+from medsynth.seeds import DownstreamTag, Stream, derive_seed, seed_sequence
 
 if TYPE_CHECKING:
     import torch
@@ -49,15 +49,6 @@ PATCH_CAP = {2: 256, 3: 96}
 CHANNEL_CAP = {2: 256, 3: 320}
 FOREGROUND_FRACTION = 1.0 / 3.0
 LEARNING_RATE = 2e-3
-
-
-class Tag(IntEnum):
-    """Seed tags of the downstream comparison (``medsynth.seeds``)."""
-
-    INIT = 19  #: derive_seed(seed, INIT, fold): the network's initial weights
-    BATCH = 5  #: seed_sequence(seed, BATCH, fold, step): the draws of one training step
-    FOLDS = 6  #: seed_sequence(0, FOLDS): the K-fold assignment
-    BOOTSTRAP = 7  #: seed_sequence(seed, BOOTSTRAP, k): the bootstrap of comparison k
 
 
 # ------------------------------------------------------------------------------------ the network
@@ -209,9 +200,8 @@ class TrainingPool:
 
     def batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Step ``step``'s batch: images ``(B, C, *patch)`` float32, class indices ``(B, 1, *patch)`` int64."""
-        from medsynth.seeds import seed_sequence
 
-        rng = np.random.default_rng(seed_sequence(self.seed, Tag.BATCH, self.fold, step))
+        rng = np.random.default_rng(seed_sequence(self.seed, DownstreamTag.BATCH, self.fold, step))
         samples = [self._sample(rng) for _ in range(batch_size)]
         return np.stack([s[0] for s in samples]), np.stack([s[1] for s in samples])[:, None]
 
@@ -246,10 +236,9 @@ def train_segmenter(spec: SegmenterSpec, pool: TrainingPool, *, steps: int, batc
     import torch
     from monai.losses import DiceCELoss
 
-    from medsynth.seeds import derive_seed
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, Tag.INIT, fold))
+        torch.manual_seed(derive_seed(seed, Stream.SEGMENTER_INIT, fold))
         net = spec.build()
     net = net.to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
