@@ -17,6 +17,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -227,7 +228,7 @@ def test_absurd_num_is_refused_and_a_large_dry_run_plans_only_what_it_shows(data
     out = tmp_path / "out"
     code, output = cli("augment", data2d, "--method", "synthseg", "--num", 10**12, "--out", out, "--dry-run")
     assert (code, output) == (1, "error: --num 1000000000000: must be from 1 to 1,000,000 synthetic cases per job\n")
-    monkeypatch.setattr(augment_job.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 50, 0, 1 << 50))
+    monkeypatch.setattr(augment_job.shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 50, used=0, free=1 << 50))
     t0 = time.perf_counter()
     tracemalloc.start()
     try:
@@ -250,7 +251,7 @@ def test_num_is_checked_against_the_free_disk_space(data2d: Path, tmp_path: Path
     cases = read_manifest(data2d).cases
     per_case = sum(os.path.getsize(p) for c in cases for p in [*c.images, c.label]) // len(cases)  # all train
     free = 10 * per_case
-    monkeypatch.setattr(augment_job.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, free))
+    monkeypatch.setattr(augment_job.shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 40, used=0, free=free))
     out = tmp_path / "out"
     with pytest.raises(JobError) as err:
         run_augment(AugmentOptions(input=data2d, out=out, method="synthseg", num=500))
@@ -260,7 +261,7 @@ def test_num_is_checked_against_the_free_disk_space(data2d: Path, tmp_path: Path
     assert not out.exists()
     done = run_augment(AugmentOptions(input=data2d, out=out, method="synthseg", num=3))  # 3 cases fit
     assert done.estimated_bytes == 3 * per_case
-    monkeypatch.setattr(augment_job.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 0, 0))
+    monkeypatch.setattr(augment_job.shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 40, used=0, free=0))
     again = run_augment(AugmentOptions(input=data2d, out=out, method="synthseg", num=3, resume=True))
     assert (again.reused, again.estimated_bytes) == (3, 0)  # a resume needs room for the missing cases only
 
