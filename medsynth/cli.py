@@ -492,7 +492,8 @@ def downstream(
     synthetic: Annotated[
         Optional[list[Path]], typer.Option("--synthetic", help="A dataset written by `medsynth augment`; repeatable.")
     ] = None,
-    seeds: Annotated[str, typer.Option(help="Training seeds: a count N (seeds 0..N-1) or a list like 0,1,2.")] = "3",
+    seeds: Annotated[str, typer.Option(help="Training seeds: a count N means seeds 0..N-1; a list like 0,1,2 names them "
+                                        "(one particular seed: 5, with the comma).")] = "3",
     steps: Annotated[int, typer.Option(help="Optimizer steps per model (the same for every variant).")] = 500,
     network: Annotated[str, typer.Option(help="unet or dynunet (MONAI), sized from the data.")] = "unet",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.")] = 8,

@@ -296,13 +296,15 @@ def check_label_integers(volume: Volume) -> list[Problem]:
 
 def check_label_range(volume: Volume) -> list[Problem]:
     """Label values fit the dtype medsynth writes labels in (uint16 at most, never scaled)."""
-    from medsynth.data.nifti import LABEL_MAX
+    from medsynth.data.nifti import LABEL_MAX, label_dtype
 
     a = volume.array
     top = a.max() if a.size and a.dtype.kind in "iuf" else 0
     if top > LABEL_MAX:
-        return [error(volume.path, f"label value {top:g} does not fit in uint16, the largest label type medsynth "
-                      f"writes (values 0..{LABEL_MAX}); renumber the labels")]
+        try:
+            label_dtype(int(top))
+        except DataError as exc:  # the writer's own message, so validate and augment say the same
+            return [error(volume.path, str(exc))]
     return []
 
 
