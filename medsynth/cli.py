@@ -365,10 +365,14 @@ def augment(
     out: Annotated[Path, typer.Option(help="Output folder (written in the input's format).")],
     seed: Annotated[int, typer.Option(help="Job seed: same seed, same bytes.")] = 0,
     model: Annotated[Optional[Path], typer.Option(help="Trained run folder (for a model family's --method, e.g. gan).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUT (same settings; a larger --num grows a finished job).")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the job in OUT (same settings; a larger --num grows a finished job).")
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier augment output in OUT.")] = False,
     synthetic_only: Annotated[bool, typer.Option("--synthetic-only", help="List only synthetic cases in the manifest.")] = False,
-    workers: Annotated[int, typer.Option(help="Parallel CPU worker processes (results do not depend on it; each case runs on one thread).")] = 1,
+    workers: Annotated[
+        int, typer.Option(help="Parallel CPU worker processes (results do not depend on it; each case runs on one thread).")
+    ] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     real: Annotated[
         str,

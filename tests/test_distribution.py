@@ -283,7 +283,6 @@ def _skimage_ssim(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
 
 
 def test_seed_diversity_is_the_variety_for_one_mask():
-    rng = np.random.default_rng(10)
     masks = [np.pad(np.ones((8 + k, 8), np.int64), ((5, 7 - k), (6, 6))) for k in range(2)]  # 20 x 20
 
     def noisy(mask: np.ndarray, seed: int) -> np.ndarray:

@@ -257,15 +257,19 @@ def radiomic_features(
 def zscore(reference: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     """Z-normalise feature matrices ``(n, F)`` with the reference's per-feature mean and std.
 
-    A feature that is constant over the reference is only centred (its std is taken as 1).
-    NaN entries (a GLCM with no co-occurrences) are set to the reference mean (z = 0).
-    Returns ``[reference_z, *others_z]``.
+    A feature that is constant over the reference (its std at most 1e-9 of its largest magnitude:
+    round-off) is only centred (its std is taken as 1). NaN entries (a GLCM with no co-occurrences)
+    are set to the reference mean (z = 0). Returns ``[reference_z, *others_z]``.
     """
     ref = np.asarray(reference, dtype=np.float64)
-    mean = np.nanmean(ref, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN feature: handled below
+        mean = np.nanmean(ref, axis=0)
+        std = np.nanstd(ref, axis=0)
+        scale = np.nanmax(np.abs(ref), axis=0)
     mean = np.where(np.isfinite(mean), mean, 0.0)
-    std = np.nanstd(ref, axis=0)
-    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+    varies = np.isfinite(std) & (std > 0) & ~(std <= 1e-9 * np.where(np.isfinite(scale), scale, 0.0))
+    std = np.where(varies, std, 1.0)
     out = []
     for m in (ref, *others):
         z = (np.asarray(m, dtype=np.float64) - mean) / std

@@ -227,6 +227,21 @@ def radiomics_title(rad: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def radiomics_summary_lines(rad: dict[str, Any]) -> list[str]:
+    """Text lines (indented) that say how far to trust a radiomic comparison (``RadiomicComparison.to_dict()``):
+    the bootstrap intervals, the distance two sets of one distribution give at these sizes, the permutation
+    p-values, and the small-set warning. Empty without bootstrap and warning."""
+    lines = []
+    if rad.get("frechet_ci") and rad.get("frechet_null") is not None:
+        conf = 100 * float(rad.get("confidence", 0.95))
+        lines.append(f"    {conf:.0f}% bootstrap interval: Frechet{_interval(rad['frechet_ci'])}, "
+                     f"MMD^2{_interval(rad.get('mmd2_ci'))}; one distribution at these sizes gives Frechet "
+                     f"{rad['frechet_null']:.4g}; permutation p = {rad['frechet_p']:.3g} (MMD^2 p = {rad['mmd2_p']:.3g})")
+    if rad.get("warning"):
+        lines.append(f"    warning: {rad['warning']}")
+    return lines
+
+
 def _memorisation_figure(mem: dict[str, Any]) -> Figure:
     values = np.asarray([c["max_ssim"] for c in mem["cases"] if c["max_ssim"] is not None], dtype=np.float64)
     fig = new_figure(6.0, 4.0)
