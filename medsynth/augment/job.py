@@ -55,6 +55,7 @@ from medsynth.augment.layout import (
 from medsynth.augment.model import check_model, class_key, model_checksum, read_model
 from medsynth.augment.options import AugmentOptions, check_options
 from medsynth.augment.plan import SYNTHETIC_PREFIX, PlannedCase, growth_settings, plan_cases
+from medsynth.augment.provenance import PROVENANCE_FILE
 from medsynth.augment.workers import Ranks, generate, join_ranks
 from medsynth.data.atomic import atomic_write_text
 from medsynth.data.formats import get_format
@@ -77,7 +78,6 @@ from medsynth.journal import (
 )
 from medsynth.runcard import RunCard
 
-PROVENANCE_FILE = "provenance.jsonl"
 #: 2: the settings hold the sha256 of every input file
 JOB_FORMAT_VERSION = 2
 #: planned cases a dry run lists (it counts the rest without planning them)

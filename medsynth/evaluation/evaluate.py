@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from medsynth.errors import DataError
-from medsynth.evaluation.report import LoadedSet, Preview, UnpairedExtras, write_paired_report, write_unpaired_report
+from medsynth.evaluation.report import (
+    LoadedSet,
+    Preview,
+    UnpairedExtras,
+    radiomics_summary_lines,
+    write_paired_report,
+    write_unpaired_report,
+)
 from medsynth.plots import middle_slice
 from medsynth.progress import progress_bar
 
@@ -362,7 +369,16 @@ def evaluate_unpaired(
     foreground; they are z-normalised with the reference set. Memorisation compares each candidate
     with every reference image (the reference plays the training set). FID only with ``fid_weights``.
     """
-    from medsynth.evaluation.distribution import compare_radiomics, diversity, fid, memorisation
+    from medsynth.augment.provenance import read_provenance
+    from medsynth.data.manifest import read_manifest
+    from medsynth.evaluation.distribution import (
+        compare_radiomics,
+        diversity,
+        fid,
+        grouped_diversity,
+        memorisation,
+        warped_sources,
+    )
 
     data_range = parse_data_range(data_range)
     reference, candidate = Path(reference), Path(candidate)
@@ -388,7 +404,15 @@ def evaluate_unpaired(
         candidate_ids=cand.ids,
     )
     div = diversity(cand.images, data_range=r, max_pairs=max_pairs, seed=seed)
-    mem = memorisation(cand.images, ref.images, data_range=r, threshold=threshold, synthetic_ids=cand.ids, training_ids=ref.ids)
+    # an augmented candidate's provenance: each case's source, and its deformation drawn again
+    records = read_provenance(read_manifest(candidate)) or {}
+    warped = warped_sources(records, cand.ids, dict(zip(ref.ids, ref.images)))
+    mem = memorisation(cand.images, ref.images, data_range=r, threshold=threshold, synthetic_ids=cand.ids,
+                       training_ids=ref.ids, warped=warped)
+    sources = [str(records.get(i, {}).get("source", i)) for i in cand.ids]
+    within = None
+    if len(set(sources)) < len(sources):  # some source made several cases
+        within = grouped_diversity(cand.images, sources, data_range=r, max_pairs=max_pairs, seed=seed).to_dict()
     summary: dict[str, Any] = {
         "mode": "unpaired",
         "reference": str(reference),
@@ -399,6 +423,9 @@ def evaluate_unpaired(
         "data_range_source": "auto (reference set max - min)" if data_range == "auto" else "given",
         "radiomics": radiomics.to_dict(),
         "diversity": div.to_dict(),
+        "diversity_within_source": within,
+        "diversity_note": "mask deformation and the image method together; the model's own variety (one mask, "
+        "several seeds) is medsynth.evaluation.distribution.seed_diversity",
         "memorisation": mem.to_dict(),
         "fid": None,
         "fid_note": "off; pass --fid-weights FILE (a local torch.export or TorchScript network) to compute it",
@@ -505,10 +532,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         regions = "foreground" if rad["regions"] is None else f"labels {rad['regions']}"
         lines.append(f"  radiomic Frechet distance {num(rad['frechet_distance'], '.4g')}   "
                      f"MMD^2 {num(rad['mmd2'], '.4g')}   ({rad['n_features']} scikit-image features, {regions})")
+        lines.extend(radiomics_summary_lines(rad))
         lines.append(f"  diversity: mean pairwise {div['metric']} {num(div['mean'], '.4f')} over {div['pairs']} pairs "
                      "(lower = more diverse)")
+        within = summary.get("diversity_within_source")
+        if within:
+            lines.append(f"    within one source case (its deformations and images): {within['metric']} "
+                         f"{num(within['mean'], '.4f')} over {within['pairs']} pairs")
         lines.append(f"  memorisation: {mem['flagged']} of {summary['n_candidate']} with SSIM >= {mem['threshold']} "
-                     f"to a reference image (max {num(mem['max_ssim_max'], '.4f')})")
+                     f"to a reference image (max {num(mem['max_ssim_max'], '.4f')}) or to its own source warped "
+                     f"the same way ({mem['warped_source_checked']} checked, max "
+                     f"{num(mem['warped_source_ssim_max'], '.4f')})")
         if mem["flagged_cases"]:
             lines.append(f"    flagged: {_list_ids(mem['flagged_cases'])}")
         lines.append(f"  FID: {num(summary['fid'], '.4g')} ({summary['fid_note']})")

@@ -18,7 +18,6 @@ Each mistake is one :class:`~medsynth.errors.DataError` naming the file.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medsynth.augment.provenance import read_provenance
 from medsynth.errors import DataError
 
 if TYPE_CHECKING:
@@ -113,32 +113,6 @@ def _validated(path: Path, progress: bool) -> Manifest:
     from medsynth.data.validate import load_valid_dataset
 
     return load_valid_dataset(Path(path), progress=progress)
-
-
-def read_provenance(manifest: Manifest) -> dict[str, dict[str, object]] | None:
-    """The ``provenance.jsonl`` records beside an augmented dataset's manifest, by case id (None: no file)."""
-    from medsynth.augment import PROVENANCE_FILE
-
-    root = manifest.root if manifest.root is not None else Path(manifest.source or ".").parent
-    path = Path(root) / PROVENANCE_FILE
-    if not path.is_file():
-        return None
-    records: dict[str, dict[str, object]] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read provenance ({exc})") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("case_id"), str):
-            raise DataError(f"{path}: line {n} has no \"case_id\"")
-        records[rec["case_id"]] = rec
-    return records
 
 
 def _is_marked_synthetic(case: Case) -> bool:
