@@ -14,7 +14,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -98,7 +98,7 @@ def validate(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     memory_limit: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--memory-limit", help="Largest decoded size of one case, e.g. 8GiB; a file claiming more is "
                      "an error (default: a quarter of this machine's memory, at most 16 GiB)."),
     ] = None,
@@ -127,7 +127,7 @@ def phantoms(
     dim: Annotated[int, typer.Option(help="2 for slices, 3 for volumes.")] = 3,
     cases: Annotated[int, typer.Option(help="Number of cases.")] = 8,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    size: Annotated[Optional[int], typer.Option(help="Edge length in voxels (default 64 in 2D, 48 in 3D).")] = None,
+    size: Annotated[int | None, typer.Option(help="Edge length in voxels (default 64 in 2D, 48 in 3D).")] = None,
     format: Annotated[str, typer.Option("--format", help="msd, nnunet or csv.")] = "msd",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -149,21 +149,24 @@ def evaluate(
     candidate: Annotated[Path, typer.Argument(help="Synthetic images: one NIfTI file, or a dataset paired by case id.")],
     data_range: Annotated[
         str,
-        typer.Option("--data-range", help="Intensity range R for SSIM/PSNR: a number, or 'auto' (max - min of each reference image; recorded)."),
+        typer.Option("--data-range", help="Intensity range R for SSIM/PSNR: a number, or 'auto' "
+                                          "(max - min of each reference image; recorded)."),
     ],
     mask: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Restrict paired metrics to a mask: a NIfTI file, or 'labels' (each reference case's label map)."),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (means and a 'cases' list).")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Write metrics.csv, summary.json and PNG pictures into this folder.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write metrics.csv, summary.json and PNG pictures into this folder.")] = None,
     unpaired: Annotated[
         bool,
-        typer.Option("--unpaired", help="Compare two datasets as distributions: radiomic Frechet distance, MMD, diversity, memorisation."),
+        typer.Option("--unpaired", help="Compare two datasets as distributions: radiomic Frechet distance, MMD, "
+                                        "diversity, memorisation."),
     ] = False,
     fid_weights: Annotated[
-        Optional[Path],
-        typer.Option(help="With --unpaired: a local feature network (torch.export or TorchScript file) for FID; off by default, nothing is downloaded."),
+        Path | None,
+        typer.Option(help="With --unpaired: a local feature network (torch.export or TorchScript file) for FID; "
+                          "off by default, nothing is downloaded."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     overwrite: Annotated[
@@ -221,12 +224,13 @@ def _stage_help() -> str:
 def train(
     config: Annotated[Path, typer.Argument(help="A recipe: a YAML file, or a shipped name (see `medsynth recipes`).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder to create (refused if it exists, unless --resume).")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset manifest (overrides data.manifest).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Total steps (overrides training.max_steps).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed (overrides training.seed).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset manifest (overrides data.manifest).")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Total steps (overrides training.max_steps).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (overrides training.seed).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest valid checkpoint.")] = False,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (dotted key, YAML value); repeatable.")] = None,
-    stage: Annotated[Optional[str], typer.Option(help=f"Training stage of a staged family ({_stage_help()}).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a setting: key=value (dotted key, YAML value); repeatable.")] = None,
+    stage: Annotated[str | None, typer.Option(help=f"Training stage of a staged family ({_stage_help()}).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a mask-conditioned generator (the recipe's model.family) on a labelled dataset."""
@@ -291,10 +295,10 @@ def sample(
     mask: Annotated[Path, typer.Option("--mask", help="Label map (NIfTI) to generate an image for.")],
     out: Annotated[Path, typer.Option("--out", help="Output image (.nii.gz), written with the mask's shape and affine.")],
     seed: Annotated[int, typer.Option(help="Seed of the latent (same seed, same image).")] = 0,
-    steps: Annotated[Optional[int], typer.Option(help="Sampler steps (diffusion runs).")] = None,
-    sampler: Annotated[Optional[str], typer.Option(help="ddpm, ddim or rflow (diffusion runs).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale (diffusion runs).")] = None,
-    class_value: Annotated[Optional[str], typer.Option("--class", help="Condition class (class-conditioned runs).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps (diffusion runs).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="ddpm, ddim or rflow (diffusion runs).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale (diffusion runs).")] = None,
+    class_value: Annotated[str | None, typer.Option("--class", help="Condition class (class-conditioned runs).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress (slices or chunks generated, ETA) on stderr.")] = True,
@@ -364,7 +368,7 @@ def augment(
     num: Annotated[int, typer.Option(help="Number of synthetic cases to make.")],
     out: Annotated[Path, typer.Option(help="Output folder (written in the input's format).")],
     seed: Annotated[int, typer.Option(help="Job seed: same seed, same bytes.")] = 0,
-    model: Annotated[Optional[Path], typer.Option(help="Trained run folder (for a model family's --method, e.g. gan).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Trained run folder (for a model family's --method, e.g. gan).")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the job in OUT (same settings; a larger --num grows a finished job).")
     ] = False,
@@ -379,7 +383,7 @@ def augment(
         typer.Option("--real", help="Real cases in OUT: link, copy or reference (their paths; OUT then cannot be moved). "
                      "Default: a hard link on the same file system, else a copy."),
     ] = "auto",
-    config: Annotated[Optional[Path], typer.Option(help="Augment recipe YAML (see configs/augment.yaml).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Augment recipe YAML (see configs/augment.yaml).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
@@ -436,7 +440,7 @@ def export(
     format: Annotated[str, typer.Option("--format", help=f"The new dataset's format: {_format_help()}.")],
     out: Annotated[Path, typer.Option("--out", help="New folder for the dataset (nnU-Net: named DatasetNNN_Name, "
                                       "e.g. $nnUNet_raw/Dataset002_Brain).")],
-    name: Annotated[Optional[str], typer.Option(help="The name its manifest declares (default: nnU-Net: the --out "
+    name: Annotated[str | None, typer.Option(help="The name its manifest declares (default: nnU-Net: the --out "
                                                 "folder's name; other formats: the input's).")] = None,
     copy: Annotated[bool, typer.Option("--copy", help="Copy every file (default: a hard link where the file system "
                                        "allows, else a copy).")] = False,
@@ -492,9 +496,9 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 def downstream(
     train: Annotated[Path, typer.Argument(help="Real training set: MSD JSON, CSV or nnU-Net raw folder.")],
     out: Annotated[Path, typer.Option(help="Output folder: summary.json, metrics.csv, report.md, dice.png.")],
-    test: Annotated[Optional[Path], typer.Option(help="Held-out labelled test set (default: K-fold over TRAIN).")] = None,
+    test: Annotated[Path | None, typer.Option(help="Held-out labelled test set (default: K-fold over TRAIN).")] = None,
     synthetic: Annotated[
-        Optional[list[Path]], typer.Option("--synthetic", help="A dataset written by `medsynth augment`; repeatable.")
+        list[Path] | None, typer.Option("--synthetic", help="A dataset written by `medsynth augment`; repeatable.")
     ] = None,
     seeds: Annotated[str, typer.Option(help="Training seeds: a count N means seeds 0..N-1; a list like 0,1,2 names them "
                                         "(one particular seed: 5, with the comma).")] = "3",
@@ -502,9 +506,9 @@ def downstream(
     network: Annotated[str, typer.Option(help="unet or dynunet (MONAI), sized from the data.")] = "unet",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.")] = 8,
     folds: Annotated[int, typer.Option(help="Folds of the cross-validation without --test.")] = 3,
-    channels: Annotated[Optional[int], typer.Option(help="Channels of the network's first level (default 16).")] = None,
+    channels: Annotated[int | None, typer.Option(help="Channels of the network's first level (default 16).")] = None,
     patch_size: Annotated[
-        Optional[int], typer.Option("--patch-size", help="Largest patch side (default 256 in 2D, 96 in 3D).")
+        int | None, typer.Option("--patch-size", help="Largest patch side (default 256 in 2D, 96 in 3D).")
     ] = None,
     real_fraction: Annotated[
         float, typer.Option("--real-fraction", help="Share of real samples in batches with a synthetic set.")

@@ -34,9 +34,9 @@ from medsynth.data.manifest import Case, read_manifest, write_manifest
 from medsynth.data.nifti import read_volume, write_volume
 from medsynth.data.phantoms import make_phantom_dataset
 from medsynth.data.validate import validate_dataset
+from medsynth.errors import JobError
 from medsynth.evaluation.downstream import DownstreamSummary, downstream
 from medsynth.evaluation.downstream.report import format_table
-from medsynth.errors import JobError
 from medsynth.evaluation.evaluate import run_evaluate
 from medsynth.plots import grid, middle_slice, save_png, show_slice
 from medsynth.recipes import recipe_path

@@ -310,7 +310,6 @@ def test_overwrite_replaces_only_its_own_files(datasets: dict[str, Path], tmp_pa
 def test_the_public_function_and_the_package() -> None:
     import medsynth
     import medsynth.evaluation.downstream.metrics as metrics
-
     from medsynth.evaluation.downstream import downstream
 
     assert medsynth.downstream is downstream

@@ -20,14 +20,16 @@ from medsynth.errors import DataError
 def _oblique_affine() -> np.ndarray:
     """A rotated, anisotropic, shifted voxel -> RAS affine (spacing 0.8, 1.1, 2.5 mm)."""
     c, s = np.cos(0.3), np.sin(0.3)
-    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ np.array([[1, 0, 0], [0, np.cos(0.2), -np.sin(0.2)], [0, np.sin(0.2), np.cos(0.2)]])
+    tilt = np.array([[1, 0, 0], [0, np.cos(0.2), -np.sin(0.2)], [0, np.sin(0.2), np.cos(0.2)]])
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]]) @ tilt
     affine = np.eye(4)
     affine[:3, :3] = rot @ np.diag([0.8, 1.1, 2.5])
     affine[:3, 3] = [-90.5, 12.25, 40.0]
     return affine
 
 
-@pytest.mark.parametrize("max_value,dtype", [(1, np.uint8), (255, np.uint8), (256, np.uint16), (300, np.uint16), (65535, np.uint16)])
+@pytest.mark.parametrize("max_value,dtype",
+                         [(1, np.uint8), (255, np.uint8), (256, np.uint16), (300, np.uint16), (65535, np.uint16)])
 def test_label_dtype_rule(tmp_path: Path, max_value: int, dtype) -> None:
     lab = np.zeros((4, 5, 3), np.int64)
     lab[1, 2, 1] = max_value

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -505,7 +505,7 @@ def header_codes(volume: Volume) -> tuple[int, int]:
 def _verify_written(tmp: Path, final: Path, data: np.ndarray, affine: np.ndarray) -> None:
     import nibabel as nib
 
-    back = nib.load(str(tmp))
+    back = cast("nib.Nifti1Image", nib.load(str(tmp)))  # written by this module as NIfTI
     on_disk = np.asarray(back.dataobj)
     if on_disk.dtype != data.dtype or on_disk.shape != data.shape or not np.array_equal(on_disk, data):
         raise DataError(f"{final}: re-read data differs from what was written (write aborted)")

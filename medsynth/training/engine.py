@@ -95,7 +95,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
@@ -111,6 +111,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: a batch of the data loader: ``image``, ``label`` (one-hot), ``label_index``, ``class_index`` tensors
 Batch = dict[str, "torch.Tensor"]
+#: the parameter lists AveragedModel hands to its ``multi_avg_fn``
+TensorSeq: TypeAlias = "tuple[torch.Tensor, ...] | list[torch.Tensor]"
 
 # Settings that may change between a run and its resume.
 RESUME_MUTABLE = {
@@ -225,17 +227,17 @@ class Runtime:
 # ---------------------------------------------------------------------------- family base
 
 
-def ema_warmup_fn(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+def ema_warmup_fn(decay: float) -> Callable[[TensorSeq, TensorSeq, torch.Tensor | int], None]:
     """AveragedModel's ``multi_avg_fn``: ``ema <- d * ema + (1 - d) * current`` with
     ``d = min(decay, (1 + n) / (10 + n))``, n the updates averaged so far."""
     import torch
 
     @torch.no_grad()
-    def update(ema: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+    def update(ema: TensorSeq, current: TensorSeq, num_averaged: torch.Tensor | int) -> None:
         n = float(num_averaged)
         d = min(decay, (1.0 + n) / (10.0 + n))
         if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
-            torch._foreach_lerp_(ema, current, 1.0 - d)
+            torch._foreach_lerp_(list(ema), list(current), 1.0 - d)
         else:
             for e, c in zip(ema, current):
                 e.copy_(e * d + c * (1.0 - d))
