@@ -248,10 +248,6 @@ def train(
     from medsynth.recipes import recipe_path
 
     cfg = load_config(recipe_path(config), overrides)
-    from medsynth.training.memory import check_memory, device_memory
-
-    what, available = device_memory(cfg.training.device)
-    check_memory(cfg, available, what)  # a recipe that cannot fit fails before anything is allocated
     from medsynth.training import run_training
 
     with _plain_warnings():

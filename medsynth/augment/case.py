@@ -40,7 +40,7 @@ class JobContext:
     out: the output folder; seed: the job seed; settings: the pair core's settings; facts: what the
     real cases showed; sources: case id -> the real case; model / model_sha: the run folder of a
     family method and its weights' sha256; class_key: the manifest field with a case's class
-    (class-conditioned runs only).
+    (class-conditioned runs only); root: the input dataset's folder.
     """
 
     out: Path
@@ -51,6 +51,8 @@ class JobContext:
     model: Path | None
     model_sha: str | None
     class_key: str | None = None
+    #: the dataset root: MetaImage/NRRD data files must resolve inside it
+    root: Path | None = None
 
     @property
     def method(self) -> str:
@@ -103,8 +105,8 @@ def make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
 
 def _make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
     # 1. the source case (and the lesion donor's label map)
-    source = read_case(ctx.sources[plan.source])
-    donor = None if plan.donor is None else read_case(ctx.sources[plan.donor]).label
+    source = read_case(ctx.sources[plan.source], ctx.root)
+    donor = None if plan.donor is None else read_case(ctx.sources[plan.donor], ctx.root).label
     options = GenerateOptions()
     if ctx.class_key is not None:  # class-conditioned run: the source case's class
         options["class_value"] = str(ctx.sources[plan.source].extra[ctx.class_key])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -24,11 +25,12 @@ class DatasetFacts:
     spatial_ndim: int
 
 
-def read_case(case: Case) -> CaseArrays:
-    """A labelled case's arrays: images ``(C, *spatial)`` float32, label ``(*spatial)`` int64, affine."""
+def read_case(case: Case, root: Path | None = None) -> CaseArrays:
+    """A labelled case's arrays: images ``(C, *spatial)`` float32, label ``(*spatial)`` int64, affine.
+    ``root``: the dataset folder that MetaImage/NRRD data files must resolve inside."""
     if case.label is None:
         raise DataError(f"case {case.case_id} has no label map")
-    return read_case_arrays(case.images, case.label)
+    return read_case_arrays(case.images, case.label, root=root)
 
 
 def gather_facts(manifest: Manifest, sources: list[Case], progress: bool = False) -> DatasetFacts:
@@ -39,7 +41,7 @@ def gather_facts(manifest: Manifest, sources: list[Case], progress: bool = False
     ndims = set()
     with progress_bar("reading real cases", len(sources), enabled=progress) as bar:
         for case in sources:
-            arrays = read_case(case)
+            arrays = read_case(case, manifest.root)
             ndims.add(arrays.label.ndim)
             values = [int(v) for v in np.unique(arrays.label)]
             if declared is not None and not set(values) <= declared:

@@ -295,7 +295,7 @@ def _run(options: AugmentOptions, out: Path, card: RunCard | None, settings: dic
     ctx = JobContext(
         out=out, seed=options.seed, settings=options.pair_settings(), facts=facts,
         sources={c.case_id: c for c in sources}, model=model, model_sha=model_sha,
-        class_key=None if card is None else class_key(card),
+        class_key=None if card is None else class_key(card), root=manifest.root,
     )
     error: BaseException | None = None
     t_gen = time.perf_counter()

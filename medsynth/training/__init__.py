@@ -14,7 +14,8 @@ def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, s
                  progress: bool = True) -> TrainResult:
     """Train ``config`` into ``run_dir`` whatever its family: a staged family (``ldm``: autoencoder,
     then diffusion) runs its stages in order, or only ``stage``. Returns the engine's ``TrainResult``
-    (of the last stage trained). With ``progress``, says once on stderr how many CPU threads torch
+    (of the last stage trained). A recipe whose estimated memory cannot fit the device is refused
+    first (:func:`medsynth.training.memory.check_memory`). With ``progress``, says once on stderr how many CPU threads torch
     uses (:func:`medsynth.training.engine.cpu_threads`); ``RUN/report.md`` is the run's report."""
     import sys
 
@@ -22,8 +23,11 @@ def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, s
     from medsynth.errors import ConfigError
     from medsynth.registry import family_names, get_family, load_object
     from medsynth.training.engine import check_run_dir, cpu_threads, distributed_session, train
+    from medsynth.training.memory import check_memory, device_memory
 
     family = get_family(config.model.family)
+    what, available = device_memory(config.training.device)
+    check_memory(config, available, what)  # a recipe that cannot fit fails before anything is allocated
     if stage is not None and stage not in family.stages:
         if not family.stages:
             staged = ", ".join(n for n in family_names() if get_family(n).stages)
