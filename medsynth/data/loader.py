@@ -365,13 +365,20 @@ def _load_case(case: Case, cfg: DataConfig, root: Path | None = None) -> tuple[n
     return image, lab, arrays.affine
 
 
-def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int) -> TrainingData:
+def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progress: bool = False) -> TrainingData:
     """Load every training case (``manifest.training_cases()``), fit the intensity normalisation on
-    them, map labels to channel indices and return the seeded :class:`TrainingData`."""
+    them, map labels to channel indices and return the seeded :class:`TrainingData`. ``progress``:
+    a bar on stderr while the cases are read and resampled."""
+    from medsynth.progress import progress_bar
+
     cases = manifest.training_cases()
     if not cases:
         raise DataError(f"{manifest.source}: no labelled training cases")
-    raw = [(c, *_load_case(c, cfg, manifest.root)) for c in cases]
+    raw = []
+    with progress_bar("loading cases", len(cases), enabled=progress, transient=True) as bar:
+        for c in cases:
+            raw.append((c, *_load_case(c, cfg, manifest.root)))
+            bar.advance()
     ndims = {lab.ndim for _, _, lab, _ in raw}
     if len(ndims) > 1:
         raise DataError(f"{manifest.source}: mixes 2D and 3D volumes")

@@ -682,7 +682,7 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
     family_cls = family_class(cfg.model.family)
 
     # 1. the training arrays (normalisation fitted on the training set)
-    data = build_training_data(manifest, cfg.data, seed=cfg.training.seed)
+    data = build_training_data(manifest, cfg.data, seed=cfg.training.seed, progress=progress and rt.is_main)
     stages = get_family(cfg.model.family).stages
     if data.info.dim == 2 and data.info.volume_ndim == 3 and rt.is_main and stage in (None, *stages[:1]):
         warnings.warn(f"{manifest.source}: the recipe is 2D (data.dim: 2) and the volumes are 3D: training "
