@@ -237,8 +237,8 @@ class GanLossConfig(StrictModel):
         "Weight of the generator's adversarial term (realism as the discriminator judges it)."))
     feature_matching_weight: float = Field(default=10.0, ge=0, description=(
         "Weight of feature matching: L1 between the discriminator's intermediate features of generated and "
-        "real images (steadies training)."))
-    l1_weight: float = Field(default=10.0, ge=0, description=(
+        "real images, summed over layers and averaged over scales (SPADE / pix2pixHD: 10; steadies training)."))
+    l1_weight: float = Field(default=1.0, ge=0, description=(
         "Weight of the L1 distance between the generated image and the paired real image (intensities in "
         "[-1, 1]); higher ties images closer to the real ones and leaves less variety across seeds."))
     perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig, description=(
@@ -254,6 +254,10 @@ class GanModelConfig(ModelSection):
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig, description=(
         "The multi-scale patch discriminator (training only)."))
     loss: GanLossConfig = Field(default_factory=GanLossConfig, description="The generator's objective.")
+    flips: bool = Field(default=False, description=(
+        "Training augmentation: flip each training sample (image and mask together) along each spatial axis "
+        "with probability 1/2. Helps a model trained on few cases generalise to unseen anatomy; leave it off "
+        "when orientation carries meaning the masks do not (e.g. left/right-specific labels)."))
 
 
 def _check_levels(section: LdmAutoencoderConfig | LdmDiffusionConfig) -> None:
@@ -414,6 +418,10 @@ class LdmModelConfig(ModelSection):
         "`condition` gives it to the diffusion UNet beside the mask; `residual` also makes the autoencoder "
         "code the difference between the image and the fill, and adds the fill back after decoding, so a "
         "model that has learned little still paints the training set's per-label intensities; `none`: off."))
+    flips: bool = Field(default=False, description=(
+        "Training augmentation: flip each training sample (image and mask together) along each spatial axis "
+        "with probability 1/2. Helps a model trained on few cases generalise to unseen anatomy; leave it off "
+        "when orientation carries meaning the masks do not (e.g. left/right-specific labels)."))
 
 
 # ---------------------------------------------------------------------------- optimiser / training

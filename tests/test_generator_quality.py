@@ -170,3 +170,44 @@ def test_3d_crops_favour_the_foreground(tmp_path: Path) -> None:
     data = build_training_data(read_manifest(tmp_path / "dataset.json"), DataConfig(dim=3, size=[12, 12, 12], ct_window=(0.0, 255.0)), seed=0)
     hits = [bool((data.sample(g)["label_index"] > 0).any()) for g in range(300)]
     assert 0.63 < np.mean(hits) < 0.83, np.mean(hits)
+
+
+def test_the_partial_volume_width_is_fitted_on_the_training_images(tmp_path: Path) -> None:
+    """Images made as a label map's intensities blurred by sigma 1.0 (in-plane): the loader's width is
+    the candidate whose blurred label-mean fill is nearest the images (recomputed here), near 1.0;
+    the label means it stores are the images' own per-label means."""
+    from scipy.ndimage import gaussian_filter
+
+    from medsynth.config import DataConfig
+    from medsynth.data.loader import build_training_data
+    from medsynth.data.manifest import read_manifest
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    entries, images, labels = [], [], []
+    for i in range(3):
+        lab = np.zeros((32, 32, 6), np.uint8)
+        for _ in range(4):
+            y, x = rng.integers(0, 24, 2)
+            lab[y : y + 8, x : x + 8] = rng.integers(1, 3)
+        img = gaussian_filter(np.array([10.0, 200.0, 120.0])[lab], (1.0, 1.0, 0.0), mode="nearest")
+        write_volume(tmp_path / f"imagesTr/c{i}.nii.gz", img.astype(np.float32), np.eye(4), kind="image")
+        write_volume(tmp_path / f"labelsTr/c{i}.nii.gz", lab, np.eye(4), kind="label")
+        entries.append({"image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz"})
+        images.append(img)
+        labels.append(lab)
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "name": "blur", "modality": {"0": "MR"}, "labels": {"0": "background", "1": "a", "2": "b"},
+        "numTraining": 3, "training": entries}))
+    cfg = DataConfig(dim=2, size=[32, 32], slice_axis=2, ct_window=(0.0, 250.0))
+    info = build_training_data(read_manifest(tmp_path / "dataset.json"), cfg, seed=0).info
+    values = np.concatenate([im.ravel() for im in images]) / 250.0
+    index = np.concatenate([lab.ravel() for lab in labels])
+    means = np.array(info.label_means[0])
+    errors = {s: sum(np.mean((gaussian_filter(means[lab], (s, s, 0), mode="nearest") - im / 250.0) ** 2)
+                     for im, lab in zip(images, labels)) for s in np.arange(9) * 0.25}
+    assert info.fill_sigma == min(errors, key=errors.get)
+    assert abs(info.fill_sigma - 1.0) <= 0.25
+    np.testing.assert_allclose(info.label_means[0], [values[index == v].mean() for v in range(3)], rtol=1e-5)
+    np.testing.assert_allclose(info.label_stds[0], [values[index == v].std() for v in range(3)], rtol=1e-4)

@@ -68,6 +68,42 @@ def test_area_resampling_gives_label_fractions():
     torch.testing.assert_close(small.sum(1), torch.ones(1, 2, 3))
     near = resample_mask(onehot, (2, 3), "nearest")
     assert set(near.unique().tolist()) <= {0.0, 1.0}
+    # nearest picks the voxel nearest each coarse voxel's centre: block (i, j) of 4x4 reads
+    # image voxel (4i + 2, 4j + 2) (plain "nearest" would read (4i, 4j), a 1.5-voxel shift)
+    np.testing.assert_array_equal(near[0].argmax(0).numpy(), lab[2::4, 2::4])
+
+
+def test_the_unet_reads_the_fill_and_the_pipeline_adds_it_in_float32(monkeypatch):
+    """With label means the UNet's conditioning carries the label-mean fill (blurred by the fitted
+    width); a residual pipeline decodes in float32 and adds that fill to the decoded residual."""
+    import medsynth.synthesis.ldm as L
+    from scipy.ndimage import gaussian_filter
+
+    from medsynth.config import load_config
+    from medsynth.diffusion import make_process, size_multiple
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny/ldm2d.yaml").model
+    means = [[0.1, 0.5, 0.9]]
+    unet = MaskConditionedUNet(cfg.diffusion, spatial_dims=2, latent_channels=cfg.autoencoder.latent_channels,
+                               num_labels=3, downsample_factor=downsample_factor(cfg.autoencoder),
+                               label_means=means, fill_sigma=0.75)
+    index = torch.zeros(1, 32, 32, dtype=torch.long)
+    index[0, 8:20, 6:26] = 1
+    index[0, 12:16, 10:14] = 2
+    mask = nn.functional.one_hot(index, 3).permute(0, 3, 1, 2).float()
+    expected = gaussian_filter(np.array(means[0])[index[0].numpy()], 0.75, mode="nearest")
+    np.testing.assert_allclose(unet.fill_of(mask)[0, 0].numpy(), expected, atol=1e-6)
+    ae = build_autoencoder(cfg.autoencoder, spatial_dims=2, in_channels=1)
+    pipe = L.LatentDiffusionPipeline(ae, unet, make_process(cfg.diffusion, 2, 64), scale_factor=1.0,
+                                     factor=downsample_factor(cfg.autoencoder), multiple=size_multiple(cfg),
+                                     latent_channels=cfg.autoencoder.latent_channels,
+                                     defaults=L.SamplingDefaults("rflow", 2, 1.0), residual=True)
+    monkeypatch.setattr(L, "sample_latents", lambda net, cond, shape, **kw: torch.zeros(shape))
+    with torch.no_grad():
+        decoded = ae.decode(torch.zeros(1, cfg.autoencoder.latent_channels, 8, 8))
+    out = pipe(mask, seed=0)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out[0, 0].numpy(), np.clip(decoded[0, 0].numpy() + expected, 0, 1), atol=1e-5)
 
 
 @pytest.mark.parametrize("conditioning", ["concat", "spade", "controlnet"])
@@ -129,3 +165,17 @@ def test_pipeline_padding_keeps_the_masks_background(monkeypatch):
     torch.testing.assert_close(padded[:, :, :30, :30], mask)  # the original region is untouched
     assert torch.all(padded[0, 0, 30:, :] == 1) and torch.all(padded[0, 1:, 30:, :] == 0)
     assert tuple(out.shape[2:]) == (30, 30)
+
+
+def test_a_fresh_residual_autoencoder_decodes_to_zero():
+    """zero_output: the residual over the fill starts at zero, so a fresh residual run paints the fill."""
+    from medsynth.config import LdmAutoencoderConfig
+
+    cfg = LdmAutoencoderConfig(channels=[8, 16], norm_num_groups=8, latent_channels=2)
+    ae = build_autoencoder(cfg, spatial_dims=2, in_channels=1, zero_output=True)
+    with torch.no_grad():
+        out = ae.decode(torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0)))
+    assert out.shape == (2, 1, 16, 16) and not out.abs().any()
+    plain = build_autoencoder(cfg, spatial_dims=2, in_channels=1)
+    with torch.no_grad():
+        assert plain.decode(torch.randn(2, 2, 8, 8)).abs().max() > 0

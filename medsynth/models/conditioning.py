@@ -9,7 +9,10 @@
   intensity, ``fill[n, c] = sum_l onehot[n, l] * means[c][l]`` (``means`` from
   :attr:`medsynth.data.loader.DataInfo.label_means`, in [0, 1] units). A learned model must beat it;
   the generators also take it as an input channel (and the GAN predicts a residual over it), so the
-  per-label intensities of a fresh model are the training set's by construction.
+  per-label intensities of a fresh model are the training set's by construction. With ``sigma`` the
+  fill is blurred by a Gaussian of that width over every spatial axis (the partial-volume width
+  fitted on the training set, :attr:`medsynth.data.loader.DataInfo.fill_sigma`; edges repeated, as
+  scipy's ``gaussian_filter(mode="nearest")`` with ``truncate=4``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fill_image", "resize_condition"]
+__all__ = ["fill_image", "gaussian_blur", "resize_condition"]
 
 
 def resize_condition(cond: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -39,8 +42,26 @@ def resize_condition(cond: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resize_condition(F.interpolate(cond, size=grown, mode="nearest-exact"), size)
 
 
-def fill_image(onehot: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+def fill_image(onehot: torch.Tensor, means: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
     """The label-mean fill. onehot: ``(N, L, *spatial)`` (soft maps give the weighted mean);
-    means: ``(C, L)`` per channel and label, [0, 1] units -> ``(N, C, *spatial)``."""
+    means: ``(C, L)`` per channel and label, [0, 1] units; sigma: Gaussian blur width in voxels
+    (0: none) -> ``(N, C, *spatial)``."""
     means = means.to(device=onehot.device, dtype=onehot.dtype)
-    return torch.einsum("nl...,cl->nc...", onehot, means)
+    fill = torch.einsum("nl...,cl->nc...", onehot, means)
+    return gaussian_blur(fill, sigma) if sigma > 0 else fill
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, C, *spatial)`` over every spatial axis, edges repeated."""
+    radius = int(truncate * sigma + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(device=x.device, dtype=x.dtype)
+    sd, c = x.ndim - 2, x.shape[1]
+    conv = F.conv2d if sd == 2 else F.conv3d
+    for axis in range(sd):
+        shape = [c, 1] + [kernel.numel() if a == axis else 1 for a in range(sd)]
+        pad = [0, 0] * sd
+        pad[2 * (sd - 1 - axis)] = pad[2 * (sd - 1 - axis) + 1] = radius
+        x = conv(F.pad(x, pad, mode="replicate"), kernel.reshape([1, 1, *shape[2:]]).expand(shape), groups=c)
+    return x

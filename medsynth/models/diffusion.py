@@ -66,6 +66,7 @@ class MaskConditionedUNet(nn.Module):
         use_flash_attention: PyTorch SDPA in MONAI's attention blocks.
         label_means: ``(C, L)`` per-label mean training intensities in [0, 1] units: turns on the
             fill conditioning (None: off).
+        fill_sigma: the fill's partial-volume blur in voxels (``DataInfo.fill_sigma``).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class MaskConditionedUNet(nn.Module):
         downsample_factor: int,
         use_flash_attention: bool = False,
         label_means: list[list[float]] | None = None,
+        fill_sigma: float = 0.0,
     ) -> None:
         super().__init__()
         from monai.networks.nets import ControlNet, DiffusionModelUNet, SPADEDiffusionModelUNet
@@ -88,6 +90,7 @@ class MaskConditionedUNet(nn.Module):
         self.num_labels = num_labels
         self.num_classes = num_classes
         self.fill = label_means is not None
+        self.fill_sigma = float(fill_sigma)
         cond_channels = num_labels
         if label_means is not None:  # a buffer only then: runs without the fill keep their weight names
             means = torch.tensor(label_means, dtype=torch.float32)
@@ -152,7 +155,7 @@ class MaskConditionedUNet(nn.Module):
         mask is all zero, as in the null condition)."""
         if not self.fill:
             raise ValueError("this UNet was built without label means (no fill conditioning)")
-        return fill_image(mask, self.label_means)
+        return fill_image(mask, self.label_means, self.fill_sigma)
 
     def forward(
         self,

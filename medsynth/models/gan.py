@@ -19,6 +19,7 @@ area averaging (:func:`medsynth.models.conditioning.resize_condition`).
 - ``input``: the fill is an input channel only, output ``tanh``;
 - ``none``: no fill, output ``tanh`` (the plain SPADE generator).
 
+The fill is blurred by the partial-volume width fitted on the training set (``DataInfo.fill_sigma``).
 The per-label means are a buffer of the generator (saved with its weights). The network is fully
 convolutional: a model trained on patches generates any size divisible by F; the noise map makes
 one mask give many images (the seed picks one).
@@ -102,12 +103,14 @@ class SpadeGenerator(nn.Module):
     forward(cond, noise): cond (N, L [+ K], *spatial) one-hot labels (first L channels) [+ class
     channels]; noise (N, Z, *spatial / F) -> image (N, C, *spatial) in [-1, 1] units (``residual``
     may leave the range slightly; the synthesizer clamps).
-    label_means: (C, L) per-label mean training intensity in [0, 1] units (needed unless fill is ``none``).
+    label_means: (C, L) per-label mean training intensity in [0, 1] units (needed unless fill is ``none``);
+    fill_sigma: the fill's partial-volume blur in voxels (DataInfo.fill_sigma).
     """
 
     def __init__(self, spatial_dims: int, cond_channels: int, out_channels: int, channels: list[int],
                  noise_channels: int, spade_hidden: int, *, num_labels: int | None = None,
-                 fill: FillMode = "none", label_means: list[list[float]] | None = None) -> None:
+                 fill: FillMode = "none", label_means: list[list[float]] | None = None,
+                 fill_sigma: float = 0.0) -> None:
         super().__init__()
         if fill != "none" and (label_means is None or num_labels is None):
             raise ConfigError(f"model.generator.fill={fill!r} needs the training set's per-label means "
@@ -116,6 +119,7 @@ class SpadeGenerator(nn.Module):
         self.noise_channels = noise_channels
         self.factor = 2 ** (len(channels) - 1)
         self.fill = fill
+        self.fill_sigma = float(fill_sigma)
         self.num_labels = num_labels if num_labels is not None else cond_channels
         extra = out_channels if fill != "none" else 0
         means = torch.tensor(label_means, dtype=torch.float32) if label_means is not None else \
@@ -143,7 +147,7 @@ class SpadeGenerator(nn.Module):
 
     def fill_of(self, cond: torch.Tensor) -> torch.Tensor:
         """The label-mean fill (N, C, *spatial) of ``cond``'s label channels, in [-1, 1] units."""
-        return fill_image(cond[:, : self.num_labels], self.label_means) * 2.0 - 1.0
+        return fill_image(cond[:, : self.num_labels], self.label_means, self.fill_sigma) * 2.0 - 1.0
 
     def forward(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         fill = None
@@ -238,7 +242,7 @@ def build_generator(model: GanModelConfig, info: DataInfo) -> SpadeGenerator:
     g = model.generator
     return SpadeGenerator(info.dim, info.condition_channels, info.num_channels, list(g.channels),
                           g.noise_channels, g.spade_hidden, num_labels=info.num_labels, fill=g.fill,
-                          label_means=info.label_means)
+                          label_means=info.label_means, fill_sigma=info.fill_sigma)
 
 
 def build_discriminator(model: GanModelConfig, info: DataInfo) -> MultiScaleDiscriminator:

@@ -111,7 +111,8 @@ class LatentDiffusionPipeline:
                                        num_labels=info.num_labels, num_classes=int(facts.get("num_classes", 0)),
                                        downsample_factor=downsample_factor(model.autoencoder),
                                        use_flash_attention=flash,
-                                       label_means=info.label_means if fill != "none" else None)
+                                       label_means=info.label_means if fill != "none" else None,
+                                       fill_sigma=info.fill_sigma)
         try:
             tensors = load_file(str(weights))
         except (OSError, SafetensorError) as exc:

@@ -121,7 +121,7 @@ class OnlinePairs:
         classic: ClassicConfig | Mapping[str, object] | None, labels: Sequence[int] | None,
         spacing: Sequence[float] | None, intensity_stats: Sequence[IntensityStats] | None,
         match_range: bool | None, model: str | Path | None, device: str,
-        generate_kwargs: Mapping[str, object] | None,
+        generate_kwargs: Mapping[str, object] | None, qc: QCConfig | Mapping[str, object] | None = None,
     ) -> OnlinePairs:
         """Check every setting; raise ConfigError / CheckpointError naming the parameter."""
         check_method(method)
@@ -176,7 +176,7 @@ class OnlinePairs:
             edits=edit_cfg,
             synthseg=_model_of(SynthSegConfig, synthseg, "synthseg"),
             classic=_model_of(ClassicConfig, classic, "classic"),
-            qc=QCConfig(),
+            qc=_model_of(QCConfig, qc, "qc"),
         )
         return cls(
             settings=settings,
@@ -295,9 +295,10 @@ class RandSyntheticPaird(RandomizableTransform, MapTransform):
     method: ``synthseg``, ``classic`` or a registered family such as ``gan``, ``ldm`` (see the
         module docstring).
     model: run folder of a trained model (family methods only).
-    deform, edits, synthseg, classic: settings as in the augment recipe
+    deform, edits, synthseg, classic, qc: settings as in the augment recipe
         (:class:`~medsynth.data.transforms.DeformConfig`, ``EditConfig``,
-        :class:`~medsynth.synthesis.procedural.SynthSegConfig`, ``ClassicConfig``) or dicts of their fields.
+        :class:`~medsynth.synthesis.procedural.SynthSegConfig`, ``ClassicConfig``,
+        :class:`~medsynth.synthesis.pairs.QCConfig`) or dicts of their fields.
         Edits apply to every method but classic; lesion pasting is not available here (no donor case).
     labels: the dataset's label values (fixes which structures edits and synthseg draw for);
         None: the values found in each sample's label.
@@ -329,6 +330,7 @@ class RandSyntheticPaird(RandomizableTransform, MapTransform):
         edits: EditConfig | Mapping[str, object] | None = None,
         synthseg: SynthSegConfig | Mapping[str, object] | None = None,
         classic: ClassicConfig | Mapping[str, object] | None = None,
+        qc: QCConfig | Mapping[str, object] | None = None,
         labels: Sequence[int] | None = None,
         spacing: Sequence[float] | None = None,
         intensity_stats: Sequence[IntensityStats] | None = None,
@@ -347,7 +349,7 @@ class RandSyntheticPaird(RandomizableTransform, MapTransform):
         self.pairs = OnlinePairs.build(
             method=method, deform=deform, edits=edits, synthseg=synthseg, classic=classic, labels=labels,
             spacing=spacing, intensity_stats=intensity_stats, match_range=match_range, model=model,
-            device=device, generate_kwargs=generate_kwargs,
+            device=device, generate_kwargs=generate_kwargs, qc=qc,
         )
         self.flag_key = flag_key
         self._entropy = (0, 0)
@@ -499,6 +501,7 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
         edits: EditConfig | Mapping[str, object] | None = None,
         synthseg: SynthSegConfig | Mapping[str, object] | None = None,
         classic: ClassicConfig | Mapping[str, object] | None = None,
+        qc: QCConfig | Mapping[str, object] | None = None,
         labels: Sequence[int] | None = None,
         spacing: Sequence[float] | None = None,
         intensity_stats: Sequence[IntensityStats] | None = None,
@@ -543,7 +546,7 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
         self.pairs = OnlinePairs.build(
             method=method, deform=deform, edits=edits, synthseg=synthseg, classic=classic, labels=labels,
             spacing=spacing, intensity_stats=intensity_stats, match_range=match_range, model=model,
-            device=device, generate_kwargs=generate_kwargs,
+            device=device, generate_kwargs=generate_kwargs, qc=qc,
         )
         self.epoch = 0
         self._num_real_cases = n

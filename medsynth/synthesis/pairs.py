@@ -48,6 +48,7 @@ from medsynth.errors import ConfigError, DataError, JobError
 from medsynth.registry import TRAINING_FREE_METHODS, is_model_method, method_names
 from medsynth.seeds import PairStream
 from medsynth.synthesis.procedural import IntensityStats, SynthSegConfig, synthseg_image
+from medsynth.synthesis.qc import LabelIntensityStats, check_label_agreement
 
 if TYPE_CHECKING:
     from medsynth.runcard import RunCard
@@ -93,6 +94,13 @@ class QCConfig(BaseModel):
     max_tries: int = Field(default=5, ge=1, le=100, description="Draws per case before the job fails.")
     range_margin: float = Field(
         default=0.5, ge=0, description="Intensities must lie in [min - m*r, max + m*r] of the real data (r = max - min)."
+    )
+    label_agreement: bool = Field(
+        default=True,
+        description="gan/ldm: each image must follow its mask the way the run's training images follow theirs "
+                    "(per-label mean and spread, contrast between touching labels, edges at label borders: "
+                    "medsynth.synthesis.qc); a failing image is redrawn, and a run whose images fail every try "
+                    "stops the job. Off: only the range checks.",
     )
 
 
@@ -267,6 +275,14 @@ def qc_sample(
     return None
 
 
+def _agreement_reference(synthesizer: Synthesizer | None) -> LabelIntensityStats | None:
+    """The run's per-label training statistics in the dataset's units, for the label-agreement check
+    of a family method's images (None: no run, or a run trained without those statistics)."""
+    if synthesizer is None or synthesizer.info.label_means is None or synthesizer.info.label_stds is None:
+        return None
+    return LabelIntensityStats.from_info(synthesizer.info, units="dataset")
+
+
 def make_pair(
     source: PairSource,
     settings: PairSettings,
@@ -293,12 +309,18 @@ def make_pair(
     if is_model_method(settings.method) and synthesizer is None:
         raise ConfigError(f"{where}: method {settings.method!r} needs a trained run")
     ranges = [s.plausible(settings.qc.range_margin) for s in stats]
+    agreement = _agreement_reference(synthesizer) if settings.qc.label_agreement else None
     failures: list[str] = []
     for attempt in range(settings.qc.max_tries):
         images, label, record = _draw(source, settings, stats, list(labels), attempt_streams(seq, attempt),
                                       synthesizer, generate_options or GenerateOptions())
         reason = qc_sample(images, label, shape=source.label.shape, affine=source.affine,
                            source_affine=source.affine, labels=labels, ranges=ranges)
+        if reason is None and agreement is not None:
+            result = check_label_agreement(images, label, agreement)
+            if not result.passed:
+                reason = "the image does not follow its mask (" + "; ".join(result.reasons[:3]) + \
+                    ("; ..." if len(result.reasons) > 3 else "") + "); qc.label_agreement: false turns this check off"
         if reason is None:
             return SyntheticPair(images, label, record, attempt, failures)
         failures.append(f"try {attempt}: {reason}")

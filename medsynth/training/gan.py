@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from medsynth.config import Config
     from medsynth.data.loader import DataInfo
 
+#: the stream of ``rt.generator(step, stream)`` that training flips draw from (noise uses stream 0)
+FLIP_STREAM = 9
+
 
 # ---------------------------------------------------------------------------- losses
 
@@ -138,6 +141,21 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def flip_batch(batch: Batch, generator: torch.Generator) -> Batch:
+    """Flip each sample's ``image``, ``label`` and ``label_index`` together along each spatial axis
+    with probability 1/2 (draws from ``generator``: one per sample and axis)."""
+    image = batch["image"]
+    n, sd = image.shape[0], image.ndim - 2
+    draws = torch.rand((n, sd), generator=generator) < 0.5
+    out = dict(batch)
+    for key, first in (("image", 2), ("label", 2), ("label_index", 1)):
+        t = batch[key]
+        out[key] = torch.stack([
+            t[i].flip([first - 1 + a for a in range(sd) if draws[i, a]]) if draws[i].any() else t[i]
+            for i in range(n)])
+    return out
+
+
 # ---------------------------------------------------------------------------- the family
 
 
@@ -151,6 +169,7 @@ class GanFamily(FamilyBase):
         model = config.model_as(GanModelConfig)
         check_sizes(model, info.size)
         self.loss_cfg = model.loss
+        self.flips = model.flips
         dev = rt.device
         self.G = build_generator(model, info).to(dev)
         self.D = build_discriminator(model, info).to(dev)
@@ -179,6 +198,8 @@ class GanFamily(FamilyBase):
     # -- contract
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         lc, rt = self.loss_cfg, self.rt
+        if self.flips:
+            batch = flip_batch(batch, rt.generator(step, FLIP_STREAM))
         real = batch["image"] * 2.0 - 1.0
         cond = self.cond(batch)
         n = real.shape[0]

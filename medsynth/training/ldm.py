@@ -66,7 +66,7 @@ STAGES: tuple[str, ...] = get_family("ldm").stages
 
 EVAL_LEVELS = 8  # timesteps per item in the diffusion stage's evaluation
 # generator streams of one step (rt.generator(step, stream)), distinct across the two stages
-_AE_EPS, _ENCODE, _NOISE, _TIME, _DROP = 0, 1, 2, 3, 4
+_AE_EPS, _ENCODE, _NOISE, _TIME, _DROP = 0, 1, 2, 3, 4  # (training flips: FLIP_STREAM, 9)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -226,6 +226,7 @@ class LdmFamily(FamilyBase):
         self.factor = downsample_factor(self.ae_cfg)
         self.num_classes = info.num_classes if info.num_classes > 1 else 0
         self.fill_mode = m.fill
+        self.flips = m.flips
         if m.fill != "none" and info.label_means is None:
             raise ConfigError(f"model.fill={m.fill!r} needs the training set's per-label means (DataInfo.label_means)")
         self.label_means = torch.tensor(info.label_means or [[0.0] * info.num_labels], dtype=torch.float32)
@@ -272,6 +273,7 @@ class LdmFamily(FamilyBase):
             self.df_cfg, spatial_dims=info.dim, latent_channels=self.ae_cfg.latent_channels,
             num_labels=info.num_labels, num_classes=self.num_classes, downsample_factor=self.factor,
             use_flash_attention=flash, label_means=info.label_means if self.fill_mode != "none" else None,
+            fill_sigma=info.fill_sigma,
         ).to(self.rt.device)
         self.modules = {"unet": self.unet}
         self.optimizers = {"unet": self.make_optimizer(self.unet.parameters(), self.config.training.lr)}
@@ -293,7 +295,7 @@ class LdmFamily(FamilyBase):
         one-hot ``label`` with ``model.fill: residual``, else zeros."""
         if self.fill_mode != "residual":
             return label.new_zeros((label.shape[0], self.info.num_channels, *label.shape[2:]))
-        return fill_image(label, self.label_means)
+        return fill_image(label, self.label_means, self.info.fill_sigma)
 
     def _autoencoder_step(self, batch: Batch, step: int) -> dict[str, float]:
         c, rt = self.ae_cfg, self.rt
@@ -432,6 +434,10 @@ class LdmFamily(FamilyBase):
         return stage_steps(self.config, self.stage)
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        if self.flips:
+            from medsynth.training.gan import FLIP_STREAM, flip_batch
+
+            batch = flip_batch(batch, self.rt.generator(step, FLIP_STREAM))
         if self.stage == "autoencoder":
             return self._autoencoder_step(batch, step)
         return self._diffusion_step(batch, step)
