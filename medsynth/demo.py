@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from medsynth.augment import SYNTHETIC_PREFIX, AugmentOptions, AugmentSummary, run_augment
+from medsynth.augment import SYNTHETIC_PREFIX, AugmentConfig, AugmentOptions, AugmentSummary, run_augment
 from medsynth.config import load_config
 from medsynth.data.atomic import atomic_write_text
 from medsynth.data.manifest import Case, read_manifest, write_manifest
@@ -41,6 +41,7 @@ from medsynth.evaluation.evaluate import run_evaluate
 from medsynth.plots import grid, middle_slice, save_png, show_slice
 from medsynth.recipes import recipe_path
 from medsynth.runcard import read_run_card
+from medsynth.synthesis.pairs import QCConfig
 from medsynth.synthesis.synthesizer import Synthesizer
 from medsynth.training import run_training
 
@@ -70,11 +71,14 @@ class DemoPlan:
     seg_steps: int = 50
     seg_batch: int = 4
     seg_channels: int = 8
+    # QC's check that each GAN/LDM image follows its mask (a few-step smoke model does not yet)
+    label_agreement: bool = True
 
     @classmethod
     def quick(cls) -> DemoPlan:
         return cls(cases_3d=3, size_3d=24, cases_2d=6, size_2d=32, gan_steps=4, ae_steps=3, diffusion_steps=3,
-                   num_synthseg=3, num_gan=6, num_ldm=6, sample_steps=2, seg_seeds=1, seg_steps=2)
+                   num_synthseg=3, num_gan=6, num_ldm=6, sample_steps=2, seg_seeds=1, seg_steps=2,
+                   label_agreement=False)
 
 
 @dataclass
@@ -178,13 +182,14 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
 
     # 4. augmentation
     st.start("augment", f"augmenting: {plan.num_synthseg} synthseg 3D cases, {plan.num_gan} GAN and {plan.num_ldm} LDM 2D cases")
+    model_qc = AugmentConfig(qc=QCConfig(label_agreement=plan.label_agreement))
     summaries = {
         "synthseg3d": run_augment(AugmentOptions(input=real3d, out=aug / "synthseg3d", method="synthseg",
                                                  num=plan.num_synthseg, seed=0, progress=progress)),
         "gan2d": run_augment(AugmentOptions(input=real2d, out=aug / "gan2d", method="gan", model=gan_run,
-                                            num=plan.num_gan, seed=0, progress=progress)),
+                                            num=plan.num_gan, seed=0, progress=progress, config=model_qc)),
         "ldm2d": run_augment(AugmentOptions(input=real2d, out=aug / "ldm2d", method="ldm", model=ldm_run,
-                                            num=plan.num_ldm, seed=0, progress=progress)),
+                                            num=plan.num_ldm, seed=0, progress=progress, config=model_qc)),
     }
 
     # 5. evaluation
