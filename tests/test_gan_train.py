@@ -158,7 +158,8 @@ def test_training_flips_move_image_and_mask_together() -> None:
     draws = torch.rand((6, 2), generator=torch.Generator().manual_seed(1)) < 0.5  # the same draws
     for i in range(6):
         dims = [a for a in range(2) if draws[i, a]]
-        np.testing.assert_array_equal(out["label_index"][i].numpy(), np.flip(index[i].numpy(), dims) if dims else index[i].numpy())
+        expected = np.flip(index[i].numpy(), dims) if dims else index[i].numpy()
+        np.testing.assert_array_equal(out["label_index"][i].numpy(), expected)
         np.testing.assert_array_equal(out["image"][i, 0].numpy(),
                                       np.flip(batch["image"][i, 0].numpy(), dims) if dims else batch["image"][i, 0].numpy())
         torch.testing.assert_close(out["label"][i], one_hot(out["label_index"][i : i + 1], 3)[0])

@@ -167,7 +167,8 @@ def test_3d_crops_favour_the_foreground(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text(json.dumps({
         "name": "cube", "modality": {"0": "MR"}, "labels": {"0": "background", "1": "cube"}, "numTraining": 1,
         "training": [{"image": "imagesTr/c.nii.gz", "label": "labelsTr/c.nii.gz"}]}))
-    data = build_training_data(read_manifest(tmp_path / "dataset.json"), DataConfig(dim=3, size=[12, 12, 12], ct_window=(0.0, 255.0)), seed=0)
+    cfg = DataConfig(dim=3, size=[12, 12, 12], ct_window=(0.0, 255.0))
+    data = build_training_data(read_manifest(tmp_path / "dataset.json"), cfg, seed=0)
     hits = [bool((data.sample(g)["label_index"] > 0).any()) for g in range(300)]
     assert 0.63 < np.mean(hits) < 0.83, np.mean(hits)
 

@@ -76,9 +76,9 @@ def test_area_resampling_gives_label_fractions():
 def test_the_unet_reads_the_fill_and_the_pipeline_adds_it_in_float32(monkeypatch):
     """With label means the UNet's conditioning carries the label-mean fill (blurred by the fitted
     width); a residual pipeline decodes in float32 and adds that fill to the decoded residual."""
-    import medsynth.synthesis.ldm as L
     from scipy.ndimage import gaussian_filter
 
+    import medsynth.synthesis.ldm as L
     from medsynth.config import load_config
     from medsynth.diffusion import make_process, size_multiple
 

@@ -14,7 +14,7 @@ Image intensities are whatever the data loader produces (normalised, roughly ``[
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ def build_autoencoder(
         use_flash_attention=use_flash_attention,
     )
     if zero_output:
-        last = net.decoder.blocks[-1].conv
+        last = cast(Any, net.decoder.blocks)[-1].conv  # MONAI's last decoder block: a Convolution
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
     return net

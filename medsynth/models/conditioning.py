@@ -34,7 +34,7 @@ def resize_condition(cond: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         return cond
     if all(t <= s for s, t in zip(spatial, size)):
         pool = F.adaptive_avg_pool2d if cond.ndim == 4 else F.adaptive_avg_pool3d
-        return pool(cond, size)
+        return pool(cond, size)  # type: ignore[arg-type]  # one size per spatial axis
     if all(t >= s for s, t in zip(spatial, size)):
         return F.interpolate(cond, size=size, mode="nearest-exact")
     # some axes shrink, some grow: grow first (exact copies), then average

@@ -69,6 +69,8 @@ class MaskConditionedUNet(nn.Module):
         fill_sigma: the fill's partial-volume blur in voxels (``DataInfo.fill_sigma``).
     """
 
+    label_means: torch.Tensor  # a buffer: (C, L), when the fill conditioning is on
+
     def __init__(
         self,
         cfg: LdmDiffusionConfig,

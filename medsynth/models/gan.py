@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
 FillMode = Literal["none", "input", "residual"]
 
 
-def _conv(spatial_dims: int, cin: int, cout: int, kernel: int = 3) -> nn.Module:
+def _conv(spatial_dims: int, cin: int, cout: int, kernel: int = 3) -> nn.Conv2d | nn.Conv3d:
     cls = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
     return cls(cin, cout, kernel, padding=kernel // 2)
 
@@ -107,6 +107,8 @@ class SpadeGenerator(nn.Module):
     fill_sigma: the fill's partial-volume blur in voxels (DataInfo.fill_sigma).
     """
 
+    label_means: torch.Tensor  # a buffer: (C, L)
+
     def __init__(self, spatial_dims: int, cond_channels: int, out_channels: int, channels: list[int],
                  noise_channels: int, spade_hidden: int, *, num_labels: int | None = None,
                  fill: FillMode = "none", label_means: list[list[float]] | None = None,
@@ -139,7 +141,8 @@ class SpadeGenerator(nn.Module):
         self.conv_out = _conv(spatial_dims, prev, out_channels)
         if fill == "residual":  # a fresh generator paints the fill exactly
             nn.init.zeros_(self.conv_out.weight)
-            nn.init.zeros_(self.conv_out.bias)
+            if self.conv_out.bias is not None:
+                nn.init.zeros_(self.conv_out.bias)
 
     def noise_shape(self, spatial: tuple[int, ...] | list[int]) -> tuple[int, ...]:
         """(Z, *spatial / F) for an output of ``spatial`` (each divisible by F)."""

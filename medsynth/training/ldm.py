@@ -362,7 +362,7 @@ class LdmFamily(FamilyBase):
                 mid = fg.mean(0).round().astype(int) if len(fg) else np.array(index.shape) // 2
                 starts = [int(min(max(0, c - s // 2), n - s)) for c, s, n in zip(mid, size, index.shape)]
                 sl = tuple(slice(a, a + s) for a, s in zip(starts, size))
-                image, index = image[(slice(None), *sl)], index[sl]
+                image, index = image[(slice(None),) + sl], index[sl]
             else:
                 image = pad_to(image, [-(-n // m) * m for n in index.shape], 0.0)
                 index = pad_to(index, list(image.shape[1:]), 0)
