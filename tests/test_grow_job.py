@@ -24,7 +24,7 @@ from medsynth.data.manifest import read_manifest
 from medsynth.data.nifti import Volume
 from medsynth.errors import JobError
 from medsynth.journal import JOURNAL_PREFIX
-from medsynth.synthesis.pairs import PairSettings
+from medsynth.synthesis.pairs import PairSettings, QCConfig
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -107,7 +107,9 @@ def test_a_case_is_computed_on_one_torch_thread_whatever_the_process_has(tmp_pat
     for threads in (1, 2):
         torch.set_num_threads(threads)
         out = tmp_path / f"t{threads}"
-        ctx = JobContext(out=out, seed=0, settings=PairSettings(method="gan"), facts=facts,
+        # the stand-in has no training statistics: QC's label-agreement check is tested in test_pairs
+        settings = PairSettings(method="gan", qc=QCConfig(label_agreement=False))
+        ctx = JobContext(out=out, seed=0, settings=settings, facts=facts,
                          sources={c.case_id: c for c in manifest.cases}, model=tmp_path, model_sha=None)
         result = make_case(ctx, plan)
         assert torch.get_num_threads() == threads  # restored after the case
