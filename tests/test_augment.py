@@ -439,3 +439,23 @@ def test_a_run_that_does_not_fit_is_refused_before_any_work(msd3d, gan_run, tmp_
     with pytest.raises(CheckpointError, match="'version'"):
         run_augment(opts(msd3d, tmp_path / "g6", method="gan", model=foreign))
     assert not any((tmp_path / f"g{i}").exists() for i in (2, 3, 4, 5, 6))
+
+
+def test_augment_warns_when_the_runs_card_says_it_never_beat_the_label_mean_fill(gan_run, tmp_path):
+    """The run card's yardstick (written at the end of training) is read back by augment: a run that
+    did not beat the label-mean fill is named with its numbers; one that did, or has none, is not."""
+    from medsynth.augment.model import fill_warning
+    from medsynth.runcard import read_run_card
+
+    def weak(card):
+        card["yardstick"] = {"model_ssim": 0.80, "fill_ssim": 0.85, "model_psnr": 20.0, "fill_psnr": 22.0,
+                             "beats_fill": False, "held_out": True}
+
+    def strong(card):
+        card["yardstick"] = {"model_ssim": 0.90, "fill_ssim": 0.85, "model_psnr": 25.0, "fill_psnr": 22.0,
+                             "beats_fill": True, "held_out": True}
+
+    text = fill_warning(read_run_card(run_variant(gan_run, tmp_path / "weak", weak)))
+    assert text is not None and "never beat the label-mean fill on its held-out masks" in text
+    assert "SSIM 0.8 vs 0.85" in text and "PSNR 20.0 vs 22.0 dB" in text
+    assert fill_warning(read_run_card(run_variant(gan_run, tmp_path / "strong", strong))) is None

@@ -35,6 +35,7 @@ import contextlib
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from medsynth.augment.layout import (
     synthetic_case,
     write_output_manifest,
 )
-from medsynth.augment.model import check_model, class_key, model_checksum, read_model
+from medsynth.augment.model import check_model, class_key, fill_warning, model_checksum, read_model
 from medsynth.augment.options import AugmentOptions, check_options
 from medsynth.augment.plan import SYNTHETIC_PREFIX, PlannedCase, growth_settings, plan_cases
 from medsynth.augment.provenance import PROVENANCE_FILE
@@ -259,6 +260,9 @@ def _run(options: AugmentOptions, out: Path, card: RunCard | None, settings: dic
         check_edit_labels(options.config.edits, facts.labels)
     if card is not None:
         check_model(card, options.method, facts.labels, manifest.num_channels, sources)
+        weak = fill_warning(card)
+        if weak is not None and ranks.rank == 0:
+            warnings.warn(weak, stacklevel=2)
     # 5. plan (a dry run plans the first cases only: case k depends on (seed, k) alone)
     shown = replace(options, num=min(options.num, DRY_RUN_SHOWN)) if options.dry_run else options
     plan = plan_cases(shown, sources, facts, layout)

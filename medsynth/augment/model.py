@@ -42,6 +42,18 @@ def check_model(card: RunCard, method: str, labels: list[int], channels: int, so
             )
 
 
+def fill_warning(card: RunCard) -> str | None:
+    """Why the run's images may say no more than its masks: its end-of-training yardstick (run card)
+    did not beat the label-mean fill on SSIM and PSNR (None: it did, or it was never measured)."""
+    y = card.yardstick
+    if y is None or y.get("beats_fill", True):
+        return None
+    where = "held-out" if y.get("held_out") else "training"
+    return (f"the run {card.run_dir} never beat the label-mean fill on its {where} masks (SSIM "
+            f"{y.get('model_ssim')} vs {y.get('fill_ssim')}, PSNR {y.get('model_psnr')} vs {y.get('fill_psnr')} dB): "
+            "its images may say no more than the label maps; train longer or use a larger recipe")
+
+
 def class_key(card: RunCard) -> str | None:
     """The manifest field that picks a class-conditioned run's class (None: not class-conditioned)."""
     return card.class_key if len(card.classes) > 1 else None
