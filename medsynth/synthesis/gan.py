@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from medsynth.config import GanModelConfig
-from medsynth.errors import CheckpointError
+from medsynth.errors import CheckpointError, ConfigError
 from medsynth.runcard import RunCard
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,7 +46,10 @@ class GanBackend:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{weights}: unreadable weights ({exc})") from None
         with torch.random.fork_rng(devices=[]):  # initial values are overwritten; keep the global RNG
-            self.net = build_generator(model_cfg, self.info)
+            try:
+                self.net = build_generator(model_cfg, self.info)
+            except ConfigError as exc:
+                raise CheckpointError(f"{card.path}: {exc} (a run of an older medsynth: train it again)") from None
         try:
             self.net.load_state_dict(state)
         except RuntimeError as exc:
