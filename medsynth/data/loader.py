@@ -352,8 +352,10 @@ def make_loader(data: TrainingData, *, start_step: int, max_steps: int, batch_si
 # ---------------------------------------------------------------------------- building
 
 
-def _load_case(case: Case, cfg: DataConfig, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image (C, *spatial) float64 in dataset units, label (*spatial) int, affine)."""
+def load_case(case: Case, cfg: DataConfig, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One case as training reads it (resampled to ``cfg.spacing``): (image (C, *spatial) float64 in
+    dataset units, label (*spatial) int, affine). ``root``: the folder MetaImage/NRRD data files must
+    resolve inside (the manifest's)."""
     from medsynth.data.nifti import read_case_arrays
 
     if case.label is None:
@@ -382,7 +384,7 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
     raw = []
     with progress_bar("loading cases", len(cases), enabled=progress, transient=True) as bar:
         for c in cases:
-            raw.append((c, *_load_case(c, cfg, manifest.root)))
+            raw.append((c, *load_case(c, cfg, manifest.root)))
             bar.advance()
     ndims = {lab.ndim for _, _, lab, _ in raw}
     if len(ndims) > 1:

@@ -118,7 +118,7 @@ def evaluation_items(config: Config, info: DataInfo, *, max_cases: int = MAX_CAS
     """The items the yardstick scores and whether they are held out (see the module docstring).
 
     Cases with label values (or a condition class) the run does not know are skipped."""
-    from medsynth.data.loader import _load_case
+    from medsynth.data.loader import load_case
     from medsynth.data.manifest import read_manifest
 
     if config.data.manifest is None:
@@ -135,7 +135,7 @@ def evaluation_items(config: Config, info: DataInfo, *, max_cases: int = MAX_CAS
             cls = str(case.extra.get(info.class_key))
             if cls not in info.classes:
                 continue
-        image, lab, _ = _load_case(case, config.data)
+        image, lab, _ = load_case(case, config.data, manifest.root)
         lab = lab.astype(np.int64)
         if lab.min() < 0 or lab.max() >= lut.size or (lut[lab] < 0).any():
             continue
