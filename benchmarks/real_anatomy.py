@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+FILL_PAIRS = REPO / "benchmarks" / "fill_pairs.yaml"  # augment recipe of the trivial "fill pairs" control
 LABELS = {0: "background", 1: "csf", 2: "grey_matter", 3: "white_matter"}
 FACTOR = 2  # 1 mm template -> 2 mm
 MULTIPLE = 16  # in-plane crop rounded up to this many voxels
@@ -452,13 +453,17 @@ def run_all(out: Path, *, steps_gan: int, steps_ldm: int, steps_seg: int | None,
         return _table(rows)
 
     # 4. synthetic pairs
+    # ("fill": the trivial control, synthseg with every random part off = the label-mean fill of each new mask)
     synthetic = []
-    for method in ("synthseg", "classic", "gan", "ldm"):
-        dest = out / "augment" / method
-        model = ["--model", str(runs[method])] if method in runs else []
-        res = timed(f"augment {method}", _medsynth("augment", str(train), "--method", method, "--num", str(num),
-                                                   "--out", str(dest), "--seed", "0", *model, "--json", "--no-progress"))
-        record(dict(what="augment", method=method, summary=_last_json(res.stdout)))
+    for name, method in (("fill", "synthseg"), ("synthseg", "synthseg"), ("classic", "classic"), ("gan", "gan"),
+                         ("ldm", "ldm")):
+        dest = out / "augment" / name
+        extra = ["--model", str(runs[method])] if method in runs else []
+        if name == "fill":
+            extra = ["--config", str(FILL_PAIRS)]
+        res = timed(f"augment {name}", _medsynth("augment", str(train), "--method", method, "--num", str(num),
+                                                 "--out", str(dest), "--seed", "0", *extra, "--json", "--no-progress"))
+        record(dict(what="augment", method=name, summary=_last_json(res.stdout)))
         synthetic += ["--synthetic", str(dest / "dataset.json")]
     if until == "augment":
         return _table(rows)

@@ -230,3 +230,22 @@ def test_classic_pair_is_aligned_and_seeded():
     np.testing.assert_array_equal(runs[0][0], runs[1][0])
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
     assert np.all(np.isfinite(runs[0][0])) and not np.allclose(runs[0][0], img)
+
+
+def test_reused_classic_chain_gives_what_a_new_chain_gives():
+    """The MONAI intensity chain is built once per process and reseeded per call: a call after other
+    calls (the cached chain's draws moved on) equals the same call on a newly built chain."""
+    label = nested_balls((12, 12, 12), (5, 3, 1))
+    image = (50.0 * label + 10.0)[None].astype(np.float32)
+    on = T.ClassicConfig(bias_prob=1, gamma_prob=1, scale_prob=1, shift_prob=1, smooth_prob=1, noise_prob=1)
+
+    def draw(seed: int) -> np.ndarray:
+        return T.classic_pair(image, label, (1, 1, 1), deform=strong(), intensity=on, ranges=[(10.0, 160.0)],
+                              rng=np.random.default_rng(seed))[0]
+
+    T._CHAINS.clear()
+    fresh = draw(7)
+    assert len(T._CHAINS) == 1
+    for other in (1, 2, 3):
+        assert not np.array_equal(draw(other), fresh)
+    np.testing.assert_array_equal(draw(7), fresh)

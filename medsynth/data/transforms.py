@@ -505,7 +505,23 @@ def check_edit_labels(config: EditConfig, labels: list[int]) -> None:
 # ------------------------------------------------------------------------------------ classic chain
 
 
+_CHAINS: dict[tuple[str, float, float], Compose] = {}
+
+
 def _monai_chain(config: ClassicConfig, low: float, high: float) -> Compose:
+    """The MONAI intensity chain of ``config`` for one channel's range, built once per process (building
+    it costs about 30x applying it). Callers reseed it before each use (``set_random_state``), which resets
+    every transform's draws, so a reused chain gives the same output as a new one."""
+    key = (config.model_dump_json(), float(low), float(high))
+    chain = _CHAINS.get(key)
+    if chain is None:
+        if len(_CHAINS) >= 64:
+            _CHAINS.clear()
+        chain = _CHAINS[key] = _build_chain(config, low, high)
+    return chain
+
+
+def _build_chain(config: ClassicConfig, low: float, high: float) -> Compose:
     from monai import transforms as T
 
     span = max(high - low, 1e-6)
