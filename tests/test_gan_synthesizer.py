@@ -11,7 +11,7 @@ import pytest
 import medsynth
 from medsynth.config import load_config
 from medsynth.data.nifti import Volume, read_volume
-from medsynth.errors import CheckpointError, DataError
+from medsynth.errors import CheckpointError, ConfigError, DataError
 from medsynth.synthesis.synthesizer import Synthesizer
 from medsynth.training.engine import train
 
@@ -71,6 +71,8 @@ def test_gan_synth_refuses_bad_masks_and_runs(run2d, tmp_path: Path) -> None:
         synth.generate(np.array([[0, 7], [9, 1]]), seed=0)
     with pytest.raises(DataError, match="non-integer"):
         synth.generate(np.array([[0.5, 1.0], [1.0, 1.0]]), seed=0)
+    with pytest.raises(ConfigError, match="'T2': the run is not class-conditioned"):  # the API, not only the CLI
+        synth.generate(np.array([[0, 1], [1, 1]]), seed=0, class_value="T2")
     with pytest.raises(CheckpointError, match="no such run folder"):
         Synthesizer.from_run(tmp_path / "missing")
     (tmp_path / "empty").mkdir()

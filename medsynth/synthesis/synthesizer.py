@@ -217,7 +217,14 @@ class Synthesizer:
 
     def _class_index(self, class_value: str | None) -> int:
         classes = self.info.classes
-        if len(classes) <= 1:
+        if not classes:
+            if class_value is not None:  # silently ignoring it would hand back an image of no class at all
+                raise ConfigError(f"class_value {class_value!r}: the run is not class-conditioned (trained without "
+                                  "data.class_key)")
+            return 0
+        if len(classes) == 1:
+            if class_value is not None and str(class_value) not in classes:
+                raise ConfigError(f"class_value {class_value!r} is not one of the run's classes {classes}")
             return 0
         if class_value is None:
             raise ConfigError(f"this run is conditioned on {self.info.class_key!r}; pass class_value, one of {classes}")
