@@ -64,3 +64,20 @@ def test_tutorial_runs(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                 capture_output=True, text=True, timeout=300,
             )
             assert proc.returncode == 0, f"{where} failed:\n{code}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+
+
+def test_fill_pairs_recipe_in_the_docs_is_the_benchmarks_one():
+    """docs/downstream.md shows the control's augment recipe; it is the one the benchmark uses, and valid."""
+    import yaml
+
+    from medsynth.augment.options import load_augment_config
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "downstream.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert block is not None
+    recipe = root / "benchmarks" / "fill_pairs.yaml"
+    assert yaml.safe_load(block.group(1)) == yaml.safe_load(recipe.read_text())
+    s = load_augment_config(recipe).synthseg
+    assert s.fit_intensities and list(s.fit_std_scale) == [0.0, 0.0]
+    assert s.bias_prob == s.resolution_prob == s.gamma_std == 0.0 and list(s.noise_std) == [0.0, 0.0]
