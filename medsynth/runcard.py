@@ -23,11 +23,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from medsynth import __version__
 from medsynth.data.loader import DataInfo
 from medsynth.errors import CheckpointError
+
+_Config = TypeVar("_Config", bound=BaseModel)
 
 CARD_FILE = "model_card.json"
 #: the inference weights of every family, beside the card
@@ -107,6 +111,40 @@ class RunCard:
         """The recipe's ``model`` section (a plain dict; validate it with the family's config class)."""
         section = self.config.get("model")
         return dict(section) if isinstance(section, dict) else {}
+
+    def model_config(self, config_class: type[_Config], what: str) -> _Config:
+        """The ``model`` section validated by the family's config class; CheckpointError naming the card
+        when it does not fit (``what``: the family in words, e.g. "GAN")."""
+        from pydantic import ValidationError
+
+        try:
+            return config_class.model_validate(self.model_section)
+        except ValidationError as exc:
+            raise CheckpointError(f"{self.path}: field 'config.model' does not fit this medsynth's {what} "
+                                  f"({exc.error_count()} problem(s), first: {exc.errors()[0]['msg']})") from None
+
+    def read_weights(self) -> dict[str, Any]:
+        """The exported inference tensors of ``RUN/model.safetensors`` (read as tensors only, nothing
+        executed); CheckpointError when the file is missing or unreadable."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        weights = self.weights_path
+        if not weights.is_file():
+            raise CheckpointError(f"{self.run_dir}: no {weights.name} (has the training finished?)")
+        try:
+            return load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights}: cannot read the weights ({exc})") from None
+
+    def load_into(self, module: Any, state: dict[str, Any], what: str) -> None:
+        """``module.load_state_dict(state)``; CheckpointError naming the weights file when the tensors do
+        not fit the network the card's recipe builds (``what``: which network)."""
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{self.weights_path}: {what} weights do not fit the run's recipe "
+                                  f"({str(exc).splitlines()[0]})") from None
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -92,6 +92,18 @@ def test_gan_synth_refuses_bad_masks_and_runs(run2d, tmp_path: Path) -> None:
     shutil.copy(run / "model_card.json", run_copy / "model_card.json")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         Synthesizer.from_run(run_copy)
+    # unreadable weights, and weights that do not fit the card's generator: one CheckpointError naming the file
+    (run_copy / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"noweights/model.safetensors: cannot read the weights"):
+        Synthesizer.from_run(run_copy)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(run / "model.safetensors"))
+    name = next(k for k, v in state.items() if v.ndim == 4)
+    state[name] = state[name][:, :1].contiguous()
+    save_file(state, str(run_copy / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: generator weights do not fit the run's recipe"):
+        Synthesizer.from_run(run_copy)
 
 
 def test_two_channel_run_samples_one_file_per_channel(tmp_path: Path) -> None:

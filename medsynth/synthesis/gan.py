@@ -25,36 +25,18 @@ class GanBackend:
     """The run's SPADE generator in eval mode on ``device``."""
 
     def __init__(self, card: RunCard, device: torch.device) -> None:
-        from pydantic import ValidationError
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         from medsynth.models.gan import build_generator
 
         self.info = card.data
         self.device = device
-        try:
-            model_cfg = GanModelConfig.model_validate(card.model_section)
-        except ValidationError as exc:
-            raise CheckpointError(f"{card.path}: field 'config.model' does not fit this medsynth's GAN "
-                                  f"({exc.error_count()} problem(s), first: {exc.errors()[0]['msg']})") from None
-        weights = card.weights_path
-        if not weights.is_file():
-            raise CheckpointError(f"{card.run_dir}: no {weights.name} (has the training finished?)")
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{weights}: unreadable weights ({exc})") from None
+        model_cfg = card.model_config(GanModelConfig, "GAN")
+        state = card.read_weights()
         with torch.random.fork_rng(devices=[]):  # initial values are overwritten; keep the global RNG
             try:
                 self.net = build_generator(model_cfg, self.info)
             except ConfigError as exc:
                 raise CheckpointError(f"{card.path}: {exc} (a run of an older medsynth: train it again)") from None
-        try:
-            self.net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{weights}: does not fit the model card's generator "
-                                  f"({str(exc).splitlines()[0]})") from None
+        card.load_into(self.net, state, "generator")
         self.net.to(device).eval().requires_grad_(False)
         self.size_multiple = self.net.factor
 

@@ -18,10 +18,8 @@ Stages of :meth:`LatentDiffusionPipeline.__call__`:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +41,6 @@ from medsynth.runcard import RunCard
 if TYPE_CHECKING:  # pragma: no cover
     from monai.networks.nets import AutoencoderKL
 
-    from medsynth.data.loader import DataInfo
     from medsynth.models.diffusion import MaskConditionedUNet
     from medsynth.synthesis.synthesizer import GenerationOptions
 
@@ -88,20 +85,19 @@ class LatentDiffusionPipeline:
         return next(self.unet.parameters()).device
 
     @classmethod
-    def from_parts(cls, model: LdmModelConfig, info: DataInfo, facts: Mapping[str, Any], weights: Path,
-                   device: torch.device) -> LatentDiffusionPipeline:
-        """Build the networks of ``model`` for ``info`` and load ``weights``; ``facts`` are the run
-        card's model facts (scale factor, classes, sampling defaults)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+    def from_card(cls, card: RunCard, device: torch.device) -> LatentDiffusionPipeline:
+        """Build the networks of the card's recipe and load the run's weights; the card's model facts give
+        the scale factor, classes and sampling defaults."""
         from medsynth.models.autoencoder import build_autoencoder, downsample_factor
         from medsynth.models.diffusion import MaskConditionedUNet
 
+        model = card.model_config(LdmModelConfig, "latent diffusion")
+        info, facts = card.data, card.model
+        tensors = card.read_weights()
         flash = use_flash(model, device)
         fill = str(facts.get("fill", "none"))
         if fill != "none" and info.label_means is None:
-            raise CheckpointError(f"{weights}: the run was trained with model.fill {fill!r} but its card has no "
+            raise CheckpointError(f"{card.path}: the run was trained with model.fill {fill!r} but its card has no "
                                   "data.label_means")
         with torch.random.fork_rng(devices=[]):  # initial values are overwritten; keep global RNG as it was
             ae = build_autoencoder(model.autoencoder, spatial_dims=info.dim, in_channels=info.num_channels,
@@ -113,17 +109,9 @@ class LatentDiffusionPipeline:
                                        use_flash_attention=flash,
                                        label_means=info.label_means if fill != "none" else None,
                                        fill_sigma=info.fill_sigma)
-        try:
-            tensors = load_file(str(weights))
-        except (OSError, SafetensorError) as exc:
-            raise CheckpointError(f"{weights}: cannot read the weights ({exc})") from None
         for prefix, net in (("autoencoder.", ae), ("unet.", unet)):
-            part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            try:
-                net.load_state_dict(part)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{weights}: {prefix.rstrip('.')} weights do not fit the run's recipe "
-                                      f"({str(exc).splitlines()[0]})") from None
+            card.load_into(net, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                           prefix.rstrip("."))
         process = make_process(model.diffusion, info.dim, facts.get("base_numel"))
         defaults = SamplingDefaults(facts.get("sampler", model.diffusion.sampler),
                                     int(facts.get("sample_steps", model.diffusion.sample_steps)),
@@ -236,18 +224,7 @@ class LatentDiffusionPipeline:
 
 def load_ldm_backend(card: RunCard, device: torch.device) -> LatentDiffusionPipeline:
     """The registry's backend loader of ``family: ldm``."""
-    from pydantic import ValidationError
-
-    facts = card.model
-    if "scale_factor" not in facts:
+    if "scale_factor" not in card.model:
         raise CheckpointError(f"{card.run_dir}: the diffusion stage has not finished (no scale factor in the "
                               "model card); train it first")
-    try:
-        model = LdmModelConfig.model_validate(card.model_section)
-    except ValidationError as exc:
-        raise CheckpointError(f"{card.path}: field 'config.model' does not fit this medsynth's latent diffusion "
-                              f"({exc.error_count()} problem(s), first: {exc.errors()[0]['msg']})") from None
-    weights = card.weights_path
-    if not weights.is_file():
-        raise CheckpointError(f"{card.run_dir}: no {weights.name} (has the training finished?)")
-    return LatentDiffusionPipeline.from_parts(model, card.data, facts, weights, torch.device(device))
+    return LatentDiffusionPipeline.from_card(card, torch.device(device))
