@@ -227,6 +227,13 @@ class PerceptualConfig(StrictModel):
         return self
 
 
+#: ``model.flips`` of every family (the engine's :func:`~medsynth.training.engine.flip_batch`)
+FLIPS_DESCRIPTION = (
+    "Training augmentation: flip each training sample (image and mask together) along each spatial axis "
+    "with probability 1/2. Helps a model trained on few cases generalise to unseen anatomy; leave it off "
+    "when orientation carries meaning the masks do not (e.g. left/right-specific labels).")
+
+
 class GanLossConfig(StrictModel):
     """Generator objective: adversarial + feature matching + L1 to the paired real image (+ perceptual)."""
 
@@ -254,10 +261,7 @@ class GanModelConfig(ModelSection):
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig, description=(
         "The multi-scale patch discriminator (training only)."))
     loss: GanLossConfig = Field(default_factory=GanLossConfig, description="The generator's objective.")
-    flips: bool = Field(default=False, description=(
-        "Training augmentation: flip each training sample (image and mask together) along each spatial axis "
-        "with probability 1/2. Helps a model trained on few cases generalise to unseen anatomy; leave it off "
-        "when orientation carries meaning the masks do not (e.g. left/right-specific labels)."))
+    flips: bool = Field(default=False, description=FLIPS_DESCRIPTION)
 
 
 def _check_levels(section: LdmAutoencoderConfig | LdmDiffusionConfig) -> None:
@@ -418,10 +422,7 @@ class LdmModelConfig(ModelSection):
         "`condition` gives it to the diffusion UNet beside the mask; `residual` also makes the autoencoder "
         "code the difference between the image and the fill, and adds the fill back after decoding, so a "
         "model that has learned little still paints the training set's per-label intensities; `none`: off."))
-    flips: bool = Field(default=False, description=(
-        "Training augmentation: flip each training sample (image and mask together) along each spatial axis "
-        "with probability 1/2. Helps a model trained on few cases generalise to unseen anatomy; leave it off "
-        "when orientation carries meaning the masks do not (e.g. left/right-specific labels)."))
+    flips: bool = Field(default=False, description=FLIPS_DESCRIPTION)
 
 
 # ---------------------------------------------------------------------------- optimiser / training

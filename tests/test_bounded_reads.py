@@ -92,6 +92,14 @@ def _label_file(manifest: Path, k: int = 1) -> Path:
     return manifest.parent / entry["label"]
 
 
+def _set_label_voxel(label: Path, value: int, dtype: type) -> None:
+    """Rewrite a label file as ``dtype`` with voxel (0, 0) set to ``value``."""
+    img = nib.load(str(label))
+    data = np.asarray(img.dataobj).astype(dtype)
+    data[0, 0] = value
+    nib.save(nib.Nifti1Image(data, img.affine), str(label))
+
+
 def _errors(manifest: Path, **kwargs: int) -> list[str]:
     report = validate_dataset(manifest, **kwargs)
     return [f"{p.file}: {p.message}" for p in report.errors]
@@ -346,20 +354,14 @@ def test_parse_size_refusals() -> None:
 def test_label_values_the_writer_cannot_hold(tmp_path: Path) -> None:
     manifest = make_phantom_dataset(tmp_path / "ds", dim=2, cases=2, size=16, seed=0, format="csv")
     label = tmp_path / "ds" / "labelsTr" / "phantom_001.nii.gz"
-    img = nib.load(str(label))
-    data = np.asarray(img.dataobj).astype(np.uint32)
-    data[0, 0] = 70000
-    nib.save(nib.Nifti1Image(data, img.affine), str(label))
+    _set_label_voxel(label, 70000, np.uint32)
     assert _errors(manifest) == [f"{label}: label value 70000 does not fit in uint16, the largest label type "
                                  "medsynth writes (values 0..65535); renumber the labels"]
 
 
 def test_negative_int16_label_is_reported_as_itself(dataset: Path) -> None:
     label = _label_file(dataset)
-    img = nib.load(str(label))
-    data = np.asarray(img.dataobj).astype(np.int16)
-    data[0, 0] = -2
-    nib.save(nib.Nifti1Image(data, img.affine), str(label))
+    _set_label_voxel(label, -2, np.int16)
     assert _errors(dataset) == [f"{label}: label has negative value(s) -2"]
 
 
@@ -415,10 +417,7 @@ def test_case_arrays_refuse_a_negative_label_naming_the_file(dataset: Path) -> N
     from medsynth.data.nifti import read_case_arrays
 
     label = _label_file(dataset)
-    img = nib.load(str(label))
-    data = np.asarray(img.dataobj).astype(np.int16)
-    data[0, 0] = -2
-    nib.save(nib.Nifti1Image(data, img.affine), str(label))
+    _set_label_voxel(label, -2, np.int16)
     image = dataset.parent / json.loads(dataset.read_text())["training"][1]["image"]
     with pytest.raises(DataError) as err:
         read_case_arrays([image], label)

@@ -148,7 +148,7 @@ def test_losses_and_networks_follow_spade() -> None:
 
 def test_training_flips_move_image_and_mask_together() -> None:
     from medsynth.data.loader import one_hot
-    from medsynth.training.gan import flip_batch
+    from medsynth.training.engine import flip_batch
 
     g = torch.Generator().manual_seed(5)
     index = torch.randint(0, 3, (6, 5, 7), generator=g)

@@ -467,6 +467,21 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
 FILL_SIGMAS = tuple(i * 0.25 for i in range(9))
 
 
+def label_mean_fill(means: np.ndarray, index: np.ndarray, sigma: float = 0.0,
+                    axes: tuple[int, ...] | None = None) -> np.ndarray:
+    """The label-mean fill in numpy: ``means`` ``(C, L)`` per channel and label, ``index`` ``(*spatial)``
+    label-channel indices -> ``(C, *spatial)`` in ``means``' dtype, blurred by a Gaussian of ``sigma``
+    voxels along the spatial ``axes`` (default every one; edges repeated) when ``sigma > 0``.
+    (:func:`medsynth.models.conditioning.fill_image` is the same on torch tensors.)"""
+    from scipy.ndimage import gaussian_filter
+
+    fill = means[:, index.astype(np.int64)]
+    if sigma <= 0:
+        return fill
+    axes = tuple(range(index.ndim)) if axes is None else axes
+    return gaussian_filter(fill, [0.0] + [sigma if a in axes else 0.0 for a in range(index.ndim)], mode="nearest")
+
+
 def fit_fill_sigma(cases: list[tuple[np.ndarray, np.ndarray]], means: list[list[float]],
                    axes: tuple[int, ...], max_cases: int = 8) -> float:
     """The sigma of :data:`FILL_SIGMAS` whose Gaussian blur (along the spatial ``axes``, edges
@@ -474,18 +489,13 @@ def fit_fill_sigma(cases: list[tuple[np.ndarray, np.ndarray]], means: list[list[
 
     cases: (image (C, *spatial) in [0, 1] units, index (*spatial) label-channel indices); at most
     ``max_cases`` evenly spaced cases are used."""
-    from scipy.ndimage import gaussian_filter
-
     table = np.asarray(means, np.float64)  # (C, L)
     picks = np.unique(np.linspace(0, len(cases) - 1, min(max_cases, len(cases))).round().astype(int))
     errors = np.zeros(len(FILL_SIGMAS))
     for k in picks:
         image, index = cases[k]
-        fill = table[:, index.astype(np.int64)]
         for i, sigma in enumerate(FILL_SIGMAS):
-            sig = [0.0] + [sigma if a in axes else 0.0 for a in range(index.ndim)]
-            blurred = gaussian_filter(fill, sig, mode="nearest") if sigma > 0 else fill
-            errors[i] += float(np.mean((blurred - image) ** 2))
+            errors[i] += float(np.mean((label_mean_fill(table, index, sigma, axes) - image) ** 2))
     return float(FILL_SIGMAS[int(np.argmin(errors))])
 
 

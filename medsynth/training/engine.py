@@ -113,6 +113,28 @@ if TYPE_CHECKING:  # pragma: no cover
 Batch = dict[str, "torch.Tensor"]
 #: the parameter lists AveragedModel hands to its ``multi_avg_fn``
 TensorSeq: TypeAlias = "tuple[torch.Tensor, ...] | list[torch.Tensor]"
+#: the stream of ``rt.generator(step, stream)`` that training flips (``model.flips``) draw from; a family's
+#: own streams (noise, timesteps, ...) use other numbers
+FLIP_STREAM = 9
+
+
+def flip_batch(batch: Batch, generator: torch.Generator) -> Batch:
+    """Flip each sample's ``image``, ``label`` and ``label_index`` together along each spatial axis
+    with probability 1/2 (draws from ``generator``: one per sample and axis). The ``model.flips``
+    augmentation of every family."""
+    import torch
+
+    image = batch["image"]
+    n, sd = image.shape[0], image.ndim - 2
+    draws = torch.rand((n, sd), generator=generator) < 0.5
+    out = dict(batch)
+    for key, first in (("image", 2), ("label", 2), ("label_index", 1)):
+        t = batch[key]
+        out[key] = torch.stack([
+            t[i].flip([first - 1 + a for a in range(sd) if draws[i, a]]) if draws[i].any() else t[i]
+            for i in range(n)])
+    return out
+
 
 # Settings that may change between a run and its resume.
 RESUME_MUTABLE = {

@@ -24,14 +24,11 @@ from medsynth.errors import ConfigError
 from medsynth.models.gan import build_discriminator, build_generator, check_sizes, condition_map
 from medsynth.runcard import WEIGHTS_FILE
 from medsynth.seeds import Stream, derive_seed
-from medsynth.training.engine import Batch, FamilyBase, Runtime
+from medsynth.training.engine import FLIP_STREAM, Batch, FamilyBase, Runtime, flip_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from medsynth.config import Config
     from medsynth.data.loader import DataInfo
-
-#: the stream of ``rt.generator(step, stream)`` that training flips draw from (noise uses stream 0)
-FLIP_STREAM = 9
 
 
 # ---------------------------------------------------------------------------- losses
@@ -139,21 +136,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise ConfigError(f"model.loss.perceptual.weights_path: {path}: not a state dict")
     return obj
-
-
-def flip_batch(batch: Batch, generator: torch.Generator) -> Batch:
-    """Flip each sample's ``image``, ``label`` and ``label_index`` together along each spatial axis
-    with probability 1/2 (draws from ``generator``: one per sample and axis)."""
-    image = batch["image"]
-    n, sd = image.shape[0], image.ndim - 2
-    draws = torch.rand((n, sd), generator=generator) < 0.5
-    out = dict(batch)
-    for key, first in (("image", 2), ("label", 2), ("label_index", 1)):
-        t = batch[key]
-        out[key] = torch.stack([
-            t[i].flip([first - 1 + a for a in range(sd) if draws[i, a]]) if draws[i].any() else t[i]
-            for i in range(n)])
-    return out
 
 
 # ---------------------------------------------------------------------------- the family

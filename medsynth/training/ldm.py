@@ -55,7 +55,7 @@ from medsynth.models.diffusion import MaskConditionedUNet
 from medsynth.registry import get_family
 from medsynth.runcard import WEIGHTS_FILE
 from medsynth.seeds import Stream, derive_seed
-from medsynth.training.engine import Batch, FamilyBase, Runtime, TrainResult, checkpoint_dir
+from medsynth.training.engine import FLIP_STREAM, Batch, FamilyBase, Runtime, TrainResult, checkpoint_dir, flip_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     from monai.networks.nets import AutoencoderKL
@@ -66,7 +66,7 @@ STAGES: tuple[str, ...] = get_family("ldm").stages
 
 EVAL_LEVELS = 8  # timesteps per item in the diffusion stage's evaluation
 # generator streams of one step (rt.generator(step, stream)), distinct across the two stages
-_AE_EPS, _ENCODE, _NOISE, _TIME, _DROP = 0, 1, 2, 3, 4  # (training flips: FLIP_STREAM, 9)
+_AE_EPS, _ENCODE, _NOISE, _TIME, _DROP = 0, 1, 2, 3, 4  # (training flips: engine.FLIP_STREAM, 9)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -435,8 +435,6 @@ class LdmFamily(FamilyBase):
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         if self.flips:
-            from medsynth.training.gan import FLIP_STREAM, flip_batch
-
             batch = flip_batch(batch, self.rt.generator(step, FLIP_STREAM))
         if self.stage == "autoencoder":
             return self._autoencoder_step(batch, step)

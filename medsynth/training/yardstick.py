@@ -104,13 +104,11 @@ def fill_unit(index: np.ndarray, info: DataInfo, sigma: float = 0.0) -> np.ndarr
     """The label-mean fill of label-channel indices ``(*spatial)`` -> ``(C, *spatial)`` float32 in
     [0, 1] units (all zero when the run's data has no label means), blurred by ``sigma`` voxels over
     every spatial axis when given (edges repeated)."""
-    from scipy.ndimage import gaussian_filter
+    from medsynth.data.loader import label_mean_fill
 
     if info.label_means is None:
         return np.zeros((info.num_channels, *index.shape), np.float32)
-    means = np.asarray(info.label_means, np.float32)  # (C, L)
-    fill = means[:, index]
-    return gaussian_filter(fill, [0.0] + [sigma] * index.ndim, mode="nearest") if sigma > 0 else fill
+    return label_mean_fill(np.asarray(info.label_means, np.float32), index, sigma)
 
 
 def evaluation_items(config: Config, info: DataInfo, *, max_cases: int = MAX_CASES,
