@@ -474,7 +474,8 @@ class TrainingConfig(StrictModel):
         "the previous record (the numbers the progress line and the final summary show)."))
     preview_every: int = Field(default=500, ge=0, description=(
         "Steps between evaluations with a preview image (RUN/previews/, full-size slices of a few training "
-        "cases); 0: no previews (evaluations still run at the first and last step)."))
+        "cases; 3D latent diffusion: the training crops); 0: no previews (evaluations still run at the first and "
+        "last step)."))
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description=(
         "Seeds every random draw (initial weights, data order, crops, noise): the same recipe and seed "
         "train the same run, bit for bit on the CPU."))

@@ -134,6 +134,38 @@ def test_diffusion_loss_falls(run2d):
     assert records(run, "eval", "autoencoder") == run2d[1]
 
 
+def test_previews_generate_whole_slices_while_evaluations_score_crops(data2d, tmp_path, monkeypatch):
+    """Both 2D stages preview whole 32x32 phantom slices (the size multiple is 8) and return images of
+    that size; the evaluations keep scoring the fixed 16x16 training crops."""
+    from medsynth.training.ldm import LdmFamily
+
+    seen: set[tuple] = set()
+    preview, evaluate = LdmFamily.preview, LdmFamily.evaluate
+
+    def spy_preview(self, batch):
+        rows = preview(self, batch)
+        seen.add((self.stage, "preview", tuple(batch["image"].shape), tuple(sorted((k, tuple(v.shape))
+                                                                                for k, v in rows.items()))))
+        return rows
+
+    monkeypatch.setattr(LdmFamily, "preview", spy_preview)
+    monkeypatch.setattr(LdmFamily, "evaluate", lambda self, b: (seen.add((self.stage, "eval", tuple(b["image"].shape))),
+                                                                evaluate(self, b))[1])
+    base = ["train", CONFIGS / "tiny/ldm2d.yaml", "--data", data2d, "--out", tmp_path / "run", *FAST,
+            "--set", "data.size=[16, 16]", "--set", "training.preview_every=1", "--max-steps", 1]
+    cli(*base, "--stage", "autoencoder")
+    cli(*base, "--stage", "diffusion")
+    whole, crop = (2, 1, 32, 32), (2, 1, 16, 16)
+    assert seen == {
+        ("autoencoder", "preview", whole, (("real", whole), ("reconstruction", whole))),
+        ("diffusion", "preview", whole, ()),  # step 0: no latent scale yet, nothing to sample
+        ("diffusion", "preview", whole, (("generated", whole), ("real", whole))),
+        ("autoencoder", "eval", crop), ("diffusion", "eval", crop),
+    }
+    assert [p.name for p in (tmp_path / "run" / "previews").glob("diffusion_step_*.png")] == ["diffusion_step_00000001.png"]
+    assert "full-size slices" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_2d_samples_keep_mask_geometry_and_follow_seeds(run2d, data2d, tmp_path):
     run, _ = run2d
     mask = _odd_mask(_label(data2d), tmp_path / "mask.nii.gz", (30, 27))
@@ -154,7 +186,7 @@ def test_2d_samples_keep_mask_geometry_and_follow_seeds(run2d, data2d, tmp_path)
 def test_3d_recipe_trains_both_stages_and_samples(data3d, tmp_path):
     run = tmp_path / "run"
     cli("train", CONFIGS / "tiny/ldm3d.yaml", "--data", data3d, "--out", run, "--max-steps", 4, *FAST,
-        "--set", "model.diffusion.batch_size=3")
+        "--set", "model.diffusion.batch_size=3", "--set", "training.preview_every=4")
     ckpts = {p.relative_to(run / "checkpoints").as_posix() for p in (run / "checkpoints").rglob("*.pt")}
     assert ckpts == {"autoencoder/step_00000003.pt", "autoencoder/step_00000004.pt",
                      "diffusion/step_00000003.pt", "diffusion/step_00000004.pt"}  # --max-steps caps each stage
@@ -167,6 +199,9 @@ def test_3d_recipe_trains_both_stages_and_samples(data3d, tmp_path):
     b = _check_sample(cli("sample", run, "--mask", mask, "--out", tmp_path / "b.nii.gz", "--steps", 4,
                           "--seed", 5) and tmp_path / "b.nii.gz", mask)
     assert np.array_equal(a, b)
+    # 3D latent diffusion previews the training crops, and its report says so (2D: whole slices, above)
+    assert {r["previews"] for stage in ("autoencoder", "diffusion") for r in records(run, "start", stage)} == {"crops"}
+    assert "the fixed training crops" in (run / "report.md").read_text()
     again = cli("train", CONFIGS / "tiny/ldm3d.yaml", "--data", data3d, "--out", run, "--max-steps", 4, ok=False)
     assert again.exit_code == 1 and "--resume" in again.output
 

@@ -205,7 +205,7 @@ def test_threads_are_set_said_recorded_and_restored(trained) -> None:
 
 def test_full_size_previews_when_the_family_generates_at_any_size(data3d: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A family that says it generates at any size (preview_multiple) previews whole 24x24 slices,
+    """The GAN generates at any size (preview_multiple: its factor): it previews whole 24x24 slices,
     while evaluations keep scoring the 16x16 training crops."""
     from medsynth.config import load_config
     from medsynth.training.engine import train
@@ -217,11 +217,11 @@ def test_full_size_previews_when_the_family_generates_at_any_size(data3d: Path, 
                                                                preview(self, b))[1])
     monkeypatch.setattr(GanFamily, "evaluate", lambda self, b: (seen.add(("e", tuple(b["image"].shape))),
                                                                 evaluate(self, b))[1])
-    monkeypatch.setattr(GanFamily, "preview_multiple", lambda self: self.G.factor, raising=False)
     cfg = load_config(TINY2D, [f"data.manifest={data3d}", "training.max_steps=1", "training.batch_size=2",
                                "training.preview_every=1", "data.size=[16, 16]", "model.discriminator.num_d=1"])
     train(cfg, tmp_path / "full", progress=False)
     assert seen == {("p", (2, 1, 24, 24)), ("e", (2, 1, 16, 16))}
+    assert "full-size slices" in (tmp_path / "full" / "report.md").read_text()
 
 
 def test_sample_shows_progress_over_slices(trained, data3d: Path, tmp_path: Path) -> None:

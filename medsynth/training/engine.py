@@ -51,7 +51,8 @@ Runs, stages and the folder layout
 ``train(config, run_dir, resume=False, stage=None)`` writes::
 
     RUN/config.yaml                      the resolved recipe
-    RUN/metrics.jsonl                    {"kind": "start", "step", "max_steps", "device", "threads", ...}
+    RUN/metrics.jsonl                    {"kind": "start", "step", "max_steps", "device", "threads",
+                                         "previews" ("whole" or "crops": see preview_multiple), ...}
                                          once per call, {"kind": "train", "step", "samples_per_s",
                                          losses...} (each loss the mean over the steps since the last
                                          record) and {"kind": "eval", "step", ...} records (a "stage"
@@ -752,13 +753,13 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
         ck.remove_stale_temp_files(ckpt_dir)
     rt.barrier()
     tag = {"stage": stage} if stage else {}
+    multiple = family.preview_multiple()
     if rt.is_main:
         _append_jsonl(metrics_path, {
             "kind": "start", "step": start_step, **tag, "max_steps": max_steps, "device": str(rt.device),
             "threads": torch.get_num_threads(), "world_size": rt.world_size,
-            "batch_size": cfg.training.batch_size})
+            "batch_size": cfg.training.batch_size, "previews": "crops" if multiple is None else "whole"})
     eval_batch = data.fixed_batch(min(4, cfg.training.batch_size))
-    multiple = family.preview_multiple()
     preview_batch = None
     if rt.is_main and cfg.training.preview_every:
         preview_batch = (eval_batch if multiple is None

@@ -236,6 +236,11 @@ class GanFamily(FamilyBase):
             out["l1_ema"] = float((ema(cond, z) * 0.5 + 0.5 - batch["image"]).abs().mean())
         return out
 
+    def preview_multiple(self) -> int:
+        """The generator is fully convolutional: previews show whole slices (3D: slabs), padded to
+        a multiple of its downsampling factor."""
+        return int(self.G.factor)
+
     @torch.no_grad()
     def preview(self, batch: Batch) -> dict[str, torch.Tensor]:
         g = self.inference_module("generator")

@@ -475,6 +475,14 @@ class LdmFamily(FamilyBase):
                 out[name] = float(F.mse_loss(net(z_t, t, mask, labels).float(), target))
         return out
 
+    def preview_multiple(self) -> int | None:
+        """2D: previews show whole slices, padded to a multiple of the autoencoder's times the UNet's
+        downsampling (sampled at their own size, as ``medsynth sample`` does). 3D: the fixed training
+        crops (a slab through the whole volume is many crops' worth of sampling at every preview)."""
+        if self.info.dim == 3:
+            return None
+        return size_multiple(self.config.model_as(LdmModelConfig))
+
     @torch.no_grad()
     def preview(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.stage == "autoencoder":
@@ -483,8 +491,8 @@ class LdmFamily(FamilyBase):
         if self.scale_factor is None:
             return {}
         net = self.inference_module("unet").eval()
-        z = sample_latents(net, self.condition(batch), (batch["image"].shape[0], self.ae_cfg.latent_channels,
-                                                        *self.latent_size),
+        latent = [int(n) // self.factor for n in batch["image"].shape[2:]]
+        z = sample_latents(net, self.condition(batch), (batch["image"].shape[0], self.ae_cfg.latent_channels, *latent),
                            process=self.process, sampler=self.df_cfg.sampler, steps=self.df_cfg.sample_steps,
                            generator=self._fixed_generator(3))
         self.unet.train()

@@ -342,10 +342,12 @@ def write_report(run_dir: str | Path) -> Path:
         if found is None:
             continue
         step, name = found
+        what = ("the fixed training crops (this model does not preview at full size)"
+                if s.start.get("previews") == "crops" else
+                "full-size slices (a 3D model shows the middle slice of a slab through the whole volume)")
         out += [f"{s.stage or family}, step {step}: the first row is the label map (legend below the rows), "
-                "then the model's rows on the same cases; full-size slices (a 3D model shows the middle slice of a "
-                "slab through the whole volume).", "", f"![{s.stage or family} preview, step {step}](previews/{name})",
-                ""]
+                f"then the model's rows on the same cases; {what}.", "",
+                f"![{s.stage or family} preview, step {step}](previews/{name})", ""]
 
     # 4. data and use
     out += ["## Data", "", *_data_lines(config, card), ""]
