@@ -328,3 +328,39 @@ def test_variant_names_follow_the_method_and_stay_unique() -> None:
     assert names == ["real", "real+classic", "real+gan", "real+gan+classic", "real+classic-pairs",
                      "real+classic-pairs+classic", "real+synthseg(a)", "real+synthseg(a)+classic",
                      "real+synthseg(b)", "real+synthseg(b)+classic"]
+
+
+def test_metaimage_data_files_anywhere_in_the_dataset_folder_are_read(tmp_path: Path) -> None:
+    """A MetaImage header may name a data file elsewhere in its dataset's folder (validation and training
+    accept it); downstream reads such a set too, and the arrays are the ones written."""
+    import SimpleITK as sitk
+
+    from medsynth.evaluation.downstream.data import load_inputs
+
+    def dataset(root: Path, seed: int) -> tuple[Path, list[np.ndarray]]:
+        (root / "raw").mkdir(parents=True)
+        entries, labels = [], []
+        rng = np.random.default_rng(seed)
+        for i in range(3):
+            label = np.zeros((16, 16), np.uint8)
+            label[2 + i:10 + i, 3:12] = 1
+            image = (label * 100 + rng.normal(0, 5, label.shape)).astype(np.float32)
+            for kind, array in (("images", image), ("labels", label)):
+                header = root / kind / f"c{i}.mhd"
+                header.parent.mkdir(exist_ok=True)
+                sitk.WriteImage(sitk.GetImageFromArray(array), str(header))
+                (root / kind / f"c{i}.raw").rename(root / "raw" / f"{kind}_c{i}.raw")
+                text = header.read_text().replace(f"ElementDataFile = c{i}.raw", f"ElementDataFile = ../raw/{kind}_c{i}.raw")
+                header.write_text(text)
+            entries.append({"image": f"images/c{i}.mhd", "label": f"labels/c{i}.mhd"})
+            labels.append(label.T)  # SimpleITK arrays are (y, x); medsynth reads (x, y)
+        manifest = {"name": "mhd", "labels": {"0": "background", "1": "box"}, "modality": {"0": "MR"},
+                    "training": entries, "test": []}
+        (root / "dataset.json").write_text(json.dumps(manifest))
+        return root / "dataset.json", labels
+
+    train, train_labels = dataset(tmp_path / "train", 0)
+    test, test_labels = dataset(tmp_path / "test", 1)
+    data = load_inputs(train, test, [], progress=False)
+    assert [c.label.tolist() for c in data.train] == [a.tolist() for a in train_labels]
+    assert data.test is not None and [c.label.tolist() for c in data.test] == [a.tolist() for a in test_labels]

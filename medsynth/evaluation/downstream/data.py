@@ -97,13 +97,16 @@ class DownstreamData:
 # ------------------------------------------------------------------------------------ reading
 
 
-def _read_cases(cases: list[Case], sources: dict[str, str | None] | None = None) -> list[LoadedCase]:
+def _read_cases(cases: list[Case], root: Path | None, sources: dict[str, str | None] | None = None
+                ) -> list[LoadedCase]:
+    """root: the manifest's folder, where a MetaImage/NRRD header's data file must lie (as augment and
+    training read it)."""
     from medsynth.data.nifti import read_case_arrays
 
     out = []
     for case in cases:
         assert case.label is not None
-        arrays = read_case_arrays(case.images, case.label)
+        arrays = read_case_arrays(case.images, case.label, root=root)
         source = None if sources is None else sources.get(case.case_id)
         out.append(LoadedCase(case.case_id, arrays.images, arrays.label, arrays.spacing, source))
     return out
@@ -165,7 +168,7 @@ def read_synthetic_set(path: Path, train_ids: set[str], progress: bool = False) 
         if unknown:
             notes.append(f"{path}: synthetic cases were made from case(s) not in the training set (e.g. "
                          f"{unknown[:3]}): the comparison is not paired")
-    return SyntheticSet(name=name, path=Path(path), cases=_read_cases(syn, sources), real_ids=real_ids,
+    return SyntheticSet(name=name, path=Path(path), cases=_read_cases(syn, manifest.root, sources), real_ids=real_ids,
                         declared_labels=manifest.labels), notes
 
 
@@ -259,8 +262,8 @@ def load_inputs(train: Path, test: Path | None, synthetic: Sequence[Path], *, pr
         sets.append(syn_set)
         notes += set_notes
     # 4. read everything, then check the datasets against each other
-    loaded_train = _read_cases(train_cases)
-    loaded_test = None if test_cases is None else _read_cases(test_cases)
+    loaded_train = _read_cases(train_cases, train_m.root)
+    loaded_test = None if test_cases is None or test_m is None else _read_cases(test_cases, test_m.root)
     named: list[tuple[Path, list[LoadedCase]]] = [(train, loaded_train)]
     label_entries: list[tuple[Path, dict[int, str] | None, set[int]]] = [(train, train_m.labels, _observed(loaded_train))]
     if loaded_test is not None and test is not None and test_m is not None:
