@@ -86,7 +86,7 @@ def test_gan_generator_starts_at_the_fill_and_l1_to_real_drops(run20, data2d: Pa
     batch = data.fixed_batch(4)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.training.seed)  # as the engine builds it: the weights at step 0
-        initial = GanFamily(cfg, data.info, Runtime(cfg, Path("unused"), torch.device("cpu"))).G
+        initial = GanFamily(cfg, data.info, Runtime(config=cfg, run_dir=Path("unused"), device=torch.device("cpu"))).G
     trained = run20.family.G
     cond = condition_map(batch["label"], batch["class_index"], 0)
     z = torch.randn((4, *trained.noise_shape((32, 32))), generator=torch.Generator().manual_seed(123))

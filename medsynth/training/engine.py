@@ -100,6 +100,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from medsynth.distributed import TorchrunEnv
 from medsynth.errors import CheckpointError, ConfigError, JobError
 from medsynth.seeds import Stream, derive_seed
 
@@ -185,29 +186,19 @@ def family_class(name: str) -> type[FamilyBase]:
 # ---------------------------------------------------------------------------- runtime
 
 
-@dataclass
-class Runtime:
-    """Where and how this process trains.
+@dataclass(frozen=True)
+class Runtime(TorchrunEnv):
+    """Where and how this process trains: torchrun's ranks (:class:`medsynth.distributed.TorchrunEnv`,
+    with ``distributed`` and ``is_main``; 0/1/0 without it), and
 
-    device: the torch device; rank/world_size/local_rank: torchrun's (0/1/0 without it);
-    stage: the ``--stage`` option (None when the family has no stages); run_dir: RUN.
+    config: the recipe; run_dir: RUN; device: the torch device; stage: the ``--stage`` option (None
+    when the family has no stages).
     """
 
-    config: Config
-    run_dir: Path
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    config: Config = field(kw_only=True)
+    run_dir: Path = field(kw_only=True)
+    device: torch.device = field(kw_only=True)
     stage: str | None = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     @property
     def seed(self) -> int:
