@@ -12,7 +12,7 @@ import functools
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -348,12 +348,16 @@ def sample(
 # ------------------------------------------------------------------------------------ augment
 
 
+def _one_of(names: Sequence[str]) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
 def _method_help() -> str:
     """``synthseg, classic, gan or ldm``: every method of the family registry (torch-free)."""
     from medsynth.registry import method_names
 
-    names = method_names()
-    return f"{', '.join(names[:-1])} or {names[-1]} (a trained model's family needs --model)."
+    return f"{_one_of(method_names())} (a trained model's family needs --model)."
 
 
 @app.command()
@@ -425,8 +429,7 @@ def _format_help() -> str:
     """``nnunet, csv or msd``: every format of the manifest-format registry (torch-free)."""
     from medsynth.data.formats import format_names
 
-    names = format_names()
-    return f"{', '.join(names[:-1])} or {names[-1]}"
+    return _one_of(format_names())
 
 
 @app.command()
