@@ -18,6 +18,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+#: ``--set key=value`` (train, augment): a dotted key and a YAML value, repeatable
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a setting: key=value (dotted key, YAML value, e.g. edits.grow_prob=0.5); repeatable.")]
+
 app = typer.Typer(
     name="medsynth",
     help="Synthesize medical scans from label maps and grow segmentation datasets.",
@@ -228,8 +232,7 @@ def train(
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Total steps (overrides training.max_steps).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (overrides training.seed).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest valid checkpoint.")] = False,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Override a setting: key=value (dotted key, YAML value); repeatable.")] = None,
+    set_: SetOption = None,
     stage: Annotated[str | None, typer.Option(help=f"Training stage of a staged family ({_stage_help()}).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -384,6 +387,7 @@ def augment(
                      "Default: a hard link on the same file system, else a copy."),
     ] = "auto",
     config: Annotated[Path | None, typer.Option(help="Augment recipe YAML (see configs/augment.yaml).")] = None,
+    set_: SetOption = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
 ) -> None:
@@ -394,7 +398,7 @@ def augment(
     options = AugmentOptions(
         input=input, out=out, method=method, num=num, seed=seed, model=model, resume=resume,
         overwrite=overwrite, synthetic_only=synthetic_only, workers=workers, dry_run=dry_run,
-        config=load_augment_config(config), progress=progress and not json_out, real=real,
+        config=load_augment_config(config, set_ or []), progress=progress and not json_out, real=real,
     )
     with _plain_warnings():  # e.g. "2D run given a 3D mask" as one line
         summary = run_augment(options)

@@ -359,6 +359,32 @@ def test_config_file_is_the_defaults_and_errors_name_the_field(tmp_path):
         A.load_augment_config(tmp_path / "missing.yaml")
 
 
+def test_set_overrides_the_recipe_like_a_file_and_bad_ones_write_nothing(msd3d, tmp_path):
+    """``--set`` lands on the recipe as the same keys in a file would (identical output bytes), keys the
+    file sets and keys it does not; a bad value or key is one error naming it, and no output folder."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("edits:\n  grow_prob: 0.2\ndeform:\n  rotate_deg: 3.0\n")
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("edits:\n  grow_prob: 1.0\n  structures: [1]\n  max_radius: 1\ndeform:\n  rotate_deg: 3.0\n")
+    assert A.load_augment_config(recipe, ["edits.grow_prob=1.0", "edits.structures=[1]", "edits.max_radius=1"]) \
+        == A.load_augment_config(merged)
+    base = ["augment", str(msd3d), "--method", "synthseg", "--num", "2", "--no-progress"]
+    by_set = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a"), "--config", str(recipe),
+                                      "--set", "edits.grow_prob=1.0", "--set", "edits.structures=[1]",
+                                      "--set", "edits.max_radius=1"])
+    by_file = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b"), "--config", str(merged)])
+    assert by_set.exit_code == 0 and by_file.exit_code == 0, (by_set.output, by_file.output)
+    made = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("syn_*.nii.gz"))
+    assert len(made) == 4  # 2 images + 2 labels
+    for rel in made:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    for bad, message in (("edits.grow_prob=2", "edits.grow_prob: Input should be less than or equal to 1"),
+                         ("edits.grow_probs=0.5", "edits.grow_probs"), ("edits", "expected key=value")):
+        result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--set", bad])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "bad").exists()
+
+
 def test_option_errors(msd3d, tmp_path):
     with pytest.raises(ConfigError, match="--num"):
         run_augment(opts(msd3d, tmp_path / "o", num=0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,17 +28,18 @@ class AugmentConfig(BaseModel):
     qc: QCConfig = Field(default_factory=QCConfig)
 
 
-def load_augment_config(path: str | Path | None) -> AugmentConfig:
-    """Read an augment recipe (YAML). ``None``: the defaults. Every bad field is reported."""
-    if path is None:
-        return AugmentConfig()
-    from medsynth.config import format_validation_error, read_yaml_mapping
+def load_augment_config(path: str | Path | None, overrides: Sequence[str] = ()) -> AugmentConfig:
+    """Read an augment recipe (YAML; ``None``: the defaults), then apply ``--set key=value`` overrides
+    (dotted key, YAML value, as ``medsynth train --set``). Every bad field is reported."""
+    from medsynth.config import apply_overrides, format_validation_error, read_yaml_mapping
 
-    raw = read_yaml_mapping(Path(path))
+    raw = {} if path is None else read_yaml_mapping(Path(path))
+    apply_overrides(raw, list(overrides))
+    source = "augment settings" if path is None else str(path)
     try:
         return AugmentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
+        raise ConfigError(format_validation_error(exc, source + (" with --set" if overrides else ""))) from None
 
 
 @dataclass
