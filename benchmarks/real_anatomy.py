@@ -21,13 +21,24 @@ Images keep the template's intensities (float32, 0..~240) and every file its rea
   ganglia, lateral ventricles); held-out: 12 slices, z = +24.5..+46.5 mm (tops of the ventricles,
   centrum semiovale), 4 slices (8 mm) of gap between the blocks. Each slice is its own 2D case
   ``(80, 96)``; its affine is the volume's with the crop offset and the slice position folded in.
+  Validation (2D only, ``OUT/val``): the 4 gap slices (z +16.5..+22.5 mm) and 8 slices above the
+  held-out block (z +54.5..+68.5 mm), for choosing settings (e.g. mask edits) without the held-out slices.
 - ``--dim 3``: blocks of 48x96x32 voxels (96x192x64 mm): the left and the right hemisphere (split at
   the midline) x a lower block (training, z = -55.5..+6.5 mm, with cerebellum and temporal lobes) and
   an upper block (held-out, z = +16.5..+78.5 mm). The template is symmetric, so a left and a right
   block are near mirror images: 2 training cases with about one case's worth of anatomy.
 
-Layout: ``OUT/train/dataset.json`` and ``OUT/test/dataset.json`` (MSD; the held-out cases are listed
-under ``training`` because they carry labels). Same command, same arrays.
+Oracle (``oracle``, 2D): what a *perfect* generator could add. Two more sets of 8 real slices, listed as
+synthetic sets for ``medsynth downstream`` (each case marked ``"synthetic": true``): **below**, MNI z
+-15.5..-1.5 mm (under the training block: midbrain, temporal lobes) and **above**, z +54.5..+68.5 mm (over
+the held-out block, 4 slices of gap: the high convexity). Real images on real new anatomy are what an
+ideal mask generator plus an ideal image generator would give; fill pairs made from the *above* masks
+(``benchmarks/fill_pairs.yaml``) separate the masks' share from the images'. The command writes them to
+``OUT/oracle/``, makes the fill pairs of the training masks (the control) and of the above masks, and runs
+``medsynth downstream`` on the four sets (``OUT/oracle/downstream/``).
+
+Layout: ``OUT/train/dataset.json``, ``OUT/test/dataset.json`` and (2D) ``OUT/val/dataset.json`` (MSD; the
+held-out cases are listed under ``training`` because they carry labels). Same command, same arrays.
 
 Scoring (``fill``, ``sample-eval``). Both images are put on the [0, 255] scale of the *training* set,
 ``x' = 255 (x - lo) / (hi - lo)`` with ``lo``/``hi`` the minimum/maximum intensity over all training
@@ -41,6 +52,7 @@ training PSNR).
     python benchmarks/real_anatomy.py build OUT [--dim 2|3]
     python benchmarks/real_anatomy.py fill OUT/train OUT/test
     python benchmarks/real_anatomy.py sample-eval RUN OUT/test [--seeds 0,1,2]
+    python benchmarks/real_anatomy.py oracle OUT [--seeds 0,1,2 --steps-seg 300 --num 64]
     python benchmarks/real_anatomy.py all OUT [--steps-gan 1000 --steps-ldm 1000 --seeds 0,1,2 --num 16]
         [--steps-seg N] [--tier auto|small|tiny] [--until build|train|sample-eval|augment|downstream]
 
@@ -76,8 +88,11 @@ FACTOR = 2  # 1 mm template -> 2 mm
 MULTIPLE = 16  # in-plane crop rounded up to this many voxels
 # 2D split: (first slice's MNI z in mm, number of consecutive 2 mm slices)
 SLICES_2D = {"train": (0.5, 8), "test": (24.5, 12)}
+VAL_2D = ((16.5, 4), (54.5, 8))  # validation blocks (2D): the gap, and above the held-out block
 # 3D split: (first slice's MNI z in mm, slices), block shape in voxels
 BLOCKS_3D = {"train": (-55.5, 32), "test": (16.5, 32)}
+# oracle sets (2D): real slices from other levels, read as synthetic sets (first MNI z in mm, slices)
+ORACLE_2D = {"below": (-15.5, 8), "above": (54.5, 8)}
 BLOCK_3D_WIDTH = 48  # voxels on each side of the midline
 DATA_RANGE = 255.0
 SIGMAS = [i * 0.25 for i in range(9)]  # blurred fill: candidate sigmas in voxels
@@ -169,7 +184,7 @@ def _fractions(labels: list[np.ndarray]) -> dict[str, float]:
 
 
 def _write_split(root: Path, name: str, cases: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
-                 description: str, dim: int) -> None:
+                 description: str, dim: int, synthetic: bool = False) -> None:
     from medsynth.data.nifti import write_volume
 
     for sub in ("imagesTr", "labelsTr"):
@@ -178,7 +193,8 @@ def _write_split(root: Path, name: str, cases: list[tuple[str, np.ndarray, np.nd
     for case_id, image, label, affine in cases:
         write_volume(root / "imagesTr" / f"{case_id}.nii.gz", image, affine, kind="image")
         write_volume(root / "labelsTr" / f"{case_id}.nii.gz", label, affine, kind="label")
-        entries.append({"image": f"imagesTr/{case_id}.nii.gz", "label": f"labelsTr/{case_id}.nii.gz"})
+        entries.append({"image": f"imagesTr/{case_id}.nii.gz", "label": f"labelsTr/{case_id}.nii.gz",
+                        **({"synthetic": True} if synthetic else {})})
     manifest = {
         "name": name, "description": description, "reference": "ICBM 2009a nonlinear symmetric MNI152 (nilearn)",
         "licence": "see nilearn/datasets/description/icbm152_2009.rst", "tensorImageSize": f"{dim}D",
@@ -188,9 +204,21 @@ def _write_split(root: Path, name: str, cases: list[tuple[str, np.ndarray, np.nd
     (root / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+def _slices(tpl: Template, z0: float, count: int) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """``count`` consecutive axial slices from MNI z ``z0`` mm, cropped in-plane: (id, T1, labels, affine)."""
+    cx, cy = _inplane_crop(tpl)
+    k0 = _slice_index(tpl, z0)
+    cases = []
+    for k in range(k0, k0 + count):
+        z = round(float(tpl.affine[2, 3] + tpl.affine[2, 2] * k), 1)
+        cases.append((f"mni_z{z:+06.1f}".replace(".", "p"), tpl.t1[cx, cy, k], tpl.labels[cx, cy, k],
+                      _shift(tpl.affine, (cx.start, cy.start, k))))
+    return cases
+
+
 def build(out: Path, dim: int, overwrite: bool = False) -> dict[str, Path]:
-    """Write OUT/train and OUT/test (module doc); returns their dataset.json paths."""
-    targets = {split: out / split for split in ("train", "test")}
+    """Write OUT/train, OUT/test and (2D) OUT/val (module doc); returns their dataset.json paths."""
+    targets = {split: out / split for split in (("train", "test", "val") if dim == 2 else ("train", "test"))}
     clash = [str(p) for p in targets.values() if p.exists()]
     if clash and not overwrite:
         raise SystemExit(f"error: {', '.join(clash)} exist; pass --overwrite to replace them")
@@ -205,14 +233,19 @@ def build(out: Path, dim: int, overwrite: bool = False) -> dict[str, Path]:
          label_fraction_in_brain={LABELS[v]: round(float((tpl.labels[brain] == v).mean()), 4) for v in (1, 2, 3)})
     cx, cy = _inplane_crop(tpl)
     for split, root in targets.items():
+        if split == "val":
+            cases = [c for z0, count in VAL_2D for c in _slices(tpl, z0, count)]
+            desc = ("MNI152 2009a T1 at 2 mm, labels from the GM/WM probability maps; validation split: "
+                    + ", ".join(f"MNI z {z0:+.1f}..{z0 + 2 * (count - 1):+.1f} mm" for z0, count in VAL_2D)
+                    + " (listed under training because they carry labels)")
+            _write_split(root, "mni152_2d_val", cases, desc, dim)
+            emit(what="build", dim=dim, split=split, manifest=str(root / "dataset.json"), cases=len(cases))
+            continue
         z0, count = (SLICES_2D if dim == 2 else BLOCKS_3D)[split]
         k0 = _slice_index(tpl, z0)
         cases = []
         if dim == 2:
-            for k in range(k0, k0 + count):
-                z = round(float(tpl.affine[2, 3] + tpl.affine[2, 2] * k), 1)
-                cases.append((f"mni_z{z:+06.1f}".replace(".", "p"), tpl.t1[cx, cy, k], tpl.labels[cx, cy, k],
-                              _shift(tpl.affine, (cx.start, cy.start, k))))
+            cases = _slices(tpl, z0, count)
             what = f"{count} axial 2 mm slices, MNI z {z0:+.1f}..{z0 + 2 * (count - 1):+.1f} mm"
         else:
             # midline: the voxel boundary nearest x = 0 mm
@@ -483,6 +516,39 @@ def run_all(out: Path, *, steps_gan: int, steps_ldm: int, steps_seg: int | None,
     _table(rows)
 
 
+def oracle(out: Path, *, seeds: list[int], steps_seg: int | None, num: int, overwrite: bool) -> None:
+    """The oracle sets (module doc) and ``medsynth downstream`` on them, beside the fill-pairs control."""
+    data, root = out / "data", out / "oracle"
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise SystemExit(f"error: {root} is not empty; pass --overwrite to replace it")
+    if root.exists():
+        shutil.rmtree(root)
+    paths = ({split: data / split / "dataset.json" for split in ("train", "test")}
+             if (data / "train" / "dataset.json").is_file() and (data / "test" / "dataset.json").is_file()
+             else build(data, 2, overwrite=True))
+    tpl = load_template()
+    sets = {}
+    for name, (z0, count) in ORACLE_2D.items():
+        desc = (f"MNI152 2009a T1 at 2 mm; oracle set '{name}': {count} real axial slices, MNI z "
+                f"{z0:+.1f}..{z0 + 2 * (count - 1):+.1f} mm, listed as synthetic (a perfect generator's output)")
+        _write_split(root / name, f"mni152_2d_oracle_{name}", _slices(tpl, z0, count), desc, 2, synthetic=True)
+        sets[f"real {name}"] = root / name / "dataset.json"
+    for name, source in (("fill", paths["train"]), ("fill above", sets["real above"])):
+        dest = root / name.replace(" ", "_")
+        _run(_medsynth("augment", str(source), "--method", "synthseg", "--config", str(FILL_PAIRS), "--num", str(num),
+                       "--out", str(dest), "--seed", "0", "--synthetic-only", "--no-progress"))
+        sets[name] = dest / "dataset.json"
+    synthetic = [arg for p in (sets["fill"], sets["real below"], sets["real above"], sets["fill above"])
+                 for arg in ("--synthetic", str(p))]
+    steps = [] if steps_seg is None else ["--steps", str(steps_seg)]
+    _run(_medsynth("downstream", str(paths["train"]), "--test", str(paths["test"]), *synthetic,
+                   "--seeds", ",".join(map(str, seeds)) + ",", *steps, "--out", str(root / "downstream"),
+                   "--json", "--no-progress"))
+    summary = json.loads((root / "downstream" / "summary.json").read_text())
+    emit(what="oracle", sets={k: str(v) for k, v in sets.items()}, summary=summary)
+    print("\n".join(_downstream_table(summary)))
+
+
 def _last_json(text: str) -> Any:
     """The JSON object a ``--json`` command printed (the whole output, or the last object in it that starts
     a line), else the output's tail as text."""
@@ -558,6 +624,12 @@ def main() -> None:
     s.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
     s.add_argument("--out", type=Path, help="where the samples go (default: RUN's sibling RUN.heldout/)")
     s.add_argument("--name", help="model name in the output (default: RUN's folder name)")
+    o = sub.add_parser("oracle", help="downstream with real slices of other levels as a perfect generator's sets")
+    o.add_argument("out", type=Path, help="OUT of `build` (data under OUT/data, built when missing)")
+    o.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
+    o.add_argument("--steps-seg", type=int, default=300, help="segmenter steps of `medsynth downstream`")
+    o.add_argument("--num", type=int, default=64, help="fill pairs per set")
+    o.add_argument("--overwrite", action="store_true")
     a = sub.add_parser("all", help="end to end on the 2D set: build, train, sample-eval, augment, downstream")
     a.add_argument("out", type=Path)
     a.add_argument("--steps-gan", type=int, default=1000)
@@ -584,6 +656,8 @@ def main() -> None:
         out = args.out or args.run.with_name(args.run.name + ".heldout")
         for row in sample_eval(args.run, args.test, train, args.seeds, out, args.name):
             emit(**row)
+    elif args.cmd == "oracle":
+        oracle(args.out, seeds=args.seeds, steps_seg=args.steps_seg, num=args.num, overwrite=args.overwrite)
     else:
         run_all(args.out, steps_gan=args.steps_gan, steps_ldm=args.steps_ldm, steps_seg=args.steps_seg,
                 seeds=args.seeds, until=args.until, num=args.num, tier=args.tier, overwrite=args.overwrite)
