@@ -216,6 +216,25 @@ def _slices(tpl: Template, z0: float, count: int) -> list[tuple[str, np.ndarray,
     return cases
 
 
+def _blocks(tpl: Template, split: str, z0: float, count: int) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """The right and left hemisphere blocks (split at the midline) of ``count`` slices from MNI z ``z0`` mm."""
+    _, cy = _inplane_crop(tpl)
+    k0 = _slice_index(tpl, z0)
+    zs = slice(k0, k0 + count)
+    mid = int(round((0 - tpl.affine[0, 3]) / tpl.affine[0, 0] + 0.5))  # the voxel boundary nearest x = 0 mm
+    cases = []
+    for side, xs in (("right", slice(mid, mid + BLOCK_3D_WIDTH)), ("left", slice(mid - BLOCK_3D_WIDTH, mid))):
+        if xs.start < 0 or xs.stop > tpl.t1.shape[0]:
+            raise ValueError(f"{side} block {xs} leaves the template")
+        cases.append((f"mni_{side}_{split}", tpl.t1[xs, cy, zs], tpl.labels[xs, cy, zs],
+                      _shift(tpl.affine, (xs.start, cy.start, zs.start))))
+    return cases
+
+
+def _z_range(z0: float, count: int) -> str:
+    return f"MNI z {z0:+.1f}..{z0 + 2 * (count - 1):+.1f} mm"
+
+
 def build(out: Path, dim: int, overwrite: bool = False) -> dict[str, Path]:
     """Write OUT/train, OUT/test and (2D) OUT/val (module doc); returns their dataset.json paths."""
     targets = {split: out / split for split in (("train", "test", "val") if dim == 2 else ("train", "test"))}
@@ -231,34 +250,21 @@ def build(out: Path, dim: int, overwrite: bool = False) -> dict[str, Path]:
          shape=list(tpl.t1.shape), csf_threshold=round(tpl.csf_threshold, 2),
          label_fraction=_fractions([tpl.labels]),
          label_fraction_in_brain={LABELS[v]: round(float((tpl.labels[brain] == v).mean()), 4) for v in (1, 2, 3)})
-    cx, cy = _inplane_crop(tpl)
+    notes = {"test": "; held-out cases (listed under training because they carry labels)",
+             "val": "; validation cases, neither training nor held-out (listed under training because they carry labels)"}
     for split, root in targets.items():
         if split == "val":
             cases = [c for z0, count in VAL_2D for c in _slices(tpl, z0, count)]
-            desc = ("MNI152 2009a T1 at 2 mm, labels from the GM/WM probability maps; validation split: "
-                    + ", ".join(f"MNI z {z0:+.1f}..{z0 + 2 * (count - 1):+.1f} mm" for z0, count in VAL_2D)
-                    + " (listed under training because they carry labels)")
-            _write_split(root, "mni152_2d_val", cases, desc, dim)
-            emit(what="build", dim=dim, split=split, manifest=str(root / "dataset.json"), cases=len(cases))
-            continue
-        z0, count = (SLICES_2D if dim == 2 else BLOCKS_3D)[split]
-        k0 = _slice_index(tpl, z0)
-        cases = []
-        if dim == 2:
-            cases = _slices(tpl, z0, count)
-            what = f"{count} axial 2 mm slices, MNI z {z0:+.1f}..{z0 + 2 * (count - 1):+.1f} mm"
+            what = "axial 2 mm slices, " + ", ".join(_z_range(z0, count) for z0, count in VAL_2D)
+        elif dim == 2:
+            z0, count = SLICES_2D[split]
+            cases, what = _slices(tpl, z0, count), f"{count} axial 2 mm slices, {_z_range(z0, count)}"
         else:
-            # midline: the voxel boundary nearest x = 0 mm
-            mid = int(round((0 - tpl.affine[0, 3]) / tpl.affine[0, 0] + 0.5))
-            for side, xs in (("right", slice(mid, mid + BLOCK_3D_WIDTH)), ("left", slice(mid - BLOCK_3D_WIDTH, mid))):
-                if xs.start < 0 or xs.stop > tpl.t1.shape[0]:
-                    raise ValueError(f"{side} block {xs} leaves the template")
-                zs = slice(k0, k0 + count)
-                cases.append((f"mni_{side}_{split}", tpl.t1[xs, cy, zs], tpl.labels[xs, cy, zs],
-                              _shift(tpl.affine, (xs.start, cy.start, zs.start))))
+            z0, count = BLOCKS_3D[split]
+            cases = _blocks(tpl, split, z0, count)
             what = f"left/right hemisphere blocks, {count} 2 mm slices from MNI z {z0:+.1f} mm"
         desc = (f"MNI152 2009a T1 at 2 mm, labels from the GM/WM probability maps; {split} split: {what}"
-                + ("; held-out cases (listed under training because they carry labels)" if split == "test" else ""))
+                + notes.get(split, ""))
         _write_split(root, f"mni152_{dim}d_{split}", cases, desc, dim)
         emit(what="build", dim=dim, split=split, manifest=str(root / "dataset.json"), cases=len(cases),
              shape=list(cases[0][1].shape), spacing_mm=[float(FACTOR)] * dim,
@@ -529,8 +535,8 @@ def oracle(out: Path, *, seeds: list[int], steps_seg: int | None, num: int, over
     tpl = load_template()
     sets = {}
     for name, (z0, count) in ORACLE_2D.items():
-        desc = (f"MNI152 2009a T1 at 2 mm; oracle set '{name}': {count} real axial slices, MNI z "
-                f"{z0:+.1f}..{z0 + 2 * (count - 1):+.1f} mm, listed as synthetic (a perfect generator's output)")
+        desc = (f"MNI152 2009a T1 at 2 mm; oracle set '{name}': {count} real axial slices, {_z_range(z0, count)}, "
+                "listed as synthetic (a perfect generator's output)")
         _write_split(root / name, f"mni152_2d_oracle_{name}", _slices(tpl, z0, count), desc, 2, synthetic=True)
         sets[f"real {name}"] = root / name / "dataset.json"
     for name, source in (("fill", paths["train"]), ("fill above", sets["real above"])):
