@@ -94,6 +94,11 @@ BLOCKS_3D = {"train": (-55.5, 32), "test": (16.5, 32)}
 # oracle sets (2D): real slices from other levels, read as synthetic sets (first MNI z in mm, slices)
 ORACLE_2D = {"below": (-15.5, 8), "above": (54.5, 8)}
 BLOCK_3D_WIDTH = 48  # voxels on each side of the midline
+# unlabelled pool (2D): every slice with brain at least POOL_GAP_MM from the held-out block and outside the
+# training block (the validation slices included: pool settings are chosen by registration leave-one-out on
+# the training slices, never on val); images only in OUT/pool, true labels in OUT/pool_truth (the ceiling)
+POOL_GAP_MM = 6.0
+POOL_MIN_BRAIN = 0.05  # a pool slice shows brain on at least this fraction of its in-plane crop
 DATA_RANGE = 255.0
 SIGMAS = [i * 0.25 for i in range(9)]  # blurred fill: candidate sigmas in voxels
 
@@ -231,13 +236,48 @@ def _blocks(tpl: Template, split: str, z0: float, count: int) -> list[tuple[str,
     return cases
 
 
+def _pool_slices(tpl: Template) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """The unlabelled pool (2D): every slice showing brain, outside the training block and at least
+    POOL_GAP_MM from the held-out block (module doc)."""
+    cx, cy = _inplane_crop(tpl)
+    train_z0, train_n = SLICES_2D["train"]
+    test_z0, test_n = SLICES_2D["test"]
+    test_lo, test_hi = test_z0 - POOL_GAP_MM, test_z0 + 2 * (test_n - 1) + POOL_GAP_MM
+    cases = []
+    for z0 in (float(tpl.affine[2, 3] + tpl.affine[2, 2] * k) for k in range(tpl.t1.shape[2])):
+        z = round(z0, 1)
+        if train_z0 <= z <= train_z0 + 2 * (train_n - 1) or test_lo < z < test_hi:
+            continue
+        case = _slices(tpl, z, 1)[0]
+        if (case[2] > 0).mean() >= POOL_MIN_BRAIN:
+            cases.append(case)
+    return cases
+
+
+def _write_pool(root: Path, cases: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], description: str) -> None:
+    """The pool's images as an MSD dataset of unlabelled cases (``test`` entries, ``imagesTs/``), no labels."""
+    from medsynth.data.nifti import write_volume
+
+    (root / "imagesTs").mkdir(parents=True, exist_ok=True)
+    for case_id, image, _label, affine in cases:
+        write_volume(root / "imagesTs" / f"{case_id}.nii.gz", image, affine, kind="image")
+    manifest = {
+        "name": "mni152_2d_pool", "description": description, "tensorImageSize": "2D",
+        "modality": {"0": "T1"}, "labels": {str(k): v for k, v in LABELS.items()},
+        "numTraining": 0, "numTest": len(cases), "training": [],
+        "test": [f"imagesTs/{case_id}.nii.gz" for case_id, *_ in cases],
+    }
+    (root / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def _z_range(z0: float, count: int) -> str:
     return f"MNI z {z0:+.1f}..{z0 + 2 * (count - 1):+.1f} mm"
 
 
 def build(out: Path, dim: int, overwrite: bool = False) -> dict[str, Path]:
     """Write OUT/train, OUT/test and (2D) OUT/val (module doc); returns their dataset.json paths."""
-    targets = {split: out / split for split in (("train", "test", "val") if dim == 2 else ("train", "test"))}
+    targets = {split: out / split for split in (("train", "test", "val", "pool", "pool_truth") if dim == 2
+                                                 else ("train", "test"))}
     clash = [str(p) for p in targets.values() if p.exists()]
     if clash and not overwrite:
         raise SystemExit(f"error: {', '.join(clash)} exist; pass --overwrite to replace them")
@@ -253,6 +293,19 @@ def build(out: Path, dim: int, overwrite: bool = False) -> dict[str, Path]:
     notes = {"test": "; held-out cases (listed under training because they carry labels)",
              "val": "; validation cases, neither training nor held-out (listed under training because they carry labels)"}
     for split, root in targets.items():
+        if split in ("pool", "pool_truth"):
+            cases = _pool_slices(tpl)
+            zs = sorted(float(c[3][2, 3]) for c in cases)
+            what = (f"{len(cases)} unlabelled axial 2 mm slices, MNI z {zs[0]:+.1f}..{zs[-1]:+.1f} mm outside the "
+                    f"training block and at least {POOL_GAP_MM:g} mm from the held-out block")
+            if split == "pool":
+                _write_pool(root, cases, f"MNI152 2009a T1 at 2 mm; unlabelled pool: {what}")
+            else:
+                _write_split(root, "mni152_2d_pool_truth", cases, f"MNI152 2009a T1 at 2 mm; the pool's true labels "
+                             f"(the ceiling; the product never sees them): {what}", dim, synthetic=True)
+            emit(what="build", dim=dim, split=split, manifest=str(root / "dataset.json"), cases=len(cases),
+                 z_mm=[round(z, 1) for z in zs], label_fraction=_fractions([c[2] for c in cases]))
+            continue
         if split == "val":
             cases = [c for z0, count in VAL_2D for c in _slices(tpl, z0, count)]
             what = "axial 2 mm slices, " + ", ".join(_z_range(z0, count) for z0, count in VAL_2D)

@@ -35,9 +35,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fail(message: str, code: int = 1) -> None:
-    """Print one clear message to stderr and exit non-zero."""
-    typer.echo(f"error: {message}", err=True)
+    """Print one clear message to stderr and exit non-zero (a name that is not UTF-8 shown escaped)."""
+    typer.echo(f"error: {shown(message)}", err=True)
     raise typer.Exit(code)
+
+
+def shown(text: str) -> str:
+    """``text`` printable whatever the terminal: a file name's bytes that are not UTF-8 (surrogate
+    escapes) shown as ``\\udcff``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def os_error_message(exc: OSError) -> str:
@@ -49,8 +55,15 @@ def os_error_message(exc: OSError) -> str:
     path = exc.filename
     if path is None:
         return reason
-    if exc.errno == errno.EEXIST and os.path.islink(path) and not os.path.exists(path):
-        reason = "is a symbolic link to a missing target"
+    from medsynth.data.atomic import link_problem
+
+    problem = link_problem(path) if isinstance(path, (str, bytes, os.PathLike)) else None
+    if exc.errno in (errno.EEXIST, errno.ELOOP) and problem is not None:
+        reason = problem
+    elif exc.errno == errno.ELOOP:
+        reason = "a symbolic link loop on the way (following it leads back to itself)"
+    elif exc.errno == errno.EEXIST and exc.filename2 is None and os.path.exists(path) and not os.path.isdir(path):
+        reason = "is a file where a folder should be"
     where = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
     if exc.filename2 is not None:
         where += f" -> {os.fsdecode(exc.filename2)}"
@@ -169,8 +182,14 @@ def evaluate(
     ] = False,
     fid_weights: Annotated[
         Path | None,
-        typer.Option(help="With --unpaired: a local feature network (torch.export or TorchScript file) for FID; "
-                          "off by default, nothing is downloaded."),
+        typer.Option(help="With --unpaired: FID from a local weights file, a .safetensors (or .pt) state dict of a "
+                          "named network (--fid-network); off by default, nothing is downloaded, no code is loaded."),
+    ] = None,
+    fid_network: Annotated[
+        str | None,
+        typer.Option(help="The architecture of --fid-weights: medicalnet_resnet10, medicalnet_resnet18, "
+                          "medicalnet_resnet34 or medicalnet_resnet50 (default: the name in the file's safetensors "
+                          "metadata key medsynth.fid_network)."),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     overwrite: Annotated[
@@ -189,6 +208,7 @@ def evaluate(
         unpaired=unpaired,
         out=out,
         fid_weights=fid_weights,
+        fid_network=fid_network,
         progress=progress,
         overwrite=overwrite,
     )
@@ -235,6 +255,9 @@ def train(
     set_: SetOption = None,
     stage: Annotated[str | None, typer.Option(help=f"Training stage of a staged family ({_stage_help()}).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    allow_changed_data: Annotated[bool, typer.Option(
+        "--allow-changed-data", help="With --resume: go on although a training file changed since the run started.")
+    ] = False,
 ) -> None:
     """Train a mask-conditioned generator (the recipe's model.family) on a labelled dataset."""
     check_seed(seed)
@@ -254,7 +277,7 @@ def train(
     from medsynth.training import run_training
 
     with _plain_warnings():
-        run_training(cfg, out, resume=resume, stage=stage, progress=progress)
+        run_training(cfg, out, resume=resume, stage=stage, progress=progress, allow_changed_data=allow_changed_data)
     if torchrun_env().is_main:  # under torchrun, rank 0 reports: the last records of metrics.jsonl
         from medsynth.training.report import REPORT_FILE, summary_line
 
@@ -360,7 +383,8 @@ def _method_help() -> str:
     """``synthseg, classic, gan or ldm``: every method of the family registry (torch-free)."""
     from medsynth.registry import method_names
 
-    return f"{_one_of(method_names())} (a trained model's family needs --model)."
+    return (f"{_one_of(method_names())} (a trained model's family needs --model), or pseudo (the unlabelled images "
+            "with their propagated masks; needs --anatomy unlabelled:BANK).")
 
 
 @app.command()
@@ -390,6 +414,12 @@ def augment(
     set_: SetOption = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+    anatomy: Annotated[
+        str,
+        typer.Option(help="Where new masks come from: deform (random deformations of the labelled masks), "
+                     "bank:BANK (a labelled mask warped by a field of an anatomy bank, scaled), or unlabelled:BANK "
+                     "(the bank's propagated masks of unlabelled images). BANK: made by `medsynth anatomy`."),
+    ] = "deform",
 ) -> None:
     """Grow a segmentation dataset with synthetic image/label pairs (safely, resumably)."""
     check_seed(seed)
@@ -399,6 +429,7 @@ def augment(
         input=input, out=out, method=method, num=num, seed=seed, model=model, resume=resume,
         overwrite=overwrite, synthetic_only=synthetic_only, workers=workers, dry_run=dry_run,
         config=load_augment_config(config, set_ or []), progress=progress and not json_out, real=real,
+        anatomy=anatomy,
     )
     with _plain_warnings():  # e.g. "2D run given a 3D mask" as one line
         summary = run_augment(options)
@@ -425,6 +456,63 @@ def augment(
         f"({summary.generated} made now, {summary.reused} verified from before, {summary.redraws} QC redraw(s)) "
         f"in {summary.seconds:.1f} s"
     )
+
+# ------------------------------------------------------------------------------------ anatomy
+
+
+@app.command()
+@user_errors
+def anatomy(
+    dataset: Annotated[Path, typer.Argument(help="The labelled dataset: MSD JSON, CSV or nnU-Net raw folder (its "
+                                            "unlabelled cases, e.g. imagesTs, join the pool).")],
+    out: Annotated[Path, typer.Option(help="The bank folder to write.")],
+    unlabelled: Annotated[Path | None, typer.Option(help="More unlabelled images: a manifest, or a folder of NIfTI / "
+                                                    ".mha / .nrrd files.")] = None,
+    transform: Annotated[str, typer.Option(help="deformable (affine, then deformable) or affine.")] = "deformable",
+    fusion: Annotated[str, typer.Option(help="majority (vote) or weighted (locally weighted voting).")] = "majority",
+    fields: Annotated[bool, typer.Option(help="Keep every displacement field (for augment --anatomy bank:BANK).")] = True,
+    loo: Annotated[bool, typer.Option(help="Measure leave-one-out Dice on the labelled cases.")] = True,
+    threads: Annotated[int, typer.Option(help="Threads per registration.")] = 1,
+    seed: Annotated[int, typer.Option(help="Registration sampling seed: same seed, same bank.")] = 0,
+    workers: Annotated[int, typer.Option(help="Processes, one unlabelled image each.")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish a bank a killed run left in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Fit the bank in OUT again.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress with an ETA.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
+) -> None:
+    """Fit an anatomy bank: register the labelled cases to each unlabelled image and fuse their labels.
+
+    A bank holds one propagated mask per unlabelled image (with an agreement map), the displacement fields,
+    and the leave-one-out accuracy of propagation; `augment --anatomy bank:BANK | unlabelled:BANK` draws
+    new masks from it."""
+    check_seed(seed)
+    from dataclasses import replace
+
+    from medsynth.registration import RegistrationSettings
+    from medsynth.registration.bank import BankOptions, fit_bank
+
+    if transform not in ("deformable", "affine"):
+        fail(f"--transform {transform!r}: must be deformable or affine")
+    if fusion not in ("majority", "weighted"):
+        fail(f"--fusion {fusion!r}: must be majority or weighted")
+    if not 1 <= threads <= 64:
+        fail(f"--threads {threads}: must be from 1 to 64")
+    settings = replace(RegistrationSettings(), transform=transform, threads=threads, seed=seed)  # type: ignore[arg-type]
+    options = BankOptions(dataset=dataset, out=out, unlabelled=unlabelled, registration=settings,
+                          fusion=fusion, loo=loo, keep_fields=fields, workers=workers,  # type: ignore[arg-type]
+                          resume=resume, overwrite=overwrite, progress=progress and not json_out)
+    with _plain_warnings():
+        summary = fit_bank(options)
+    if json_out:
+        print_json(summary.to_dict())
+        return
+    typer.echo(f"wrote {summary.out / 'bank.json'}: {summary.targets} propagated mask(s) ({summary.fitted} fitted now, "
+               f"{summary.reused} from before, {summary.skipped_pairs} pair(s) skipped) in {summary.seconds:.0f} s")
+    dl = summary.loo.get("deformable", {})
+    if dl:
+        typer.echo("leave-one-out Dice (mean over labels): " + ", ".join(
+            f"{k} {v.get('mean', float('nan')):.3f}" for k, v in summary.loo.items()))
+
 
 # ------------------------------------------------------------------------------------ export
 

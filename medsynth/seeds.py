@@ -45,6 +45,7 @@ class CaseTag(IntEnum):
     SOURCE = 0  #: (SOURCE, epoch): the order the source cases are drawn in
     DONOR = 1  #: (DONOR, k): the donor case of synthetic case k
     ATTEMPT = 2  #: (ATTEMPT, k, attempt, PairStream): one try at making case k
+    FIELD = 3  #: (FIELD, k): the bank field (target, scale) that warps synthetic case k's source (--anatomy bank:)
 
 
 class PairStream(IntEnum):

@@ -20,12 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from medsynth.augment.facts import DatasetFacts, read_case
+from medsynth.augment.options import PSEUDO
 from medsynth.augment.plan import PlannedCase, pair_seed
 from medsynth.data.manifest import Case
-from medsynth.data.nifti import write_volume
+from medsynth.data.nifti import CaseArrays, write_volume
 from medsynth.distributed import torchrun_env
 from medsynth.journal import sha256_file
+from medsynth.registration import scale_field, warp_image, warp_labels
+from medsynth.registration.bank import AnatomyBank
 from medsynth.registry import is_model_method
 from medsynth.synthesis.pairs import GenerateOptions, PairSettings, PairSource, load_synthesizer, make_pair
 
@@ -53,6 +58,9 @@ class JobContext:
     class_key: str | None = None
     #: the dataset root: MetaImage/NRRD data files must resolve inside it
     root: Path | None = None
+    #: ``--anatomy bank:`` / ``unlabelled:``: the anatomy bank, and the ``--anatomy`` value
+    bank: AnatomyBank | None = None
+    anatomy: str = "deform"
 
     @property
     def method(self) -> str:
@@ -103,9 +111,27 @@ def make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
         return _make_case(ctx, plan)
 
 
+def _bank_warp(ctx: JobContext, source: CaseArrays, atlas: str, target: str, alpha: float) -> CaseArrays:
+    """``source`` (a labelled case) warped by the bank field ``atlas -> target`` scaled by ``alpha``, on the
+    target image's grid: labels without blending, images linearly (``--anatomy bank:``)."""
+    assert ctx.bank is not None
+    reg = scale_field(ctx.bank.read_field(atlas, target), alpha)
+    label = warp_labels(source.label, source.affine, reg)
+    images = np.stack([warp_image(ch, source.affine, reg) for ch in source.images]).astype(np.float32)
+    return CaseArrays(images=images, label=label.astype(np.int64), affine=reg.fixed_affine, codes=source.codes)
+
+
 def _make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
-    # 1. the source case (and the lesion donor's label map)
-    source = read_case(ctx.sources[plan.source], ctx.root)
+    # 1. the source case (and the lesion donor's label map); a bank's unlabelled image lies outside the dataset
+    case = ctx.sources[plan.source]
+    source = read_case(case, None if "anatomy" in case.extra else ctx.root)
+    anatomy: dict[str, object] = {"source": ctx.anatomy.partition(":")[0]}
+    if plan.field is not None:
+        target, alpha = str(plan.field["target"]), float(plan.field["alpha"])
+        source = _bank_warp(ctx, source, plan.source, target, alpha)
+        anatomy.update(bank=str(ctx.bank.root) if ctx.bank else None, atlas=plan.source, target=target, alpha=alpha)
+    elif "anatomy" in case.extra:
+        anatomy.update(case.extra["anatomy"])
     donor = None if plan.donor is None else read_case(ctx.sources[plan.donor], ctx.root).label
     options = GenerateOptions()
     if ctx.class_key is not None:  # class-conditioned run: the source case's class
@@ -113,34 +139,40 @@ def _make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
     synthesizer = None
     if is_model_method(ctx.method) and ctx.model is not None:
         synthesizer = job_synthesizer(ctx.model)
-    # 2. the pair, through QC
-    pair = make_pair(
-        PairSource(source.images, source.label, source.affine, donor=donor, donor_id=plan.donor),
-        ctx.settings, stats=ctx.facts.stats, labels=ctx.facts.labels, seq=pair_seed(ctx.seed, plan.index),
-        synthesizer=synthesizer, generate_options=options,
-        where=f"synthetic case {plan.case_id} (source {plan.source})",
-    )
+    # 2. the pair, through QC (pseudo: the unlabelled image itself with its propagated mask)
+    if ctx.method == PSEUDO:
+        images, label, attempt, qc_failures = source.images, source.label, 0, []
+        record: dict[str, object] = {"pseudo_labelled": True}
+    else:
+        pair = make_pair(
+            PairSource(source.images, source.label, source.affine, donor=donor, donor_id=plan.donor),
+            ctx.settings, stats=ctx.facts.stats, labels=ctx.facts.labels, seq=pair_seed(ctx.seed, plan.index),
+            synthesizer=synthesizer, generate_options=options,
+            where=f"synthetic case {plan.case_id} (source {plan.source})",
+        )
+        images, label, attempt, qc_failures, record = pair.images, pair.label, pair.attempt, pair.qc_failures, pair.record
     # 3. the files, then what was made
     files: dict[str, str] = {}
     for c, rel in enumerate(plan.images):
-        write_volume(ctx.out / rel, pair.images[c], source.affine, kind="image", codes=source.codes)
+        write_volume(ctx.out / rel, images[c], source.affine, kind="image", codes=source.codes)
         files[rel] = sha256_file(ctx.out / rel)
-    write_volume(ctx.out / plan.label, pair.label, source.affine, kind="label", codes=source.codes)
+    write_volume(ctx.out / plan.label, label, source.affine, kind="label", codes=source.codes)
     files[plan.label] = sha256_file(ctx.out / plan.label)
     provenance = {
         "case_id": plan.case_id,
         "index": plan.index,
         "method": ctx.method,
         "seed": ctx.seed,
-        "attempt": pair.attempt,
-        "redraws": pair.attempt,
-        "qc_failures": pair.qc_failures,
+        "attempt": attempt,
+        "redraws": attempt,
+        "qc_failures": qc_failures,
         "source": plan.source,
         "donor": plan.donor,
         "images": plan.images,
         "label": plan.label,
         "model": None if ctx.model is None else str(ctx.model),
         "model_sha256": ctx.model_sha,
-        **pair.record,
+        "anatomy": anatomy,
+        **record,
     }
-    return CaseResult(plan.index, plan.case_id, files, json.loads(json.dumps(provenance)), pair.attempt)
+    return CaseResult(plan.index, plan.case_id, files, json.loads(json.dumps(provenance)), attempt)

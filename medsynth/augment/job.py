@@ -71,12 +71,14 @@ from medsynth.journal import (
     Journal,
     check_output_state,
     claim_output,
+    dataset_inputs,
     journaled_bytes,
     output_lock,
     read_journals,
     sha256_file,
     verified_entry,
 )
+from medsynth.registration.bank import BANK_FILE, AnatomyBank, open_bank
 from medsynth.runcard import RunCard
 
 #: 2: the settings hold the sha256 of every input file
@@ -138,22 +140,20 @@ def input_files(manifest: Manifest, card: RunCard | None) -> dict[str, dict[str,
     """sha256 of every input file the job uses: ``{"case ID": {path: sha256}, ..., "manifest": {...},
     "model": {...}}`` (the cases in manifest order). Stored with the settings, so that a resume notices
     a changed input (:func:`medsynth.journal.check_output_state`)."""
-    inputs: dict[str, dict[str, str | None]] = {}
-    for case in manifest.cases:
-        paths = [*case.images, *([case.label] if case.label is not None else [])]
-        inputs[f"case {case.case_id}"] = {str(Path(p)): _input_sha(Path(p)) for p in paths}
-    source = get_format(manifest.format).manifest_file(Path(manifest.source or "."))
-    inputs["manifest"] = {str(source): _input_sha(source)}
+    inputs = dataset_inputs(manifest)
     if card is not None:
         inputs["model"] = {str(card.weights_path): model_checksum(card)}
     return inputs
 
 
-def job_settings(options: AugmentOptions, manifest: Manifest, card: RunCard | None) -> dict[str, object]:
+def job_settings(options: AugmentOptions, manifest: Manifest, card: RunCard | None,
+                 bank: AnatomyBank | None = None) -> dict[str, object]:
     """The settings a resumed job must share with the original (stored in OUT/.medsynth_job.json),
-    with the sha256 of every input file (:func:`input_files`)."""
+    with the sha256 of every input file (:func:`input_files`) and of the anatomy bank's ``bank.json``."""
     source = Path(manifest.source or ".")
     inputs = input_files(manifest, card)
+    if bank is not None:
+        inputs["anatomy bank"] = {str(bank.root / BANK_FILE): _input_sha(bank.root / BANK_FILE)}
     settings = {
         "job_format": JOB_FORMAT_VERSION,
         "medsynth_version": __version__,
@@ -167,6 +167,7 @@ def job_settings(options: AugmentOptions, manifest: Manifest, card: RunCard | No
         "model": None if options.model is None else str(Path(options.model).resolve()),
         "model_sha256": None if card is None else next(iter(inputs["model"].values())),
         "config": options.config.model_dump(mode="json"),
+        "anatomy": options.anatomy,
         INPUTS_KEY: inputs,
     }
     result: dict[str, object] = json.loads(json.dumps(settings))
@@ -232,20 +233,50 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
     check_real_mode(options.real, get_format(manifest.format))
     model = None if options.model is None else Path(options.model).expanduser().resolve()
     card = None if model is None else read_model(model)
-    settings = job_settings(options, manifest, card)
+    bank_path = options.anatomy_source[1]
+    bank = None if bank_path is None else open_bank(bank_path)
+    settings = job_settings(options, manifest, card, bank)
     with contextlib.ExitStack() as stack:
         if not options.dry_run and torchrun_env().is_main:
             stack.enter_context(output_lock(out))  # one job per output folder, until this one ends
         state = check_output_state(out, growth_settings(out, settings, options.resume), options.resume,
                                    options.overwrite)
         estimate = check_disk_space(out, options, sources, state)
-        summary = _run(options, out, card, settings, state, t0)
+        summary = _run(options, out, card, settings, state, t0, bank)
         summary.estimated_bytes = estimate
         return summary
 
 
+def anatomy_sources(options: AugmentOptions, bank: AnatomyBank | None, sources: list[Case],
+                    ) -> tuple[list[Case], dict[str, list[str]] | None]:
+    """The cases synthetic masks start from, and (``--anatomy bank:``) the bank images each labelled source
+    has a field to. ``deform``: the labelled sources. ``unlabelled:``: the bank's unlabelled images with their
+    propagated masks (agreement at least ``anatomy.min_agreement``)."""
+    kind = options.anatomy_source[0]
+    if bank is None or kind == "deform":
+        return sources, None
+    if kind == "bank":
+        if not bank.facts["settings"].get("keep_fields"):
+            raise DataError(f"{bank.root}: this bank keeps no displacement fields (fitted with --no-fields); "
+                            "--anatomy bank: needs them")
+        fields = {c.case_id: sorted(t for t, rec in bank.targets.items() if c.case_id in rec["atlases"]) for c in sources}
+        lacking = [k for k, v in fields.items() if not v]
+        if lacking:
+            raise DataError(f"{bank.root}: no usable field from labelled case(s) {', '.join(lacking[:5])}")
+        return sources, fields
+    floor = options.config.anatomy.min_agreement
+    cases = [Case(case_id=t, images=bank.image_paths(t), label=bank.mask_path(t), split="train",
+                  extra={"anatomy": {"bank": str(bank.root), "image": str(bank.image_paths(t)[0]),
+                                     "agreement": rec.get("agreement"), "atlases": rec.get("atlases")}})
+             for t, rec in sorted(bank.targets.items()) if float(rec.get("agreement", 0.0)) >= floor]
+    if not cases:
+        raise DataError(f"{bank.root}: no propagated mask has a mean agreement of {floor} or more "
+                        "(lower anatomy.min_agreement)")
+    return cases, None
+
+
 def _run(options: AugmentOptions, out: Path, card: RunCard | None, settings: dict[str, object], state: str,
-         t0: float) -> AugmentSummary:
+         t0: float, bank: AnatomyBank | None = None) -> AugmentSummary:
     """Stages 4-9 of :func:`run_augment` (the output folder checked and, for a real job, held)."""
     ranks = join_ranks() if not options.dry_run else Ranks()
     show = options.progress and ranks.rank == 0
@@ -263,9 +294,12 @@ def _run(options: AugmentOptions, out: Path, card: RunCard | None, settings: dic
         weak = fill_warning(card)
         if weak is not None and ranks.rank == 0:
             warnings.warn(weak, stacklevel=2)
+    if bank is not None:
+        bank.check_dataset(manifest, sources)
+    starts, fields = anatomy_sources(options, bank, sources)
     # 5. plan (a dry run plans the first cases only: case k depends on (seed, k) alone)
     shown = replace(options, num=min(options.num, DRY_RUN_SHOWN)) if options.dry_run else options
-    plan = plan_cases(shown, sources, facts, layout)
+    plan = plan_cases(shown, starts, facts, layout, fields)
     real = [] if options.synthetic_only else real_cases_out(manifest, out, layout, options.real)
     summary = AugmentSummary(
         out=out, format=manifest.format, method=options.method, plan=plan, real_cases=len(real),
@@ -298,8 +332,8 @@ def _run(options: AugmentOptions, out: Path, card: RunCard | None, settings: dic
     summary.reused = len(mine) - len(todo)
     ctx = JobContext(
         out=out, seed=options.seed, settings=options.pair_settings(), facts=facts,
-        sources={c.case_id: c for c in sources}, model=model, model_sha=model_sha,
-        class_key=None if card is None else class_key(card), root=manifest.root,
+        sources={c.case_id: c for c in starts}, model=model, model_sha=model_sha,
+        class_key=None if card is None else class_key(card), root=manifest.root, bank=bank, anatomy=options.anatomy,
     )
     error: BaseException | None = None
     t_gen = time.perf_counter()

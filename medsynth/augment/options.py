@@ -15,11 +15,34 @@ from medsynth.registry import is_model_method
 from medsynth.synthesis.pairs import PairSettings, QCConfig, check_method
 from medsynth.synthesis.procedural import SynthSegConfig
 
+#: an augment-only method: the unlabelled image itself with its propagated mask (``--anatomy unlabelled:BANK``)
+PSEUDO = "pseudo"
+#: where new masks come from (``--anatomy``): deformations of the labelled masks, a labelled mask warped
+#: by a bank field, or the propagated masks of the bank's unlabelled images
+ANATOMY_SOURCES = ("deform", "bank:BANK", "unlabelled:BANK")
+
+
+class AnatomyConfig(BaseModel):
+    """How masks are drawn from an anatomy bank (``--anatomy bank:BANK`` / ``unlabelled:BANK``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_agreement: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="unlabelled: use only images whose propagated mask has at least this mean agreement "
+                    "(over its foreground; the share of the atlases' vote the fused label got).")
+    alpha_min: float = Field(default=0.5, ge=0.0, le=1.0,
+                             description="bank: a field is scaled by alpha drawn uniformly from [alpha_min, alpha_max] "
+                                         "(1: the full warp onto the unlabelled image's anatomy; below: in between).")
+    alpha_max: float = Field(default=1.0, ge=0.0, le=1.0, description="bank: the largest field scale.")
+
 
 class AugmentConfig(BaseModel):
     """The recipe of ``medsynth augment --config``: every section is optional."""
 
     model_config = ConfigDict(extra="forbid")
+
+    anatomy: AnatomyConfig = Field(default_factory=AnatomyConfig)
 
     deform: DeformConfig = Field(default_factory=DeformConfig)
     edits: EditConfig = Field(default_factory=EditConfig)
@@ -67,6 +90,13 @@ class AugmentOptions:
     real: str = "auto"
     config: AugmentConfig = field(default_factory=AugmentConfig)
     progress: bool = False
+    anatomy: str = "deform"
+
+    @property
+    def anatomy_source(self) -> tuple[str, Path | None]:
+        """``--anatomy`` split: ``("deform", None)``, ``("bank", BANK)`` or ``("unlabelled", BANK)``."""
+        kind, sep, rest = self.anatomy.partition(":")
+        return kind, (Path(rest).expanduser() if sep else None)
 
     def pair_settings(self) -> PairSettings:
         """The settings of the synthetic-pair core for this job."""
@@ -93,7 +123,18 @@ def check_options(options: AugmentOptions) -> None:
     """ConfigError naming the first bad option."""
     from medsynth.seeds import SEED_MAX
 
-    check_method(options.method, "--method")
+    if options.method != PSEUDO:
+        check_method(options.method, "--method")
+    kind, bank = options.anatomy_source
+    if kind not in ("deform", "bank", "unlabelled") or (kind == "deform") != (bank is None) or str(bank) == ".":
+        raise ConfigError(f"--anatomy {options.anatomy!r}: must be one of {', '.join(ANATOMY_SOURCES)} (BANK: a folder "
+                          "written by `medsynth anatomy`)")
+    if options.method == PSEUDO and kind != "unlabelled":
+        raise ConfigError("--method pseudo writes the unlabelled images with their propagated masks: it needs "
+                          "--anatomy unlabelled:BANK")
+    c = options.config.anatomy
+    if c.alpha_min > c.alpha_max:
+        raise ConfigError(f"anatomy.alpha_min {c.alpha_min} is above anatomy.alpha_max {c.alpha_max}")
     for name, value in (("--num", options.num), ("--seed", options.seed), ("--workers", options.workers)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name} must be a whole number, got {value!r}")

@@ -36,6 +36,8 @@ class PlannedCase:
     donor: str | None
     images: list[str]
     label: str
+    #: ``--anatomy bank:``: the bank field that warps the source (``{"target": ID, "alpha": a}``), else None
+    field: dict[str, Any] | None = None
 
 
 def source_index(seed: int, k: int, n_sources: int) -> int:
@@ -51,8 +53,19 @@ def pair_seed(seed: int, k: int) -> np.random.SeedSequence:
     return seed_sequence(seed, CaseTag.ATTEMPT, k)
 
 
-def plan_cases(options: AugmentOptions, sources: list[Case], facts: DatasetFacts, layout: OutputLayout) -> list[PlannedCase]:
-    """Source (and lesion donor) of each synthetic case, from ``(seed, k)`` only."""
+def draw_field(seed: int, k: int, targets: list[str], alpha: tuple[float, float]) -> dict[str, Any]:
+    """The bank field of synthetic case ``k`` (``--anatomy bank:``): a target image drawn uniformly from
+    ``targets`` (the bank's images the source was registered to) and a scale in ``alpha``, from ``(seed, k)``."""
+    rng = np.random.default_rng(seed_sequence(seed, CaseTag.FIELD, k))
+    target = targets[int(rng.integers(len(targets)))]
+    lo, hi = alpha
+    return {"target": target, "alpha": round(float(lo + (hi - lo) * rng.random()), 6)}
+
+
+def plan_cases(options: AugmentOptions, sources: list[Case], facts: DatasetFacts, layout: OutputLayout,
+               fields: dict[str, list[str]] | None = None) -> list[PlannedCase]:
+    """Source (and lesion donor) of each synthetic case, from ``(seed, k)`` only. ``fields``: with
+    ``--anatomy bank:``, source case id -> the bank images it has a field to (each case draws one)."""
     n = len(sources)
     cfg = options.config.edits
     pasting = options.method != "classic" and cfg.paste_prob > 0 and cfg.lesion_label is not None
@@ -66,7 +79,9 @@ def plan_cases(options: AugmentOptions, sources: list[Case], facts: DatasetFacts
             rng = np.random.default_rng(seed_sequence(options.seed, CaseTag.DONOR, k))
             donor = pool[int(rng.integers(len(pool)))]
         cid = f"{SYNTHETIC_PREFIX}{k:05d}"
-        plan.append(PlannedCase(k, cid, source, donor, layout.synthetic_images(cid), layout.synthetic_label(cid)))
+        a = options.config.anatomy
+        warp = None if not fields else draw_field(options.seed, k, fields[source], (a.alpha_min, a.alpha_max))
+        plan.append(PlannedCase(k, cid, source, donor, layout.synthetic_images(cid), layout.synthetic_label(cid), warp))
     return plan
 
 
