@@ -19,8 +19,8 @@ Everything is CPU-sized: about 2-4 minutes on two cores. ``quick=True`` shortens
 from __future__ import annotations
 
 import json
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from medsynth.errors import JobError
 from medsynth.evaluation.downstream import DownstreamSummary, downstream
 from medsynth.evaluation.downstream.report import format_table
 from medsynth.evaluation.evaluate import run_evaluate
+from medsynth.ownership import own_output
 from medsynth.plots import grid, middle_slice, save_png, show_slice
 from medsynth.recipes import recipe_path
 from medsynth.runcard import read_run_card
@@ -90,10 +91,12 @@ class DemoResult:
 
 
 class _Stages:
-    """Numbered stage headings and timings on stderr."""
-    def __init__(self, total: int) -> None:
+    """Numbered stage headings and timings on stderr; ``done()`` after each stage (the demo records the
+    files it made, so that ``--overwrite`` can prove them its own even after a kill)."""
+    def __init__(self, total: int, done: Callable[[], None] = lambda: None) -> None:
         from rich.console import Console
 
+        self.done = done
         self.console = Console(stderr=True, highlight=False)
         self.total = total
         self.k = 0
@@ -112,36 +115,32 @@ class _Stages:
         if self._name:
             self.times[self._name] = round(time.perf_counter() - self._start, 2)
             self._name = ""
+            self.done()
 
     def finish(self) -> float:
         self._close()
         return time.perf_counter() - self.t0
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise JobError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise JobError(f"{out}: already exists and is not empty; pass --overwrite to replace it or choose another --out")
-        if not (out / "report.md").exists() and not (out / ".medsynth-demo").exists():
-            raise JobError(f"{out}: is not a medsynth demo folder; refusing to delete it (choose another --out)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ".medsynth-demo").write_text("this folder was made by `medsynth demo`\n", encoding="utf-8")
-
-
 def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quick: bool = False,
              progress: bool = True) -> DemoResult:
-    """Run every stage into ``out`` and write ``out/report.md``. Returns where it is and the headline numbers."""
+    """Run every stage into ``out`` and write ``out/report.md``. Returns where it is and the headline numbers.
+
+    ``out`` is new or empty, or (``overwrite``) a folder an earlier demo made: only the files that demo
+    recorded as its own (:mod:`medsynth.ownership`) are replaced, a user's files there stay."""
+    out = Path(out).absolute()
+    with own_output(out, "demo", overwrite=overwrite) as owned:
+        try:
+            return _run_demo(out, quick, progress, _Stages(total=7, done=owned.record_new))
+        finally:
+            owned.record_new()
+
+
+def _run_demo(out: Path, quick: bool, progress: bool, st: _Stages) -> DemoResult:
     import torch
 
-
-    out = Path(out).absolute()
     plan = DemoPlan.quick() if quick else DemoPlan()
-    _prepare_out(out, overwrite)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    st = _Stages(total=7)
     data, runs, aug, ev = out / "data", out / "runs", out / "augmented", out / "evaluation"
 
     # 1. phantom datasets
@@ -245,7 +244,7 @@ def run_demo(out: str | Path = "medsynth-demo", *, overwrite: bool = False, quic
         "downstream_dice": {v.name: v.dice.mean for v in helps.variants},
         "stage_seconds": st.times,
     }
-    (out / "summary.json").write_text(json.dumps(headline, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "summary.json", json.dumps(headline, indent=2) + "\n")
     st.console.print(f"[bold green]done[/] in {seconds:.0f} s. Report: [bold]{report}[/]")
     return DemoResult(out=out, report=report, seconds=seconds, metrics=headline)
 

@@ -15,34 +15,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medsynth.data.atomic import atomic_write_text, named_os_error
-from medsynth.errors import JobError
+from medsynth.data.atomic import atomic_write_text, file_kind, named_os_error
+from medsynth.data.ledger import LOCK_FILE, check_out_path, sha256_file
+from medsynth.data.manifest import Manifest
+from medsynth.errors import JobError, MedsynthError
 
 JOB_FILE = ".medsynth_job.json"
 JOURNAL_PREFIX = ".journal"
-LOCK_FILE = ".medsynth.lock"
 TEMP_GLOB = ".*.tmp-*"  # the temp names of medsynth.data.atomic.temp_path_for
 #: the settings key of the job's input files and their sha256 (see check_output_state)
 INPUTS_KEY = "inputs"
-
-
-def sha256_file(path: Path) -> str:
-    """sha256 (hex) of the regular file at ``path`` (DataError for a FIFO, a device, a folder)."""
-    from medsynth.data.limits import open_regular
-
-    h = hashlib.sha256()
-    fh, _ = open_regular(Path(path))
-    with fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+#: the names :func:`_journal_name` gives (and nothing else: a user's ``.journal-notes.jsonl`` is not one)
+JOURNAL_RE = re.compile(r"^\.journal(\.rank\d{5})?\.jsonl$")
 
 
 def _journal_name(rank: int) -> str:
@@ -77,10 +69,15 @@ class Journal:
             raise named from exc
 
 
+def journal_paths(out: Path) -> list[Path]:
+    """The journal files of ``out`` (every rank's): only names :func:`_journal_name` gives."""
+    return sorted(p for p in Path(out).glob(f"{JOURNAL_PREFIX}*.jsonl") if JOURNAL_RE.match(p.name))
+
+
 def read_journals(out: Path) -> dict[str, list[dict[str, Any]]]:
     """All journal entries under ``out`` by key (every rank's file; a torn last line is skipped)."""
     entries: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(Path(out).glob(f"{JOURNAL_PREFIX}*.jsonl")):
+    for path in journal_paths(out):
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 entry = json.loads(line)
@@ -142,12 +139,20 @@ def _acquire(out: Path) -> int:
 
     path = out / LOCK_FILE
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:  # O_NONBLOCK: a FIFO put there opens without waiting for a writer, then is refused below
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise JobError(f"{path} is a symbolic link; remove it (medsynth keeps its lock file there)") from None
+            if exc.errno == errno.EISDIR:
+                raise JobError(f"{path} is a folder, not a regular file; remove it (medsynth keeps its lock file "
+                               "there)") from None
             raise
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise JobError(f"{path} is {file_kind(mode)}, not a regular file; remove it (medsynth keeps its lock "
+                           "file there)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -190,10 +195,7 @@ def output_lock(out: Path) -> Iterator[Path]:
     check and the writes. Under torchrun only rank 0 takes it (the other ranks write under rank 0's).
     """
     out = Path(out)
-    if out.is_symlink() and not out.exists():
-        raise JobError(f"--out {out} is a symbolic link to a missing target")
-    if out.exists() and not out.is_dir():
-        raise JobError(f"--out {out} exists and is not a folder")
+    check_out_path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -301,7 +303,7 @@ def _job_made_files(out: Path) -> list[Path]:
             raise JobError(f"cannot overwrite {out}: {rel} was changed after medsynth wrote it (its content is "
                            "not the one the journal records); move it away first. Nothing was removed")
         remove.append(path)
-    remove += sorted(out.glob(f"{JOURNAL_PREFIX}*.jsonl"))
+    remove += journal_paths(out)
     remove.append(out / JOB_FILE)
     return remove
 
@@ -337,7 +339,31 @@ def _remove_strays(out: Path, folders: set[Path]) -> None:
                     stray.unlink(missing_ok=True)
 
 
-def _changed_input(old: object, new: object) -> str | None:
+def _input_sha(path: Path) -> str | None:
+    """sha256 of an input file; None for one that is missing or not a regular file (validation names
+    its problem)."""
+    try:
+        return sha256_file(path)
+    except (MedsynthError, OSError):
+        return None
+
+
+def dataset_inputs(manifest: Manifest) -> dict[str, dict[str, str | None]]:
+    """sha256 of every file of a dataset: ``{"case ID": {path: sha256}, ..., "manifest": {path: sha256}}``
+    (cases in manifest order): what a job records when it starts, so that a resume notices a changed
+    input (:func:`changed_input`)."""
+    from medsynth.data.formats import get_format
+
+    inputs: dict[str, dict[str, str | None]] = {}
+    for case in manifest.cases:
+        paths = [*case.images, *([case.label] if case.label is not None else [])]
+        inputs[f"case {case.case_id}"] = {str(Path(p)): _input_sha(Path(p)) for p in paths}
+    source = get_format(manifest.format).manifest_file(Path(manifest.source or "."))
+    inputs["manifest"] = {str(source): _input_sha(source)}
+    return inputs
+
+
+def changed_input(old: object, new: object) -> str | None:
     """The first input file whose sha256 differs between two ``inputs`` records (see
     :func:`check_output_state`), as ``"input case c1: /data/labelsTr/c1.nii.gz has changed"``."""
     if not isinstance(old, dict) or not isinstance(new, dict):
@@ -368,10 +394,7 @@ def check_output_state(out: Path, settings: dict[str, Any], resume: bool, overwr
     for every input file of the job (``name``: ``"case ID"``, ``"manifest"``, ``"model"``), is compared
     first, so that a changed input is reported by its name and file."""
     out = Path(out)
-    if out.is_symlink() and not out.exists():
-        raise JobError(f"--out {out} is a symbolic link to a missing target")
-    if out.exists() and not out.is_dir():
-        raise JobError(f"--out {out} exists and is not a folder")
+    check_out_path(out)
     if not out.exists() or _is_empty_dir(out):
         return "new"
     job_file = out / JOB_FILE
@@ -387,7 +410,7 @@ def check_output_state(out: Path, settings: dict[str, Any], resume: bool, overwr
         _journaled_files(out)
         return "overwrite"
     old = _read_job_file(out, "resume")
-    changed = _changed_input(old.get(INPUTS_KEY), settings.get(INPUTS_KEY))
+    changed = changed_input(old.get(INPUTS_KEY), settings.get(INPUTS_KEY))
     if changed is not None:
         raise JobError(f"cannot resume {out}: {changed} since the job started, so its files would mix old and new "
                        "inputs; restore the input, or pass --overwrite to start again from the new one")

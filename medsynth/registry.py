@@ -10,7 +10,7 @@ strings, so reading the registry imports no torch:
   :class:`medsynth.runcard.RunCard` (see :mod:`medsynth.synthesis.synthesizer`).
 - ``stages``: the stages a staged family trains in order (``ldm``: autoencoder, diffusion); ``runner``
   optionally names the function that runs them (``runner(config, run_dir, *, resume, stage,
-  progress)``); without one, each stage is one call of the engine.
+  progress, allow_changed_data)``); without one, each stage is one call of the engine.
 
 Everything that lists families asks here: the recipe's ``model.family`` choices, the CLI, the
 method lists of ``medsynth augment`` and the online API (:func:`method_names`). A new family is its

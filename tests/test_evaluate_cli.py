@@ -259,15 +259,24 @@ def test_out_refuses_a_non_empty_folder_unless_overwrite_which_keeps_other_files
     (out / "summary.json").write_text('{"an": "earlier summary"}')
     result = invoke(ref_path, cand_path, "--data-range", "1000", "--out", out)
     assert result.exit_code == 1
-    assert result.output == (f"error: --out {out} exists and is not empty; pass --overwrite to replace the report "
-                             "files in it (other files stay), or choose another folder\n")
+    assert result.output == (f"error: --out {out} exists and is not empty; pass --overwrite to replace the files "
+                             "`medsynth evaluate` wrote there (other files stay), or choose another folder\n")
     assert _files(out) == {"notes.txt": b"mine", "summary.json": b'{"an": "earlier summary"}'}
-    result = invoke(ref_path, cand_path, "--data-range", "1000", "--out", out, "--overwrite", "--json")
-    assert result.exit_code == 0, result.output
-    assert (out / "notes.txt").read_text() == "mine"
-    on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["ssim"] == json.loads(result.stdout)["ssim"]
-    assert sorted(_files(out)) == ["metrics.csv", "metrics.png", "montage.png", "notes.txt", "summary.json"]
+    # a summary.json evaluate did not make is never replaced, even with --overwrite
+    result = invoke(ref_path, cand_path, "--data-range", "1000", "--out", out, "--overwrite")
+    assert result.exit_code == 1
+    assert result.output == (f"error: --out {out}: summary.json was not written by `medsynth evaluate`; it is never "
+                             "replaced: move it away, or choose another folder\n")
+    assert _files(out) == {"notes.txt": b"mine", "summary.json": b'{"an": "earlier summary"}'}
+    (out / "summary.json").unlink()
+    for _ in range(2):  # beside a user's file, then over its own report
+        result = invoke(ref_path, cand_path, "--data-range", "1000", "--out", out, "--overwrite", "--json")
+        assert result.exit_code == 0, result.output
+        assert (out / "notes.txt").read_text() == "mine"
+        on_disk = json.loads((out / "summary.json").read_text())
+        assert on_disk["ssim"] == json.loads(result.stdout)["ssim"]
+        assert sorted(_files(out)) == [".medsynth-owner.jsonl", "metrics.csv", "metrics.png", "montage.png",
+                                       "notes.txt", "summary.json"]
 
 
 def test_out_never_lies_in_an_input_datasets_folder(tmp_path):
@@ -280,7 +289,7 @@ def test_out_never_lies_in_an_input_datasets_folder(tmp_path):
         result = invoke(ref_m, cand_m, "--data-range", "auto", "--out", out, "--overwrite")
         assert result.exit_code == 1
         assert result.output.startswith(f"error: --out {out} lies inside the folder ")
-        assert f"of the input dataset {dataset}; evaluate never writes into an input" in result.output
+        assert f"of the input dataset {dataset}; medsynth never writes into an input" in result.output
         assert str(folder) in result.output or str(folder / "labelsTr") in result.output
     assert {**_files(tmp_path / "ref"), **_files(tmp_path / "cand")} == before
     assert not (tmp_path / "cand" / "report").exists()

@@ -239,7 +239,7 @@ def test_dangling_symlink_and_file_as_out(tmp_path: Path) -> None:
     (tmp_path / "dangling").symlink_to(tmp_path / "missing")
     result = CliRunner().invoke(app, ["phantoms", str(tmp_path / "dangling"), "--dim", "2", "--cases", "1"])
     assert result.exit_code == 1
-    assert result.output == f"error: {tmp_path / 'dangling'}: is a symbolic link to a missing target\n"
+    assert result.output == f"error: output folder {tmp_path / 'dangling'} is a symbolic link to a missing target\n"
     (tmp_path / "file").write_text("x")
     image = tmp_path / "img.nii.gz"
     import nibabel as nib
@@ -248,7 +248,8 @@ def test_dangling_symlink_and_file_as_out(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.arange(16 * 16, dtype=np.float32).reshape(16, 16), np.eye(4)), str(image))
     result = CliRunner().invoke(app, ["evaluate", str(image), str(image), "--data-range", "1",
                                       "--out", str(tmp_path / "file" / "sub")])
-    assert result.exit_code == 1 and result.output.startswith(f"error: {tmp_path / 'file' / 'sub'}: Not a directory")
+    assert result.exit_code == 1
+    assert result.output == f"error: --out {tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file where a folder should be\n"
 
 
 @pytest.mark.parametrize("args", [

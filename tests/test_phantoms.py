@@ -41,7 +41,7 @@ def test_same_seed_same_bytes_and_case_independent_of_count(tmp_path):
     a = make_phantom_dataset(tmp_path / "a", dim=3, cases=2, seed=7, size=16)
     b = make_phantom_dataset(tmp_path / "b", dim=3, cases=2, seed=7, size=16)
     fa, fb = _files(a.parent), _files(b.parent)
-    assert sorted(fa) == ["dataset.json", "imagesTr/phantom_000.nii.gz", "imagesTr/phantom_001.nii.gz",
+    assert sorted(fa) == [".medsynth-owner.jsonl", "dataset.json", "imagesTr/phantom_000.nii.gz", "imagesTr/phantom_001.nii.gz",
                           "labelsTr/phantom_000.nii.gz", "labelsTr/phantom_001.nii.gz"]  # fmt: skip
     assert fa == fb
     # case 0 does not depend on how many cases were asked for
@@ -187,7 +187,8 @@ def test_output_folder_rules(tmp_path):
     "kwargs,match",
     [
         ({"dim": 4}, "dim must be 2 or 3, got 4"),
-        ({"cases": 0}, "cases must be a positive integer, got 0"),
+        ({"cases": 0}, "cases must be a whole number from 1 to 100000, got 0"),
+        ({"cases": 100_001}, "cases must be a whole number from 1 to 100000, got 100001"),
         ({"size": 8}, "size must be between 16 and 512 voxels, got 8"),
         ({"seed": -1}, "seed must be a non-negative integer, got -1"),
         ({"format": "nifti"}, "format must be one of nnunet, csv, msd, got 'nifti'"),

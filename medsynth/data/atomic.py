@@ -6,7 +6,9 @@ A reader (or a resumed job) never sees a half-written file under its final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +38,36 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+_FILE_KINDS = (
+    (stat.S_ISREG, "a file"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """``"a file"``, ``"a folder"``, ``"a FIFO (named pipe)"``, ... for an ``st_mode``."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def link_problem(path: str | os.PathLike[str] | os.PathLike[bytes] | bytes) -> str | None:
+    """Why the symbolic link ``path`` cannot be followed: ``"is a symbolic link loop ..."`` or ``"is a
+    symbolic link to a missing target"``; None for anything that is not a broken link."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symbolic link loop (following it leads back to itself)"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "is a symbolic link to a missing target"
+    return None
 
 
 def named_os_error(exc: OSError, path: Path, temp: Path | None = None) -> OSError:

@@ -29,6 +29,7 @@ import numpy as np
 
 from medsynth.data.atomic import temp_path_for
 from medsynth.data.formats import ManifestFormat, get_format
+from medsynth.data.ledger import check_out_path, claim_folder
 from medsynth.data.manifest import Case, Manifest, write_manifest
 from medsynth.data.nifti import NIFTI_SUFFIXES, header_codes, read_volume, split_channels, volume_suffix, write_volume
 from medsynth.errors import ConfigError, DataError, JobError
@@ -246,6 +247,7 @@ def export_dataset(dataset: str | Path, out: str | Path, fmt: str, *, name: str 
     # 1. the target format and the output folder (before any work)
     target = get_format(fmt)
     out = Path(out).expanduser().absolute()
+    check_out_path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise JobError(f"--out {out} exists and is not an empty folder; export into a new folder")
     # 2. the dataset, every file decoded and checked
@@ -259,7 +261,7 @@ def export_dataset(dataset: str | Path, out: str | Path, fmt: str, *, name: str 
         raise ConfigError(f"format {target.name} declares file ending {ending!r}; medsynth export writes NIfTI only")
     # 3. the files, case by case
     writer = _Writer("copy" if copy else "auto")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, "export", overwrite=False)  # new or empty: nothing there is replaced
     cases = []
     with progress_bar(f"export ({target.name})", len(manifest.cases), enabled=progress) as bar:
         for case in manifest.cases:

@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from medsynth.data.ledger import OwnedFolder, claim_folder
+from medsynth.data.limits import format_bytes
 from medsynth.errors import ConfigError, JobError
 
 LABELS: dict[int, str] = {
@@ -42,6 +44,8 @@ LABELS: dict[int, str] = {
 DEFAULT_SIZE = {2: 64, 3: 48}
 MIN_SIZE = 16
 MAX_SIZE = 512
+#: the most cases ``make_phantom_dataset`` writes (``phantom_00000`` .. ``phantom_99999``)
+MAX_CASES = 100_000
 SPACING = {2: (1.0, 1.0), 3: (1.0, 1.0, 1.2)}  # mm
 CHANNEL = "T1"
 
@@ -362,8 +366,10 @@ def make_phantom_dataset(
         returns the JSON), ``"nnunet"`` (nnU-Net v2 raw folder, ``imagesTr/phantom_000_0000.nii.gz``;
         returns ``OUT``) or ``"csv"`` (MSD file layout plus ``OUT/dataset.csv``; returns the CSV).
         Files go where the format puts a case; the return value is what ``read_manifest`` takes.
-    An existing non-empty ``out`` is refused unless ``overwrite``; then only the phantom files
-    (``imagesTr``, ``labelsTr``, ``dataset.json``, ``dataset.csv``) are replaced.
+    cases: 1 to :data:`MAX_CASES`, and no more than the free disk space holds (about 4 bytes a voxel).
+    An existing non-empty ``out`` is refused unless ``overwrite``; then only the phantom files an earlier
+    ``make_phantom_dataset`` recorded as its own, unchanged, are replaced (:mod:`medsynth.ownership`), and
+    never a folder that holds other files where cases go.
     Raises ConfigError for bad arguments, JobError for an output folder clash.
     """
     from medsynth.data.formats import format_names, get_format
@@ -372,25 +378,27 @@ def make_phantom_dataset(
 
     # 1. check the arguments and the output folder before any work
     size = _check_args(dim, size)
-    if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or cases < 1:
-        raise ConfigError(f"cases must be a positive integer, got {cases!r}")
+    if isinstance(cases, bool) or not isinstance(cases, (int, np.integer)) or not 1 <= cases <= MAX_CASES:
+        raise ConfigError(f"cases must be a whole number from 1 to {MAX_CASES}, got {cases!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     if format not in format_names():
         raise ConfigError(f"format must be one of {', '.join(format_names())}, got {format!r}")
     fmt = get_format(format)
     out = Path(out).expanduser()
-    _prepare_output(out, overwrite)
+    check_disk_space(out, dim, size, int(cases))
+    ids = [f"phantom_{k:03d}" for k in range(int(cases))]
+    files = [(fmt.image_paths(out, i, 1, ".nii.gz")[0], fmt.label_path(out, i, ".nii.gz")) for i in ids]
+    owned = _prepare_output(out, overwrite, [p.relative_to(out).as_posix() for pair in files for p in pair]
+                            + [fmt.manifest_path(out).relative_to(out).as_posix()])
 
     # 2. generate and write each case (case k depends only on seed and k)
     records: list[Case] = []
-    for k in range(int(cases)):
-        case_id = f"phantom_{k:03d}"
+    for k, (case_id, (img_path, lab_path)) in enumerate(zip(ids, files, strict=True)):
         phantom = make_phantom(dim, size, case_rng(seed, k))
-        [img_path] = fmt.image_paths(out, case_id, 1, ".nii.gz")
-        lab_path = fmt.label_path(out, case_id, ".nii.gz")
         write_volume(img_path, phantom.image, phantom.affine, kind="image")
         write_volume(lab_path, phantom.label, phantom.affine, kind="label")
+        owned.record(img_path, lab_path)
         records.append(Case(case_id=case_id, images=[img_path], label=lab_path, split="train"))
 
     # 3. the manifest last, so a dataset with a manifest is complete
@@ -405,7 +413,7 @@ def make_phantom_dataset(
             "tensorImageSize": f"{dim}D",
         },
     )
-    write_manifest(manifest, out, fmt=format)
+    owned.record(write_manifest(manifest, out, fmt=format))
     return fmt.dataset_path(out)
 
 
@@ -420,27 +428,34 @@ def _owned() -> tuple[list[str], list[str]]:
     return sorted(folders), sorted({fmt.manifest_name for fmt in LIST_OF_FORMATS})
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise JobError(f"output {out} exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise JobError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
-    # Replace only what a phantom dataset owns, and only if those folders hold phantom files.
-    folders, manifests = _owned()
-    for sub in folders:
-        folder = out / sub
-        if folder.is_dir():
-            foreign = [f.name for f in folder.iterdir() if not f.name.startswith(("phantom_", ".phantom_"))]
-            if foreign:
-                raise JobError(
-                    f"output folder {folder} holds files that are not phantoms ({', '.join(sorted(foreign)[:3])}); "
-                    "refusing to overwrite it"
-                )
-    for name in (*folders, *manifests):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+def check_disk_space(out: Path, dim: int, size: int, cases: int) -> None:
+    """JobError when ``cases`` phantoms (about 4 bytes a voxel on disk: float32 images compress little)
+    need more space than the file system of ``out`` has free."""
+    needed = cases * size**dim * 4
+    here = Path(out).absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        free = shutil.disk_usage(here).free
+    except OSError:
+        return  # not a folder: the output checks that follow name the problem
+    if needed > free:
+        raise JobError(f"--cases {cases}: {cases} phantoms of {size}^{dim} voxels need about {format_bytes(needed)}, "
+                       f"but {here} has {format_bytes(free)} free; free some space or lower --cases")
+
+
+def _prepare_output(out: Path, overwrite: bool, writes: list[str]) -> OwnedFolder:
+    """Claim ``out`` for the phantom files ``writes`` (:func:`medsynth.data.ledger.claim_folder`), never
+    when a folder where cases go holds other files (it would become part of the dataset)."""
+    if overwrite and out.is_dir():
+        folders, _ = _owned()
+        for sub in folders:
+            folder = out / sub
+            if folder.is_dir():
+                foreign = [f.name for f in folder.iterdir() if not f.name.startswith(("phantom_", ".phantom_"))]
+                if foreign:
+                    raise JobError(
+                        f"output folder {folder} holds files that are not phantoms "
+                        f"({', '.join(sorted(foreign)[:3])}); refusing to overwrite it"
+                    )
+    return claim_folder(out, "phantoms", overwrite=overwrite, writes=writes, option="output folder")

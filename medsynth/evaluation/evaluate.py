@@ -20,6 +20,7 @@ import numpy as np
 
 from medsynth.errors import DataError
 from medsynth.evaluation.report import (
+    REPORT_FILES,
     LoadedSet,
     Preview,
     UnpairedExtras,
@@ -27,6 +28,7 @@ from medsynth.evaluation.report import (
     write_paired_report,
     write_unpaired_report,
 )
+from medsynth.ownership import own_output
 from medsynth.plots import middle_slice
 from medsynth.progress import progress_bar
 
@@ -440,48 +442,24 @@ def evaluate_unpaired(
 # ------------------------------------------------------------------------------------ the job
 
 
-def _input_folders(path: Path) -> set[Path]:
-    """The folders of an input dataset (its root and every folder holding one of its files);
-    none for a single image file."""
-    from medsynth.data.manifest import read_manifest
+def run_evaluate(reference: str | Path, candidate: str | Path, *, out: str | Path | None = None,
+                 overwrite: bool = False, **options: Any) -> dict[str, Any]:
+    """The job behind ``medsynth evaluate``: compute, optionally write the report folder, return the summary.
 
-    if _is_volume_path(path):
-        return set()
-    manifest = read_manifest(path)
-    source = Path(manifest.source or path).resolve()
-    folders = {Path(manifest.root).resolve() if manifest.root else (source if source.is_dir() else source.parent)}
-    for case in manifest.cases:
-        for f in [*case.images, *([case.label] if case.label is not None else [])]:
-            folders.add(Path(f).resolve().parent)
-    return folders
-
-
-def check_report_folder(out: Path, overwrite: bool, inputs: Sequence[Path]) -> None:
-    """DataError unless ``out`` can take a report: a folder that does not exist yet, or is empty, or
-    (with ``overwrite``) holds files, of which only the report's own are replaced; never a folder of
-    an input dataset (``inputs``: the REFERENCE and CANDIDATE paths) or one inside it."""
-    out = Path(out)
-    if out.is_symlink() and not out.exists():
-        raise DataError(f"--out {out} is a symbolic link to a missing target")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a folder")
-    here = out.absolute()
-    while not here.exists() and here != here.parent:
-        here = here.parent
-    if not here.is_dir():
-        raise DataError(f"{out}: Not a directory ({here} is a file)")
-    resolved = out.resolve()
-    for path in inputs:
-        for folder in sorted(_input_folders(Path(path))):
-            if resolved == folder or folder in resolved.parents:
-                raise DataError(f"--out {out} lies inside the folder {folder} of the input dataset {path}; "
-                                "evaluate never writes into an input: choose another folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"--out {out} exists and is not empty; pass --overwrite to replace the report files in it "
-                        "(other files stay), or choose another folder")
+    out: the report folder, claimed before anything is computed (:func:`medsynth.ownership.own_output`):
+    new or empty, or with ``overwrite`` a folder where only the report files an earlier evaluate made
+    are replaced (other files stay, and a file of the same name it did not make stops it); never in,
+    on or around an input dataset's folder. options: those of :func:`evaluate_report`."""
+    if out is None:
+        return evaluate_report(reference, candidate, **options)
+    with own_output(Path(out), "evaluate", overwrite=overwrite, writes=REPORT_FILES,
+                    inputs=[Path(reference), Path(candidate)]) as owned:
+        summary = evaluate_report(reference, candidate, out=out, **options)
+        owned.record(*map(Path, summary["files"]))
+    return summary
 
 
-def run_evaluate(
+def evaluate_report(
     reference: str | Path,
     candidate: str | Path,
     *,
@@ -491,16 +469,10 @@ def run_evaluate(
     out: str | Path | None = None,
     fid_weights: str | Path | None = None,
     progress: bool = False,
-    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """The job behind ``medsynth evaluate``: compute, optionally write the report folder, return the summary.
-
-    out: the report folder (:func:`check_report_folder`: new or empty, or with ``overwrite`` an
-    existing folder whose report files are replaced while other files stay; never inside an input
-    dataset's folder), checked before anything is computed."""
+    """Compute the metrics and, with ``out`` (a folder :func:`run_evaluate` holds), write the report
+    files there; return the summary."""
     out_path = None if out is None else Path(out)
-    if out_path is not None:
-        check_report_folder(out_path, overwrite, [Path(reference), Path(candidate)])
     if unpaired:
         if mask is not None:
             raise DataError("--mask applies to paired evaluation only")

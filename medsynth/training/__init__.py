@@ -11,12 +11,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
-                 progress: bool = True) -> TrainResult:
+                 progress: bool = True, allow_changed_data: bool = False) -> TrainResult:
     """Train ``config`` into ``run_dir`` whatever its family: a staged family (``ldm``: autoencoder,
     then diffusion) runs its stages in order, or only ``stage``. Returns the engine's ``TrainResult``
     (of the last stage trained). A recipe whose estimated memory cannot fit the device is refused
     first (:func:`medsynth.training.memory.check_memory`). With ``progress``, says once on stderr how many CPU threads torch
-    uses (:func:`medsynth.training.engine.cpu_threads`); ``RUN/report.md`` is the run's report."""
+    uses (:func:`medsynth.training.engine.cpu_threads`); ``RUN/report.md`` is the run's report.
+    ``allow_changed_data``: resume although a training file changed since the run started (else refused)."""
     import sys
 
     from medsynth.distributed import torchrun_env
@@ -38,7 +39,8 @@ def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, s
         setting, n = config.training.threads, cpu_threads(config.training.threads)
         sys.stderr.write(f"using {n} CPU thread{'s' if n != 1 else ''} (training.threads: {setting or '0 = auto'})\n")
     if not family.stages:
-        return train(config, run_dir, resume=resume, stage=stage, progress=progress)
+        return train(config, run_dir, resume=resume, stage=stage, progress=progress,
+                     allow_changed_data=allow_changed_data)
     check_run_dir(Path(run_dir), stage, resume, family.name)
     # One process group for all stages: under torchrun, a group destroyed after one stage and
     # created again for the next hangs in DDP's first collective.
@@ -47,7 +49,8 @@ def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, s
             runner = load_object(family.runner)
             if not callable(runner):
                 raise ConfigError(f"model.family {family.name!r}: its runner {family.runner} is not a function")
-            result: TrainResult = runner(config, run_dir, resume=resume, stage=stage, progress=progress)
+            result: TrainResult = runner(config, run_dir, resume=resume, stage=stage, progress=progress,
+                                         allow_changed_data=allow_changed_data)
             return result
         from medsynth.training.checkpoint import checkpoint_paths
         from medsynth.training.engine import checkpoint_dir
@@ -55,7 +58,8 @@ def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, s
         for s in family.stages if stage is None else (stage,):
             # a resumed run starts the stages it had not reached yet
             started = bool(checkpoint_paths(checkpoint_dir(Path(run_dir), s)))
-            result = train(config, run_dir, resume=resume and started, stage=s, progress=progress)
+            result = train(config, run_dir, resume=resume and started, stage=s, progress=progress,
+                           allow_changed_data=allow_changed_data)
         return result
 
 

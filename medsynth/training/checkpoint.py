@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from medsynth.data.atomic import atomic_path
+from medsynth.data.limits import format_bytes
 from medsynth.errors import CheckpointError
 
 FORMAT = "medsynth-checkpoint"
@@ -137,10 +139,27 @@ def save_checkpoint(folder: Path, step: int, payload: dict[str, Any], *, keep_la
     check_plain(payload)
     path = Path(folder) / checkpoint_name(step)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's zip writer on a full disk: "PytorchStreamWriter failed writing file"
+            if "PytorchStreamWriter" not in str(exc) and "write failed" not in str(exc):
+                raise
+            raise write_error(path, exc) from None
     for old in checkpoint_paths(folder)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
+
+
+def write_error(path: Path, exc: BaseException) -> CheckpointError:
+    """A failed weights write (torch's zip writer and safetensors raise their own errors, not OSError,
+    on a full disk) as one error naming the file and the free space left."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", first)[:200]
+    try:
+        free = f"{format_bytes(shutil.disk_usage(Path(path).parent).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    return CheckpointError(f"{path}: cannot be written ({first}; {free}); free some space, or check the folder")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -209,6 +228,11 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"medsynth": json.dumps(metadata, sort_keys=True, default=str)}
+    from safetensors import SafetensorError
+
     with atomic_path(Path(path)) as tmp:
-        save_file(plain, str(tmp), metadata=meta)
+        try:
+            save_file(plain, str(tmp), metadata=meta)
+        except SafetensorError as exc:  # "I/O error: No space left on device (os error 28)"
+            raise write_error(Path(path), exc) from None
     return Path(path)

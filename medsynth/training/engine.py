@@ -100,8 +100,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
-from medsynth.distributed import TorchrunEnv
+from medsynth.data.atomic import atomic_write_text
+from medsynth.data.ledger import LEDGER, LOCK_FILE, check_out_path, check_outside_inputs, claim_folder, made_by
+from medsynth.distributed import TorchrunEnv, torchrun_env
 from medsynth.errors import CheckpointError, ConfigError, JobError
+from medsynth.journal import changed_input, dataset_inputs, output_lock
 from medsynth.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -486,12 +489,62 @@ def check_run_dir(run_dir: Path, stage: str | None, resume: bool, family: str) -
             raise CheckpointError(f"{run_dir}: no such run to resume")
         return
     if stage is None:
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if run_dir.exists() and (not run_dir.is_dir() or any(c.name != LOCK_FILE for c in run_dir.iterdir())):
             raise JobError(f"{run_dir}: run folder exists; pass --resume to continue it, or choose another --out")
     elif ckpts.exists() and any(ckpts.iterdir()):
         raise JobError(f"{run_dir}: stage {stage!r} has checkpoints; pass --resume to continue it")
     if run_dir.exists() and not run_dir.is_dir():
         raise JobError(f"{run_dir}: exists and is not a folder")
+
+
+INPUTS_FILE = "inputs.json"
+
+
+def _empty(run_dir: Path) -> bool:
+    return not run_dir.exists() or all(c.name == LOCK_FILE for c in run_dir.iterdir())
+
+
+def _mark_train(run_dir: Path) -> None:
+    """Claim a run folder made before runs recorded their owner (a resume, or a later stage)."""
+    from medsynth import __version__
+
+    with open(run_dir / LEDGER, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"command": "train", "medsynth": __version__}) + "\n")
+
+
+def _stage_key(stage: str | None) -> str:
+    return stage or "run"
+
+
+def check_inputs(run_dir: Path, stage: str | None, inputs: dict[str, Any], resume: bool,
+                 allow_changed_data: bool) -> dict[str, Any]:
+    """The inputs to record for this stage (``RUN/inputs.json``: ``{stage: {"case ID": {path: sha256},
+    "manifest": {...}}}``). A resume compares them with the recorded ones first: JobError naming the
+    first changed case, unless ``allow_changed_data`` (then a warning, and the new record)."""
+    recorded = read_inputs(run_dir).get(_stage_key(stage))
+    if resume and recorded is not None:
+        changed = changed_input(recorded, inputs)
+        if changed is not None and not allow_changed_data:
+            raise JobError(f"cannot resume {run_dir}: {changed} since the run started (recorded in {INPUTS_FILE}); "
+                           "restore it, start a new run, or pass --allow-changed-data to go on with the new data")
+        if changed is not None:
+            warnings.warn(f"{run_dir}: resuming on changed data ({changed}); --allow-changed-data", stacklevel=2)
+    return inputs
+
+
+def read_inputs(run_dir: Path) -> dict[str, Any]:
+    """``RUN/inputs.json`` ({} when missing or unreadable: a run made before runs recorded their inputs)."""
+    try:
+        data = json.loads((run_dir / INPUTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def record_inputs(run_dir: Path, stage: str | None, inputs: dict[str, Any]) -> None:
+    data = read_inputs(run_dir)
+    data[_stage_key(stage)] = inputs
+    atomic_write_text(run_dir / INPUTS_FILE, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -652,17 +705,35 @@ def train(
     resume: bool = False,
     stage: str | None = None,
     progress: bool = True,
+    allow_changed_data: bool = False,
 ) -> TrainResult:
     """Train ``config.model.family`` on ``config.data.manifest`` into ``run_dir``.
 
-    Validates the run folder and the whole dataset before building any network. Under torchrun
-    (``WORLD_SIZE > 1``) every process calls this; rank 0 writes. Raises ConfigError, DataError,
-    CheckpointError or JobError for user mistakes.
+    Validates the run folder and the whole dataset before building any network. Rank 0 holds the run
+    folder's lock (:func:`medsynth.journal.output_lock`: one job a run folder) for the whole stage.
+    A resume compares the sha256 of every training file with those recorded when the stage started
+    (``RUN/inputs.json``) and refuses a changed case by name unless ``allow_changed_data``. Under
+    torchrun (``WORLD_SIZE > 1``) every process calls this; rank 0 writes. Raises ConfigError,
+    DataError, CheckpointError or JobError for user mistakes.
     """
     # 0. cheap checks before torch is even imported: the run folder, then the whole dataset
     run_dir = Path(run_dir)
+    check_out_path(run_dir)
     check_run_dir(run_dir, stage, resume, config.model.family)
-    manifest = validated_manifest(config.data.manifest)
+    main = torchrun_env().is_main
+    with contextlib.ExitStack() as held:
+        if main:
+            held.enter_context(output_lock(run_dir))  # a second job on this folder is refused, naming this one
+            check_run_dir(run_dir, stage, resume, config.model.family)  # again, now that no other job can change it
+        manifest = validated_manifest(config.data.manifest)
+        if main:
+            check_outside_inputs(run_dir, [Path(manifest.source or ".")])
+        inputs = check_inputs(run_dir, stage, dataset_inputs(manifest), resume, allow_changed_data) if main else None
+        return _train_held(config, run_dir, manifest, inputs, resume=resume, stage=stage, progress=progress)
+
+
+def _train_held(config: Config, run_dir: Path, manifest: Manifest, inputs: dict[str, Any] | None, *, resume: bool,
+                stage: str | None, progress: bool) -> TrainResult:
     device, rank, world, local_rank, ours = _init_distributed(config)
     import torch
 
@@ -673,7 +744,7 @@ def train(
                      world_size=world, local_rank=local_rank, stage=stage)
         deterministic = device.type == "cpu" or config.training.deterministic
         with _deterministic(deterministic):
-            return _train(rt, manifest, resume=resume, progress=progress)
+            return _train(rt, manifest, inputs, resume=resume, progress=progress)
     finally:
         torch.set_num_threads(threads_before)
         if ours:
@@ -682,10 +753,9 @@ def train(
             dist.destroy_process_group()
 
 
-def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> TrainResult:
+def _train(rt: Runtime, manifest: Manifest, inputs: dict[str, Any] | None, *, resume: bool, progress: bool) -> TrainResult:
     import torch
 
-    from medsynth.data.atomic import atomic_write_text
     from medsynth.data.loader import build_training_data, make_loader
     from medsynth.progress import progress_bar
     from medsynth.registry import get_family
@@ -738,6 +808,10 @@ def _train(rt: Runtime, manifest: Manifest, *, resume: bool, progress: bool) -> 
     metrics_path = run_dir / "metrics.jsonl"
     prefix = f"{stage}_" if stage else ""
     if rt.is_main:
+        if not made_by(run_dir, "train"):  # the folder is a training run's: `medsynth report` may write there
+            claim_folder(run_dir, "train", overwrite=False) if _empty(run_dir) else _mark_train(run_dir)
+        if inputs is not None:
+            record_inputs(run_dir, stage, inputs)
         (run_dir / "previews").mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         _truncate_metrics(metrics_path, start_step, stage)

@@ -597,7 +597,7 @@ def _clear_diffusion(run_dir: Path, rank: int) -> None:
 
 
 def train_ldm(config: Config, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
-              progress: bool = True) -> TrainResult:
+              progress: bool = True, allow_changed_data: bool = False) -> TrainResult:
     """Train the latent diffusion stages into ``run_dir``: both in order, or only ``stage``.
 
     Each stage trains with :func:`stage_config` (its own batch size when set) for :func:`stage_steps`
@@ -623,6 +623,7 @@ def train_ldm(config: Config, run_dir: str | Path, *, resume: bool = False, stag
                           "training the diffusion stage again from its seed", stacklevel=2)
             _clear_diffusion(run_dir, rank)
             has_ckpts = False
-        result = train(stage_config(config, s), run_dir, resume=resume and has_ckpts, stage=s, progress=progress)
+        result = train(stage_config(config, s), run_dir, resume=resume and has_ckpts, stage=s, progress=progress,
+                       allow_changed_data=allow_changed_data)
     assert result is not None  # STAGES is not empty
     return result

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medsynth.data.ledger import made_by
 from medsynth.errors import CheckpointError
 
 __all__ = [
@@ -270,6 +271,19 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{run_dir}: not a training run folder ({exc})") from None
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """CheckpointError unless ``run_dir`` is a run folder ``medsynth train`` made (its ownership ledger
+    names train, or it holds a readable run card): the report never rewrites a user's ``report.md``."""
+    from medsynth.runcard import CARD_FILE
+
+    if made_by(run_dir, "train"):
+        return
+    card, _ = _read_card(run_dir)
+    if card is None:
+        raise CheckpointError(f"{run_dir}: not a training run folder made by `medsynth train` (no ownership record and no "
+                              f"readable {CARD_FILE}); the report is written only into a training run's folder")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN/report.md`` and ``RUN/curves.png`` from the files of ``RUN`` (see the module
     docstring); returns the report's path. CheckpointError when RUN is not a training run folder."""
@@ -279,6 +293,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no such run folder")
+    check_run_folder(run_dir)
     config = _read_config(run_dir)
     if not (run_dir / METRICS_FILE).is_file():
         raise CheckpointError(f"{run_dir}: no {METRICS_FILE}; not a training run folder (or training has not "

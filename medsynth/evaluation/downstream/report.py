@@ -1,8 +1,9 @@
 """The output folder of ``medsynth downstream``: ``summary.json``, ``metrics.csv``, ``report.md``, ``dice.png``.
 
-Every file is written atomically, ``summary.json`` last (a folder with it is complete). A folder
-that is not empty is refused unless ``overwrite``; then only these four files are replaced, and only
-when the ``summary.json`` there was written by this command (other files are never touched).
+Every file is written atomically, ``summary.json`` last (a folder with it is complete). The folder
+follows :mod:`medsynth.ownership`: one that is not empty is refused unless ``overwrite``; then only the
+files an earlier downstream run recorded as its own (unchanged) are replaced, a file of one of these
+names it did not make stops it, and other files are never touched.
 ``metrics.csv`` has one row per variant x seed x test case x foreground label; an undefined value
 (Dice of a label absent from the reference, HD95 without both surfaces) is an empty cell.
 """
@@ -18,34 +19,10 @@ from dataclasses import astuple, fields
 from pathlib import Path
 
 from medsynth.data.atomic import atomic_write_text
-from medsynth.errors import JobError
-from medsynth.evaluation.downstream.summary import REFERENCE, SUMMARY_KIND, DownstreamSummary, MetricRow
+from medsynth.data.ledger import OwnedFolder
+from medsynth.evaluation.downstream.summary import REFERENCE, DownstreamSummary, MetricRow
 
 OUTPUT_FILES = ("summary.json", "metrics.csv", "report.md", "dice.png")
-
-
-def _ours(summary: Path) -> bool:
-    try:
-        data = json.loads(summary.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("kind") == SUMMARY_KIND
-
-
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """JobError unless ``out`` is new or empty, or (``overwrite``) holds an earlier run's outputs."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise JobError(f"--out {out}: exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise JobError(f"--out {out}: is not empty; choose another folder or pass --overwrite to replace "
-                       "an earlier `medsynth downstream` run there")
-    clash = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if clash and not _ours(out / "summary.json"):
-        raise JobError(f"--out {out}: holds {', '.join(clash)} not written by `medsynth downstream`; "
-                       "refusing to replace them (choose another folder)")
 
 
 def _cell(value: object) -> str:
@@ -127,11 +104,11 @@ def dice_chart(summary: DownstreamSummary, path: Path) -> Path:
                             path, reference=summary.reference, ylabel="mean Dice")
 
 
-def write_outputs(summary: DownstreamSummary, rows: Sequence[MetricRow], out: Path, *, overwrite: bool) -> list[Path]:
-    """Write the four outputs into ``out`` (checked again first); ``summary.json`` last."""
-    check_output_folder(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+def write_outputs(summary: DownstreamSummary, rows: Sequence[MetricRow], owned: OwnedFolder) -> list[Path]:
+    """Write the four outputs into the folder ``owned`` holds, each recorded as made; ``summary.json`` last."""
+    out = owned.out
     written = [atomic_write_text(out / "metrics.csv", metrics_csv(rows)), dice_chart(summary, out / "dice.png"),
                atomic_write_text(out / "report.md", _report_md(summary))]
     written.append(atomic_write_text(out / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n"))
+    owned.record(*written)
     return written

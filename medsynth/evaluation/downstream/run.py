@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from medsynth.data.ledger import OwnedFolder
 from medsynth.errors import ConfigError
 from medsynth.evaluation.downstream.data import DownstreamData, DownstreamWarning, LoadedCase, SyntheticSet
 from medsynth.evaluation.downstream.metrics import CaseMetrics, case_scores, nanmean, nanmean_axis, paired_bootstrap
@@ -47,6 +48,7 @@ from medsynth.evaluation.downstream.summary import (
     SeedStat,
     VariantResult,
 )
+from medsynth.ownership import own_output
 from medsynth.seeds import DownstreamTag, seed_sequence
 
 
@@ -148,21 +150,33 @@ def _fold_synthetic(s: SyntheticSet, split: Split) -> list[LoadedCase]:
 
 
 def run_downstream(options: DownstreamOptions) -> DownstreamSummary:
-    """Run the comparison (see the module docstring for the stages); write ``out`` if given."""
-    from medsynth.evaluation.downstream.data import load_inputs
-    from medsynth.evaluation.downstream.report import check_output_folder, write_outputs
-    from medsynth.evaluation.downstream.segmenter import plan_segmenter
-    from medsynth.progress import progress_bar
+    """Run the comparison (see the module docstring for the stages); write ``out`` if given, a folder
+    held and claimed before any work (:func:`medsynth.ownership.own_output`: never in, on or around an
+    input dataset; an overwrite replaces only the files an earlier downstream run made)."""
+    from medsynth.evaluation.downstream.report import OUTPUT_FILES
 
     t0 = time.perf_counter()
     # 1. options
     _check_options(options)
+    if options.out is None:
+        return _run_downstream(options, None, t0)
+    # 2. the output folder, before any work
+    inputs = [Path(options.train), *([Path(options.test)] if options.test is not None else []),
+              *map(Path, options.synthetic)]
+    with own_output(Path(options.out).expanduser().absolute(), "downstream", overwrite=options.overwrite,
+                    writes=OUTPUT_FILES, inputs=inputs) as owned:
+        return _run_downstream(options, owned, t0)
+
+
+def _run_downstream(options: DownstreamOptions, owned: OwnedFolder | None, t0: float) -> DownstreamSummary:
+    from medsynth.evaluation.downstream.data import load_inputs
+    from medsynth.evaluation.downstream.report import write_outputs
+    from medsynth.evaluation.downstream.segmenter import plan_segmenter
+    from medsynth.progress import progress_bar
+
     device = _device(str(options.device))
     seeds = [int(s) for s in options.seeds]
-    # 2. the output folder, before any work
-    out = None if options.out is None else Path(options.out).expanduser().absolute()
-    if out is not None:
-        check_output_folder(out, options.overwrite)
+    out = None if owned is None else owned.out
     # 3. the datasets
     data = load_inputs(Path(options.train), None if options.test is None else Path(options.test),
                        [Path(p) for p in options.synthetic], progress=options.progress)
@@ -223,9 +237,9 @@ def run_downstream(options: DownstreamOptions) -> DownstreamSummary:
     )
     summary.seconds = time.perf_counter() - t0
     # 8. outputs
-    if out is not None:
+    if owned is not None:
         rows = metric_rows(variants, seeds, case_ids, results, data)
-        write_outputs(summary, rows, out, overwrite=options.overwrite)
+        write_outputs(summary, rows, owned)
     return summary
 
 
