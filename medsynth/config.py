@@ -25,6 +25,7 @@ registered in :mod:`medsynth.registry`; nothing here lists the families.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -41,6 +42,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from medsynth.errors import ConfigError
+from medsynth.safe_yaml import load_yaml, read_yaml_file
 from medsynth.seeds import SEED_MAX
 
 DEFAULT_MRI_PERCENTILES = (0.5, 99.5)
@@ -526,6 +528,27 @@ class Config(StrictModel):
 # ---------------------------------------------------------------------------- loading
 
 
+#: the most characters of a value an error message shows
+SHOWN_CHARS = 80
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 2, 6, 6, 4, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = SHOWN_CHARS, SHOWN_CHARS, 40
+
+
+def short_text(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with ``...``."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_repr(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A repr of ``value`` of at most ``limit`` characters, built without the repr of anything large:
+    at most 6 items of a list and 2 levels of nesting are looked at, and an integer of more than
+    256 bits is shown by its size (so a YAML alias bomb or a huge number costs nothing to show)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"<an integer of {value.bit_length()} bits>"
+    return short_text(_SHORT.repr(value), limit)
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """One message listing every error with its dotted field path and the offending value."""
     lines = []
@@ -536,26 +559,23 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
             msg = "unknown field"
         got = err.get("input")
         quiet = err["type"] in ("missing", "extra_forbidden", "unknown_family") or isinstance(got, dict)
-        shown = "" if quiet else f" (got {got!r})"
-        lines.append(f"  {loc or '(top level)'}: {msg}{shown}")
+        shown = "" if quiet else f" (got {short_repr(got)})"
+        lines.append(f"  {short_text(loc, SHOWN_CHARS) or '(top level)'}: {short_text(msg, 4 * SHOWN_CHARS)}{shown}")
     n = len(lines)
     return f"{source}: {n} invalid setting{'s' if n != 1 else ''}:\n" + "\n".join(lines)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"training.max_steps=20"`` -> (["training", "max_steps"], 20); value parsed as YAML."""
-    import yaml
-
+    """``"training.max_steps=20"`` -> (["training", "max_steps"], 20); value parsed as YAML
+    (:func:`medsynth.safe_yaml.load_yaml`: safe tags only, aliases bounded)."""
+    shown = short_repr(item)
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value (e.g. training.max_steps=100)")
+        raise ConfigError(f"--set {shown}: expected key=value (e.g. training.max_steps=100)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"--set {item!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from None
+        raise ConfigError(f"--set {shown}: empty key")
+    value = load_yaml(raw, f"--set {shown}") if raw.strip() else None
     return key.split("."), value
 
 
@@ -606,18 +626,10 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any],
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (an empty file is ``{}``); ConfigError otherwise."""
-    import yaml
-
+    """A YAML file whose top level is a mapping (an empty file is ``{}``); ConfigError otherwise
+    (read by :func:`medsynth.safe_yaml.read_yaml_file`: safe tags only, size and aliases bounded)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    loaded = read_yaml_file(path)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

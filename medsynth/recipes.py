@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from medsynth.errors import ConfigError
+from medsynth.safe_yaml import load_yaml
 
 __all__ = ["Recipe", "RecipeKind", "list_recipes", "recipe_path", "recipes_dir"]
 
@@ -47,12 +48,10 @@ def recipes_dir() -> Path:
 
 def _describe(path: Path) -> tuple[RecipeKind, str]:
     """(kind, first comment line) of a recipe file."""
-    import yaml
-
     text = path.read_text(encoding="utf-8")
     first = text.lstrip().splitlines()[0] if text.strip() else ""
     description = first.lstrip("#").strip() if first.startswith("#") else ""
-    loaded = yaml.safe_load(text)
+    loaded = load_yaml(text, str(path))
     kind: RecipeKind = "train" if isinstance(loaded, dict) and "model" in loaded else "augment"
     return kind, description
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from scipy import stats
 from skimage.feature import graycomatrix, graycoprops
 
@@ -195,35 +196,28 @@ def test_fid_from_local_files(tmp_path):
     net = TinyFeatures().eval()
     ref = [phantom(rng, shape=(14, 14, 14))[0] for _ in range(6)]
     shifted = [im + 200.0 for im in ref]
-    exported = tmp_path / "features.pt2"
-    torch.export.save(torch.export.export(net, (torch.zeros(1, 1, 14, 14, 14),)), str(exported))
-    assert D.fid(ref, ref, feature_weights=exported) == pytest.approx(0.0, abs=1e-6)
-    far = D.fid(ref, shifted, feature_weights=exported)
-    assert far > 1e-3
-    # the same network as a state dict for a model the caller builds
     weights = tmp_path / "weights.pt"
     torch.save(net.state_dict(), weights)
-    assert D.fid(ref, shifted, feature_weights=weights, model=TinyFeatures()) == pytest.approx(far, rel=1e-5)
+    assert D.fid(ref, ref, feature_weights=weights, model=TinyFeatures()) == pytest.approx(0.0, abs=1e-6)
+    far = D.fid(ref, shifted, feature_weights=weights, model=TinyFeatures())
+    assert far > 1e-3
+    # the same state dict as safetensors
+    tensors = tmp_path / "weights.safetensors"
+    save_file(net.state_dict(), str(tensors))
+    assert D.fid(ref, shifted, feature_weights=tensors, model=TinyFeatures()) == pytest.approx(far, rel=1e-6)
+    # by hand: the features are the spatial means of the network's output
+    with torch.no_grad():
+        feats = [net(torch.from_numpy(im.astype(np.float32))[None, None]).flatten(2).mean(-1)[0].double().numpy()
+                 for im in [*ref, *shifted]]
+    assert far == pytest.approx(D.frechet_distance(np.stack(feats[:6]), np.stack(feats[6:])), rel=1e-6)
     with pytest.raises(DataError, match="not found"):
         D.fid(ref, ref, feature_weights=tmp_path / "missing.pt")
-    with pytest.raises(CheckpointError, match="TorchScript"):
-        D.fid(ref, ref, feature_weights=weights)  # a state dict without model=
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_fid_from_torchscript(tmp_path):
-    rng = np.random.default_rng(8)
-    torch.manual_seed(0)
-    net = TinyFeatures().eval()
-    scripted = tmp_path / "features.ts"
-    torch.jit.save(torch.jit.script(net), str(scripted))
-    ref = [phantom(rng, shape=(14, 14, 14))[0] for _ in range(4)]
-    shifted = [im + 200.0 for im in ref]
-    weights = tmp_path / "weights.pt"
-    torch.save(net.state_dict(), weights)
-    assert D.fid(ref, shifted, feature_weights=scripted) == pytest.approx(
-        D.fid(ref, shifted, feature_weights=weights, model=TinyFeatures()), rel=1e-5
-    )
+    with pytest.raises(CheckpointError, match="names no FID network"):
+        D.fid(ref, ref, feature_weights=weights)  # a state dict with neither a network name nor model=
+    narrow = TinyFeatures()
+    narrow.conv = torch.nn.Conv3d(1, 3, 3)
+    with pytest.raises(CheckpointError, match=r"weights.pt: key 'conv.weight' has shape \(4, 1, 3, 3, 3\)"):
+        D.fid(ref, ref, feature_weights=weights, model=narrow)
 
 
 # ------------------------------------------------------------------------------------ honest small sets

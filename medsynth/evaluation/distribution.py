@@ -6,8 +6,9 @@
   with a Frechet distance (:func:`frechet_distance`) and an RBF-kernel MMD (:func:`mmd`). These are
   scikit-image features: the numbers are not comparable with published values of the Frechet
   Radiomic Distance, which uses pyradiomics.
-- :func:`fid`: a Frechet distance over the features of a network the user names by a *local* file
-  (TorchScript, or a state dict for a model the caller builds). Off unless called; nothing downloads.
+- :func:`fid`: a Frechet distance over the features of a network built in code (a named architecture
+  of :mod:`medsynth.evaluation.fid_networks`, or a module the caller builds) with weights from a
+  *local* state dict (safetensors, or ``.pt`` read as tensors only). Off unless called; nothing downloads.
   Small sets are said to be small: with fewer than 2 x F images per set for F features the sample
   covariances are rank-deficient and the distance mostly measures estimation noise, so the result
   carries a warning, a bootstrap interval of each distance, the distance two sets of one
@@ -27,7 +28,6 @@ same shape with non-negative integers. Conventions and the exact feature list: `
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medsynth.errors import CheckpointError, DataError
+from medsynth.errors import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -566,42 +566,41 @@ def fid(
     candidate: Sequence[np.ndarray],
     *,
     feature_weights: str | Path,
+    network: str | None = None,
     model: torch.nn.Module | None = None,
     device: str = "cpu",
 ) -> float:
-    """Frechet distance over the features of a network loaded from a local file (off by default).
+    """Frechet distance over the features of a network whose weights come from a local file (off by default).
 
-    feature_weights: when ``model`` is None, a ``torch.export`` program (``torch.export.save``, ``.pt2``)
-        or a TorchScript file (``torch.jit.save``); else a state dict (loaded with
-        ``torch.load(weights_only=True)``) for the ``torch.nn.Module`` given as ``model``.
+    feature_weights: a state dict: ``.safetensors``, or ``.pt``/``.pth`` read with
+        ``torch.load(weights_only=True)``; any other file (a ``torch.export`` program, TorchScript, a
+        pickle) is refused unread, since it can carry code.
+    network: the architecture (:data:`medsynth.evaluation.fid_networks.FID_NETWORKS`, e.g.
+        ``"medicalnet_resnet10"``), built in code for the images' dimensionality; None: the name the
+        safetensors file's metadata gives (key ``medsynth.fid_network``).
+    model: instead of a named architecture, the ``torch.nn.Module`` the state dict is for.
     Each image is fed alone as a float32 ``(1, 1, *spatial)`` tensor in its own units (scale it first
     if the network expects otherwise); the output is flattened, after a global average over any
     spatial axes, into one feature vector. medsynth never downloads weights.
     """
     import torch
 
+    from medsynth.evaluation.fid_networks import (
+        check_weights_file,
+        load_fid_network,
+        load_weights_into,
+        read_state_dict,
+    )
+
     path = Path(feature_weights).expanduser()
-    if not path.is_file():
-        raise DataError(
-            f"FID feature weights not found: {path} (FID needs a local network file you provide; "
-            "medsynth downloads nothing)"
-        )
+    if model is not None and network is not None:
+        raise DataError("fid: pass either network= (a named architecture) or model= (your own module), not both")
     if model is None:
-        net = _load_network_file(path, device)
+        dims = _check_image(reference[0], "reference image 0").ndim if len(reference) else 3
+        net = load_fid_network(path, network, dims)
     else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be loaded as plain weights ({type(exc).__name__}: {exc})") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: weights do not fit the model ({exc})") from None
-        net = model.to(device)
-    with contextlib.suppress(NotImplementedError):  # a torch.export module: already in inference form
-        net.eval()
+        net = load_weights_into(model, read_state_dict(check_weights_file(path)), path)
+    net = net.to(device).eval()
 
     def features(images: Sequence[np.ndarray], what: str) -> np.ndarray:
         rows = []
@@ -609,7 +608,11 @@ def fid(
             for i, image in enumerate(images):
                 arr = _check_image(image, f"{what} image {i}")
                 t = torch.from_numpy(arr.astype(np.float32))[None, None].to(device)
-                out = net(t)
+                try:
+                    out = net(t)
+                except RuntimeError as exc:  # e.g. a 2D image for a 3D network
+                    raise DataError(f"{what} image {i} of shape {arr.shape}: the FID network of {path} cannot "
+                                    f"take it ({exc})") from None
                 if isinstance(out, (tuple, list)):
                     out = out[0]
                 if out.ndim > 2:
@@ -618,27 +621,6 @@ def fid(
         return np.stack(rows)
 
     return frechet_distance(features(reference, "reference"), features(candidate, "candidate"))
-
-
-def _load_network_file(path: Path, device: str) -> torch.nn.Module:
-    """A ``torch.export`` program, else a TorchScript module, from a local file."""
-    import warnings
-
-    import torch
-
-    try:
-        return torch.export.load(str(path)).module().to(device)
-    except Exception:  # not an exported program: try TorchScript below
-        pass
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch >= 2.10 deprecates TorchScript
-            return torch.jit.load(str(path), map_location=device)
-    except Exception as exc:  # torch raises RuntimeError/ValueError for other files
-        raise CheckpointError(
-            f"{path}: neither a torch.export program nor a TorchScript file ({type(exc).__name__}); "
-            "for a state dict pass model="
-        ) from None
 
 
 # ------------------------------------------------------------------------------------ SSIM sets

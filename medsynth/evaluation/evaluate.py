@@ -361,6 +361,7 @@ def evaluate_unpaired(
     max_pairs: int = 200,
     seed: int = 0,
     fid_weights: str | Path | None = None,
+    fid_network: str | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, Any], UnpairedExtras]:
     """Distribution metrics of a candidate (synthetic) dataset against a reference (real) dataset.
@@ -369,7 +370,8 @@ def evaluate_unpaired(
     over all its images (used for diversity and memorisation SSIM). Radiomic features use label
     regions when both datasets have label maps (the values present in all of them), else the
     foreground; they are z-normalised with the reference set. Memorisation compares each candidate
-    with every reference image (the reference plays the training set). FID only with ``fid_weights``.
+    with every reference image (the reference plays the training set). FID only with ``fid_weights``
+    (a state dict for the architecture ``fid_network``, or the one its safetensors metadata names).
     """
     from medsynth.augment.provenance import read_provenance
     from medsynth.data.manifest import read_manifest
@@ -381,8 +383,11 @@ def evaluate_unpaired(
         memorisation,
         warped_sources,
     )
+    from medsynth.evaluation.fid_networks import check_fid_weights
 
     data_range = parse_data_range(data_range)
+    if fid_weights is not None:  # before any work: the file, its ending and its architecture's name
+        fid_network = check_fid_weights(fid_weights, fid_network)
     reference, candidate = Path(reference), Path(candidate)
     ref = _load_set(reference, "reference", progress)
     cand = _load_set(candidate, "candidate", progress)
@@ -430,11 +435,12 @@ def evaluate_unpaired(
         "several seeds) is medsynth.evaluation.distribution.seed_diversity",
         "memorisation": mem.to_dict(),
         "fid": None,
-        "fid_note": "off; pass --fid-weights FILE (a local torch.export or TorchScript network) to compute it",
+        "fid_note": "off; pass --fid-weights FILE (a local safetensors state dict of a named network, "
+        "see --fid-network) to compute it",
     }
     if fid_weights is not None:
-        summary["fid"] = fid(ref.images, cand.images, feature_weights=fid_weights)
-        summary["fid_note"] = f"features from {fid_weights}"
+        summary["fid"] = fid(ref.images, cand.images, feature_weights=fid_weights, network=fid_network)
+        summary["fid_note"] = f"features from {fid_weights}" + (f" ({fid_network})" if fid_network else "")
     extras = UnpairedExtras(ref, cand, radiomics.reference_z, radiomics.candidate_z)
     return jsonable(summary), extras
 
@@ -468,6 +474,7 @@ def evaluate_report(
     unpaired: bool = False,
     out: str | Path | None = None,
     fid_weights: str | Path | None = None,
+    fid_network: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Compute the metrics and, with ``out`` (a folder :func:`run_evaluate` holds), write the report
@@ -477,13 +484,14 @@ def evaluate_report(
         if mask is not None:
             raise DataError("--mask applies to paired evaluation only")
         summary, extras = evaluate_unpaired(
-            reference, candidate, data_range=data_range, fid_weights=fid_weights, progress=progress
+            reference, candidate, data_range=data_range, fid_weights=fid_weights, fid_network=fid_network,
+            progress=progress,
         )
         if out_path is not None:
             summary["files"] = [str(p) for p in write_unpaired_report(summary, extras, out_path)]
         return summary
-    if fid_weights is not None:
-        raise DataError("--fid-weights applies to --unpaired evaluation only")
+    if fid_weights is not None or fid_network is not None:
+        raise DataError("--fid-weights and --fid-network apply to --unpaired evaluation only")
     summary, previews = evaluate_paired(reference, candidate, data_range=data_range, mask=mask, progress=progress)
     if out_path is not None:
         summary["files"] = [str(p) for p in write_paired_report(summary, previews, out_path)]
