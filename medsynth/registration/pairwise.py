@@ -76,6 +76,8 @@ def _checked(array: np.ndarray, name: str, settings: RegistrationSettings) -> np
         )
     if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
         raise RegistrationError(f"{name} image has non-finite or non-numeric values")
+    if array.min() == array.max():
+        raise RegistrationError(f"{name} image is constant (every voxel {array.flat[0]}): nothing to align")
     return _normalised(array)
 
 
