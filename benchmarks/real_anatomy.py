@@ -608,6 +608,66 @@ def oracle(out: Path, *, seeds: list[int], steps_seg: int | None, num: int, over
     print("\n".join(_downstream_table(summary)))
 
 
+def unlabelled(out: Path, *, seeds: list[int], steps_seg: int | None, num: int, overwrite: bool,
+               deformable: str | None, plain_sets: bool) -> None:
+    """The unlabelled pool (2D): fit an anatomy bank on OUT/data/train + OUT/data/pool, make the sets of each
+    anatomy source (pseudo labels, fill pairs on the propagated masks, fill pairs on bank-warped masks) and run
+    ``medsynth downstream`` on them beside the pool's true labels (the ceiling)."""
+    data, root = out / "data", out / "unlabelled"
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise SystemExit(f"error: {root} is not empty; pass --overwrite to replace it")
+    if root.exists():
+        shutil.rmtree(root)
+    splits = ("train", "test", "pool", "pool_truth")
+    paths = ({split: data / split / "dataset.json" for split in splits}
+             if all((data / s / "dataset.json").is_file() for s in splits) else build(data, 2, overwrite=True))
+    bank = root / "bank"
+    t0 = time.perf_counter()
+    _run(_medsynth("anatomy", str(paths["train"]), "--unlabelled", str(paths["pool"]), "--out", str(bank),
+                   *(["--deformable", deformable] if deformable else []), "--no-progress"))
+    facts = json.loads((bank / "bank.json").read_text())
+    emit(what="bank", seconds=round(time.perf_counter() - t0, 1), loo=facts["loo"],
+         targets=len(facts["targets"]), mean_agreement=round(float(np.mean([t["agreement"] for t in
+                                                                            facts["targets"].values()])), 4))
+    _pool_accuracy(bank, paths["pool_truth"])
+    sets = {"pool truth (ceiling)": paths["pool_truth"]}
+    n_pool = len(facts["targets"])
+    jobs = {
+        "pseudo": ["--method", "pseudo", "--anatomy", f"unlabelled:{bank}", "--num", str(n_pool)],
+        "fill on unlabelled": ["--method", "synthseg", "--config", str(FILL_PAIRS), "--anatomy", f"unlabelled:{bank}",
+                               "--num", str(num)],
+        "fill on bank": ["--method", "synthseg", "--config", str(FILL_PAIRS), "--anatomy", f"bank:{bank}",
+                         "--num", str(num)],
+    }
+    for name, args in jobs.items():
+        dest = root / name.replace(" ", "_")
+        _run(_medsynth("augment", str(paths["train"]), *args, "--out", str(dest), "--seed", "0", "--synthetic-only",
+                       "--no-progress"))
+        sets[name] = dest / "dataset.json"
+    synthetic = [arg for p in sets.values() for arg in ("--synthetic", str(p))]
+    steps = [] if steps_seg is None else ["--steps", str(steps_seg)]
+    _run(_medsynth("downstream", str(paths["train"]), "--test", str(paths["test"]), *synthetic,
+                   "--seeds", ",".join(map(str, seeds)) + ",", *steps, "--out", str(root / "downstream"),
+                   *([] if plain_sets else ["--no-plain-sets"]), "--json", "--no-progress"))
+    summary = json.loads((root / "downstream" / "summary.json").read_text())
+    emit(what="unlabelled", sets={k: str(v) for k, v in sets.items()}, summary=summary)
+    print("\n".join(_downstream_table(summary)))
+
+
+def _pool_accuracy(bank: Path, truth: Path) -> None:
+    """Dice per label of the bank's propagated masks against the pool's true labels (measured, never used)."""
+    from medsynth.data.nifti import read_volume
+    from medsynth.registration.bank import dice_per_label
+
+    rows = []
+    for case in read_cases(truth):
+        mask = bank / "masks" / f"{case.case_id}.nii.gz"
+        if mask.is_file():
+            rows.append(dice_per_label(np.asarray(read_volume(mask, kind="label").array), case.label, [1, 2, 3]))
+    emit(what="pool accuracy", cases=len(rows),
+         dice={LABELS[v]: round(float(np.nanmean([r[v] for r in rows])), 4) for v in (1, 2, 3)})
+
+
 def _last_json(text: str) -> Any:
     """The JSON object a ``--json`` command printed (the whole output, or the last object in it that starts
     a line), else the output's tail as text."""
@@ -689,6 +749,16 @@ def main() -> None:
     o.add_argument("--steps-seg", type=int, default=300, help="segmenter steps of `medsynth downstream`")
     o.add_argument("--num", type=int, default=64, help="fill pairs per set")
     o.add_argument("--overwrite", action="store_true")
+    u = sub.add_parser("unlabelled", help="anatomy bank on the unlabelled pool, its sets, downstream beside the "
+                       "pool's true labels")
+    u.add_argument("out", type=Path, help="OUT of `build` (data under OUT/data, built when missing)")
+    u.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
+    u.add_argument("--steps-seg", type=int, default=300, help="segmenter steps of `medsynth downstream`")
+    u.add_argument("--num", type=int, default=64, help="fill pairs per set")
+    u.add_argument("--deformable", choices=["demons", "bspline"], help="the bank's deformable stage")
+    u.add_argument("--no-plain-sets", dest="plain_sets", action="store_false",
+                   help="downstream trains only real+SET+classic per set")
+    u.add_argument("--overwrite", action="store_true")
     a = sub.add_parser("all", help="end to end on the 2D set: build, train, sample-eval, augment, downstream")
     a.add_argument("out", type=Path)
     a.add_argument("--steps-gan", type=int, default=1000)
@@ -715,6 +785,9 @@ def main() -> None:
         out = args.out or args.run.with_name(args.run.name + ".heldout")
         for row in sample_eval(args.run, args.test, train, args.seeds, out, args.name):
             emit(**row)
+    elif args.cmd == "unlabelled":
+        unlabelled(args.out, seeds=args.seeds, steps_seg=args.steps_seg, num=args.num, overwrite=args.overwrite,
+                   deformable=args.deformable, plain_sets=args.plain_sets)
     elif args.cmd == "oracle":
         oracle(args.out, seeds=args.seeds, steps_seg=args.steps_seg, num=args.num, overwrite=args.overwrite)
     else:

@@ -214,3 +214,16 @@ def test_unlabelled_folder_of_images_joins_the_pool(split_data: dict[str, Path],
     assert [c.case_id for c in cases][-1] == "extra_a" and len(cases) == POOL + 1
     with pytest.raises(Exception, match="also a labelled case's image"):
         unlabelled_cases(read_manifest(split_data["manifest"]), split_data["root"] / "imagesTr")
+
+
+def test_validate_counts_unlabelled_images_and_refuses_another_dimensionality(split_data: dict[str, Path],
+                                                                               tmp_path: Path) -> None:
+    code, output = _run("validate", split_data["manifest"], "--json", "--no-progress")
+    assert code == 0, output
+    fp = json.loads(output)["fingerprint"]
+    assert fp["labelled_cases"] == LABELLED and fp["unlabelled_cases"] == POOL
+    folder = _bad_pool(tmp_path, np.zeros((48, 48, 8), np.float32), np.eye(4))
+    code, output = _run("validate", split_data["manifest"], "--unlabelled", folder, "--json", "--no-progress")
+    report = json.loads(output)
+    assert code != 0 and any("bad.nii.gz" in p["file"] and "3D" in p["message"] and p["severity"] == "error"
+                             for p in report["problems"]), report["problems"]

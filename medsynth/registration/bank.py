@@ -56,6 +56,7 @@ from medsynth.registration import (
     warp_image,
     warp_labels,
 )
+from medsynth.registration.refine import intensity_fusion
 
 __all__ = ["BANK_FILE", "AnatomyBank", "BankOptions", "BankSummary", "dice_per_label", "fit_bank", "open_bank"]
 
@@ -64,7 +65,9 @@ BANK_JOURNAL = ".bank_journal.jsonl"
 BANK_FORMAT = 1
 #: workers per usable core, at most (each holds its atlases in memory)
 WORKERS_MAX = 16
-Fusion = Literal["majority", "weighted"]
+Fusion = Literal["majority", "weighted", "intensity"]
+#: the fusions, in the order ``--fusion`` lists them (intensity: chosen by leave-one-out Dice, RESULTS.md)
+FUSIONS: tuple[str, ...] = ("intensity", "majority", "weighted")
 
 
 @dataclass
@@ -73,16 +76,17 @@ class BankOptions:
 
     dataset: the labelled dataset (any manifest format; its unlabelled cases join the pool).
     out: the bank folder. unlabelled: ``--unlabelled`` (a manifest or a folder of images), or None.
-    registration: the settings of every pair. fusion: ``majority`` or ``weighted`` (locally weighted
-    voting). loo: also measure leave-one-out accuracy on the labelled cases. keep_fields: store each
-    atlas -> image displacement field (for ``augment --anatomy bank:``). workers: processes.
+    registration: the settings of every pair. fusion: ``intensity`` (the votes as a prior times a Gaussian
+    intensity model per label fitted on the target, :mod:`medsynth.registration.refine`), ``majority`` or
+    ``weighted`` (locally weighted voting). loo: also measure leave-one-out accuracy on the labelled cases.
+    keep_fields: store each atlas -> image displacement field (for ``augment --anatomy bank:``). workers: processes.
     """
 
     dataset: Path
     out: Path
     unlabelled: Path | None = None
     registration: RegistrationSettings = field(default_factory=RegistrationSettings)
-    fusion: Fusion = "majority"
+    fusion: Fusion = "intensity"
     loo: bool = True
     keep_fields: bool = True
     workers: int = 1
@@ -181,9 +185,11 @@ def _init_worker(atlas_cases: dict[str, tuple[list[str], str, str | None]]) -> N
     _ATLAS_CASES.update(atlas_cases)
 
 
-def _fuse(target_image: np.ndarray, propagated: list[np.ndarray], warped: list[np.ndarray],
+def _fuse(target_images: np.ndarray, propagated: list[np.ndarray], warped: list[np.ndarray],
           fusion: Fusion) -> tuple[np.ndarray, np.ndarray]:
-    weights = local_weights(target_image, warped) if fusion == "weighted" else None
+    if fusion == "intensity":
+        return intensity_fusion(target_images, propagated)
+    weights = local_weights(target_images[0], warped) if fusion == "weighted" else None
     return fuse_labels(propagated, weights=weights)
 
 
@@ -239,7 +245,7 @@ def _run_task(task: _Task) -> dict[str, Any]:
     if not propagated:
         record.update(failed=True, seconds=round(time.perf_counter() - t0, 3))
         return record
-    fused, agreement = _fuse(image, propagated, warped, task.fusion)
+    fused, agreement = _fuse(fixed.images, propagated, warped, task.fusion)
     fg = (fused > 0) | np.any(np.stack(propagated) > 0, axis=0)
     record["agreement"] = float(agreement[fg].mean()) if fg.any() else 1.0
     if truth is not None:
@@ -249,6 +255,7 @@ def _run_task(task: _Task) -> dict[str, Any]:
         record["dice"] = {
             "identity": dice_per_label(ident_fused, truth, labels),
             "affine": dice_per_label(aff_fused, truth, labels),
+            "deformable_majority": dice_per_label(fuse_labels(propagated)[0], truth, labels),
             "deformable": dice_per_label(fused, truth, labels),
             "deformable_single": {v: float(np.nanmean([dice_per_label(p, truth, [v])[v] for p in propagated]))
                                   for v in labels},
@@ -512,7 +519,7 @@ def fit_bank(options: BankOptions) -> BankSummary:
 def _loo_table(records: list[dict[str, dict[str, float]]], labels: Sequence[int]) -> dict[str, dict[str, float]]:
     """Mean leave-one-out Dice per method and label (``mean``: over the labels)."""
     table: dict[str, dict[str, float]] = {}
-    for method in ("identity", "affine", "deformable", "deformable_single"):
+    for method in ("identity", "affine", "deformable_majority", "deformable", "deformable_single"):
         row = {}
         for v in labels:
             if v == 0:

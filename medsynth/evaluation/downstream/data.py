@@ -128,8 +128,10 @@ def _is_marked_synthetic(case: Case) -> bool:
 def _set_name(manifest: Manifest, path: Path, provenance: dict[str, dict[str, object]] | None,
               ids: list[str]) -> str:
     methods = sorted({str(provenance[i].get("method")) for i in ids if provenance and provenance[i].get("method")})
-    if len(methods) == 1:
-        return methods[0]
+    anatomy = sorted({str(a.get("source")) for i in ids if provenance and isinstance(a := provenance[i].get("anatomy"), dict)
+                      and a.get("source") not in (None, "deform")})
+    if len(methods) == 1:  # the method, and where its masks came from when not from deformed labelled masks
+        return methods[0] + (f" on {anatomy[0]} masks" if len(anatomy) == 1 and methods[0] != "pseudo" else "")
     folder = Path(manifest.root) if manifest.root is not None else path.parent
     return folder.name or path.stem
 
@@ -153,6 +155,9 @@ def read_synthetic_set(path: Path, train_ids: set[str], progress: bool = False) 
     for c in syn:
         rec = provenance.get(c.case_id, {}) if provenance is not None else {}
         src = rec.get("source", c.extra.get("source"))
+        anatomy = rec.get("anatomy")
+        if isinstance(anatomy, dict) and anatomy.get("source") == "unlabelled":
+            src = None  # made from an unlabelled image of an anatomy bank, not from a training case
         sources[c.case_id] = None if src in (None, "") else str(src)
     name = _set_name(manifest, path, provenance, sorted(syn_ids))
     notes = []

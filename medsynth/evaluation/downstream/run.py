@@ -106,15 +106,17 @@ def _device(name: str) -> str:
     return name
 
 
-def variant_names(sets: Sequence[SyntheticSet]) -> list[Variant]:
-    """The variants in report order: real, real+classic, then real+<set> and real+<set>+classic per set."""
+def variant_names(sets: Sequence[SyntheticSet], plain: bool = True) -> list[Variant]:
+    """The variants in report order: real, real+classic, then real+<set> (unless not ``plain``) and
+    real+<set>+classic per set."""
     base = ["classic-pairs" if s.name == "classic" else s.name for s in sets]
     names = [f"{n}({_folder_name(s.path)})" if base.count(n) > 1 else n for n, s in zip(base, sets)]
     names = [f"{n}-{names[:i + 1].count(n)}" if names.count(n) > 1 else n  # same folder name too: number them
              for i, n in enumerate(names)]
     out = [Variant("real", None, False), Variant(REFERENCE, None, True)]
     for i, name in enumerate(names):
-        out += [Variant(f"real+{name}", i, False), Variant(f"real+{name}+classic", i, True)]
+        out += [Variant(f"real+{name}", i, False)] if plain else []
+        out += [Variant(f"real+{name}+classic", i, True)]
     return out
 
 
@@ -196,7 +198,7 @@ def _run_downstream(options: DownstreamOptions, owned: OwnedFolder | None, t0: f
     labels = sorted(data.labels)
     spec = plan_segmenter(options.network, data.spatial_dims, data.channels, len(labels),
                           [c.shape for c in data.train], base_channels=options.channels, patch_size=options.patch_size)
-    variants = variant_names(data.synthetic)
+    variants = variant_names(data.synthetic, options.plain_sets)
     # 6. train and test every variant x seed x fold
     results: dict[tuple[str, int], dict[str, tuple[int, CaseMetrics]]] = {}
     seconds: dict[str, float] = {}

@@ -42,7 +42,8 @@ class DownstreamOptions:
     channels: base channel count of the network (default 16). patch_size: cap on the patch side
     (default 256 in 2D, 96 in 3D). real_fraction: share of real samples in batches of variants with
     a synthetic set. bootstrap: bootstrap replicates of each confidence interval. workers: processes
-    making training batches (results do not depend on it).
+    making training batches (results do not depend on it). plain_sets: also train ``real+<set>`` without
+    the online classic chain (False: only ``real+<set>+classic`` beside ``real`` and ``real+classic``).
     """
 
     train: Path
@@ -62,6 +63,7 @@ class DownstreamOptions:
     workers: int = 0
     overwrite: bool = False
     progress: bool = False
+    plain_sets: bool = True
 
 
 @dataclass
