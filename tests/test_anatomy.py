@@ -66,7 +66,7 @@ def test_bank_masks_match_the_true_labels_better_than_identity(bank: Path, split
     assert facts["complete"] and sorted(facts["targets"]) == _pool_ids(split_data)
     for cid in _pool_ids(split_data):
         mask = read_volume(bank / "masks" / f"{cid}.nii.gz", kind="label")
-        image = read_volume(split_data["root"] / "imagesTs" / f"{cid}.nii.gz", kind="image")
+        image = read_volume(split_data["root"] / "imagesTr" / f"{cid}.nii.gz", kind="image")
         truth = read_volume(split_data["truth"] / f"{cid}.nii.gz", kind="label")
         agreement = read_volume(bank / "agreement" / f"{cid}.nii.gz", kind="image").array
         # the mask lies on the unlabelled image's grid, with its affine
@@ -105,7 +105,7 @@ def test_pseudo_writes_the_unlabelled_images_with_their_propagated_masks(bank: P
     assert sorted(p["source"] for p in prov) == _pool_ids(split_data)
     for p in prov:
         assert p["pseudo_labelled"] is True and 0.0 < p["anatomy"]["agreement"] <= 1.0
-        src = read_volume(split_data["root"] / "imagesTs" / f"{p['source']}.nii.gz", kind="image")
+        src = read_volume(split_data["root"] / "imagesTr" / f"{p['source']}.nii.gz", kind="image")
         img = read_volume(out / p["images"][0], kind="image")
         lab = read_volume(out / p["label"], kind="label")
         np.testing.assert_array_equal(np.asarray(img.array, np.float32), np.asarray(src.array, np.float32))
@@ -123,7 +123,7 @@ def test_bank_fields_warp_labelled_masks_onto_unlabelled_grids(bank: Path, split
     for p in prov:
         a = p["anatomy"]
         assert a["source"] == "bank" and a["atlas"] == p["source"] and a["alpha"] == 1.0
-        target = read_volume(split_data["root"] / "imagesTs" / f"{a['target']}.nii.gz", kind="image")
+        target = read_volume(split_data["root"] / "imagesTr" / f"{a['target']}.nii.gz", kind="image")
         lab = read_volume(out / p["label"], kind="label")
         np.testing.assert_allclose(lab.affine, target.affine, atol=1e-5)
         truth = read_volume(split_data["truth"] / f"{a['target']}.nii.gz", kind="label").array
