@@ -49,4 +49,9 @@ def own_output(out: Path, command: str, *, overwrite: bool = False, writes: Sequ
     check_out_path(out, option)
     check_outside_inputs(out, inputs, option)
     with output_lock(out):
-        yield claim_folder(out, command, overwrite=overwrite, writes=writes, option=option)
+        owned = claim_folder(out, command, overwrite=overwrite, writes=writes, option=option)
+        try:
+            yield owned
+        except BaseException:
+            owned.withdraw()  # failed before writing: a folder this call created is left as it was, absent
+            raise

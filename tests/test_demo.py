@@ -60,7 +60,7 @@ def test_rerun_into_the_same_folder_is_refused(demo_dir: Path) -> None:
     before = sorted(p.relative_to(demo_dir) for p in demo_dir.rglob("*"))
     result = CliRunner().invoke(app, ["demo", "--out", str(demo_dir), "--quick"])
     assert result.exit_code == 1
-    assert "already exists" in result.output and "--overwrite" in result.output
+    assert "exists and is not empty" in result.output and "--overwrite" in result.output
     assert "Traceback" not in result.output
     assert sorted(p.relative_to(demo_dir) for p in demo_dir.rglob("*")) == before
 
@@ -70,5 +70,5 @@ def test_overwrite_never_deletes_a_folder_the_demo_did_not_make(tmp_path: Path) 
     precious.mkdir()
     (precious / "scan.nii.gz").write_bytes(b"not ours")
     result = CliRunner().invoke(app, ["demo", "--out", str(precious), "--overwrite", "--quick"])
-    assert result.exit_code == 1 and "not a medsynth demo folder" in result.output
+    assert result.exit_code == 1 and "was not made by `medsynth demo`" in result.output
     assert (precious / "scan.nii.gz").read_bytes() == b"not ours"

@@ -69,6 +69,7 @@ from medsynth.errors import DataError, JobError
 from medsynth.journal import (
     INPUTS_KEY,
     Journal,
+    check_out_path,
     check_output_state,
     claim_output,
     dataset_inputs,
@@ -220,6 +221,7 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
     # 1. options
     check_options(options)
     out = Path(options.out).expanduser().absolute()
+    check_out_path(out)  # a broken link or a file as --out: one clear error before anything resolves it
     # 2. dataset: the manifest now (cheap), every file decoded and checked after the output checks
     manifest = read_manifest(Path(options.input))
     sources = [c for c in manifest.cases if c.label is not None and c.split == "train"]

@@ -141,6 +141,13 @@ class OwnedFolder:
         if files:
             _append(self.out, {"command": self.command, "files": files})
 
+    def withdraw(self) -> None:
+        """Take back the claim of a command that failed before writing anything: the ledger goes when
+        it holds only this claim (so that a folder the command created and left empty goes too)."""
+        lines = _ledger_lines(self.out)
+        if not self._seen and len(lines) == 1 and lines[0]["command"] == self.command and "files" not in lines[0]:
+            (self.out / LEDGER).unlink(missing_ok=True)
+
     def record_new(self) -> None:
         """Record every file under the folder that is new or changed since the last record, except
         those that were there when the command started (:attr:`before`) and the ledger and lock files."""
