@@ -134,7 +134,8 @@ class OwnedFolder:
         files = {}
         for path in paths:
             path = Path(path)
-            rel = path.relative_to(self.out).as_posix() if path.is_absolute() else path.as_posix()
+            # a path under the folder as given (relative or absolute), else one relative to it
+            rel = path.relative_to(self.out).as_posix() if path.is_relative_to(self.out) else path.as_posix()
             files[rel] = sha256_file(self.out / rel)
             st = (self.out / rel).stat()
             self._seen[rel] = (st.st_size, st.st_mtime_ns)
