@@ -73,7 +73,7 @@ def test_bank_masks_match_the_true_labels_better_than_identity(bank: Path, split
         assert mask.array.shape == image.array.shape
         np.testing.assert_allclose(mask.affine, image.affine, atol=1e-5)
         assert set(np.unique(mask.array).tolist()) <= {0, 1, 2, 3, 4, 5, 6}
-        assert 0.0 <= agreement.min() and agreement.max() <= 1.0 + 1e-6
+        assert agreement.min() >= 0.0 and agreement.max() <= 1.0 + 1e-6
         dice = dice_per_label(mask.array, truth.array, [1, 2, 3])
         assert np.nanmean(list(dice.values())) > 0.6, dice
     loo = facts["loo"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import functools
 import io
 import json
 import multiprocessing
@@ -236,7 +237,7 @@ def _run_task(task: _Task) -> dict[str, Any]:
                 affine_labels.append(identity_labels[-1])
         elif task.keep_fields:
             rel = f"fields/{atlas_id}__{tgt.case_id}.npy"
-            atomic_write_with(out / rel, lambda p, f=reg.field: _save_npy(p, f))
+            atomic_write_with(out / rel, functools.partial(_save_npy, array=reg.field))
             files[rel] = sha256_file(out / rel)
     record: dict[str, Any] = {"target": f"loo:{tgt.case_id}" if tgt.labelled else tgt.case_id,
                               "atlases": used, "skipped": skipped,
@@ -524,8 +525,8 @@ def _loo_table(records: list[dict[str, dict[str, float]]], labels: Sequence[int]
         for v in labels:
             if v == 0:
                 continue
-            vals = [r[method].get(str(v), r[method].get(v)) for r in records if method in r]  # type: ignore[call-overload]
-            vals = [x for x in vals if x is not None and np.isfinite(x)]
+            found = [r[method].get(str(v), r[method].get(v)) for r in records if method in r]  # type: ignore[call-overload]
+            vals = [float(x) for x in found if x is not None and np.isfinite(x)]
             row[str(v)] = round(float(np.mean(vals)), 4) if vals else float("nan")
         finite = [x for x in row.values() if np.isfinite(x)]
         row["mean"] = round(float(np.mean(finite)), 4) if finite else float("nan")
