@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from medsynth.cli import app
 
-COMMANDS = ("validate", "phantoms", "evaluate", "train", "sample", "augment", "demo", "recipes", "downstream", "export")
+COMMANDS = ("validate", "phantoms", "evaluate", "train", "sample", "augment", "demo", "recipes", "downstream", "export", "anatomy")
 
 
 def test_help_lists_every_command() -> None:
