@@ -229,6 +229,15 @@ def _upright(aligned: sitk.Image, fixed: sitk.Image, inside: sitk.Image) -> sitk
     return sitk.Cast(-aligned, sitk.sitkFloat32)
 
 
+def _levelled_off(history: list[float], window: int = 5, tolerance: float = 0.01) -> bool:
+    """The demons metric (mean squared difference) improved by less than ``tolerance`` (relative) over
+    the last ``window`` iterations: demons forces never vanish between different anatomies, so the
+    update size (RMS change) is no convergence test; the metric levelling off is."""
+    if len(history) <= window or history[-window - 1] <= 0:
+        return False
+    return (history[-window - 1] - history[-1]) / history[-window - 1] < tolerance
+
+
 def _demons_stage(
     fixed: sitk.Image, moving: sitk.Image, affine: sitk.Transform, settings: RegistrationSettings, clock: _Clock
 ) -> tuple[sitk.Transform, bool]:
@@ -264,13 +273,15 @@ def _demons_stage(
         demons.SetMaximumRMSError(0.01)
         demons.SetNumberOfThreads(threads)
         clock.watch(demons)
+        history: list[float] = []
+        demons.AddCommand(sitk.sitkIterationEvent, lambda d=demons, h=history: h.append(d.GetMetric()))
         try:
             field = demons.Execute(fixed_l, moving_l, initial)
         except RuntimeError as err:
             clock.check("demons")
             raise RegistrationError(f"the demons stage failed in ITK: {_first_line(err)}") from err
         clock.check("demons")
-        converged = demons.GetElapsedIterations() < settings.iterations
+        converged = demons.GetElapsedIterations() < settings.iterations or _levelled_off(history)
     assert field is not None  # settings.levels >= 1
     return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)]), converged
 

@@ -62,14 +62,14 @@ class RegistrationSettings:
     metric: Metric = "auto"
     initializer: Initializer = "geometry"
     levels: int = 3
-    iterations: int = 100
+    iterations: int = 30
     affine_iterations: int = 100
     threads: int = 1
     time_limit_s: float = 120.0
     seed: int = 0
     sampling_fraction: float = 1.0
     histogram_bins: int = 32
-    grid_spacing_mm: float = 16.0
+    grid_spacing_mm: float = 10.0
     demons_sigma_vox: float = 1.0
     max_voxels: int = DEFAULT_MAX_VOXELS
     max_folding_fraction: float = 0.05
