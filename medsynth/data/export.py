@@ -201,33 +201,55 @@ class _Writer:
             self.counts["rewrite"] += 1
 
 
-def _export_case(case: Case, channels: int, fmt: ManifestFormat, out: Path, ending: str | None, writer: _Writer) -> Case:
-    """Put one case's files into ``out`` for ``fmt``; its record in the new dataset."""
-    # 1. the label map (its grid also tells a multi-channel file's spatial shape)
-    label = None
-    spatial: tuple[int, ...] | None = None
-    if case.label is not None:
-        label = fmt.label_path(out, case.case_id, _new_ending(case.label, ending), case.split)
-        _check_inside([label], out, case.case_id)
-        writer.place(case.label, label, "label", _reusable(case.label, ending))
-    # 2. the images: one file per channel, one to one, or one multi-channel file split
+def _export_paths(case: Case, channels: int, fmt: ManifestFormat, out: Path,
+                  ending: str | None) -> tuple[list[Path], Path | None]:
+    """Where :func:`_export_case` writes ``case``'s files: ``(images, label)``; DataError for a case
+    id that would put a file outside ``out``."""
+    label = None if case.label is None else fmt.label_path(out, case.case_id, _new_ending(case.label, ending),
+                                                           case.split)
     if len(case.images) == channels:
         images = [fmt.image_paths(out, case.case_id, channels, _new_ending(src, ending), case.split)[c]
                   for c, src in enumerate(case.images)]
-        _check_inside(images, out, case.case_id)
+    elif len(case.images) == 1:  # one multi-channel file, split
+        images = fmt.image_paths(out, case.case_id, channels, ending or ".nii.gz", case.split)
+    else:
+        raise DataError(f"case {case.case_id}: {len(case.images)} image files for {channels} channel(s)")
+    _check_inside([*images, *([label] if label is not None else [])], out, case.case_id)
+    return images, label
+
+
+def _check_no_collisions(cases: list[Case], channels: int, fmt: ManifestFormat, out: Path, ending: str | None) -> None:
+    """Before anything is written: DataError if two cases would write one file (case ids that
+    differ as strings but resolve to the same path, ``./a`` and ``a``), so an export never holds
+    fewer cases than its input."""
+    owner: dict[str, str] = {}
+    for case in cases:
+        images, label = _export_paths(case, channels, fmt, out, ending)
+        for path in [*images, *([label] if label is not None else [])]:
+            first = owner.setdefault(os.path.normcase(os.path.normpath(path)), case.case_id)
+            if first != case.case_id:
+                raise DataError(f"cases {first!r} and {case.case_id!r} would both be written to {path}; "
+                                "rename one of them")
+
+
+def _export_case(case: Case, channels: int, fmt: ManifestFormat, out: Path, ending: str | None, writer: _Writer) -> Case:
+    """Put one case's files into ``out`` for ``fmt``; its record in the new dataset."""
+    images, label = _export_paths(case, channels, fmt, out, ending)
+    # 1. the label map (its grid also tells a multi-channel file's spatial shape)
+    spatial: tuple[int, ...] | None = None
+    if case.label is not None and label is not None:
+        writer.place(case.label, label, "label", _reusable(case.label, ending))
+    # 2. the images: one file per channel, one to one, or one multi-channel file split
+    if len(case.images) == channels:
         for src, dst in zip(case.images, images):
             writer.place(src, dst, "image", _reusable(src, ending))
-    elif len(case.images) == 1:
+    else:
         src = case.images[0]
-        images = fmt.image_paths(out, case.case_id, channels, ending or ".nii.gz", case.split)
-        _check_inside(images, out, case.case_id)
         if case.label is not None:
             spatial = tuple(read_volume(case.label, kind="label").array.shape)
         else:
             spatial = tuple(read_volume(src, kind="image").array.shape[:-1])
         writer.split(src, images, spatial)
-    else:
-        raise DataError(f"case {case.case_id}: {len(case.images)} image files for {channels} channel(s)")
     return replace(case, images=images, label=label)
 
 
@@ -259,6 +281,7 @@ def export_dataset(dataset: str | Path, out: str | Path, fmt: str, *, name: str 
     ending = target.export_ending(manifest)
     if ending is not None and ending not in NIFTI_SUFFIXES:
         raise ConfigError(f"format {target.name} declares file ending {ending!r}; medsynth export writes NIfTI only")
+    _check_no_collisions(manifest.cases, manifest.num_channels, target, out, ending)
     # 3. the files, case by case
     writer = _Writer("copy" if copy else "auto")
     claim_folder(out, "export", overwrite=False)  # new or empty: nothing there is replaced

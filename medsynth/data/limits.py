@@ -7,7 +7,8 @@ symlink to ``/dev/zero`` or a FIFO never ends. The readers of :mod:`medsynth.dat
 1. open only regular files (:func:`open_regular`: ``O_NONBLOCK``, so a FIFO cannot block the open,
    then ``fstat`` on the open descriptor, so a swap after the check cannot slip through);
 2. compare the claimed size with the memory ceiling (:func:`check_claimed_size`) before anything
-   of that size is allocated;
+   of that size is allocated; the size counted is the *decoded* one (a NIfTI's ``scl_slope`` makes
+   a uint8 volume decode to float64: 8 bytes a voxel), since that is what reading allocates;
 3. read compressed data through :class:`CappedInflater`, which never produces more than the
    header claims and tells a stream that ends early from one that goes on after the data.
 

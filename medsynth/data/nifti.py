@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,19 +81,24 @@ class Volume:
         return tuple(float(v) for v in norms[: self.spatial_ndim])
 
 
-def volume_suffix(path: Path) -> str:
-    name = Path(path).name.lower()
+def _file_name(path: str | Path) -> str:
+    """``Path(path).name``, from the string (a manifest may name 100k files)."""
+    return os.path.basename(os.fspath(path).rstrip("/"))
+
+
+def volume_suffix(path: str | Path) -> str:
+    name = _file_name(path).lower()
     for suffix in SUPPORTED_SUFFIXES:
         if name.endswith(suffix):
             return suffix
     return ""
 
 
-def strip_suffix(path: Path) -> str:
+def strip_suffix(path: str | Path) -> str:
     """The file name without its volume suffix (``c0.nii.gz`` -> ``c0``)."""
-    name = Path(path).name
-    suffix = volume_suffix(path)
-    return name[: len(name) - len(suffix)] if suffix else Path(path).stem
+    name = _file_name(path)
+    suffix = volume_suffix(name)
+    return name[: len(name) - len(suffix)] if suffix else Path(name).stem
 
 
 def _squeeze_trailing(array: np.ndarray) -> np.ndarray:
@@ -167,19 +173,42 @@ class _NiftiClaim:
 
     klass: Any
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: np.dtype  # as stored
     offset: int  # bytes before the voxel data (header, extensions)
+    decoded: np.dtype  # after scl_slope / scl_inter: what reading allocates (float64 for scaled integers)
 
     @property
     def data_bytes(self) -> int:
+        """Bytes of voxel data in the file."""
         return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of the decoded array (the memory ceiling counts these)."""
+        return math.prod(self.shape) * self.decoded.itemsize
 
     @property
     def end(self) -> int:
         return self.offset + self.data_bytes
 
-    def describe(self) -> str:
+    def stored(self) -> str:
         return f"shape {self.shape} {self.dtype}"
+
+    def describe(self) -> str:
+        scaled = "" if self.decoded == self.dtype else f" scaled (scl_slope/scl_inter) to {self.decoded}"
+        return f"{self.stored()}{scaled}"
+
+
+def _decoded_dtype(hdr: Any, dtype: np.dtype, path: Path) -> np.dtype:
+    """The dtype nibabel decodes the data to: as stored without scaling, else the stored type
+    promoted with float64 (``uint8`` -> ``float64``: 8 bytes a voxel)."""
+    try:
+        slope, inter = hdr.get_slope_inter()
+    except Exception as exc:  # nibabel raises HeaderDataError and others for odd scaling fields
+        raise DataError(f"{path}: unreadable scl_slope/scl_inter ({type(exc).__name__}: {exc})") from None
+    if slope is None or (slope, inter) == (1.0, 0.0) or dtype.kind not in "biufc":
+        return dtype  # unscaled, or a type nibabel does not scale (RGB, void): reading reports it
+    return np.result_type(dtype, np.float64)
 
 
 def _nifti_claim(head: bytes, path: Path) -> _NiftiClaim:
@@ -199,6 +228,7 @@ def _nifti_claim(head: bytes, path: Path) -> _NiftiClaim:
             dtype = np.dtype(hdr.get_data_dtype())
         except Exception:  # an unknown code: KeyError or HeaderDataError
             raise DataError(f"{path}: unknown NIfTI datatype code {int(hdr['datatype'])}") from None
+        decoded = _decoded_dtype(hdr, dtype, path)
     if len(shape) == 0 or any(s == 0 for s in shape):
         raise DataError(f"{path}: has a zero-size axis (shape {shape})")
     if any(s < 0 for s in shape):
@@ -212,7 +242,7 @@ def _nifti_claim(head: bytes, path: Path) -> _NiftiClaim:
     if vox_offset > MAX_NIFTI_OFFSET:
         raise DataError(f"{path}: vox_offset {vox_offset:.0f} claims {format_bytes(int(vox_offset))} of header "
                         f"extensions before the data; more than {format_bytes(MAX_NIFTI_OFFSET)} is refused")
-    return _NiftiClaim(klass=klass, shape=shape, dtype=dtype, offset=int(vox_offset))
+    return _NiftiClaim(klass=klass, shape=shape, dtype=dtype, offset=int(vox_offset), decoded=decoded)
 
 
 def _read_nifti_bytes(path: Path, suffix: str, memory_limit: int | None) -> tuple[bytes, _NiftiClaim]:
@@ -234,12 +264,12 @@ def _read_nifti_bytes(path: Path, suffix: str, memory_limit: int | None) -> tupl
         if not compressed:
             claim = _nifti_claim(fh.read(NIFTI2_HEADER_SIZE), path)
             if claim.end > size:
-                raise DataError(f"{path}: truncated or corrupt data: header claims {claim.describe()} = {claim.data_bytes} bytes "
+                raise DataError(f"{path}: truncated or corrupt data: header claims {claim.stored()} = {claim.data_bytes} bytes "
                                 f"of voxel data from byte {claim.offset}, the file holds {size} bytes")
             if claim.end < size:
                 raise DataError(f"{path}: {size - claim.end} bytes after the {claim.data_bytes} bytes of voxel "
-                                f"data the header claims ({claim.describe()}); the header does not describe this file")
-            check_claimed_size(path, claim.data_bytes, claim.describe(), memory_limit)
+                                f"data the header claims ({claim.stored()}); the header does not describe this file")
+            check_claimed_size(path, claim.decoded_bytes, claim.describe(), memory_limit)
             fh.seek(0)
             raw = _read_all(fh, size, path)
             return raw, claim
@@ -248,8 +278,8 @@ def _read_nifti_bytes(path: Path, suffix: str, memory_limit: int | None) -> tupl
         stream = CappedInflater(fh, path, wbits=31)
         head = stream.read(NIFTI2_HEADER_SIZE)
         claim = _nifti_claim(head, path)
-        check_claimed_size(path, claim.data_bytes, claim.describe(), memory_limit)
-        what = f"{claim.describe()} = {claim.data_bytes} bytes of voxel data from byte {claim.offset}"
+        check_claimed_size(path, claim.decoded_bytes, claim.describe(), memory_limit)
+        what = f"{claim.stored()} = {claim.data_bytes} bytes of voxel data from byte {claim.offset}"
         if len(head) >= claim.end:
             raw = head[: claim.end]
             if len(head) > claim.end:
@@ -262,7 +292,8 @@ def _read_nifti_bytes(path: Path, suffix: str, memory_limit: int | None) -> tupl
 
 
 def _claim_of(path: Path, root: str | Path | None) -> tuple[int, int]:
-    """(bytes of decoded voxel data, bytes per value) the header of ``path`` claims."""
+    """(bytes of decoded voxel data, bytes per decoded value) the header of ``path`` claims (after a
+    NIfTI's scl_slope/scl_inter: a scaled uint8 volume counts 8 bytes a voxel)."""
     path = Path(path)
     if "\x00" in str(path):
         raise DataError(f"{path!r}: a file name cannot contain a NUL byte")
@@ -278,7 +309,7 @@ def _claim_of(path: Path, root: str | Path | None) -> tuple[int, int]:
         else:
             fh.seek(0)
             claim = _nifti_claim(fh.read(NIFTI2_HEADER_SIZE), path)
-    return claim.data_bytes, claim.dtype.itemsize
+    return claim.decoded_bytes, claim.decoded.itemsize
 
 
 def claimed_bytes(path: str | Path, *, root: str | Path | None = None) -> int:

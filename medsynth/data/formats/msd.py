@@ -9,6 +9,7 @@ field of an entry are kept.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,7 @@ class MsdFormat(ManifestFormat):
                 cases.append(_entry(entry, i, split_key, split, root, path))
         if "training" not in data:
             raise DataError(f"{path}: no \"training\" list (not an MSD dataset.json)")
-        ids = [c.case_id for c in cases]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        dupes = sorted(i for i, n in Counter(c.case_id for c in cases).items() if n > 1)
         if dupes:
             raise DataError(f"{path}: duplicate case ids {dupes}")
         return Manifest(
@@ -160,7 +160,7 @@ def _entry(entry: object, i: int, split_key: str, split: str, root: Path, path: 
     label = entry.get("label")
     if label is not None and not isinstance(label, str):
         raise DataError(f"{path}: {split_key}[{i}] \"label\" must be a path")
-    case_id = str(entry.get("case_id") or strip_suffix(Path(images[0])))
+    case_id = str(entry.get("case_id") or strip_suffix(images[0]))
     extra = {k: v for k, v in entry.items() if k not in {"image", "label", "case_id"}}
     return Case(
         case_id=case_id,
