@@ -46,6 +46,7 @@ from medsynth.data.formats import get_format
 from medsynth.data.formats.base import duplicate_notes
 from medsynth.data.labels import label_problems
 from medsynth.data.manifest import read_manifest
+from medsynth.data.unlabelled import unlabelled_from
 from medsynth.errors import DataError
 from medsynth.progress import progress_bar
 
@@ -489,8 +490,9 @@ def _check_case(case: Case, manifest: Manifest, index: int, manifest_name: str,
     label: Volume | None = None
     counts: dict[float, int] | None = None
     if case.label is None:
-        if case.split != "test":
-            problems.append(warning(case.images[0], f"case {case.case_id} has no label (not usable for training)"))
+        if case.split not in ("test", "unlabelled"):
+            problems.append(warning(case.images[0], f"case {case.case_id} has no label (an unlabelled image: "
+                                    "`medsynth anatomy` can propagate labels to it)"))
     else:
         if case.label in case.images:
             problems.append(error(case.label, f"case {case.case_id} uses the same file as image and label"))
@@ -603,6 +605,7 @@ def fingerprint(manifest: Manifest, stats: list[_CaseStats]) -> dict[str, Any]:
         "format": manifest.format,
         "cases": len(stats),
         "labelled_cases": len(labelled),
+        "unlabelled_cases": sum(1 for c in manifest.cases if c.label is None),
         "channels": list(manifest.channels),
         "dimensionality": main_dim if len(stats) else None,
         "cases_per_dimensionality": {f"{d}D": n for d, n in sorted(dim_counts.items())},
@@ -631,13 +634,28 @@ def fingerprint(manifest: Manifest, stats: list[_CaseStats]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- entry points
 
 
-def validate_dataset(path: str | Path, *, progress: bool = False, memory_limit: int | None = None) -> ValidationReport:
+def _check_unlabelled_dims(manifest: Manifest, stats: list[_CaseStats]) -> list[Problem]:
+    """An error for each unlabelled case whose dimensionality differs from every labelled case's."""
+    labelled = {c.case_id for c in manifest.cases if c.label is not None}
+    dims = {len(s.shape) for s in stats if s.case_id in labelled}
+    if len(dims) != 1:
+        return []
+    (dim,) = dims
+    files = {c.case_id: c.images[0] for c in manifest.cases}
+    return [error(files[s.case_id], f"unlabelled case {s.case_id} is {len(s.shape)}D, the labelled cases are {dim}D")
+            for s in stats if s.case_id not in labelled and len(s.shape) != dim]
+
+
+def validate_dataset(path: str | Path, *, progress: bool = False, memory_limit: int | None = None,
+                     unlabelled: str | Path | None = None) -> ValidationReport:
     """Decode and check every file of the dataset at ``path``; return every problem found.
 
     path: an MSD JSON (any name), a CSV manifest, or an nnU-Net raw folder (or its dataset.json).
     progress: show a progress bar over cases on stderr (:func:`medsynth.progress.progress_bar`).
     memory_limit: bytes of voxel data one case's files may claim together (``None``:
         :func:`medsynth.data.limits.default_memory_limit`); a case claiming more is an error.
+    unlabelled: more unlabelled images (``--unlabelled``: a manifest or a folder of images), checked as the
+        dataset's own: decoded, finite, the channel count and dimensionality of the labelled cases.
     Never raises for bad data: unreadable manifests and files become problems of the report.
     """
     from medsynth.data.limits import default_memory_limit
@@ -654,6 +672,13 @@ def validate_dataset(path: str | Path, *, progress: bool = False, memory_limit: 
     except Exception as exc:  # an unexpected manifest must still give a report, not a traceback
         report.problems.append(error(path, _one_line(f"cannot read manifest ({type(exc).__name__}: {exc})")))
         return report
+    if unlabelled is not None:
+        try:
+            extra = unlabelled_from(unlabelled, manifest.num_channels)[0]
+        except DataError as exc:
+            report.problems.append(error(unlabelled, _one_line(_strip_prefix(str(exc), Path(unlabelled)))))
+            return report
+        manifest = manifest.with_cases([*manifest.cases, *extra])
     report.manifest = manifest
     report.root = str(manifest.root) if manifest.root else None
     report.problems += _check_manifest(manifest)
@@ -669,6 +694,7 @@ def validate_dataset(path: str | Path, *, progress: bool = False, memory_limit: 
             bar.advance()
     # 3. across cases
     report.problems += _check_dimensionality(stats, manifest.source)
+    report.problems += _check_unlabelled_dims(manifest, stats)
     if report.ok and stats:
         report.fingerprint = fingerprint(manifest, stats)
     return report
@@ -738,7 +764,7 @@ def print_report(report: ValidationReport, console: Console | None = None) -> No
     if not fp:
         return
     info = Table(title="Fingerprint", show_header=False, title_justify="left")
-    info.add_row("cases", f"{fp['cases']} ({fp['labelled_cases']} labelled)")
+    info.add_row("cases", f"{fp['cases']} ({fp['labelled_cases']} labelled, {fp.get('unlabelled_cases', 0)} unlabelled)")
     info.add_row("channels", escape(", ".join(f"{i}: {c}" for i, c in enumerate(fp["channels"]))))
     info.add_row("dimensionality", f"{fp['dimensionality']}D")
     for key, unit in (("shapes", "voxels"), ("spacings", "mm")):
