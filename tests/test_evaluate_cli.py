@@ -210,7 +210,7 @@ def test_unpaired(tmp_path):
     s1 = next(c for c in mem["cases"] if c["case_id"] == "s1")
     assert s1["nearest_id"] == "r2" and s1["max_ssim"] == pytest.approx(1.0, abs=1e-6)
     assert out["fid"] is None
-    names = sorted(p.name for p in out_dir.iterdir())
+    names = sorted(p.name for p in out_dir.iterdir() if p.name != ".medsynth-owner.jsonl")  # the ownership ledger
     assert names == ["features.png", "memorisation.png", "metrics.csv", "montage.png", "summary.json"]
     with open(out_dir / "metrics.csv", newline="") as fh:
         rows = {r["case_id"]: r for r in csv.DictReader(fh)}

@@ -28,6 +28,8 @@ same shape with non-negative integers. Conventions and the exact feature list: `
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -305,7 +307,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     mu1, mu2 = a.mean(axis=0), b.mean(axis=0)
     s1 = np.atleast_2d(np.cov(a, rowvar=False))
     s2 = np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():
+    # scipy prints "Failed to find a square root." on stdout for a singular product (handled below): keep
+    # stdout for the caller's own output (`evaluate --json`)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore", linalg.LinAlgWarning)  # singular products are handled below
         covmean = linalg.sqrtm(s1 @ s2)
         if not np.all(np.isfinite(covmean)):
