@@ -149,8 +149,13 @@ def _affine_stage(
         start = init.Execute(fixed, moving, sitk.AffineTransform(fixed.GetDimension()))
     except RuntimeError as err:
         raise RegistrationError(f"the centring stage failed in ITK: {_first_line(err)}") from err
-    # 2. affine
+    # 2. affine: at most settings.affine_samples random (seeded) voxels per level; 12 parameters need few
     method = _method(settings, mask)
+    voxels = [float(np.prod(fixed.GetSize())) / f ** fixed.GetDimension() for f in settings.shrink_factors]
+    fractions = [min(settings.sampling_fraction, settings.affine_samples / n) for n in voxels]
+    if min(fractions) < 1:
+        method.SetMetricSamplingStrategy(method.RANDOM)
+        method.SetMetricSamplingPercentagePerLevel(fractions, _itk_seed(settings.seed))
     # regular-step descent halves its step when the gradient turns: plain gradient descent overshoots
     # and oscillates on Mattes MI (a 6 mm shift ended at 10 mm)
     method.SetOptimizerAsRegularStepGradientDescent(
@@ -266,7 +271,10 @@ def _demons_stage(
         start = sitk.Transform(ndim, sitk.sitkIdentity) if field is None else sitk.DisplacementFieldTransform(field)
         initial = to_field.Execute(start)
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
-        demons.SetNumberOfIterations(settings.iterations)
+        # half the iterations at full resolution (as ANTs' schedules do): 96^3 went 8.4 s -> 5.1 s for -0.002 Dice
+        iterations = settings.iterations if factor > 1 else max(1, settings.iterations // 2)
+        demons.SetNumberOfIterations(iterations)
+        demons.UseFirstOrderExpOn()  # exp(v) ~ x + v each step: faster, and 2D Dice was no worse
         demons.SetStandardDeviations(settings.demons_sigma_vox)
         demons.SmoothDisplacementFieldOn()
         demons.SetUseGradientType(demons.Symmetric)
@@ -281,7 +289,7 @@ def _demons_stage(
             clock.check("demons")
             raise RegistrationError(f"the demons stage failed in ITK: {_first_line(err)}") from err
         clock.check("demons")
-        converged = demons.GetElapsedIterations() < settings.iterations or _levelled_off(history)
+        converged = demons.GetElapsedIterations() < iterations or _levelled_off(history)
     assert field is not None  # settings.levels >= 1
     return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(field)]), converged
 
