@@ -4,8 +4,9 @@ Stages (each multi-resolution, shrink factors ``2**(levels-1) .. 1`` with Gaussi
 
 1. centring: ``CenteredTransformInitializer`` (image centres or intensity moments);
 2. affine: ``ImageRegistrationMethod``, gradient descent with scales from physical shift;
-3. deformable, on top of the affine: a cubic B-spline grid (L-BFGS-B, the grid refined at each
-   level) or diffeomorphic demons on the affine-resampled moving image (histogram matched);
+3. deformable, on top of the affine: diffeomorphic demons on the affine-resampled moving image
+   (an inverted contrast negated, then histogram matched; the field carried from level to level) or
+   a cubic B-spline grid (gradient descent with line search, the grid refined at each level);
 4. the composite transform sampled as a displacement field on the fixed grid (RAS mm), and the
    quality figures: similarity before/after, folding fraction.
 

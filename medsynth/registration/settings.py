@@ -32,11 +32,13 @@ class RegistrationSettings:
 
     transform: ``"affine"`` (initialisation, then affine) or ``"deformable"`` (then the
         ``deformable`` stage on top of the affine).
-    deformable: ``"bspline"`` (free-form deformation: a cubic B-spline grid optimised by gradient
-        descent with line search on the metric, the grid refined at each level) or ``"demons"``
-        (symmetric-gradient diffeomorphic demons on the affine-aligned moving image, whose contrast is
-        first mapped onto the fixed one: by the conditional mean of the joint histogram for ``"mi"``,
-        by histogram matching for ``"mse"``).
+    deformable: ``"demons"`` (default: symmetric-gradient diffeomorphic demons on the affine-aligned
+        moving image, histogram matched to the fixed one; an inverted contrast, intensities that fall
+        where the fixed ones rise, is negated first) or ``"bspline"`` (free-form deformation: a cubic
+        B-spline grid optimised on the metric by gradient descent with line search, the grid refined
+        at each level; the choice for contrasts that are not monotone functions of each other).
+        Demons measured better on real anatomy (``benchmarks/registration.py``: 2D MNI slice pairs
+        Dice 0.68 / 0.86 / 0.84 for CSF / GM / WM at 0.1 s against 0.65 / 0.83 / 0.81 at 3 s).
     metric: ``"auto"`` / ``"mi"``: Mattes mutual information (works across contrasts);
         ``"mse"``: mean squared difference (same contrast and intensity scale).
     initializer: the centring before the affine stage: ``"geometry"`` (image centres) or
