@@ -80,10 +80,12 @@ def real_cases_out(manifest: Manifest, out: Path, layout: OutputLayout, mode: st
         if mode == "reference":
             result.append(RealCase(case, {}))
             continue
-        if any(volume_suffix(f) in DETACHED_SUFFIXES for f in files):
+        # a header whose voxels lie in another file, or a DICOM series folder, cannot be one placed file
+        if any(volume_suffix(f) in DETACHED_SUFFIXES or Path(f).is_dir() for f in files):
             if mode != "auto" or layout.format.places_cases:
-                raise DataError(f"case {case.case_id}: {files[0]} keeps its voxels in a separate file, which --real "
-                                f"{mode} cannot place; convert the case to .nii.gz or .mha first, or use --real reference")
+                raise DataError(f"case {case.case_id}: {files[0]} keeps its voxels in separate files, which --real "
+                                f"{mode} cannot place; convert the case to .nii.gz or .mha first (medsynth export), "
+                                "or use --real reference")
             detached.append(case.case_id)
             result.append(RealCase(case, {}))
             continue
@@ -95,7 +97,8 @@ def real_cases_out(manifest: Manifest, out: Path, layout: OutputLayout, mode: st
         result.append(RealCase(replace(case, images=images, label=label), placed))
     if detached:
         warnings.warn(f"{len(detached)} real case(s) ({', '.join(detached[:3])}) keep their voxels in separate files "
-                      "(.mhd/.nhdr): they stay where they are and the output lists them by path", stacklevel=2)
+                      "(.mhd/.nhdr, or a DICOM series): they stay where they are and the output lists them by path",
+                      stacklevel=2)
     return result
 
 

@@ -164,7 +164,7 @@ def _labels_in_data(manifest: Manifest) -> dict[int, str]:
 def _reusable(src: Path, ending: str | None) -> bool:
     """Whether ``src`` can go over byte for byte (its own ending fits, its voxels are in it)."""
     suffix = volume_suffix(src)
-    return suffix not in DETACHED_SUFFIXES and (ending is None or suffix == ending)
+    return suffix not in DETACHED_SUFFIXES and not Path(src).is_dir() and (ending is None or suffix == ending)
 
 
 def _new_ending(src: Path, ending: str | None) -> str:
@@ -173,7 +173,7 @@ def _new_ending(src: Path, ending: str | None) -> str:
     if ending is not None:
         return ending
     suffix = volume_suffix(src)
-    return suffix if suffix not in DETACHED_SUFFIXES else ".nii.gz"
+    return suffix if suffix not in DETACHED_SUFFIXES and not Path(src).is_dir() else ".nii.gz"  # DICOM: NIfTI
 
 
 class _Writer:

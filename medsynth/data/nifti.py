@@ -33,6 +33,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from medsynth.data.atomic import atomic_path
+from medsynth.data.dicom import read_dicom_series
 from medsynth.data.itk_header import ItkClaim, checked_itk_file, itk_claim
 from medsynth.data.labels import as_label_array, label_problems
 from medsynth.data.limits import CappedInflater, check_claimed_size, default_memory_limit, format_bytes, open_regular
@@ -119,6 +120,7 @@ def read_volume(
         :func:`~medsynth.data.limits.default_memory_limit`); checked before anything of that size
         is allocated, as is the claim against the bytes the file really holds.
     root: the folder a MetaImage/NRRD header's data file must lie in (default: the header's folder).
+    A folder is read as the one DICOM series it holds (:func:`medsynth.data.dicom.read_dicom_series`).
     Only regular files are read (no FIFOs, devices or sockets, also not through a symlink).
     """
     path = Path(path)
@@ -126,8 +128,8 @@ def read_volume(
         raise DataError(f"{path!r}: a file name cannot contain a NUL byte")
     if not path.exists():
         raise DataError(f"{path}: file not found" + (" (dangling symbolic link)" if path.is_symlink() else ""))
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, expected a volume file")
+    if path.is_dir():  # a folder of one DICOM series (medsynth.data.dicom), in RAS like .mha
+        return _itk_volume(read_dicom_series(path, memory_limit=memory_limit), path)
     suffix = volume_suffix(path)
     if not suffix:
         raise DataError(
@@ -411,13 +413,20 @@ def _read_itk(path: Path, suffix: str, claim: ItkClaim) -> Volume:
     except Exception as exc:  # SimpleITK raises RuntimeError with its own text
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a readable image ({first})") from None
-    dim = img.GetDimension()
     size = img.GetSize()
     if math.prod(size) * img.GetNumberOfComponentsPerPixel() != math.prod(claim.sizes) * claim.components:
         raise DataError(f"{path}: SimpleITK read size {size} x {img.GetNumberOfComponentsPerPixel()} components, "
                         f"the header says {claim.describe()}")
     if any(s == 0 for s in size):
         raise DataError(f"{path}: has a zero-size axis (size {size})")
+    return _itk_volume(img, path)
+
+
+def _itk_volume(img: Any, path: Path) -> Volume:
+    """A SimpleITK image (ITK's LPS world) as a :class:`Volume` with a RAS affine."""
+    import SimpleITK as sitk
+
+    dim = img.GetDimension()
     # SimpleITK arrays are (z, y, x[, components]); ours are (x, y, z[, components]).
     array = sitk.GetArrayFromImage(img)
     spatial = array.ndim if img.GetNumberOfComponentsPerPixel() == 1 else array.ndim - 1
