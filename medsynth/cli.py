@@ -315,7 +315,8 @@ def _check_mask_size(mask: Path, shape: tuple[int, ...], synth: Any) -> None:
 def sample(
     run: Annotated[Path, typer.Argument(help="A trained run folder (holds model_card.json).")],
     mask: Annotated[Path, typer.Option("--mask", help="Label map (NIfTI) to generate an image for.")],
-    out: Annotated[Path, typer.Option("--out", help="Output image (.nii.gz), written with the mask's shape and affine.")],
+    out: Annotated[Path, typer.Option("--out", help="Output image (.nii.gz), written with the mask's on-disk shape, "
+                                      "affine and header (codes, units, description).")],
     seed: Annotated[int, typer.Option(help="Seed of the latent (same seed, same image).")] = 0,
     steps: Annotated[int | None, typer.Option(help="Sampler steps (diffusion runs).")] = None,
     sampler: Annotated[str | None, typer.Option(help="ddpm, ddim or rflow (diffusion runs).")] = None,
@@ -356,7 +357,7 @@ def sample(
         image = synth.generate_volume(label, seed, class_value=class_value, steps=steps, sampler=sampler,
                                       guidance=guidance, progress=progress)
     if image.array.ndim == label.array.ndim:
-        write_volume(out, image.array, label.affine, kind="image")
+        write_volume(out, image.array, label.affine, kind="image", like=label)
         typer.echo(f"wrote {out} (shape {tuple(image.array.shape)}, seed {seed})")
         return
     # a multi-channel run: one file per channel, named like nnU-Net's (OUT_0000.nii.gz, OUT_0001.nii.gz, ...)
@@ -368,7 +369,7 @@ def sample(
     if clash and not overwrite:
         fail(f"{', '.join(clash)}: exist; pass --overwrite to replace them")
     for c, name in enumerate(names):
-        write_volume(name, image.array[c], label.affine, kind="image")
+        write_volume(name, image.array[c], label.affine, kind="image", like=label)
     typer.echo(f"wrote {len(names)} channels {names[0]} ... {names[-1]} (shape {tuple(image.array.shape[1:])}, seed {seed})")
 
 # ------------------------------------------------------------------------------------ augment

@@ -1,8 +1,8 @@
 """Making one synthetic case: read its source, make a pair with the synthetic-pair core, write it.
 
 Every file is written atomically (:func:`medsynth.data.nifti.write_volume`, with the source label
-map's affine and sform/qform codes) and its sha256 returned for the journal, with the case's
-provenance record.
+map's affine, and like its source file: the same on-disk shape, codes and header fields) and its
+sha256 returned for the journal, with the case's provenance record.
 
 A case is computed on one torch thread (:func:`one_torch_thread`), in this process as in a worker:
 torch's CPU kernels split some float reductions by thread count (a 1x1x1 ``Conv3d`` on a 40^3
@@ -118,7 +118,8 @@ def _bank_warp(ctx: JobContext, source: CaseArrays, atlas: str, target: str, alp
     reg = scale_field(ctx.bank.read_field(atlas, target), alpha)
     label = warp_labels(source.label, source.affine, reg)
     images = np.stack([warp_image(ch, source.affine, reg) for ch in source.images]).astype(np.float32)
-    return CaseArrays(images=images, label=label.astype(np.int64), affine=reg.fixed_affine, codes=source.codes)
+    return CaseArrays(images=images, label=label.astype(np.int64), affine=reg.fixed_affine,
+                      label_header=source.label_header, image_headers=source.image_headers)
 
 
 def _make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
@@ -154,9 +155,9 @@ def _make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
     # 3. the files, then what was made
     files: dict[str, str] = {}
     for c, rel in enumerate(plan.images):
-        write_volume(ctx.out / rel, images[c], source.affine, kind="image", codes=source.codes)
+        write_volume(ctx.out / rel, images[c], source.affine, kind="image", like=source.image_header(c))
         files[rel] = sha256_file(ctx.out / rel)
-    write_volume(ctx.out / plan.label, label, source.affine, kind="label", codes=source.codes)
+    write_volume(ctx.out / plan.label, label, source.affine, kind="label", like=source.label_header)
     files[plan.label] = sha256_file(ctx.out / plan.label)
     provenance = {
         "case_id": plan.case_id,

@@ -8,10 +8,11 @@ nnU-Net's ``DatasetNNN_Name`` folder, its labels 0, 1, 2, ... and one ``file_end
 format exports without a change here.
 
 A file that can go over unchanged is hard-linked (or copied: ``copy=True``, or across file
-systems), so its bytes and header stay the input's. A file that cannot is rewritten as NIfTI with
-its affine and its sform/qform codes: a multi-channel file split into one file per channel
-(``CASE_0000``, ``CASE_0001``, ...), a file whose ending differs from the one the format declares,
-a MetaImage/NRRD header whose voxels lie in another file. Images are then written as float32
+systems), so its bytes and header stay the input's. A file that cannot is rewritten as NIfTI like its
+source (:func:`~medsynth.data.nifti.write_volume`'s ``like``: its on-disk shape, affine, codes and
+header fields): a multi-channel file split into one file per channel (``CASE_0000``, ``CASE_0001``,
+..., each with the label file's on-disk shape), a file whose ending differs from the one the format declares,
+a MetaImage/NRRD header whose voxels lie in another file, a DICOM series folder. Images are then written as float32
 (their values kept), labels as uint8/uint16.
 
 The helpers that put a file into a dataset folder (:func:`place_file`, :func:`case_destinations`,
@@ -31,7 +32,14 @@ from medsynth.data.atomic import temp_path_for
 from medsynth.data.formats import ManifestFormat, get_format
 from medsynth.data.ledger import check_out_path, claim_folder
 from medsynth.data.manifest import Case, Manifest, write_manifest
-from medsynth.data.nifti import NIFTI_SUFFIXES, header_codes, read_volume, split_channels, volume_suffix, write_volume
+from medsynth.data.nifti import (
+    NIFTI_SUFFIXES,
+    read_volume,
+    source_header,
+    split_channels,
+    volume_suffix,
+    write_volume,
+)
 from medsynth.errors import ConfigError, DataError, JobError
 
 __all__ = [
@@ -188,16 +196,19 @@ class _Writer:
             self.counts[place_file(src, dst, self.mode)] += 1
             return
         vol = read_volume(src, kind="label" if kind == "label" else "image")
-        write_volume(dst, vol.array, vol.affine, kind="label" if kind == "label" else "image", codes=header_codes(vol))
+        write_volume(dst, vol.array, vol.affine, kind="label" if kind == "label" else "image", like=vol)
         self.counts["rewrite"] += 1
 
-    def split(self, src: Path, dsts: list[Path], spatial: tuple[int, ...]) -> None:
+    def split(self, src: Path, dsts: list[Path], spatial: tuple[int, ...], disk: tuple[int, ...] | None) -> None:
+        """Write each channel of ``src`` (spatial shape ``spatial``) to its file in ``dsts``, with the
+        on-disk shape ``disk`` (the label file's; None: the channel's own, trailing singletons kept)."""
         vol = read_volume(src, kind="image")
         parts = split_channels(np.asarray(vol.array), spatial)
         if parts is None or len(parts) != len(dsts):
             raise DataError(f"{src}: shape {vol.array.shape} does not hold {len(dsts)} channel(s) of {spatial}")
+        like = source_header(vol) if disk is None else replace(source_header(vol), shape=disk)
         for part, dst in zip(parts, dsts):
-            write_volume(dst, part, vol.affine, kind="image", codes=header_codes(vol))
+            write_volume(dst, part, vol.affine, kind="image", like=like)
             self.counts["rewrite"] += 1
 
 
@@ -245,11 +256,13 @@ def _export_case(case: Case, channels: int, fmt: ManifestFormat, out: Path, endi
             writer.place(src, dst, "image", _reusable(src, ending))
     else:
         src = case.images[0]
+        disk: tuple[int, ...] | None = None
         if case.label is not None:
-            spatial = tuple(read_volume(case.label, kind="label").array.shape)
+            lab = read_volume(case.label, kind="label")
+            spatial, disk = tuple(lab.array.shape), tuple(lab.header["raw_shape"])
         else:
             spatial = tuple(read_volume(src, kind="image").array.shape[:-1])
-        writer.split(src, images, spatial)
+        writer.split(src, images, spatial, disk)
     return replace(case, images=images, label=label)
 
 

@@ -15,6 +15,9 @@ is returned as ``(H, W)``. The affine is always 4x4 (voxel index -> RAS millimet
 There is one writer, :func:`write_volume`: atomic, explicit dtype (labels ``uint8`` if the
 maximum is below 256 else ``uint16``, never scaled; images ``float32``), and a re-read of the
 temp file proving that data and affine on disk equal what was meant before it takes its name.
+Given the file the data came from (``like=``, a :class:`SourceHeader`), it follows one header rule:
+the source's on-disk shape (trailing singleton axes restored: a slice stored ``(H, W, 1)`` is
+written ``(H, W, 1)``), its sform/qform codes and matrices, pixdim, units, description and intent.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ import logging
 import math
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -59,7 +62,9 @@ class Volume:
         (a 4th axis only if the file has one that is not a trailing singleton).
     affine: ``(4, 4)`` float64 voxel -> RAS mm.
     header: raw facts the checks need (``sform_code``, ``qform_code``, ``qform``, ``sform``,
-        ``slope``, ``inter``, ``disk_dtype``, ``zooms``, ``raw_shape``).
+        ``slope``, ``inter``, ``disk_dtype``, ``zooms``, ``raw_shape``: the on-disk shape, trailing
+        singleton axes included), ``kind`` (as read), and for NIfTI ``nifti_fields``: the header
+        fields a file written from this one keeps (:data:`KEPT_FIELDS`, :func:`source_header`).
     """
 
     array: np.ndarray
@@ -136,9 +141,12 @@ def read_volume(
             f"{path}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})"
         )
     if suffix in NIFTI_SUFFIXES:
-        return _read_nifti(path, suffix, memory_limit)
-    claim = checked_itk_file(path, suffix, memory_limit=memory_limit, root=None if root is None else Path(root))
-    return _read_itk(path, suffix, claim)
+        volume = _read_nifti(path, suffix, memory_limit)
+    else:
+        claim = checked_itk_file(path, suffix, memory_limit=memory_limit, root=None if root is None else Path(root))
+        volume = _read_itk(path, suffix, claim)
+    volume.header["kind"] = kind
+    return volume
 
 
 def _nifti_class(raw: bytes, path: Path) -> Any:
@@ -396,6 +404,8 @@ def _read_nifti(path: Path, suffix: str, memory_limit: int | None = None) -> Vol
         "raw_shape": raw_shape,
         # as stored in the file, before nibabel's fixes (0 -> 1, negative -> absolute value)
         "pixdim": tuple(float(v) for v in stored["pixdim"][1 : 1 + len(raw_shape)]),
+        # as nibabel reads them (its fixes applied, so that they give ``affine``), for files written from this one
+        "nifti_fields": {name: np.array(hdr[name]) for name in KEPT_FIELDS},
     }
     return Volume(array=_squeeze_trailing(array), affine=affine, path=path, header=header)
 
@@ -487,17 +497,108 @@ def _label_array(array: np.ndarray, path: Path) -> np.ndarray:
     return array.astype(dtype)
 
 
+#: the NIfTI header fields that give a file its orientation: codes, sform rows, qform quaternion and
+#: offset, and pixdim (qfac, voxel sizes, time step)
+GEOMETRY_FIELDS = ("sform_code", "qform_code", "srow_x", "srow_y", "srow_z", "quatern_b", "quatern_c", "quatern_d",
+                   "qoffset_x", "qoffset_y", "qoffset_z", "pixdim")
+#: what else a written file keeps from its source: units, description and intent
+DESCRIPTIVE_FIELDS = ("xyzt_units", "descrip", "intent_code", "intent_p1", "intent_p2", "intent_p3", "intent_name")
+INTENT_FIELDS = ("intent_code", "intent_p1", "intent_p2", "intent_p3", "intent_name")
+KEPT_FIELDS = GEOMETRY_FIELDS + DESCRIPTIVE_FIELDS
+
+
+@dataclass(frozen=True, eq=False)
+class SourceHeader:
+    """What a file written from a read volume keeps from it (:func:`write_volume`'s ``like``).
+
+    shape: the source's on-disk shape, trailing singleton axes included (``(H, W, 1)`` for a slice
+        read as ``(H, W)``); affine: the ``(4, 4)`` voxel -> RAS mm the reader derived;
+    codes: ``(sform_code, qform_code)``; kind: what the source held (``"image"`` or ``"label"``);
+    fields: the source's NIfTI header fields (:data:`KEPT_FIELDS`; empty for MetaImage/NRRD).
+    """
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    codes: tuple[int, int] = (1, 1)
+    kind: Kind = "image"
+    fields: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+def source_header(volume: Volume) -> SourceHeader:
+    """The header facts of a read volume that files written from it keep (see :func:`write_volume`)."""
+    header = volume.header
+    return SourceHeader(
+        shape=tuple(int(s) for s in header.get("raw_shape", volume.shape)),
+        affine=np.array(volume.affine, dtype=np.float64),
+        codes=header_codes(volume),
+        kind="label" if header.get("kind") == "label" else "image",
+        fields=dict(header.get("nifti_fields", {})),
+    )
+
+
+def disk_shape(shape: tuple[int, ...], source_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with the trailing singleton axes its source file had after it: ``(H, W)`` read from an
+    ``(H, W, 1)`` file (or a channel of an ``(H, W, 1, C)`` one) -> ``(H, W, 1)``; unchanged when the
+    source's shape does not begin with ``shape``."""
+    shape, source_shape = tuple(shape), tuple(source_shape)
+    if source_shape[: len(shape)] != shape:
+        return shape
+    extra = 0
+    for size in source_shape[len(shape):]:
+        if size != 1:
+            break
+        extra += 1
+    return shape + (1,) * extra
+
+
+def _same_affine(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal to float32 precision (the tolerance the writer's re-read check uses)."""
+    return bool(np.allclose(a, b, rtol=1e-6, atol=1e-4))
+
+
+def _set_header(img: Any, affine: np.ndarray, like: SourceHeader | None, codes: tuple[int, int], kind: Kind) -> None:
+    """The one header rule. With a source (``like``) whose affine is ``affine``: its orientation fields
+    verbatim (codes, sform, qform, pixdim); on another grid: ``affine`` as sform and qform with the
+    source's codes. Then its units and description, and its intent when it held the same ``kind``."""
+    hdr = img.header
+    fields = {} if like is None else like.fields
+    if like is not None and fields and _same_affine(like.affine, affine):
+        for name in GEOMETRY_FIELDS:
+            hdr[name] = fields[name]
+    else:
+        sform_code, qform_code = (int(c) for c in (codes if like is None else like.codes))
+        if (sform_code, qform_code) == (0, 0) and not _same_affine(hdr.get_base_affine(), affine):
+            sform_code = qform_code = 1  # (0, 0) means the default affine: keep it only for that one
+        img.set_sform(affine, code=sform_code)
+        img.set_qform(affine, code=qform_code)
+        if "pixdim" in fields:  # the non-spatial steps (time) stay the source's
+            pixdim = hdr["pixdim"].copy()
+            pixdim[4:] = fields["pixdim"][4:]
+            hdr["pixdim"] = pixdim
+    if fields:
+        for name in DESCRIPTIVE_FIELDS:
+            if name not in INTENT_FIELDS or like is None or like.kind == kind:
+                hdr[name] = fields[name]
+    else:
+        hdr.set_xyzt_units("mm", "sec")
+
+
 def write_volume(
-    path: str | Path, array: np.ndarray, affine: np.ndarray, *, kind: Kind, codes: tuple[int, int] = (1, 1)
+    path: str | Path, array: np.ndarray, affine: np.ndarray, *, kind: Kind, like: Volume | SourceHeader | None = None,
+    codes: tuple[int, int] = (1, 1),
 ) -> Path:
     """Write ``array`` with ``affine`` to ``path`` (``.nii.gz`` or ``.nii``) atomically.
 
     array: ``(H, W)`` or ``(X, Y, Z)``; labels non-negative integers, images finite.
     affine: ``(4, 4)`` voxel -> RAS mm; stored as both sform and qform.
-    codes: ``(sform_code, qform_code)`` to store: pass those of the volume the data came from
-        (:func:`header_codes`) so that a written file keeps its input's codes. ``(0, 0)`` (no
-        orientation) is kept only when ``affine`` is the header's default one (what a reader of such a
-        file gets), else both become 1 (scanner).
+    like: the file the data came from (a read :class:`Volume` or its :func:`source_header`): every
+        writer passes it, and the file then keeps the source's on-disk shape (its trailing singleton
+        axes restored, :func:`disk_shape`), its sform/qform codes, its sform/qform matrices and pixdim
+        (when ``affine`` is the source's, to float32 precision; else ``affine`` with the source's codes),
+        its xyzt units and description, and its intent if the source held the same ``kind``.
+    codes: without ``like``, ``(sform_code, qform_code)`` to store. ``(0, 0)`` (no orientation) is kept
+        only when ``affine`` is the header's default one (what a reader of such a file gets), else both
+        become 1 (scanner).
     The temp file is re-read and compared (data exactly, affine to float32 precision)
     before it is moved to ``path``.
     """
@@ -520,16 +621,14 @@ def write_volume(
             raise DataError(f"{path}: image data contains NaN or Inf")
     else:
         raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
+    source = source_header(like) if isinstance(like, Volume) else like
+    if source is not None:
+        data = data.reshape(disk_shape(data.shape, source.shape))
 
     img = nib.Nifti1Image(data, affine)
     img.header.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    sform_code, qform_code = (int(c) for c in codes)
-    if (sform_code, qform_code) == (0, 0) and not np.allclose(img.header.get_base_affine(), affine, atol=1e-4):
-        sform_code = qform_code = 1
-    img.set_sform(affine, code=sform_code)
-    img.set_qform(affine, code=qform_code)
-    img.header.set_xyzt_units("mm", "sec")
+    _set_header(img, affine, source, codes, kind)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
         _verify_written(tmp, path, data, affine)
@@ -559,13 +658,26 @@ class CaseArrays:
 
     images: ``(C, *spatial)`` float32 in the dataset's intensity units, one channel per file.
     label: ``(*spatial)`` int64 label values. affine: the label map's ``(4, 4)`` voxel -> RAS mm.
-    codes: the label map's ``(sform_code, qform_code)`` (for files written from this case).
+    label_header, image_headers: what files written from this case keep from its label map and from
+    each channel's file (:class:`SourceHeader`: on-disk shape, codes, header fields), for
+    :func:`write_volume`'s ``like``; a channel of a multi-channel file has the label file's on-disk
+    shape. ``None`` / ``()`` for a case made in memory.
     """
 
     images: np.ndarray
     label: np.ndarray
     affine: np.ndarray
-    codes: tuple[int, int] = (1, 1)
+    label_header: SourceHeader | None = None
+    image_headers: tuple[SourceHeader, ...] = ()
+
+    @property
+    def codes(self) -> tuple[int, int]:
+        """The label map's ``(sform_code, qform_code)`` (``(1, 1)`` for a case made in memory)."""
+        return (1, 1) if self.label_header is None else self.label_header.codes
+
+    def image_header(self, channel: int) -> SourceHeader | None:
+        """What a file written for image channel ``channel`` keeps (its source file's header), else the label's."""
+        return self.image_headers[channel] if channel < len(self.image_headers) else self.label_header
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -585,16 +697,23 @@ def read_case_arrays(
     label = as_label_array(lab.array, str(label_path))
     if label.ndim not in (2, 3):
         raise DataError(f"{label_path}: label map has shape {label.shape}; expected a 2D or 3D volume")
-    channels = []
+    label_header = source_header(lab)
+    channels, headers = [], []
     for p in image_paths:
-        arr = np.asarray(read_volume(p, kind="image", memory_limit=memory_limit, root=root).array, dtype=np.float32)
+        vol = read_volume(p, kind="image", memory_limit=memory_limit, root=root)
+        arr = np.asarray(vol.array, dtype=np.float32)
         parts = split_channels(arr, label.shape)
         if parts is None:
             raise DataError(f"{p}: image shape {arr.shape} differs from its label's {label.shape} ({label_path})")
         if not np.all(np.isfinite(arr)):
             raise DataError(f"{p}: image contains NaN or Inf")
         channels.extend(parts)
-    return CaseArrays(images=np.stack(channels), label=label, affine=lab.affine, codes=header_codes(lab))
+        header = source_header(vol)
+        if arr.shape != label.shape:  # a channel of a multi-channel file takes the label file's on-disk shape
+            header = replace(header, shape=label_header.shape)
+        headers.extend([header] * len(parts))
+    return CaseArrays(images=np.stack(channels), label=label, affine=lab.affine, label_header=label_header,
+                      image_headers=tuple(headers))
 
 
 def split_channels(array: np.ndarray, spatial_shape: tuple[int, ...]) -> list[np.ndarray] | None:
