@@ -267,6 +267,9 @@ def train(
     overrides = list(set_ or [])
     if data is not None:
         overrides.append(f"data.manifest={json.dumps(str(data.resolve()))}")
+    force: Annotated[bool, typer.Option(
+        "--force", help="ldm: start the diffusion stage although the autoencoder reconstructs below "
+        "model.autoencoder.target_psnr (otherwise training stops there with an error).")] = False,
     if max_steps is not None:
         overrides.append(f"training.max_steps={max_steps}")
     if seed is not None:
@@ -277,7 +280,8 @@ def train(
     from medsynth.training import run_training
 
     with _plain_warnings():
-        run_training(cfg, out, resume=resume, stage=stage, progress=progress, allow_changed_data=allow_changed_data)
+        run_training(cfg, out, resume=resume, stage=stage, progress=progress, allow_changed_data=allow_changed_data,
+                     force=force)
     if torchrun_env().is_main:  # under torchrun, rank 0 reports: the last records of metrics.jsonl
         from medsynth.training.report import REPORT_FILE, summary_line
 

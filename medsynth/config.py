@@ -326,7 +326,8 @@ class LdmAutoencoderConfig(StrictModel):
     target_psnr: float = Field(default=32.0, ge=0, description=(
         "Reconstruction quality (PSNR in dB, intensities in [0, 1], data range 1) the autoencoder should reach "
         "on the held-out slices or patches before the diffusion stage builds on it; measured at the end of the "
-        "stage, logged in metrics.jsonl (`heldout_recon_psnr`) and the run card, with a warning when below."))
+        "stage, logged in metrics.jsonl (`heldout_recon_psnr`) and the run card. Below it the diffusion stage does "
+        "not start (`medsynth train --force` starts it anyway; the report says which); 0 turns the gate off."))
 
     @model_validator(mode="after")
     def _levels(self) -> LdmAutoencoderConfig:

@@ -397,3 +397,23 @@ def test_gan_torchrun_two_ranks_end_with_equal_weights(data2d: Path, tmp_path: P
     assert [r["step"] for r in train_recs] == [4]
     evals = _records(run, "eval")
     assert evals[-1]["l1"] < evals[0]["l1"]
+
+
+def test_fill_and_residual_add_stay_float32_under_autocast() -> None:
+    """Under bf16 autocast (as in training with amp) a fresh residual generator returns its fill in
+    float32, equal to the fill painted by hand from the label means; bf16 would round them to ~3 digits."""
+    from medsynth.models.gan import SpadeGenerator
+
+    means = [[0.1234567, 0.7654321]]
+    gen = SpadeGenerator(2, 2, 1, [8, 8], 4, 8, num_labels=2, fill="residual", label_means=means)
+    cond = torch.zeros(2, 2, 8, 8)
+    cond[:, 0, :, :5] = 1.0
+    cond[:, 1, :, 5:] = 1.0
+    noise = torch.randn(2, *gen.noise_shape([8, 8]), generator=torch.Generator().manual_seed(0))
+    hand = torch.where(cond[:, 1:2] > 0, 0.7654321, 0.1234567) * 2.0 - 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fill = gen.fill_of(cond)
+        out = gen(cond, noise)
+    assert fill.dtype == torch.float32 and out.dtype == torch.float32
+    torch.testing.assert_close(out, hand, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gen(cond, noise), out, rtol=0, atol=0)  # inference in fp32: the same image

@@ -341,3 +341,24 @@ def test_torchrun_two_ranks_train_both_stages_in_one_process_group(data2d, tmp_p
     assert any(k.startswith("unet.") for k in exported) and any(k.startswith("autoencoder.") for k in exported)
     card = json.loads((run / "model_card.json").read_text())
     assert set(card["stages"]) == {"autoencoder", "diffusion"}
+
+
+def test_the_quality_gate_stops_the_diffusion_stage_unless_forced(data2d, tmp_path):
+    """An autoencoder below model.autoencoder.target_psnr (60 dB: no 2-step autoencoder reaches it):
+    one error line names the measured PSNR, the threshold and --force; no diffusion step ran; the report
+    says so. With --resume --force the diffusion stage trains and the report says it was forced."""
+    run = tmp_path / "run"
+    base = ["train", CONFIGS / "tiny/ldm2d.yaml", "--data", data2d, "--out", run, "--max-steps", 2, *FAST,
+            "--set", "model.autoencoder.target_psnr=60"]
+    res = cli(*base, ok=False)
+    assert res.exit_code == 1, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    psnr = records(run, "heldout", "autoencoder")[-1]["heldout_recon_psnr"]
+    assert len(errors) == 1 and f"PSNR {psnr:.2f} dB" in errors[0] and "target_psnr 60 dB" in errors[0], res.output
+    assert "--force" in errors[0] and "Traceback" not in res.output
+    assert not records(run, "train", "diffusion") and not (run / "model.safetensors").exists()
+    report = (run / "report.md").read_text()
+    assert f"PSNR {psnr:.2f} dB, below model.autoencoder.target_psnr 60 dB: the diffusion stage was not started" in report
+    cli(*base, "--resume", "--force")
+    assert records(run, "train", "diffusion") and (run / "model.safetensors").is_file()
+    assert "the diffusion stage was trained on it anyway (--force)" in (run / "report.md").read_text()

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.ndimage import gaussian_filter
 
-from medsynth.data.loader import DataInfo, Normalization
+from medsynth.config import load_config
+from medsynth.data.loader import DataInfo, Normalization, build_training_data, fit_fill_sigma, label_mean_fill
+from medsynth.data.manifest import read_manifest
+from medsynth.data.phantoms import case_rng, make_phantom, make_phantom_dataset
 from medsynth.synthesis.qc import LabelIntensityStats, QcSettings, check_label_agreement
 
 MEANS = {0: 0.0, 1: 60.0, 2: 150.0, 3: 210.0}
@@ -105,3 +112,110 @@ def test_settings_shape_and_label_errors(reference: LabelIntensityStats) -> None
     unknown[0, 0] = 9
     result = check_label_agreement(image, unknown, reference)
     assert not result.passed and result.reasons == ["mask label values [9] have no training statistics"]
+
+
+def phantoms(seed: int, cases: int) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """2D phantoms (64^2); in every third case with a lesion, the lesion is brighter than every tissue
+    (x2.8: ~1100 against white matter ~800, scalp ~700). (image, label, bright lesion?)"""
+    out = []
+    for k in range(cases):
+        p = make_phantom(2, 64, case_rng(seed, k))
+        bright = bool((p.label == 6).any()) and k % 3 == 0
+        image = np.where(p.label == 6, p.image * 2.8, p.image) if bright else p.image.astype(np.float64)
+        out.append((image, p.label.astype(np.int64), bright))
+    return out
+
+
+def test_held_out_real_images_pass_and_label_mean_fills_are_rejected() -> None:
+    """Per-case reference statistics of 20 training phantoms; 200 held-out phantoms (a third of those
+    with a lesion have it brighter than every tissue) pass at least 99 % of the time, and the
+    label-mean fill of their masks (plain, and blurred by the fitted partial-volume width) standing in
+    for ``gan`` output is rejected at least 99 % of the time, for being flat inside its labels."""
+    train, test = phantoms(0, 20), phantoms(1, 200)
+    images, labels = [t[0] for t in train], [t[1] for t in train]
+    pooled = LabelIntensityStats.from_pairs(images, labels, range(7))
+    sigma = fit_fill_sigma([(i[None], lab) for i, lab in zip(images, labels)], pooled.means.tolist(), (0, 1))
+    ref = LabelIntensityStats.from_pairs(images, labels, range(7), fill_sigma=sigma)
+    assert ref.case_means is not None and ref.case_means.shape == (20, 1, 7)
+    # the pooled lesion mean is darker than white matter, yet some training cases have brighter lesions
+    assert ref.means[0, 6] < ref.means[0, 4] < np.nanmax(ref.case_means[:, 0, 6])
+    results = [check_label_agreement(image, lab, ref) for image, lab, _ in test]
+    rejected = [r.reasons for r in results if not r.passed]
+    assert len(rejected) <= 0.01 * len(test), rejected
+    bright = [r for r, (_, _, b) in zip(results, test) if b]
+    assert len(bright) >= 10 and all(r.passed for r in bright)
+    fills = [(label_mean_fill(ref.means, lab, s, (0, 1))[0], lab) for _, lab, _ in test for s in (0.0, sigma)]
+    verdicts = [check_label_agreement(f, lab, ref) for f, lab in fills]
+    assert sum(not v.passed for v in verdicts) >= 0.99 * len(fills)
+    assert all(any("untextured" in r for r in v.reasons) for v in verdicts)
+    # flat images (synthseg's, the fill) are meant to be flat: without the texture check these pass
+    flat_ok = QcSettings(texture=False)
+    assert sum(check_label_agreement(f, lab, ref, flat_ok).passed for f, lab in fills[:20]) >= 18
+
+
+def test_texture_and_contrast_follow_the_training_cases() -> None:
+    """The texture is the Laplacian's std over the label's interior (here recomputed with a binary
+    erosion); a contrast sign is checked only where >= 90 % of the training cases agree."""
+    train = phantoms(0, 6)
+    ref = LabelIntensityStats.from_pairs([t[0] for t in train], [t[1] for t in train], range(7), fill_sigma=0.5)
+    assert ref.texture_depth == 2 and ref.case_texture is not None
+    image, lab, _ = train[2]
+    lap = ndimage.laplace(image, mode="nearest")
+    for v in (0, 3, 4):
+        inner = ndimage.binary_erosion(lab == v, iterations=2, border_value=1)
+        assert ref.case_texture[2, 0, v] == pytest.approx(lap[inner].std(), rel=1e-9)
+    # lesion vs white matter: brighter in some cases, darker in others -> never checked
+    means = np.array([[0.0, 10, 20, 30, 40, 50, 60]])
+    case_means = np.repeat(means[None], 10, axis=0)
+    case_means[:5, 0, 6] = 100.0  # half the cases: a lesion brighter than every tissue, half darker than WM
+    case_means[5:, 0, 6] = 20.0
+    mixed = LabelIntensityStats((0, 1, 2, 3, 4, 5, 6), means, np.full((1, 7), 5.0), case_means, None)
+    lab = np.zeros((40, 40), np.int64)
+    lab[5:35, 5:35] = 4
+    lab[15:25, 15:25] = 6
+    img = np.where(lab == 4, 40.0, np.where(lab == 6, 20.0, 0.0))  # a lesion darker than white matter
+    assert not any(r.startswith("labels 4/6") for r in check_label_agreement(img, lab, mixed).reasons)
+    case_means[0, 0, 6] = 100.0
+    case_means[1:, 0, 6] = 60.0  # every case: brighter than white matter -> a darker lesion fails
+    agreed = LabelIntensityStats((0, 1, 2, 3, 4, 5, 6), means, np.full((1, 7), 5.0), case_means, None)
+    assert any(r.startswith("labels 4/6: contrast") for r in check_label_agreement(img, lab, agreed).reasons)
+
+
+def test_the_run_records_per_case_statistics_and_old_cards_still_load(tmp_path: Path) -> None:
+    """build_training_data stores each case's label means in [0, 1] units (recomputed here from the
+    files), fits the MRI percentiles on the foreground (label > 0), and a run card written before
+    either (no ``case_stats``, no ``region``) loads with the pooled checks only."""
+    from medsynth.data.nifti import read_volume
+
+    manifest = make_phantom_dataset(tmp_path / "p", dim=2, cases=3, size=32, seed=4)
+    cfg = load_config(None, ["data.dim=2", "data.size=[32, 32]", "data.mri_percentiles=[1, 99]"]).data
+    info = build_training_data(read_manifest(manifest), cfg, seed=0).info
+    cases = read_manifest(manifest).cases
+    raw = [(read_volume(c.images[0]).array.astype(np.float64), read_volume(c.label, kind="label").array) for c in cases]
+    fg = np.concatenate([img[lab > 0] for img, lab in raw])
+    lo, hi = np.percentile(fg, [1, 99])
+    assert info.normalization.lo[0] == pytest.approx(lo) and info.normalization.hi[0] == pytest.approx(hi)
+    assert info.normalization.region == "foreground"
+    assert lo > np.percentile(np.concatenate([img.ravel() for img, _ in raw]), 1)  # air no longer pulls it down
+    assert info.case_stats is not None
+    for k, (img, lab) in enumerate(raw):
+        unit = np.clip((img - lo) / (hi - lo), 0, 1)
+        for j, v in enumerate(info.labels):
+            expect = unit[lab == v].mean() if (lab == v).any() else np.nan
+            np.testing.assert_allclose(info.case_stats.means[k, 0, j], expect, rtol=1e-5)
+    again = DataInfo.from_dict(json.loads(json.dumps(info.to_dict())))
+    assert again.case_stats is not None
+    np.testing.assert_allclose(again.case_stats.means, info.case_stats.means, rtol=1e-5, atol=1e-6)
+    ref = LabelIntensityStats.from_info(again)
+    assert ref.case_means is not None
+    np.testing.assert_allclose(ref.case_means[:, 0], lo + info.case_stats.means[:, 0] * (hi - lo), rtol=1e-5)
+    old = info.to_dict()
+    del old["case_stats"], old["normalization"]["region"]
+    legacy = DataInfo.from_dict(old)
+    assert legacy.case_stats is None and legacy.normalization.region == "all"
+    legacy_ref = LabelIntensityStats.from_info(legacy)
+    assert legacy_ref.case_means is None and legacy_ref.case_texture is None
+    img, lab = raw[0]
+    flat = label_mean_fill(legacy_ref.means, np.searchsorted(legacy_ref.labels, lab))[0]
+    assert check_label_agreement(flat, lab, legacy_ref).passed  # no texture check without per-case records
+    assert not check_label_agreement(flat, lab, ref).passed

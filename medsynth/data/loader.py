@@ -42,7 +42,10 @@ class Normalization:
     """Map dataset intensities to [0, 1] and back, per channel.
 
     mode: ``ct_window`` or ``mri_percentiles``; lo/hi: per-channel bounds in dataset units;
-    percentiles: the percentiles used (mri_percentiles only).
+    percentiles: the percentiles used (mri_percentiles only); region: the voxels they were taken over,
+    ``foreground`` (label > 0: background air does not pull them down, :func:`foreground_mask`) or
+    ``all`` (run cards written before medsynth took them on the foreground; their stored lo/hi are used
+    as they are).
     ``to_unit``: ``clip((x - lo) / (hi - lo), 0, 1)``; ``from_unit``: ``u * (hi - lo) + lo``.
     """
 
@@ -50,6 +53,7 @@ class Normalization:
     lo: list[float]
     hi: list[float]
     percentiles: list[float] | None = None
+    region: str = "foreground"
 
     def to_unit(self, image: np.ndarray) -> np.ndarray:
         """image: (C, *spatial) in dataset units -> float32 in [0, 1]."""
@@ -65,12 +69,13 @@ class Normalization:
         return (np.asarray(unit, np.float64) * (hi - lo) + lo).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "lo": list(self.lo), "hi": list(self.hi), "percentiles": self.percentiles}
+        return {"mode": self.mode, "lo": list(self.lo), "hi": list(self.hi), "percentiles": self.percentiles,
+                "region": self.region}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalization:
         return cls(mode=d["mode"], lo=[float(v) for v in d["lo"]], hi=[float(v) for v in d["hi"]],
-                   percentiles=d.get("percentiles"))
+                   percentiles=d.get("percentiles"), region=str(d.get("region", "all")))
 
 
 @dataclass
@@ -87,7 +92,9 @@ class DataInfo:
     deviation of the training intensities in [0, 1] units over that label's voxels (a label with no
     voxels gets the channel's overall value); the label-mean fill and QC read them (None: not known);
     fill_sigma: the partial-volume width in voxels: the Gaussian blur (over the model's axes: in-plane
-    for 2D runs) of the label-mean fill that best matches the training images (:func:`fit_fill_sigma`).
+    for 2D runs) of the label-mean fill that best matches the training images (:func:`fit_fill_sigma`);
+    case_stats: the same statistics per training case, and the texture inside each label
+    (:class:`CaseStatistics`; None: a run card written before medsynth recorded them).
     """
 
     dim: int
@@ -106,6 +113,7 @@ class DataInfo:
     label_means: list[list[float]] | None = None
     label_stds: list[list[float]] | None = None
     fill_sigma: float = 0.0
+    case_stats: CaseStatistics | None = None
 
     @property
     def num_labels(self) -> int:
@@ -140,6 +148,7 @@ class DataInfo:
             "normalization": self.normalization.to_dict(), "fingerprint": self.fingerprint,
             "num_cases": self.num_cases, "label_means": self.label_means, "label_stds": self.label_stds,
             "fill_sigma": self.fill_sigma,
+            "case_stats": None if self.case_stats is None else self.case_stats.to_dict(),
         }
 
     @classmethod
@@ -155,7 +164,37 @@ class DataInfo:
             class_key=d.get("class_key"),
             label_means=_stat_table(d.get("label_means")), label_stds=_stat_table(d.get("label_stds")),
             fill_sigma=float(d.get("fill_sigma", 0.0)),
+            case_stats=None if d.get("case_stats") is None else CaseStatistics.from_dict(d["case_stats"]),
         )
+
+
+@dataclass
+class CaseStatistics:
+    """Per training case, image channel and label, in [0, 1] units: ``means``, ``stds`` and ``texture``,
+    ``(K, C, L)`` float64 arrays, NaN where the case lacks the label (texture: where the label has no
+    interior). texture: the standard deviation of the discrete Laplacian over the label's interior,
+    its voxels at least ``texture_depth`` voxels (face steps) inside the label (:func:`label_texture`):
+    the high-frequency energy a real image has inside a tissue and a flat fill has not."""
+
+    means: np.ndarray
+    stds: np.ndarray
+    texture: np.ndarray
+    texture_depth: int
+
+    def to_dict(self) -> dict[str, Any]:
+        def table(a: np.ndarray) -> list[Any]:
+            return [[[None if not np.isfinite(v) else round(float(v), 6) for v in row] for row in case] for case in a]
+
+        return {"means": table(self.means), "stds": table(self.stds), "texture": table(self.texture),
+                "texture_depth": self.texture_depth}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CaseStatistics:
+        def array(raw: Any) -> np.ndarray:
+            return np.asarray([[[np.nan if v is None else float(v) for v in row] for row in case] for case in raw],
+                              np.float64)
+
+        return cls(array(d["means"]), array(d["stds"]), array(d["texture"]), int(d["texture_depth"]))
 
 
 def _stat_table(raw: object) -> list[list[float]] | None:
@@ -419,11 +458,12 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
         norm = Normalization("ct_window", [float(cfg.ct_window[0])] * nch, [float(cfg.ct_window[1])] * nch)
     else:
         pcts = list(cfg.mri_percentiles or (0.5, 99.5))
-        total = sum(img[0].size for _, img, _, _ in raw)
+        masks = [foreground_mask(img, lab) for _, img, lab, _ in raw]
+        total = sum(int(m.sum()) for m in masks)
         stride = max(1, int(np.ceil(total / _PERCENTILE_VOXELS)))
         lo, hi = [], []
         for ch in range(nch):
-            values = np.concatenate([img[ch].ravel()[::stride] for _, img, _, _ in raw])
+            values = np.concatenate([img[ch][m][::stride] for (_, img, _, _), m in zip(raw, masks)])
             a, b = np.percentile(values, pcts)
             if not b > a:
                 raise DataError(f"{manifest.source}: channel {ch} has constant intensity {a} over the "
@@ -460,7 +500,72 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
     info.label_means, info.label_stds = label_statistics([(a.image, a.index) for a in arrays], len(labels))
     blur_axes = tuple(a for a in range(volume_ndim) if not (cfg.dim == 2 and volume_ndim == 3 and a == cfg.slice_axis))
     info.fill_sigma = fit_fill_sigma([(a.image, a.index) for a in arrays], info.label_means, blur_axes)
+    info.case_stats = case_statistics([(a.image, a.index) for a in arrays], len(labels),
+                                      texture_depth(info.fill_sigma))
     return TrainingData(arrays, info, seed)
+
+
+def foreground_mask(image: np.ndarray, label: np.ndarray | None, threshold: float = 0.01) -> np.ndarray:
+    """The voxels MRI percentiles are taken over: ``label > 0``, or, where the label map has no
+    foreground (or there is none), the voxels whose mean over channels is above ``threshold`` of the
+    image's range above its minimum. image: (C, *spatial); label: (*spatial) or None -> (*spatial) bool."""
+    if label is not None and (label > 0).any():
+        return np.asarray(label > 0)
+    mean = np.asarray(image, np.float64).mean(axis=0)
+    low = float(mean.min())
+    mask = mean > low + threshold * (float(mean.max()) - low)
+    return mask if mask.any() else np.ones(mean.shape, bool)
+
+
+def texture_depth(fill_sigma: float) -> int:
+    """How far inside a label (voxels) its texture is measured: past the partial-volume blur of the
+    fill (2 sigma) and one voxel more, so a flat fill is flat there."""
+    return 1 + int(np.ceil(2.0 * fill_sigma))
+
+
+def label_texture(image: np.ndarray, index: np.ndarray, num_labels: int, depth: int) -> np.ndarray:
+    """The high-frequency energy inside each label: the standard deviation of the discrete Laplacian
+    (:func:`scipy.ndimage.laplace`, edges repeated) over the voxels at least ``depth`` face steps inside
+    the label. image: (C, *spatial); index: (*spatial) label-channel indices -> (C, L) float64, NaN
+    where a label has fewer than 8 such voxels."""
+    from scipy import ndimage
+
+    out = np.full((image.shape[0], num_labels), np.nan)
+    lap = [ndimage.laplace(np.asarray(image[c], np.float64), mode="nearest") for c in range(image.shape[0])]
+    index = np.asarray(index)
+    inside = np.ones(index.shape, bool)
+    if depth > 0:  # every voxel within `depth` face steps has the same label (all labels at once)
+        ball = ndimage.iterate_structure(ndimage.generate_binary_structure(index.ndim, 1), depth)
+        inside = ndimage.grey_erosion(index, footprint=ball, mode="nearest") == \
+            ndimage.grey_dilation(index, footprint=ball, mode="nearest")
+    for j in np.unique(index):
+        inner = inside & (index == j)
+        if int(inner.sum()) >= 8:
+            for c in range(image.shape[0]):
+                out[c, int(j)] = float(lap[c][inner].std())
+    return out
+
+
+def case_statistics(cases: list[tuple[np.ndarray, np.ndarray]], num_labels: int, depth: int) -> CaseStatistics:
+    """Per case: the mean and standard deviation of each channel over each label, and the label's
+    texture (:func:`label_texture`). cases: (image (C, *spatial) float, index (*spatial) label-channel
+    indices) pairs."""
+    nch = cases[0][0].shape[0]
+    means = np.full((len(cases), nch, num_labels), np.nan)
+    stds = np.full_like(means, np.nan)
+    texture = np.full_like(means, np.nan)
+    for k, (image, index) in enumerate(cases):
+        flat = index.ravel().astype(np.int64)
+        count = np.bincount(flat, minlength=num_labels)[:num_labels]
+        has = count > 0
+        for c in range(nch):
+            v = image[c].ravel().astype(np.float64)
+            m = np.bincount(flat, weights=v, minlength=num_labels)[:num_labels] / np.maximum(count, 1)
+            sq = np.bincount(flat, weights=v * v, minlength=num_labels)[:num_labels] / np.maximum(count, 1)
+            means[k, c, has] = m[has]
+            stds[k, c, has] = np.sqrt(np.maximum(sq - m * m, 0.0))[has]
+        texture[k] = label_texture(image, index, num_labels, depth)
+    return CaseStatistics(means, stds, texture, depth)
 
 
 #: candidate partial-volume widths (Gaussian sigma, voxels) of :func:`fit_fill_sigma`

@@ -149,8 +149,10 @@ class SpadeGenerator(nn.Module):
         return (self.noise_channels, *[int(s) // self.factor for s in spatial])
 
     def fill_of(self, cond: torch.Tensor) -> torch.Tensor:
-        """The label-mean fill (N, C, *spatial) of ``cond``'s label channels, in [-1, 1] units."""
-        return fill_image(cond[:, : self.num_labels], self.label_means, self.fill_sigma) * 2.0 - 1.0
+        """The label-mean fill (N, C, *spatial) of ``cond``'s label channels, in [-1, 1] units, float32:
+        computed outside autocast, so bf16/fp16 training and fp32 inference paint the same fill."""
+        with torch.autocast(cond.device.type, enabled=False):
+            return fill_image(cond[:, : self.num_labels].float(), self.label_means.float(), self.fill_sigma) * 2.0 - 1.0
 
     def forward(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         fill = None
@@ -165,7 +167,8 @@ class SpadeGenerator(nn.Module):
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         out = self.conv_out(F.leaky_relu(x, 0.2))
         if fill is not None and self.fill == "residual":
-            return fill + out
+            with torch.autocast(out.device.type, enabled=False):  # the residual add in float32 as well
+                return fill.float() + out.float()
         return torch.tanh(out)
 
 

@@ -1,25 +1,41 @@
-"""Does a generated image follow its mask? Label/intensity agreement against the training set.
+"""Does a generated image follow its mask, and look like a real image inside each label? QC both ways.
 
 A mask-conditioned generator that ignores its mask (blurry blobs, an image of another anatomy) can
-still produce plausible intensities, so a range check passes it. :func:`check_label_agreement`
-compares one image with the mask it was generated for, against per-label statistics of the training
-set (:class:`LabelIntensityStats`), and returns a :class:`QcResult` with every reason it fails:
+still produce plausible intensities, so a range check passes it; one that paints each label flat (a
+"cartoon", the label-mean fill) follows its mask perfectly. :func:`check_label_agreement` compares one
+image with the mask it was generated for, against statistics of the training set
+(:class:`LabelIntensityStats`: per training case and label, never pooled over cases where the run
+recorded them), and returns a :class:`QcResult` with every reason it fails:
 
 1. **per-label mean**: for each label with at least ``min_voxels`` voxels, the image's mean over the
-   label lies within ``mean_tolerance`` training standard deviations (plus ``abs_tolerance`` of the
-   span of the training label means) of the training mean;
+   label lies within the range the training cases' own means of that label span, widened by
+   ``range_margin`` times that span plus ``abs_tolerance`` of the span of the label means (a lesion
+   brighter than every tissue passes when training cases had such lesions, whatever the pooled mean),
+   or within ``mean_tolerance`` pooled training standard deviations plus the same absolute margin of
+   the pooled mean (all that run cards of older runs allow: they have no per-case statistics);
 2. **per-label spread**: the image's standard deviation over the label is at most ``std_factor``
-   times the training one (plus the same absolute margin): an image that ignores the mask mixes
-   tissues inside each label;
-3. **contrast between neighbouring labels**: for each pair of labels that touch in the mask and whose
-   training means differ by more than the absolute margin, the image's difference has the training
-   sign and at least ``contrast_fraction`` of its size;
-4. **edges at label borders**: the mean gradient magnitude on voxels next to a border between such
-   labels is at least ``min_edge_ratio`` times the mean elsewhere (the image changes where the mask
-   says it should).
+   times the training one (plus the absolute margin): an image that ignores the mask mixes tissues
+   inside each label;
+3. **contrast between neighbouring labels**: for each pair of labels that touch in the mask, where
+   one is brighter than the other in at least ``contrast_agreement`` (90 %) of the training cases that
+   have both, and by more than the absolute margin (median over those cases), the image's difference
+   has that sign and at least ``contrast_fraction`` of the smallest such training difference.
+   Without per-case statistics: the pooled means' sign and ``contrast_fraction`` of their difference;
+4. **edges at label borders**: the mean gradient magnitude on voxels next to a border between
+   contrasting labels is at least ``min_edge_ratio`` times the mean elsewhere (the image changes where
+   the mask says it should);
+5. **texture inside labels** (``texture``; on for trained generators, off for images meant to be flat,
+   synthseg's and the label-mean fill): for each label with an interior (voxels at least
+   ``reference.texture_depth`` face steps inside it, past the fill's partial-volume blur), the standard
+   deviation of the image's Laplacian there (:func:`medsynth.data.loader.label_texture`) is at least
+   ``min_texture_ratio`` times the smallest of the training cases' own. A flat fill has none.
+
+The thresholds were calibrated on held-out real images (``tests/test_qc.py``; ``benchmarks/qc_both_ways.py``
+and ``benchmarks/RESULTS.md``, "QC both ways"): at most 1 % of real images rejected, at least 99 % of
+label-mean fill images rejected as ``gan`` output.
 
 Images and statistics are in the same units (the dataset's, or [0, 1] units throughout); checks are
-per channel. Pure numpy: no model, no files.
+per channel. numpy and scipy: no model, no files.
 """
 
 from __future__ import annotations
@@ -30,6 +46,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medsynth.data.loader import case_statistics, label_texture, texture_depth
+
 if TYPE_CHECKING:  # pragma: no cover
     from medsynth.data.loader import DataInfo
 
@@ -38,14 +56,21 @@ __all__ = ["LabelIntensityStats", "QcResult", "QcSettings", "check_label_agreeme
 
 @dataclass(frozen=True)
 class LabelIntensityStats:
-    """Per image channel and label: mean and standard deviation of the training intensities.
+    """Per image channel and label: mean and standard deviation of the training intensities, pooled
+    and per training case.
 
-    labels: the label values (column order); means, stds: ``(C, L)`` float64 arrays.
+    labels: the label values (column order); means, stds: ``(C, L)`` float64 arrays (pooled);
+    case_means, case_texture: ``(K, C, L)`` per training case (NaN: the case lacks the label, or its
+    interior), None when not known (older run cards: the pooled checks only, no texture check);
+    texture_depth: the interior depth (voxels) the texture was measured at.
     """
 
     labels: tuple[int, ...]
     means: np.ndarray
     stds: np.ndarray
+    case_means: np.ndarray | None = None
+    case_texture: np.ndarray | None = None
+    texture_depth: int = 1
 
     @classmethod
     def from_info(cls, info: DataInfo, *, units: str = "dataset") -> LabelIntensityStats:
@@ -55,20 +80,32 @@ class LabelIntensityStats:
             raise ValueError("the run's data facts have no per-label statistics (trained by an older medsynth)")
         means = np.asarray(info.label_means, np.float64)
         stds = np.asarray(info.label_stds, np.float64)
+        cases = info.case_stats
+        case_means = None if cases is None else cases.means
+        case_texture = None if cases is None else cases.texture
         if units == "dataset":
             lo = np.asarray(info.normalization.lo, np.float64)[:, None]
-            hi = np.asarray(info.normalization.hi, np.float64)[:, None]
-            means, stds = lo + means * (hi - lo), stds * (hi - lo)
-        return cls(tuple(info.labels), means, stds)
+            span = np.asarray(info.normalization.hi, np.float64)[:, None] - lo
+            means, stds = lo + means * span, stds * span
+            if cases is not None:  # the Laplacian is linear: texture scales with the span
+                case_means, case_texture = lo + cases.means * span, cases.texture * span
+        return cls(tuple(info.labels), means, stds, case_means, case_texture,
+                   cases.texture_depth if cases is not None else 1)
 
     @classmethod
     def from_pairs(cls, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                   label_values: Sequence[int] | None = None) -> LabelIntensityStats:
-        """From real pairs: images ``(C, *spatial)`` (or ``(*spatial)``), labels ``(*spatial)`` label
-        values; ``label_values`` fixes the label set (default: the values found)."""
+                   label_values: Sequence[int] | None = None, *, fill_sigma: float = 0.0) -> LabelIntensityStats:
+        """From real pairs (one per training case): images ``(C, *spatial)`` (or ``(*spatial)``), labels
+        ``(*spatial)`` label values; ``label_values`` fixes the label set (default: the values found);
+        ``fill_sigma``: the fill's partial-volume blur (voxels) that sets the texture depth."""
         values = sorted({int(v) for lab in labels for v in np.unique(lab)} if label_values is None
                         else {int(v) for v in label_values})
         chans = [img if img.ndim == lab.ndim + 1 else img[None] for img, lab in zip(images, labels)]
+        lut = np.full(max(max(values), max(int(lab.max()) for lab in labels)) + 1, -1, np.int64)
+        lut[values] = np.arange(len(values))
+        depth = texture_depth(fill_sigma)
+        per_case = case_statistics([(np.asarray(img, np.float64), lut[np.asarray(lab, np.int64)])
+                                    for img, lab in zip(chans, labels)], len(values), depth)
         nch = chans[0].shape[0]
         means = np.zeros((nch, len(values)))
         stds = np.zeros((nch, len(values)))
@@ -76,7 +113,7 @@ class LabelIntensityStats:
             for c in range(nch):
                 x = np.concatenate([img[c][lab == v].ravel() for img, lab in zip(chans, labels)]).astype(np.float64)
                 means[c, j], stds[c, j] = (float(x.mean()), float(x.std())) if x.size else (np.nan, np.nan)
-        return cls(tuple(values), means, stds)
+        return cls(tuple(values), means, stds, per_case.means, per_case.texture, depth)
 
 
 @dataclass(frozen=True)
@@ -84,23 +121,30 @@ class QcSettings:
     """Tolerances of :func:`check_label_agreement` (see the module docstring)."""
 
     mean_tolerance: float = 2.0
+    range_margin: float = 0.5
     std_factor: float = 3.0
     abs_tolerance: float = 0.05
     contrast_fraction: float = 0.25
+    contrast_agreement: float = 0.9
     min_edge_ratio: float = 2.0
     min_voxels: int = 20
+    texture: bool = True
+    min_texture_ratio: float = 0.15
 
 
 @dataclass(frozen=True)
 class QcResult:
     """passed: no check failed; reasons: one line per failure; label_means: the image's mean per
     label value (one per channel); edge_ratio: per channel, border / elsewhere mean gradient (None
-    when the mask has no border between contrasting labels)."""
+    when the mask has no border between contrasting labels); texture_ratio: per channel, the smallest
+    over labels of the image's texture / the training cases' smallest (None: not checked, or no label
+    has an interior)."""
 
     passed: bool
     reasons: list[str] = field(default_factory=list)
     label_means: dict[int, list[float]] = field(default_factory=dict)
     edge_ratio: list[float | None] = field(default_factory=list)
+    texture_ratio: list[float | None] = field(default_factory=list)
 
 
 def _borders(index: np.ndarray, contrasting: np.ndarray) -> tuple[np.ndarray, set[tuple[int, int]]]:
@@ -123,6 +167,47 @@ def _borders(index: np.ndarray, contrasting: np.ndarray) -> tuple[np.ndarray, se
         band[tuple(head)] |= marked
         band[tuple(tail)] |= marked
     return band, pairs
+
+
+def _mean_bounds(reference: LabelIntensityStats, c: int, margin: float, s: QcSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Accepted (low, high) of each label's mean in channel ``c``: the pooled mean +- ``mean_tolerance``
+    pooled standard deviations, widened to the training cases' range (per-case statistics) plus
+    ``range_margin`` of that range."""
+    ref_m, ref_s = reference.means[c], reference.stds[c]
+    low, high = ref_m - s.mean_tolerance * ref_s - margin, ref_m + s.mean_tolerance * ref_s + margin
+    if reference.case_means is None:
+        return low, high
+    cases = reference.case_means[:, c]
+    known = np.isfinite(cases).any(axis=0)
+    lo = np.where(known, np.nanmin(np.where(np.isfinite(cases), cases, np.inf), axis=0), np.nan)
+    hi = np.where(known, np.nanmax(np.where(np.isfinite(cases), cases, -np.inf), axis=0), np.nan)
+    widen = s.range_margin * (hi - lo) + margin
+    return np.fmin(low, lo - widen), np.fmax(high, hi + widen)
+
+
+def _contrasts(reference: LabelIntensityStats, c: int, margin: float, s: QcSettings) -> np.ndarray:
+    """``(L, L)``: the sign and smallest size a difference ``mean[b] - mean[a]`` must have in channel
+    ``c`` (+-size), 0 where no sign holds reliably (see the module docstring, check 3)."""
+    n = len(reference.labels)
+    want = np.zeros((n, n))
+    if reference.case_means is None:
+        ref_m = reference.means[c]
+        diff = ref_m[None, :] - ref_m[:, None]
+        ok = np.isfinite(diff) & (np.abs(np.nan_to_num(diff)) > margin)
+        want[ok] = s.contrast_fraction * diff[ok]
+        return want
+    cases = reference.case_means[:, c]
+    for a in range(n):
+        for b in range(n):
+            d = cases[:, b] - cases[:, a]
+            d = d[np.isfinite(d)]
+            if a == b or not d.size or float(np.median(np.abs(d))) <= margin:
+                continue
+            for sign in (1.0, -1.0):
+                agree = d[sign * d > 0]
+                if agree.size >= s.contrast_agreement * d.size:
+                    want[a, b] = sign * s.contrast_fraction * float(np.abs(agree).min())
+    return want
 
 
 def check_label_agreement(image: np.ndarray, label: np.ndarray, reference: LabelIntensityStats,
@@ -150,10 +235,15 @@ def check_label_agreement(image: np.ndarray, label: np.ndarray, reference: Label
     reasons: list[str] = []
     found: dict[int, list[float]] = {int(reference.labels[j]): [] for j in range(len(reference.labels)) if counts[j]}
     ratios: list[float | None] = []
+    textures: list[float | None] = []
+    check_texture = s.texture and reference.case_texture is not None
+    image_texture = label_texture(img, index, len(reference.labels), reference.texture_depth) if check_texture else None
     for c in range(img.shape[0]):
         ref_m, ref_s = reference.means[c], reference.stds[c]
         known = ref_m[np.isfinite(ref_m)]
         margin = s.abs_tolerance * float(known.max() - known.min()) if known.size else 0.0
+        low, high = _mean_bounds(reference, c, margin, s)
+        chan = f" (channel {c})" if img.shape[0] > 1 else ""
         x = img[c]
         means = np.full(len(reference.labels), np.nan)
         for j in range(len(reference.labels)):
@@ -163,25 +253,23 @@ def check_label_agreement(image: np.ndarray, label: np.ndarray, reference: Label
                 found[int(reference.labels[j])].append(round(means[j], 4))
                 if j not in present or not np.isfinite(ref_m[j]):
                     continue
-                name = f"label {reference.labels[j]}" + (f" (channel {c})" if img.shape[0] > 1 else "")
+                name = f"label {reference.labels[j]}{chan}"
                 # 1. per-label mean, 2. per-label spread
-                if abs(means[j] - ref_m[j]) > s.mean_tolerance * ref_s[j] + margin:
-                    reasons.append(f"{name}: mean {means[j]:.4g}, training {ref_m[j]:.4g} +- {ref_s[j]:.3g}")
+                if np.isfinite(low[j]) and not low[j] <= means[j] <= high[j]:
+                    reasons.append(f"{name}: mean {means[j]:.4g}, training accepts {low[j]:.4g} .. {high[j]:.4g}")
                 spread = float(vals.std())
                 if spread > s.std_factor * ref_s[j] + margin:
                     reasons.append(f"{name}: spread {spread:.4g}, training {ref_s[j]:.3g}")
-        # 3. contrast between touching labels with different training means
-        diff = np.abs(ref_m[:, None] - ref_m[None, :])
-        contrasting = np.nan_to_num(diff, nan=0.0) > margin
-        band, pairs = _borders(index, contrasting)
+        # 3. contrast between touching labels where the training cases agree on its sign
+        want = _contrasts(reference, c, margin, s)
+        band, pairs = _borders(index, want != 0)
         for a, b in sorted(pairs):
-            if not contrasting[a, b] or a not in present or b not in present:
+            if want[a, b] == 0 or a not in present or b not in present:
                 continue
-            want, got = ref_m[b] - ref_m[a], means[b] - means[a]
-            if np.sign(got) != np.sign(want) or abs(got) < s.contrast_fraction * abs(want):
-                reasons.append(f"labels {reference.labels[a]}/{reference.labels[b]}"
-                               + (f" (channel {c})" if img.shape[0] > 1 else "")
-                               + f": contrast {got:.4g}, training {want:.4g}")
+            got = means[b] - means[a]
+            if np.sign(got) != np.sign(want[a, b]) or abs(got) < abs(want[a, b]):
+                reasons.append(f"labels {reference.labels[a]}/{reference.labels[b]}{chan}: contrast {got:.4g}, "
+                               f"training needs {'+' if want[a, b] > 0 else '-'}{abs(want[a, b]):.4g} or more")
         # 4. gradient magnitude concentrated at those borders
         if band.any() and (~band).any():
             grads = np.gradient(x) if x.ndim > 1 else [np.gradient(x)]
@@ -191,7 +279,21 @@ def check_label_agreement(image: np.ndarray, label: np.ndarray, reference: Label
             ratios.append(round(ratio, 3))
             if ratio < s.min_edge_ratio:
                 reasons.append(f"edges: gradient at label borders {ratio:.2f}x elsewhere, needs "
-                               f">= {s.min_edge_ratio:g}x" + (f" (channel {c})" if img.shape[0] > 1 else ""))
+                               f">= {s.min_edge_ratio:g}x{chan}")
         else:
             ratios.append(None)
-    return QcResult(not reasons, reasons, found, ratios)
+        # 5. texture inside each label against the training cases' own
+        worst: float | None = None
+        if image_texture is not None and reference.case_texture is not None:
+            floor = np.nanmin(np.where(np.isfinite(reference.case_texture[:, c]), reference.case_texture[:, c],
+                                       np.inf), axis=0)
+            for j in range(len(reference.labels)):
+                got_t = image_texture[c, j]
+                if not np.isfinite(got_t) or not np.isfinite(floor[j]) or floor[j] <= 0:
+                    continue
+                worst = got_t / floor[j] if worst is None else min(worst, got_t / floor[j])
+                if got_t < s.min_texture_ratio * floor[j]:
+                    reasons.append(f"label {reference.labels[j]}{chan}: texture {got_t:.4g} (Laplacian std inside "
+                                   f"the label), training cases {floor[j]:.4g} or more: untextured")
+        textures.append(None if worst is None else round(worst, 3))
+    return QcResult(not reasons, reasons, found, ratios, textures)

@@ -11,13 +11,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
-                 progress: bool = True, allow_changed_data: bool = False) -> TrainResult:
+                 progress: bool = True, allow_changed_data: bool = False, force: bool = False) -> TrainResult:
     """Train ``config`` into ``run_dir`` whatever its family: a staged family (``ldm``: autoencoder,
     then diffusion) runs its stages in order, or only ``stage``. Returns the engine's ``TrainResult``
     (of the last stage trained). A recipe whose estimated memory cannot fit the device is refused
     first (:func:`medsynth.training.memory.check_memory`). With ``progress``, says once on stderr how many CPU threads torch
     uses (:func:`medsynth.training.engine.cpu_threads`); ``RUN/report.md`` is the run's report.
-    ``allow_changed_data``: resume although a training file changed since the run started (else refused)."""
+    ``allow_changed_data``: resume although a training file changed since the run started (else refused).
+    ``force``: a staged family's later stage starts although the earlier one missed its quality gate
+    (the ldm autoencoder's ``target_psnr``: :func:`medsynth.training.ldm.check_autoencoder_gate`)."""
     import sys
 
     from medsynth.distributed import torchrun_env
@@ -50,7 +52,7 @@ def run_training(config: Config, run_dir: str | Path, *, resume: bool = False, s
             if not callable(runner):
                 raise ConfigError(f"model.family {family.name!r}: its runner {family.runner} is not a function")
             result: TrainResult = runner(config, run_dir, resume=resume, stage=stage, progress=progress,
-                                         allow_changed_data=allow_changed_data)
+                                         allow_changed_data=allow_changed_data, force=force)
             return result
         from medsynth.training.checkpoint import checkpoint_paths
         from medsynth.training.engine import checkpoint_dir

@@ -14,6 +14,9 @@ Stage ``autoencoder`` (MONAI AutoencoderKL + PatchDiscriminator), images in [0, 
   ``heldout_recon_ssim``: a ``{"kind": "heldout"}`` line of ``metrics.jsonl`` and facts of the run
   card's ``model``), with a warning when the PSNR is below
   ``model.autoencoder.target_psnr``: the diffusion stage cannot make images better than that.
+  The quality gate (:func:`check_autoencoder_gate`): the diffusion stage does not start on such an
+  autoencoder unless ``force`` (``medsynth train --force``); a ``{"kind": "gate"}`` line of
+  ``metrics.jsonl`` records the verdict and the run report says it.
 
 Stage ``diffusion`` (the autoencoder frozen, read from the newest autoencoder checkpoint):
   1. latents ``z0 = scale * (mu + sigma * eps)``; ``scale = 1 / std`` of the first stage-2 batch's
@@ -48,7 +51,7 @@ import torch.nn.functional as F
 
 from medsynth.config import Config, LdmAutoencoderConfig, LdmDiffusionConfig, LdmModelConfig
 from medsynth.diffusion import Condition, Denoiser, NoiseProcess, make_process, sample_latents, size_multiple, use_flash
-from medsynth.errors import CheckpointError, ConfigError
+from medsynth.errors import CheckpointError, ConfigError, JobError
 from medsynth.models.autoencoder import build_autoencoder, build_discriminator, downsample_factor, encode
 from medsynth.models.conditioning import fill_image
 from medsynth.models.diffusion import MaskConditionedUNet
@@ -56,6 +59,7 @@ from medsynth.registry import get_family
 from medsynth.runcard import WEIGHTS_FILE
 from medsynth.seeds import Stream, derive_seed
 from medsynth.training.engine import FLIP_STREAM, Batch, FamilyBase, Runtime, TrainResult, checkpoint_dir, flip_batch
+from medsynth.training.report import read_metrics, write_report
 
 if TYPE_CHECKING:  # pragma: no cover
     from monai.networks.nets import AutoencoderKL
@@ -596,15 +600,38 @@ def _clear_diffusion(run_dir: Path, rank: int) -> None:
         time.sleep(0.1)
 
 
+def check_autoencoder_gate(config: Config, run_dir: Path, *, force: bool, rank: int = 0) -> None:
+    """Refuse to start the diffusion stage on an autoencoder whose measured reconstruction PSNR (the
+    newest ``heldout`` record of the autoencoder stage) is below ``model.autoencoder.target_psnr``,
+    unless ``force``. Rank 0 appends a ``gate`` record to ``metrics.jsonl`` and rewrites the report.
+    JobError naming the measured value, the threshold and ``--force``. No measurement: passes."""
+    found = [r for r in read_metrics(run_dir) if r["kind"] == "heldout" and r.get("stage") == "autoencoder"]
+    if not found or not isinstance(found[-1].get("heldout_recon_psnr"), (int, float)):
+        return
+    psnr, target = float(found[-1]["heldout_recon_psnr"]), config.model_as(LdmModelConfig).autoencoder.target_psnr
+    if psnr >= target:
+        return
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"kind": "gate", "step": int(found[-1]["step"]), "stage": "autoencoder",
+                                 "heldout_recon_psnr": psnr, "target_psnr": target, "forced": force}) + "\n")
+        write_report(run_dir)
+    if not force:
+        raise JobError(f"{run_dir}: the autoencoder reconstructs at PSNR {psnr:.2f} dB, below "
+                       f"model.autoencoder.target_psnr {target:g} dB: the diffusion stage was not started (train "
+                       "the autoencoder longer, or pass --force to train the diffusion stage on it anyway)")
+
+
 def train_ldm(config: Config, run_dir: str | Path, *, resume: bool = False, stage: str | None = None,
-              progress: bool = True, allow_changed_data: bool = False) -> TrainResult:
+              progress: bool = True, allow_changed_data: bool = False, force: bool = False) -> TrainResult:
     """Train the latent diffusion stages into ``run_dir``: both in order, or only ``stage``.
 
     Each stage trains with :func:`stage_config` (its own batch size when set) for :func:`stage_steps`
     steps. ``resume`` continues each stage from its newest valid checkpoint; when the autoencoder is
     no longer the one the diffusion checkpoints were trained on, they are removed (with a warning)
-    and the diffusion stage is trained again from its seed. Returns the engine's ``TrainResult`` of
-    the last stage trained.
+    and the diffusion stage is trained again from its seed. The diffusion stage starts only on an
+    autoencoder that passed the quality gate, or with ``force`` (:func:`check_autoencoder_gate`).
+    Returns the engine's ``TrainResult`` of the last stage trained.
     """
     from medsynth.distributed import torchrun_env
     from medsynth.training import checkpoint as ck
@@ -623,6 +650,8 @@ def train_ldm(config: Config, run_dir: str | Path, *, resume: bool = False, stag
                           "training the diffusion stage again from its seed", stacklevel=2)
             _clear_diffusion(run_dir, rank)
             has_ckpts = False
+        if s == "diffusion" and not has_ckpts:
+            check_autoencoder_gate(config, run_dir, force=force, rank=rank)
         result = train(stage_config(config, s), run_dir, resume=resume and has_ckpts, stage=s, progress=progress,
                        allow_changed_data=allow_changed_data)
     assert result is not None  # STAGES is not empty

@@ -249,6 +249,19 @@ def _yardstick_line(records: list[dict[str, Any]]) -> str | None:
     return f"Yardstick at step {found[-1]['step']}: {result.summary()}."
 
 
+def _gate_line(records: list[dict[str, Any]]) -> str | None:
+    """The newest ``gate`` record (:func:`medsynth.training.ldm.check_autoencoder_gate`) in words."""
+    found = [r for r in records if r["kind"] == "gate"]
+    if not found:
+        return None
+    g = found[-1]
+    what = (f"Quality gate: the autoencoder reconstructs at PSNR {float(g['heldout_recon_psnr']):.2f} dB, below "
+            f"model.autoencoder.target_psnr {float(g['target_psnr']):g} dB")
+    if g.get("forced"):
+        return what + "; the diffusion stage was trained on it anyway (--force)."
+    return what + ": the diffusion stage was not started (train the autoencoder longer, or --force)."
+
+
 def _read_card(run_dir: Path) -> tuple[Any, str | None]:
     """(RunCard or None, why not) without failing the report."""
     from medsynth.runcard import CARD_FILE, read_run_card
@@ -336,6 +349,9 @@ def write_report(run_dir: str | Path) -> Path:
     yardstick = _yardstick_line(records)
     if yardstick:
         out += [yardstick, ""]
+    gate = _gate_line(records)
+    if gate:
+        out += [gate, ""]
     starts = [s.start for s in summaries if s.start]
     if starts:
         st = starts[-1]
