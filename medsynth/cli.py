@@ -18,9 +18,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-#: ``--set key=value`` (train, augment): a dotted key and a YAML value, repeatable
+#: ``--set key=value`` (augment; train's is :data:`TrainSetOption`): a dotted key and a YAML value, repeatable
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", help="Override a setting: key=value (dotted key, YAML value, e.g. edits.grow_prob=0.5); repeatable.")]
+TrainSetOption = Annotated[list[str] | None, typer.Option(
+    "--set", help="Override a recipe setting: key=value (dotted key, YAML value, e.g. training.lr=1e-4); "
+    "repeatable.")]
 
 app = typer.Typer(
     name="medsynth",
@@ -73,14 +76,16 @@ def os_error_message(exc: OSError) -> str:
 def user_errors(func: F) -> F:
     """Turn MedsynthError, file-system errors (an OSError with an errno: full disk, read-only file
     system, permissions, ...) and Ctrl-C into one message and an exit code; never a traceback.
-    Anything else (a bug) keeps its traceback."""
+    Anything else (a bug) keeps its traceback. Python warnings print as one ``warning:`` line
+    (:func:`_plain_warnings`) in every command."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from medsynth.errors import MedsynthError
 
         try:
-            return func(*args, **kwargs)
+            with _plain_warnings():
+                return func(*args, **kwargs)
         except MedsynthError as exc:
             fail(str(exc))
         except OSError as exc:
@@ -221,14 +226,16 @@ def evaluate(
 
 
 def _plain_warnings() -> Any:
-    """A context in which Python warnings print as one ``warning: ...`` line on stderr."""
+    """A context in which Python warnings print as one ``warning: ...`` line on stderr (no file:line).
+    Every command runs in it (:func:`user_errors`). medsynth's own warnings (UserWarning) show once per
+    place; other categories keep the process's filters (library DeprecationWarnings stay hidden)."""
     import contextlib
     import warnings
 
     @contextlib.contextmanager
     def ctx() -> Any:
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            warnings.simplefilter("default", UserWarning)
             warnings.showwarning = lambda message, *a, **k: typer.echo(f"warning: {message}", err=True)
             yield
 
@@ -252,7 +259,7 @@ def train(
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Total steps (overrides training.max_steps).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (overrides training.seed).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest valid checkpoint.")] = False,
-    set_: SetOption = None,
+    set_: TrainSetOption = None,
     stage: Annotated[str | None, typer.Option(help=f"Training stage of a staged family ({_stage_help()}).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     allow_changed_data: Annotated[bool, typer.Option(
@@ -415,7 +422,8 @@ def augment(
         typer.Option("--real", help="Real cases in OUT: link, copy or reference (their paths; OUT then cannot be moved). "
                      "Default: a hard link on the same file system, else a copy."),
     ] = "auto",
-    config: Annotated[Path | None, typer.Option(help="Augment recipe YAML (see configs/augment.yaml).")] = None,
+    config: Annotated[str | None, typer.Option(help="Augment settings: a YAML file, or a shipped name (augment: the "
+                                               "defaults, documented; see `medsynth recipes`).")] = None,
     set_: SetOption = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
@@ -429,11 +437,13 @@ def augment(
     """Grow a segmentation dataset with synthetic image/label pairs (safely, resumably)."""
     check_seed(seed)
     from medsynth.augment import AugmentOptions, load_augment_config, run_augment
+    from medsynth.recipes import recipe_path
 
     options = AugmentOptions(
         input=input, out=out, method=method, num=num, seed=seed, model=model, resume=resume,
         overwrite=overwrite, synthetic_only=synthetic_only, workers=workers, dry_run=dry_run,
-        config=load_augment_config(config, set_ or []), progress=progress and not json_out, real=real,
+        config=load_augment_config(None if config is None else recipe_path(config, "augment"), set_ or []),
+        progress=progress and not json_out, real=real,
         anatomy=anatomy,
     )
     with _plain_warnings():  # e.g. "2D run given a 3D mask" as one line
@@ -565,7 +575,7 @@ def recipes() -> None:
     found = list_recipes()
     width = max(len(r.name) for r in found)
     for kind, heading in (("train", "Training recipes (medsynth train NAME --data DATASET --out RUN):"),
-                          ("augment", "Augment configs (copy one, then medsynth augment --config FILE):")):
+                          ("augment", "Augment configs (medsynth augment DATASET --config NAME, or a copy: --config FILE):")):
         typer.echo(heading)
         for r in found:
             if r.kind == kind:

@@ -4,7 +4,8 @@ The YAML files live in the source tree's top-level ``configs/`` folder; a built 
 files as ``medsynth/configs/`` (see ``pyproject.toml``). A recipe's name is its path under that folder
 without ``.yaml``: ``gan2d``, ``ldm3d``, ``tiny/gan2d``. Its description is its first comment line.
 A recipe with a ``model`` section trains a model (``medsynth train NAME``); the others configure a job
-(``augment``: ``medsynth augment --config``).
+(``augment``: ``medsynth augment --config augment``). Every command that takes a recipe takes a file
+or a name (:func:`recipe_path`).
 """
 
 from __future__ import annotations
@@ -66,17 +67,29 @@ def list_recipes() -> list[Recipe]:
     return sorted(found, key=lambda r: (r.kind != "train", r.name.count("/"), r.name))
 
 
+def _recipe_name(text: str) -> str:
+    """A recipe name from what a user typed: ``small/gan3d``, or the source tree's path of a shipped
+    recipe, ``configs/small/gan3d.yaml`` (so a command written in a checkout works from a wheel too)."""
+    name = text.replace("\\", "/")
+    if name.startswith("./"):
+        name = name[2:]
+    if name.startswith("configs/") and name.endswith(".yaml"):
+        name = name[len("configs/"):-len(".yaml")]
+    return name
+
+
 def recipe_path(name_or_path: str | Path, kind: RecipeKind = "train") -> Path:
     """A recipe file: ``name_or_path`` itself when that file exists, else the shipped recipe of that name
-    (``gan2d``, ``tiny/ldm2d``). Raises ConfigError naming the shipped recipes of ``kind`` when it is
-    neither, or when the name is a shipped recipe of the other kind."""
+    (``gan2d``, ``tiny/ldm2d``; ``configs/tiny/ldm2d.yaml``, its path in the source tree, names it too).
+    Raises ConfigError naming the shipped recipes of ``kind`` when it is neither, or when the name is a
+    shipped recipe of the other kind."""
     given = Path(name_or_path)
     if given.is_file():
         return given
     if given.exists():
         raise ConfigError(f"{given}: is a folder, not a recipe file")
     recipes = list_recipes()
-    name = str(name_or_path).replace("\\", "/")
+    name = _recipe_name(str(name_or_path))
     for recipe in recipes:
         if recipe.name == name:
             if recipe.kind != kind:

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from medsynth.cli import app
 
-COMMANDS = ("validate", "phantoms", "evaluate", "train", "sample", "augment", "demo", "recipes", "downstream", "export", "anatomy")
+COMMANDS = ("validate", "phantoms", "evaluate", "train", "sample", "augment", "demo", "recipes", "downstream", "export",
+            "anatomy")
 
 
 def test_help_lists_every_command() -> None:
@@ -56,3 +57,38 @@ def test_stage_option_is_refused_for_a_family_without_stages(tmp_path) -> None:
                                       "--stage", "diffusion"])
     assert result.exit_code == 1 and "only staged families (ldm) have stages" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_every_command_prints_warnings_as_one_plain_line(tmp_path, monkeypatch) -> None:
+    """The demo (and every command: each goes through the one wrapper) shows a warning as ``warning: ...``,
+    not Python's ``file.py:842: UserWarning`` with the source line after it."""
+    import warnings
+
+    import medsynth.demo
+    from medsynth.cli import user_errors
+
+    def fake_demo(out, **kwargs):
+        warnings.warn("demo stage warned (test_cli)", stacklevel=1)
+        return medsynth.demo.DemoResult(out=tmp_path, report=tmp_path / "report.md", seconds=0.0)
+
+    monkeypatch.setattr(medsynth.demo, "run_demo", fake_demo)
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == ["warning: demo stage warned (test_cli)"], result.stderr
+    for command in app.registered_commands:  # the wrapper that installs the formatter
+        assert command.callback is not None and command.callback.__code__ is user_errors(lambda: None).__code__, (
+            command.callback)
+
+
+def test_train_help_shows_a_training_key_as_its_set_example() -> None:
+    def text(command: str) -> str:  # the help without rich's box, one space between words
+        out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        return " ".join(out.replace("│", " ").split())
+
+    train, augment = text("train"), text("augment")
+    assert "e.g. training.lr=1e-4" in train and "edits." not in train
+    from medsynth.config import load_config
+    from medsynth.recipes import recipe_path
+
+    assert load_config(recipe_path("tiny/gan2d"), ["training.lr=1e-4"]).training.lr == 1e-4  # a real key
+    assert "e.g. edits.grow_prob=0.5" in augment

@@ -81,3 +81,17 @@ def test_fill_pairs_recipe_in_the_docs_is_the_benchmarks_one():
     s = load_augment_config(recipe).synthseg
     assert s.fit_intensities and list(s.fit_std_scale) == [0.0, 0.0]
     assert s.bias_prob == s.resolution_prob == s.gamma_std == 0.0 and list(s.noise_std) == [0.0, 0.0]
+
+
+def test_docs_install_nnunet_into_its_own_environment():
+    """`pip install nnunetv2` in medsynth's environment replaces its torch (and pulls GBs of CUDA libraries):
+    every page that installs nnU-Net does it with a virtual environment's own pip."""
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    installs = [(p.name, line.strip()) for p in pages for line in p.read_text().splitlines()
+                if re.match(r"\s*(\S*pip3?|\S*python3? -m pip) install\b.*\bnnunetv2\b", line)]  # commands, not prose
+    assert installs, "docs/nnunet.md shows how to install nnU-Net"
+    for page, line in installs:
+        assert re.match(r"~/venvs/nnunet/bin/pip install ", line), f"{page}: {line}"
+    text = (root / "docs" / "nnunet.md").read_text()
+    assert "python -m venv ~/venvs/nnunet" in text and "~/venvs/nnunet/bin/nnUNetv2_plan_and_preprocess" in text

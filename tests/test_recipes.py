@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,43 @@ def test_train_with_an_unknown_recipe_is_one_error_line(tmp_path: Path) -> None:
     assert line.startswith("error: gan5d: no such file, and not the name of a shipped training recipe (")
     assert all(name in line for name in TRAIN) and "medsynth recipes" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_augment_takes_the_shipped_config_by_name_or_by_its_checkout_path_from_any_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medsynth.augment import load_augment_config
+    from medsynth.data.phantoms import make_phantom_dataset
+
+    data = make_phantom_dataset(tmp_path / "p", dim=2, cases=2, size=32, seed=0)
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here, as after a wheel install
+    assert not Path("configs").exists()
+    assert recipe_path("configs/augment.yaml", kind="augment").read_bytes() == (CONFIGS / "augment.yaml").read_bytes()
+    assert recipe_path("configs/small/gan3d.yaml").read_bytes() == (CONFIGS / "small" / "gan3d.yaml").read_bytes()
+    base = ["augment", str(data), "--method", "synthseg", "--num", "2", "--dry-run", "--no-progress"]
+    for given in ("augment", "configs/augment.yaml", str(CONFIGS / "augment.yaml")):
+        result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "out"), "--config", given])
+        assert result.exit_code == 0, (given, result.output)
+    # the shipped file documents the defaults; a file of one's own is read (its bad key is reported)
+    assert load_augment_config(recipe_path("augment", kind="augment")) == load_augment_config(None)
+    (tmp_path / "own.yaml").write_text("edits:\n  grow_probability: 0.5\n")
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "out"), "--config", "own.yaml"])
+    assert result.exit_code == 1 and "own.yaml" in result.output and "grow_probability" in result.output
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "out"), "--config", "tiny/gan2d"])
+    assert result.exit_code == 1 and "is the shipped training recipe, not a augment config" in result.output
+
+
+def test_every_recipe_header_names_itself_by_name_not_by_a_checkout_path() -> None:
+    for recipe in list_recipes():
+        header = []
+        for line in recipe.path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line)
+        text = "\n".join(header)
+        assert "configs/" not in text, f"{recipe.name}: its header names a path of the source tree"
+        if recipe.kind == "train":
+            assert f"medsynth train {recipe.name} --data" in text, recipe.name
+            named = re.findall(r"medsynth train (\S+)", text)
+            assert set(named) == {recipe.name}, (recipe.name, named)
+        else:
+            assert f"--config {recipe.name}" in text, recipe.name

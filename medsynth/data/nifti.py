@@ -36,7 +36,6 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from medsynth.data.atomic import atomic_path
-from medsynth.data.dicom import read_dicom_series
 from medsynth.data.itk_header import ItkClaim, checked_itk_file, itk_claim
 from medsynth.data.labels import as_label_array, label_problems
 from medsynth.data.limits import CappedInflater, check_claimed_size, default_memory_limit, format_bytes, open_regular
@@ -133,7 +132,10 @@ def read_volume(
         raise DataError(f"{path!r}: a file name cannot contain a NUL byte")
     if not path.exists():
         raise DataError(f"{path}: file not found" + (" (dangling symbolic link)" if path.is_symlink() else ""))
-    if path.is_dir():  # a folder of one DICOM series (medsynth.data.dicom), in RAS like .mha
+    if path.is_dir():  # a folder of one DICOM series, in RAS like .mha
+        # imported here, as SimpleITK is: `medsynth --help` reads the format list, which imports this module
+        from medsynth.data.dicom import read_dicom_series
+
         return _itk_volume(read_dicom_series(path, memory_limit=memory_limit), path)
     suffix = volume_suffix(path)
     if not suffix:
