@@ -72,6 +72,7 @@ def test_series_reads_back_as_the_phantom(tmp_path, phantom, degrees):
     array, _, affine = phantom
     affine = rotated(affine, degrees)
     vol = read_volume(write_series(tmp_path / "series", array, affine))
+    assert vol.header["kind"] == "image" and read_volume(tmp_path / "series", kind="label").header["kind"] == "label"
     assert vol.array.shape == (SIZE, SIZE, SIZE)
     np.testing.assert_array_equal(vol.array, array)
     np.testing.assert_allclose(vol.affine, affine, atol=1e-4)

@@ -136,7 +136,9 @@ def read_volume(
         # imported here, as SimpleITK is: `medsynth --help` reads the format list, which imports this module
         from medsynth.data.dicom import read_dicom_series
 
-        return _itk_volume(read_dicom_series(path, memory_limit=memory_limit), path)
+        volume = _itk_volume(read_dicom_series(path, memory_limit=memory_limit), path)
+        volume.header["kind"] = kind
+        return volume
     suffix = volume_suffix(path)
     if not suffix:
         raise DataError(
