@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from medsynth.augment import SYNTHETIC_PREFIX, AugmentConfig, AugmentOptions, AugmentSummary, run_augment
+from medsynth.augment.preview import preview_pairs
 from medsynth.config import load_config
 from medsynth.data.atomic import atomic_write_text
 from medsynth.data.manifest import Case, read_manifest, write_manifest
@@ -39,7 +40,8 @@ from medsynth.evaluation.downstream import DownstreamSummary, downstream
 from medsynth.evaluation.downstream.report import format_table
 from medsynth.evaluation.evaluate import run_evaluate
 from medsynth.ownership import own_output
-from medsynth.plots import grid, middle_slice, save_png, show_slice
+from medsynth.plots import case_preview, grid, middle_slice, save_png, show_slice
+from medsynth.progress import progress_bar
 from medsynth.recipes import recipe_path
 from medsynth.runcard import read_run_card
 from medsynth.synthesis.pairs import QCConfig
@@ -194,11 +196,11 @@ def _run_demo(out: Path, quick: bool, progress: bool, st: _Stages) -> DemoResult
     # 5. evaluation
     st.start("evaluate", "evaluating synthetic against real (paired and unpaired)")
     paired = {
-        "gan2d": _paired_from_real_masks(gan_run, real2d, ev / "gan_from_real_masks", plan),
-        "ldm2d": _paired_from_real_masks(ldm_run, real2d, ev / "ldm_from_real_masks", plan),
+        "gan2d": _paired_from_real_masks(gan_run, real2d, ev / "gan_from_real_masks", plan, progress),
+        "ldm2d": _paired_from_real_masks(ldm_run, real2d, ev / "ldm_from_real_masks", plan, progress),
     }
     paired_summaries = {
-        name: run_evaluate(real2d, manifest, data_range="auto", out=ev / f"paired_{name}")
+        name: run_evaluate(real2d, manifest, data_range="auto", out=ev / f"paired_{name}", progress=progress)
         for name, manifest in paired.items()
     }
     n2, n3 = plan.cases_2d, plan.cases_3d
@@ -214,7 +216,8 @@ def _run_demo(out: Path, quick: bool, progress: bool, st: _Stages) -> DemoResult
     }
     unpaired = {}
     for name, (folder, ref, cand) in unpaired_sets.items():
-        unpaired[name] = run_evaluate(ref, cand, data_range="auto", unpaired=True, out=ev / folder)
+        st.console.print(f"      {name}")
+        unpaired[name] = run_evaluate(ref, cand, data_range="auto", unpaired=True, out=ev / folder, progress=progress)
         unpaired[name]["folder"] = f"evaluation/{folder}"
 
     # 6. does it help? (a synthseg 2D set joins the GAN and LDM sets)
@@ -231,7 +234,8 @@ def _run_demo(out: Path, quick: bool, progress: bool, st: _Stages) -> DemoResult
     figs = {
         "data": _data_figure(real3d, figures / "phantoms.png"),
         "methods": _methods_figure(real2d, paired, figures / "gan_ldm_from_real_masks.png"),
-        "augmented": _augmented_figure(summaries, figures / "augmented_cases.png"),
+        "augmented": _augmented_figure(summaries, {"synthseg3d": real3d, "gan2d": real2d, "ldm2d": real2d,
+                                                   "synthseg2d": real2d}, figures / "augmented_cases.png"),
         "losses": _loss_figure({"GAN": gan_run, "LDM": ldm_run}, figures / "training_losses.png"),
     }
     seconds = st.finish()
@@ -290,17 +294,20 @@ def _downstream_lines(summary: DownstreamSummary, out: Path) -> list[str]:
 
 
 
-def _paired_from_real_masks(run: Path, real: Path, out: Path, plan: DemoPlan) -> Path:
+def _paired_from_real_masks(run: Path, real: Path, out: Path, plan: DemoPlan, progress: bool) -> Path:
     """Generate one image per real case from that case's own mask: a dataset paired by case id."""
     manifest = read_manifest(real)
     synth = Synthesizer.from_run(run, device="cpu")
     steps = plan.sample_steps if read_run_card(run).family == "ldm" else None
     cases = []
-    for k, case in enumerate(manifest.cases):
-        label = read_volume(_label(case), kind="label")
-        image = synth.generate_volume(label, k, steps=steps)
-        img_path = write_volume(out / "imagesTr" / f"{case.case_id}.nii.gz", image.array, label.affine, kind="image")
-        cases.append(Case(case_id=case.case_id, images=[img_path], label=case.label))
+    with progress_bar(f"generating from the real masks ({run.name})", len(manifest.cases), enabled=progress) as bar:
+        for k, case in enumerate(manifest.cases):
+            label = read_volume(_label(case), kind="label")
+            image = synth.generate_volume(label, k, steps=steps)
+            img_path = write_volume(out / "imagesTr" / f"{case.case_id}.nii.gz", image.array, label.affine,
+                                    kind="image")
+            cases.append(Case(case_id=case.case_id, images=[img_path], label=case.label))
+            bar.advance()
     return write_manifest(manifest.with_cases(cases), out / "dataset.json", fmt="msd")
 
 
@@ -359,24 +366,16 @@ def _methods_figure(real2d: Path, paired: dict[str, Path], path: Path, n: int = 
     return path
 
 
-def _augmented_figure(summaries: dict[str, AugmentSummary], path: Path, n: int = 3) -> Path:
-    """One row per augmented output: (new mask, synthetic image) for its first ``n`` synthetic cases."""
-    rows = {name: [c for c in read_manifest(_manifest(s)).cases if c.case_id.startswith(SYNTHETIC_PREFIX)][:n]
-            for name, s in summaries.items()}
-    fig, axes = grid(len(rows), 2 * n)
-    for r, (name, cases) in enumerate(rows.items()):
-        for k in range(n):
-            if k >= len(cases):
-                axes[r, 2 * k].axis("off")
-                axes[r, 2 * k + 1].axis("off")
-                continue
-            img = middle_slice(read_volume(cases[k].images[0]).array)
-            lo, hi = np.percentile(img, [0.5, 99.5])
-            show_slice(axes[r, 2 * k], middle_slice(read_volume(_label(cases[k]), kind="label").array), label=True,
-                       title=f"{name} {cases[k].case_id}")
-            show_slice(axes[r, 2 * k + 1], img, vmin=lo, vmax=hi, title="image")
-    save_png(fig, path)
-    return path
+def _augmented_figure(summaries: dict[str, AugmentSummary], reals: dict[str, Path], path: Path, n: int = 3) -> Path:
+    """The first ``n`` synthetic cases of each augmented output, mask outlined, beside their source
+    (the picture ``medsynth augment`` writes as OUT/preview.png); reals: output name -> its real dataset."""
+    pairs, legend = [], {}
+    for name, s in summaries.items():
+        real = read_manifest(reals[name])
+        legend.update(real.labels or {})
+        cases = [c for c in read_manifest(_manifest(s)).cases if c.case_id.startswith(SYNTHETIC_PREFIX)][:n]
+        pairs += preview_pairs(cases, {c.case_id: c for c in real.cases}, name)
+    return case_preview(pairs, legend, path, per_row=n)
 
 
 def _loss_figure(runs: dict[str, Path], path: Path) -> Path:
@@ -476,6 +475,9 @@ def _write_report(out: Path, plan: DemoPlan, quick: bool, fingerprints: dict[str
         "",
         "Each synthetic case has a new mask made by deforming a real one, and an image made for it; "
         "`provenance.jsonl` beside each manifest records the method, seed, source case and model checksum.",
+        "",
+        "Below, the first cases of each output: the source real image, then the synthetic image with its "
+        "mask outlined (each augment output folder has the same picture as `preview.png`).",
         "",
         f"![augmented]({rel['augmented']})",
         "",

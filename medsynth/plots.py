@@ -23,8 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
     from matplotlib.image import AxesImage
 
-__all__ = ["CurvePanel", "downstream_chart", "grid", "label_preview", "middle_slice", "new_figure", "save_png", "show_slice",
-           "training_curves"]
+__all__ = ["CasePair", "CurvePanel", "case_preview", "case_preview_figure", "downstream_chart", "fit_to_text", "grid",
+           "label_preview", "label_preview_figure", "middle_slice", "new_figure", "save_png", "show_slice",
+           "text_overflow", "training_curves"]
 
 #: label maps are drawn with this qualitative colour map, values 0..9
 LABEL_CMAP = "tab10"
@@ -160,8 +161,14 @@ def training_curves(panels: Sequence[CurvePanel], path: Path, *, columns: int = 
 
 def label_preview(masks: Sequence[np.ndarray], rows: Mapping[str, Sequence[np.ndarray]], legend: Sequence[str],
                   path: Path, *, scale: float = 1.8) -> Path:
+    """:func:`label_preview_figure` written to ``path`` (PNG)."""
+    return save_png(label_preview_figure(masks, rows, legend, scale=scale), Path(path))
+
+
+def label_preview_figure(masks: Sequence[np.ndarray], rows: Mapping[str, Sequence[np.ndarray]],
+                         legend: Sequence[str], *, scale: float = 1.8) -> Figure:
     """A grid of 2D slices with a label legend: the first row the label maps, then one row per entry
-    of ``rows``, one column per sample. Writes ``path`` (PNG).
+    of ``rows``, one column per sample; widened where the legend needs it (:func:`fit_to_text`).
 
     masks: label channel indices ``(i, j)`` (0 = background), drawn in :data:`LABEL_CMAP`; rows: name ->
     one image ``(i, j)`` in [0, 1] per sample (grey, 0 black, 1 white); legend: the name of each
@@ -192,4 +199,117 @@ def label_preview(masks: Sequence[np.ndarray], rows: Mapping[str, Sequence[np.nd
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=7,
                    frameon=False)
-    return save_png(fig, Path(path))
+    return fit_to_text(fig)
+
+
+def fit_to_text(fig: Figure, pad: float = 0.05, rounds: int = 4) -> Figure:
+    """Widen ``fig`` until every title, label and legend lies inside it (``pad`` inches spare on each
+    side); a figure whose text already fits is left as it is. Returns ``fig``."""
+    for _ in range(rounds):
+        over = text_overflow(fig)
+        if over <= 0:
+            break
+        fig.set_figwidth(fig.get_figwidth() + 2 * (over + pad))
+    return fig
+
+
+def text_overflow(fig: Figure) -> float:
+    """How far (inches) the widest-reaching visible text or legend of ``fig`` sticks out of its left
+    or right edge after a draw (0 or less: everything fits)."""
+    from matplotlib.legend import Legend
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    fig.draw_without_rendering()
+    width = fig.bbox.width
+    over = 0.0
+    for artist in fig.findobj(lambda a: isinstance(a, (Text, Legend))):
+        if not artist.get_visible() or (isinstance(artist, Text) and not artist.get_text()):
+            continue
+        box = artist.get_window_extent(renderer)
+        over = max(over, -box.x0, box.x1 - width)
+    return over / fig.dpi
+
+
+@dataclass(frozen=True)
+class CasePair:
+    """One panel pair of :func:`case_preview_figure`: a generated case beside its source.
+
+    title: e.g. ``"syn_0003 (gan)"``; image: the generated image ``(i, j)``; label: its label map
+    ``(i, j)`` (label values; outlined in :data:`LABEL_CMAP`, the colour of value ``v`` being that of
+    the ``v``-th entry of the legend's values); source: the image it came from ``(i, j)`` (a real
+    labelled case, or the unlabelled image of an anatomy bank), or None; source_title: its caption."""
+
+    title: str
+    image: np.ndarray
+    label: np.ndarray
+    source: np.ndarray | None = None
+    source_title: str = "source"
+
+
+def case_preview_figure(pairs: Sequence[CasePair], legend: Mapping[int, str], *, per_row: int = 3,
+                        scale: float = 1.8) -> Figure:
+    """Generated cases with their label maps outlined, each beside its source image: ``per_row``
+    pairs (source, generated) a row, and a legend naming every non-zero label value of ``legend``
+    (value -> name; colours by position, as :func:`label_preview`). Images are windowed at their
+    0.5-99.5 percentiles. Fixed margins (no constrained layout: this is drawn at every augment)."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    colours = colormaps[LABEL_CMAP]
+    order = sorted(legend)
+    colour_of = {v: colours(i % 10) for i, v in enumerate(order)}
+    cols = max(1, min(per_row, len(pairs)))
+    rows = max(1, -(-len(pairs) // cols))
+    width, height = 2 * cols * scale, rows * (scale + 0.25) + 0.45
+    fig = new_figure(width, height)
+    fig.set_layout_engine(None)
+    axes = fig.subplots(rows, 2 * cols, squeeze=False, gridspec_kw={
+        "left": 0.05 / width, "right": 1 - 0.05 / width, "bottom": 0.45 / height, "top": 1 - 0.25 / height,
+        "wspace": 0.04, "hspace": 0.25 / scale})
+    for k in range(rows * cols):
+        left, right = axes[k // cols][2 * (k % cols)], axes[k // cols][2 * (k % cols) + 1]
+        if k >= len(pairs):
+            left.set_axis_off()
+            right.set_axis_off()
+            continue
+        p = pairs[k]
+        if p.source is None:
+            left.set_axis_off()
+        else:
+            src = np.asarray(p.source, dtype=np.float64)
+            show_slice(left, src, vmin=float(np.percentile(src, 0.5)), vmax=float(np.percentile(src, 99.5)),
+                       title=p.source_title)
+        img = np.asarray(p.image, dtype=np.float64)
+        show_slice(right, img, vmin=float(np.percentile(img, 0.5)), vmax=float(np.percentile(img, 99.5)),
+                   title=p.title)
+        right.imshow(_outlines(np.asarray(p.label), colour_of).transpose(1, 0, 2), origin="lower",
+                     interpolation="nearest")
+    handles = [Line2D([], [], color=colour_of[v], linewidth=2, label=f"{v} {legend[v]}".strip()) for v in order if v]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
+    return fit_to_text(fig)
+
+
+def _outlines(label: np.ndarray, colour_of: Mapping[int, tuple[float, ...]]) -> np.ndarray:
+    """RGBA ``(*label.shape, 4)``: the boundary voxels of each non-zero label value in its colour
+    (a voxel whose 4-neighbour, or 6-neighbour, has another value), transparent elsewhere."""
+    edge = np.zeros(label.shape, bool)
+    for axis in range(label.ndim):
+        diff = np.diff(label, axis=axis) != 0
+        lo = [slice(None)] * label.ndim
+        hi = [slice(None)] * label.ndim
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        edge[tuple(lo)] |= diff
+        edge[tuple(hi)] |= diff
+    rgba = np.zeros((*label.shape, 4), np.float32)
+    for v, colour in colour_of.items():
+        if v:
+            rgba[edge & (label == v)] = colour
+    return rgba
+
+
+def case_preview(pairs: Sequence[CasePair], legend: Mapping[int, str], path: Path, *, per_row: int = 3) -> Path:
+    """:func:`case_preview_figure` written to ``path`` (PNG)."""
+    return save_png(case_preview_figure(pairs, legend, per_row=per_row), Path(path))

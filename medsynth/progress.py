@@ -2,13 +2,16 @@
 
 ``with progress_bar("augment", total=20) as bar: ... bar.advance()``. On a terminal it is a rich bar
 on stderr with a count, elapsed time and an ETA; off a terminal (a log file, CI) it writes a plain
-line at most every ``every_s`` seconds and at the end, so a long job is never silent. Disabled, it
-does nothing. Rich is imported only when a bar is shown.
+line at most every ``every_s`` seconds and at the end, and while one unit of work takes long it
+repeats the line every ``every_s`` seconds with the time elapsed (a heartbeat), so a long job is never
+silent. ``note`` names the current part of a phase. Disabled, it does nothing. Rich is imported only
+when a bar is shown.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from types import TracebackType
 from typing import TextIO
@@ -35,6 +38,10 @@ class ProgressBar:
         self._t0 = time.monotonic()
         self._start = self.completed
         self._last_line = 0.0
+        self._shown = -1  # the count the last plain line showed
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> ProgressBar:
@@ -57,14 +64,22 @@ class ProgressBar:
             bar.start()
             self._task = bar.add_task(self.description, total=self.total, completed=self.completed, text="")
             self._rich = bar
+        elif self.enabled:
+            self._t0 = time.monotonic()
+            self._heartbeat = threading.Thread(target=self._beat, name=f"progress {self.description}", daemon=True)
+            self._heartbeat.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if self._heartbeat is not None:
+            self._stop.set()
+            self._heartbeat.join()
+            self._heartbeat = None
         if self._rich is not None:
             self._rich.stop()  # type: ignore[attr-defined]
             self._rich = None
-        elif self.enabled and exc_type is None and self.completed > self._start:
+        elif self.enabled and exc_type is None and self.completed > self._start and self._shown != self.completed:
             self._line(force=True)
 
     # ------------------------------------------------------------------ updates
@@ -79,6 +94,12 @@ class ProgressBar:
             self._rich.update(self._task, completed=self.completed, text=self.text)  # type: ignore[attr-defined]
         else:
             self._line()
+
+    def add_total(self, n: int) -> None:
+        """``n`` more units of work (a part of the phase that learned its size late, e.g. nested work)."""
+        self.total += int(n)
+        if self._rich is not None:
+            self._rich.update(self._task, total=self.total)  # type: ignore[attr-defined]
 
     def note(self, text: str) -> None:
         """A short status shown beside the bar (losses, the current case)."""
@@ -97,17 +118,29 @@ class ProgressBar:
         rate = self.rate()
         return (self.total - self.completed) / rate if rate > 0 else None
 
+    def _beat(self) -> None:
+        """The heartbeat thread of a plain bar: a line whenever ``every_s`` passed without one."""
+        wait = self.every_s
+        while not self._stop.wait(wait):
+            self._line()
+            wait = max(0.05, self.every_s - (time.monotonic() - max(self._last_line, self._t0)))
+
     def _line(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_line < self.every_s:
-            return
-        self._last_line = now
-        eta = self.eta_s()
-        eta_text = f", ETA {eta:.0f} s" if eta is not None and self.completed < self.total else ""
-        extra = f"  {self.text}" if self.text else ""
-        self.stream.write(f"{self.description}: {self.completed}/{self.total} "
-                          f"({self.rate():.2f}/s{eta_text}){extra}\n")
-        self.stream.flush()
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_line < self.every_s:
+                return
+            self._last_line, self._shown = now, self.completed
+            eta = self.eta_s()
+            if self.completed >= self.total:
+                eta_text = ""
+            elif eta is None:
+                eta_text = f", {now - self._t0:.0f} s so far, ETA unknown"
+            else:
+                eta_text = f", ETA {eta:.0f} s"
+            extra = f"  {self.text}" if self.text else ""
+            self.stream.write(f"{self.description}: {self.completed}/{self.total} ({self.rate():.2f}/s{eta_text}){extra}\n")
+            self.stream.flush()
 
 
 def progress_bar(description: str, total: int, *, start: int = 0, enabled: bool = True,

@@ -56,6 +56,7 @@ from medsynth.augment.layout import (
 from medsynth.augment.model import check_model, class_key, fill_warning, model_checksum, read_model
 from medsynth.augment.options import AugmentOptions, check_options
 from medsynth.augment.plan import SYNTHETIC_PREFIX, PlannedCase, growth_settings, plan_cases
+from medsynth.augment.preview import PREVIEW_FILE, write_preview
 from medsynth.augment.provenance import PROVENANCE_FILE
 from medsynth.augment.workers import Ranks, generate, join_ranks
 from medsynth.data.atomic import atomic_write_text
@@ -352,15 +353,15 @@ def _run(options: AugmentOptions, out: Path, card: RunCard | None, settings: dic
         raise error
     # 9. rank 0: verify everything, provenance, then the manifest, last
     if ranks.rank == 0:
-        summary.manifest = _finalize(out, manifest, layout, plan, real, summary)
+        summary.manifest = _finalize(out, manifest, layout, plan, real, summary, ctx.sources)
     ranks.barrier()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
 def _finalize(out: Path, manifest: Manifest, layout: OutputLayout, plan: list[PlannedCase],
-              real: list[RealCase], summary: AugmentSummary) -> Path:
-    """Check every file against the journal, write ``provenance.jsonl``, then the manifest."""
+              real: list[RealCase], summary: AugmentSummary, sources: dict[str, Case]) -> Path:
+    """Check every file against the journal, write ``provenance.jsonl`` and ``preview.png``, then the manifest."""
     entries = read_journals(out)
     missing: list[str] = []
     provenance: list[dict[str, Any]] = []  # JSON records read back from the journal
@@ -383,7 +384,12 @@ def _finalize(out: Path, manifest: Manifest, layout: OutputLayout, plan: list[Pl
     text = "".join(json.dumps(p, sort_keys=True) + "\n" for p in sorted(provenance, key=lambda p: int(p["index"])))
     atomic_write_text(out / PROVENANCE_FILE, text)
     journal.append({"key": f"final:{PROVENANCE_FILE}", "files": {PROVENANCE_FILE: sha256_file(out / PROVENANCE_FILE)}})
-    cases = [r.case for r in real] + [synthetic_case(p.case_id, p.images, p.label, p.source, out) for p in plan]
-    path = write_output_manifest(manifest, cases, out, layout)
+    synthetic = [synthetic_case(p.case_id, p.images, p.label, p.source, out) for p in plan]
+    if (out / PREVIEW_FILE).exists() and f"final:{PREVIEW_FILE}" not in entries:  # not this job's: leave it
+        warnings.warn(f"{out / PREVIEW_FILE} was not made by this job; no preview written", stacklevel=3)
+    elif synthetic:
+        write_preview(out / PREVIEW_FILE, synthetic, sources, summary.method, manifest.labels)
+        journal.append({"key": f"final:{PREVIEW_FILE}", "files": {PREVIEW_FILE: sha256_file(out / PREVIEW_FILE)}})
+    path = write_output_manifest(manifest, [r.case for r in real] + synthetic, out, layout)
     journal.append({"key": f"final:{path.name}", "files": {path.name: sha256_file(path)}})
     return path

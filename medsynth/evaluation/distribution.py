@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsynth.errors import DataError
+from medsynth.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -433,7 +434,7 @@ class BootstrapDistances:
 
 def bootstrap_distances(
     reference: np.ndarray, candidate: np.ndarray, *, rounds: int = 200, confidence: float = 0.95, seed: int = 0,
-    normalise: bool = True,
+    normalise: bool = True, progress: bool = False,
 ) -> BootstrapDistances:
     """Intervals, the noise level and permutation p-values of :func:`frechet_distance` and :func:`mmd`
     (see :class:`BootstrapDistances`) for raw features ``reference`` ``(n, F)`` and ``candidate`` ``(m, F)``.
@@ -443,7 +444,8 @@ def bootstrap_distances(
     resampling and every random split is normalised with its own reference part, so the observed
     split is one draw among the others when the sets come from one distribution (an exact
     permutation test). rounds: resamplings, and as many random splits, drawn from
-    ``numpy.random.default_rng(seed)``."""
+    ``numpy.random.default_rng(seed)``. progress: a bar over the rounds on stderr
+    (:func:`medsynth.progress.progress_bar`)."""
     a, b = _check_sets(reference, candidate, "bootstrap_distances")
     if int(rounds) < 1:
         raise DataError(f"bootstrap rounds must be >= 1, got {rounds!r}")
@@ -460,16 +462,18 @@ def bootstrap_distances(
     pooled = np.concatenate([a, b])
     observed_fd, observed_mmd = distances(a, b)
     fd, md, null_fd, null_mmd = [], [], [], []
-    for _ in range(int(rounds)):
-        # 1. resample each set (the interval)
-        f, d = distances(a[rng.integers(n, size=n)], b[rng.integers(m, size=m)])
-        fd.append(f)
-        md.append(d)
-        # 2. split the pooled rows at random (the null: one distribution, these sizes)
-        order = rng.permutation(n + m)
-        f, d = distances(pooled[order[:n]], pooled[order[n:]])
-        null_fd.append(f)
-        null_mmd.append(d)
+    with progress_bar("bootstrap distances", int(rounds), enabled=progress, transient=True) as bar:
+        for _ in range(int(rounds)):
+            # 1. resample each set (the interval)
+            f, d = distances(a[rng.integers(n, size=n)], b[rng.integers(m, size=m)])
+            fd.append(f)
+            md.append(d)
+            # 2. split the pooled rows at random (the null: one distribution, these sizes)
+            order = rng.permutation(n + m)
+            f, d = distances(pooled[order[:n]], pooled[order[n:]])
+            null_fd.append(f)
+            null_mmd.append(d)
+            bar.advance()
     tail = (1.0 - float(confidence)) / 2.0 * 100.0
     f_lo, f_hi = (float(v) for v in np.percentile(fd, (tail, 100.0 - tail)))
     m_lo, m_hi = (float(v) for v in np.percentile(md, (tail, 100.0 - tail)))
@@ -494,6 +498,7 @@ def compare_radiomics(
     bootstrap: int = 200,
     confidence: float = 0.95,
     seed: int = 0,
+    progress: bool = False,
 ) -> RadiomicComparison:
     """Radiomic features of both sets, z-normalised with the reference, then Frechet distance and MMD.
 
@@ -501,8 +506,9 @@ def compare_radiomics(
     have label maps, the non-zero label values present in every label map of both sets (else the
     foreground). See :func:`radiomic_features` for the features.
     bootstrap: resamplings (and random splits) of the cases for the intervals, the noise level and the
-    p-values (0: none; :func:`bootstrap_distances`); confidence: the interval's coverage; seed: of ``numpy.random.default_rng``.
-    The result's ``warning`` says when the sets are too small for the number of features
+    p-values (0: none; :func:`bootstrap_distances`); confidence: the interval's coverage; seed: of ``numpy.random.default_rng``;
+    progress: a bar over the bootstrap rounds on stderr. The result's ``warning`` says when the sets
+    are too small for the number of features
     (:func:`small_sample_warning`).
     """
     if int(bootstrap) < 0:
@@ -528,7 +534,7 @@ def compare_radiomics(
     ref_z, cand_z = zscore(ref.values, cand.values)
     bandwidth = median_bandwidth(ref_z, cand_z)
     boot = None if not bootstrap else bootstrap_distances(ref.values, cand.values, rounds=int(bootstrap),
-                                                          confidence=confidence, seed=seed)
+                                                          confidence=confidence, seed=seed, progress=progress)
     return RadiomicComparison(
         frechet_ci=None if boot is None else boot.frechet_ci,
         mmd2_ci=None if boot is None else boot.mmd2_ci,

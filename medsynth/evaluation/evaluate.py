@@ -409,6 +409,7 @@ def evaluate_unpaired(
         intensity_range=(low, high) if high > low else (low, low + r),
         reference_ids=ref.ids,
         candidate_ids=cand.ids,
+        progress=progress,
     )
     div = diversity(cand.images, data_range=r, max_pairs=max_pairs, seed=seed)
     # an augmented candidate's provenance: each case's source, and its deformation drawn again

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsynth.data.atomic import atomic_write_bytes
-from medsynth.plots import middle_slice, new_figure, save_png, show_slice
+from medsynth.plots import fit_to_text, middle_slice, new_figure, save_png, show_slice
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -214,7 +214,7 @@ def _feature_figure(summary: dict[str, Any], extras: UnpairedExtras) -> Figure:
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
-    return fig
+    return fit_to_text(fig)
 
 
 def _interval(ci: object) -> str:
@@ -230,11 +230,11 @@ def radiomics_title(rad: dict[str, Any]) -> str:
     lines = ["radiomic features, reference PCA"]
     if fd is not None and mmd2 is not None:
         conf = f" ({100 * float(rad.get('confidence', 0.95)):.0f}% bootstrap)" if rad.get("frechet_ci") else ""
-        lines.append(f"Frechet distance {fd:.4g}{_interval(rad.get('frechet_ci'))}   "
-                     f"MMD^2 {mmd2:.4g}{_interval(rad.get('mmd2_ci'))}{conf}")
+        lines.append(f"Frechet distance {fd:.4g}{_interval(rad.get('frechet_ci'))}{conf}")
+        lines.append(f"MMD^2 {mmd2:.4g}{_interval(rad.get('mmd2_ci'))}")
         if rad.get("frechet_null") is not None and rad.get("frechet_p") is not None:
-            lines.append(f"one distribution at these sizes gives {rad['frechet_null']:.4g}; "
-                         f"permutation p = {rad['frechet_p']:.3g} (MMD^2 p = {rad['mmd2_p']:.3g})")
+            lines.append(f"one distribution at these sizes gives Frechet {rad['frechet_null']:.4g}")
+            lines.append(f"permutation p = {rad['frechet_p']:.3g} (MMD^2 p = {rad['mmd2_p']:.3g})")
     if rad.get("warning"):
         lines.append(f"too few images for {rad.get('n_features')} features: distances unreliable")
     return "\n".join(lines)

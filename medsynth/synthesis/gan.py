@@ -6,7 +6,10 @@ in, tensors out; geometry and intensity units are the Synthesizer's job.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,11 +43,15 @@ class GanBackend:
         self.net.to(device).eval().requires_grad_(False)
         self.size_multiple = self.net.factor
 
+    #: ``generate`` reports the share done through ``progress`` (see the Synthesizer's Backend)
+    reports_progress = True
+
     def generate(self, index: torch.Tensor, class_index: torch.Tensor, seeds: list[int],
-                 options: GenerationOptions) -> torch.Tensor:
+                 options: GenerationOptions, progress: Callable[[float], None] | None = None) -> torch.Tensor:
         """index ``(N, *spatial)`` int64 label channels, class_index ``(N,)``, one seed per item (it
         alone draws the item's noise map) -> ``(N, C, *spatial)`` float in [0, 1]. Iterative-sampling
-        options have no effect (a warning names the ones given)."""
+        options have no effect (a warning names the ones given). progress: called with the share of
+        the work done after each generator block (weighted by its voxels x channels)."""
         from medsynth.data.loader import one_hot
         from medsynth.models.gan import condition_map
 
@@ -57,9 +64,37 @@ class GanBackend:
         ]).to(self.device)
         cond = condition_map(one_hot(index.to(self.device), self.info.num_labels),
                              class_index.to(self.device), self.info.num_classes)
-        with torch.no_grad():
+        with torch.no_grad(), _block_progress(self.net, progress):
             out = self.net(cond, noise)
         return (out.float() * 0.5 + 0.5).clamp(0.0, 1.0)
+
+
+@contextlib.contextmanager
+def _block_progress(net: torch.nn.Module, progress: Callable[[float], None] | None) -> Iterator[None]:
+    """While open, ``progress(share)`` after each of the generator's blocks: block k works at
+    ``2^k`` times the noise map's side with about ``cin x cout`` channel pairs, so its share is
+    ``8^k cin cout`` (3D; ``4^k`` in 2D) of the sum."""
+    blocks = list(getattr(net, "blocks", []))
+    if progress is None or not blocks:
+        yield
+        return
+    per_side = 2 ** int(getattr(net, "spatial_dims", 3))
+    weights = []
+    for k, block in enumerate(blocks):
+        convs = [m for m in block.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+        weights.append(per_side ** k * sum(c.in_channels * c.out_channels for c in convs))
+    total, done = float(sum(weights)) or 1.0, [0.0]
+
+    def after(module: torch.nn.Module, args: object, output: object, w: float = 0.0) -> None:
+        done[0] += w
+        progress(min(1.0, done[0] / total))
+
+    handles = [b.register_forward_hook(functools.partial(after, w=float(w))) for b, w in zip(blocks, weights)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def load_gan_backend(card: RunCard, device: torch.device) -> GanBackend:

@@ -18,6 +18,7 @@ Stages of :meth:`LatentDiffusionPipeline.__call__`:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -160,17 +161,35 @@ class LatentDiffusionPipeline:
             generator = torch.Generator().manual_seed(int(seed))
         return self._generate(mask, class_labels, opts, generator)
 
+    #: ``generate`` reports the share done through ``progress`` (see the Synthesizer's Backend)
+    reports_progress = True
+
     def generate(self, index: torch.Tensor, class_index: torch.Tensor, seeds: list[int],
-                 options: GenerationOptions) -> torch.Tensor:
+                 options: GenerationOptions, progress: Callable[[float], None] | None = None) -> torch.Tensor:
         """The Synthesizer's backend call: index ``(N, *spatial)`` int64 label channels, class_index
         ``(N,)``, one seed per item, options ``steps``/``sampler``/``guidance`` (None: the run's
-        defaults) -> ``(N, C, *spatial)`` float in [0, 1]."""
+        defaults) -> ``(N, C, *spatial)`` float in [0, 1]. progress: called with the share done after
+        each UNet forward (the steps make 90%, the decoder the rest; a CUDA-graph replay reports none)."""
         from medsynth.data.loader import one_hot
 
         mask = one_hot(index.long(), self.num_labels)
         labels = class_index.long() if self.unet.num_classes > 0 else None
-        return self(mask, class_labels=labels, seed=[int(s) for s in seeds], sampler=options.get("sampler"),
-                    steps=options.get("steps"), guidance=options.get("guidance"))
+        handle = None
+        if progress is not None:
+            steps = max(1, self.resolve(options.get("sampler"), options.get("steps"), options.get("guidance")).steps)
+            calls = [0]
+
+            def after(*_: object) -> None:
+                calls[0] += 1
+                progress(min(0.9, 0.9 * calls[0] / steps))
+
+            handle = self.unet.register_forward_hook(after)
+        try:
+            return self(mask, class_labels=labels, seed=[int(s) for s in seeds], sampler=options.get("sampler"),
+                        steps=options.get("steps"), guidance=options.get("guidance"))
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def _generate(self, mask: torch.Tensor, class_labels: torch.Tensor | None, opts: SamplingDefaults,
                   generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:

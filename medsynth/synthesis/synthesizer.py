@@ -17,13 +17,16 @@ A backend loader is called as ``loader(card, device)`` and returns a :class:`Bac
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import numpy as np
 
 from medsynth.errors import CheckpointError, ConfigError, DataError
+from medsynth.progress import ProgressBar, progress_bar
 from medsynth.seeds import Stream, derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,6 +38,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # slices generated per forward pass when a 2D run works through a 3D mask
 _SLICE_CHUNK = 16
+# progress units of one volume generated in one call (its share done, in percent)
+_VOLUME_UNITS = 100
 
 
 class GenerationOptions(TypedDict):
@@ -53,6 +58,8 @@ class Backend(Protocol):
     indices, class_index ``(N,)`` int64, one seed per item (an item's image depends only on its own
     seed), options the generation options (``steps``, ``sampler``, ``guidance``; None when not
     given) -> ``(N, C, *spatial)`` float in [0, 1].
+    reports_progress (optional, default False): ``generate`` also takes ``progress``, a callable it
+    calls with the share of the call done (0..1) as it goes, so that one long volume shows an ETA.
     """
 
     size_multiple: int
@@ -141,17 +148,17 @@ class Synthesizer:
         return self.info.label_lut()[arr.astype(np.int64)]
 
     def generate(self, mask: Volume | np.ndarray, seed: int = 0, *, class_value: str | None = None, steps: int | None = None,
-                 sampler: str | None = None, guidance: float | None = None, progress: bool = False) -> np.ndarray:
+                 sampler: str | None = None, guidance: float | None = None,
+                 progress: bool | ProgressBar = False) -> np.ndarray:
         """mask: (H, W) or (X, Y, Z) label values (numpy array or Volume) -> image with the mask's
         shape, float32 in the dataset's intensity units ((C, *shape) when the run has C > 1 channels).
 
         seed picks the latent (same seed, same image); class_value the condition class for
         class-conditioned runs; steps/sampler/guidance are options of families that sample iteratively;
-        progress shows the slices (or the volume) generated, with an ETA, on stderr.
+        progress shows the slices (or the share of the volume) generated, with an ETA, on stderr; an
+        open :class:`~medsynth.progress.ProgressBar` instead: its total grows by this work, which moves it.
         """
         import torch
-
-        from medsynth.progress import progress_bar
 
         # 1. label values -> channel indices, and the shape to work on
         index = self._index(mask)
@@ -182,15 +189,20 @@ class Synthesizer:
         skip = self._skipped_slices(items_p, index.ndim)
         keep = np.nonzero(~skip)[0]
         unit = np.empty((len(items_p), self.info.num_channels, *items_p.shape[1:]), np.float32)  # (N, C, *padded)
-        what = "slices" if len(items) > 1 else "volume"
-        with progress_bar(f"generating ({what})", len(keep), enabled=progress) as bar:
+        # one 3D volume in one call: its share done (when the backend reports it), in percent
+        within = len(items) == 1 and index.ndim == 3 and getattr(self.backend, "reports_progress", False)
+        what = "volume, %" if within else ("slices" if len(items) > 1 else ("volume" if index.ndim == 3 else "image"))
+        per_item = _VOLUME_UNITS if within else 1
+        with _opened(progress, f"generating ({what})", len(keep) * per_item) as bar:
             for start in range(0, len(keep), chunk):
                 ks = keep[start : start + chunk]
                 part = torch.from_numpy(np.ascontiguousarray(items_p[ks])).long()
                 seeds = [derive_seed(seed, Stream.SYNTH_ITEM, int(k)) for k in ks]
                 classes = torch.full((len(part),), cls_idx, dtype=torch.int64)
-                unit[ks] = self.backend.generate(part, classes, seeds, options).float().cpu().numpy()
-                bar.advance(len(part))
+                done = bar.completed
+                extra = {"progress": lambda share, d=done: bar.update(d + int(share * per_item))} if within else {}
+                unit[ks] = self.backend.generate(part, classes, seeds, options, **extra).float().cpu().numpy()
+                bar.update(done + len(part) * per_item)
         if skip.any():
             means = self.info.label_means
             background = [row[0] for row in means] if means is not None else [0.0] * self.info.num_channels
@@ -260,3 +272,15 @@ class Synthesizer:
             image = self.generate(mask, seed, class_value=class_value, steps=steps, sampler=sampler,
                                   guidance=guidance, progress=progress)
         return Volume(array=image, affine=np.array(mask.affine, dtype=np.float64), path=None, header={})
+
+
+@contextlib.contextmanager
+def _opened(progress: bool | ProgressBar, description: str, total: int) -> Iterator[ProgressBar]:
+    """A bar of ``total`` units: a new one (``progress`` a bool: shown or not), or the open bar
+    given, its total grown by ``total``."""
+    if isinstance(progress, ProgressBar):
+        progress.add_total(total)
+        yield progress
+        return
+    with progress_bar(description, total, enabled=progress) as bar:
+        yield bar

@@ -864,7 +864,10 @@ def _train(rt: Runtime, manifest: Manifest, inputs: dict[str, Any] | None, *, re
                          batch_size=cfg.training.batch_size, rank=rt.rank, world_size=rt.world_size,
                          workers=cfg.training.workers, pin_memory=rt.device.type == "cuda")
     if start_step == 0:
-        evaluate_and_preview(0)
+        with progress_bar(f"{stage or cfg.model.family}: first evaluation and preview", 1,
+                          enabled=progress and rt.is_main) as first:
+            evaluate_and_preview(0)
+            first.advance()
     bar = progress_bar(stage or cfg.model.family, max_steps, start=start_step, enabled=progress and rt.is_main)
     logged: dict[str, float] = {}  # the last train record of metrics.jsonl: what the run reports
     sums: dict[str, float] = {}
@@ -904,21 +907,30 @@ def _train(rt: Runtime, manifest: Manifest, inputs: dict[str, Any] | None, *, re
                     report()
             mark = time.perf_counter()
 
-    # 6. the end: final evaluation, preview, checkpoint, export, model card and report
-    if step > start_step or start_step == 0:
-        evaluate_and_preview(step)
-    scalars.close()
-    if rt.is_main:
-        if last_ckpt is None and step > start_step:
-            last_ckpt = save(step, logged)
-        if not logged and resume:
-            logged = {k: float(v) for k, v in (state.get("losses") or {}).items()}
-        extras = family.export(run_dir)
-        _write_run_card(run_dir, cfg, data.info, stage, step, logged, extras)
-        from medsynth.training.yardstick import record_yardstick  # mask -> image vs the label-mean fill
+    # 6. the end: final evaluation, preview, checkpoint, export, model card, yardstick and report
+    from medsynth.training.yardstick import record_yardstick  # mask -> image vs the label-mean fill
 
-        record_yardstick(run_dir, cfg, stage, device=rt.device.type)
-        report()
+    with progress_bar(f"{stage or cfg.model.family}: finishing", 4, enabled=progress and rt.is_main) as end:
+        end.note("final evaluation and preview")
+        if step > start_step or start_step == 0:
+            evaluate_and_preview(step)
+        scalars.close()
+        end.advance()
+        if rt.is_main:
+            end.note("checkpoint, weights and run card")
+            if last_ckpt is None and step > start_step:
+                last_ckpt = save(step, logged)
+            if not logged and resume:
+                logged = {k: float(v) for k, v in (state.get("losses") or {}).items()}
+            extras = family.export(run_dir)
+            _write_run_card(run_dir, cfg, data.info, stage, step, logged, extras)
+            end.advance()
+            end.note("yardstick: mask -> image against the label-mean fill")
+            record_yardstick(run_dir, cfg, stage, device=rt.device.type, bar=end)
+            end.advance()
+            end.note("run report")
+            report()
+            end.advance()
     rt.barrier()
     return TrainResult(run_dir=run_dir, step=step, losses=logged, checkpoint=last_ckpt, family=family)
 

@@ -41,6 +41,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from medsynth.config import Config
     from medsynth.data.loader import DataInfo
+    from medsynth.progress import ProgressBar
 
 __all__ = ["MAX_CASES", "MAX_SLICES", "EvalItem", "Yardstick", "evaluation_items", "fill_unit",
            "record_yardstick", "score_pairs"]
@@ -168,8 +169,10 @@ def score_pairs(reals: list[np.ndarray], fakes: list[np.ndarray]) -> tuple[float
     return float(np.mean(s_values)), float(np.mean(p_values))
 
 
-def measure(run_dir: Path, config: Config, info: DataInfo, *, device: str = "cpu") -> Yardstick | None:
-    """The yardstick of the trained run in ``run_dir`` (None when there is nothing to score)."""
+def measure(run_dir: Path, config: Config, info: DataInfo, *, device: str = "cpu",
+            bar: ProgressBar | None = None) -> Yardstick | None:
+    """The yardstick of the trained run in ``run_dir`` (None when there is nothing to score); ``bar``:
+    an open progress bar the generation moves (its total grows by it)."""
     from medsynth.synthesis.synthesizer import Synthesizer
 
     items, held_out = evaluation_items(config, info)
@@ -180,7 +183,8 @@ def measure(run_dir: Path, config: Config, info: DataInfo, *, device: str = "cpu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # option and slice-by-slice notes
         for item in items:
-            image = synth.generate(item.label, seed=0, class_value=item.class_value)
+            image = synth.generate(item.label, seed=0, class_value=item.class_value,
+                                   progress=bar if bar is not None else False)
             image = image[None] if image.ndim == item.label.ndim else image
             fakes.append(info.normalization.to_unit(image))
     reals = [item.image for item in items]
@@ -194,10 +198,12 @@ def measure(run_dir: Path, config: Config, info: DataInfo, *, device: str = "cpu
                      cases=sorted({i.case_id.split("[")[0] for i in items}))
 
 
-def record_yardstick(run_dir: Path, config: Config, stage: str | None, *, device: str = "cpu") -> Yardstick | None:
+def record_yardstick(run_dir: Path, config: Config, stage: str | None, *, device: str = "cpu",
+                     bar: ProgressBar | None = None) -> Yardstick | None:
     """End of training: measure the yardstick when the run can generate (a one-stage family, or the
     last stage of a staged one, with exported weights), store it in the run card (``yardstick``)
-    and ``metrics.jsonl``, and warn when the model does not beat the fill. Returns it (or None)."""
+    and ``metrics.jsonl``, and warn when the model does not beat the fill. Returns it (or None).
+    bar: an open progress bar the generation moves (:meth:`Synthesizer.generate`)."""
     from medsynth.registry import get_family
     from medsynth.runcard import read_run_card, write_run_card
 
@@ -207,7 +213,7 @@ def record_yardstick(run_dir: Path, config: Config, stage: str | None, *, device
     card = read_run_card(run_dir)
     if not card.weights_path.is_file() or card.data.label_means is None:
         return None
-    result = measure(run_dir, config, card.data, device=device)
+    result = measure(run_dir, config, card.data, device=device, bar=bar)
     if result is None:
         return None
     write_run_card(run_dir, replace(card, yardstick=result.to_dict()))
