@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from medsynth.config import GanModelConfig
@@ -71,25 +72,31 @@ class GanBackend:
 
 @contextlib.contextmanager
 def _block_progress(net: torch.nn.Module, progress: Callable[[float], None] | None) -> Iterator[None]:
-    """While open, ``progress(share)`` after each of the generator's blocks: block k works at
-    ``2^k`` times the noise map's side with about ``cin x cout`` channel pairs, so its share is
-    ``8^k cin cout`` (3D; ``4^k`` in 2D) of the sum."""
+    """While open, ``progress(share)`` after each convolution of the generator, its share the
+    multiply-adds it does: ``cin x cout x kernel`` times its voxels, block k working at ``2^k`` times
+    the noise map's side (``conv_in`` at the first block's size, ``conv_out`` at the last's)."""
     blocks = list(getattr(net, "blocks", []))
     if progress is None or not blocks:
         yield
         return
-    per_side = 2 ** int(getattr(net, "spatial_dims", 3))
-    weights = []
-    for k, block in enumerate(blocks):
-        convs = [m for m in block.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
-        weights.append(per_side ** k * sum(c.in_channels * c.out_channels for c in convs))
-    total, done = float(sum(weights)) or 1.0, [0.0]
+    per_level = 2 ** int(getattr(net, "spatial_dims", 3))
+    levels = [(getattr(net, "conv_in", None), 0), *((b, k) for k, b in enumerate(blocks)),
+              (getattr(net, "conv_out", None), len(blocks) - 1)]
+    weights: dict[torch.nn.Module, float] = {}
+    for module, level in levels:
+        if module is None:
+            continue
+        for conv in module.modules():
+            if isinstance(conv, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                kernel = float(np.prod(conv.kernel_size))
+                weights[conv] = per_level ** level * conv.in_channels * conv.out_channels * kernel / conv.groups
+    total, done = sum(weights.values()) or 1.0, [0.0]
 
     def after(module: torch.nn.Module, args: object, output: object, w: float = 0.0) -> None:
         done[0] += w
         progress(min(1.0, done[0] / total))
 
-    handles = [b.register_forward_hook(functools.partial(after, w=float(w))) for b, w in zip(blocks, weights)]
+    handles = [c.register_forward_hook(functools.partial(after, w=w)) for c, w in weights.items()]
     try:
         yield
     finally:
