@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.image import AxesImage
 
 __all__ = ["CasePair", "CurvePanel", "case_preview", "case_preview_figure", "downstream_chart", "fit_to_text", "grid",
-           "label_preview", "label_preview_figure", "middle_slice", "new_figure", "save_png", "show_slice",
+           "label_preview", "label_preview_figure", "middle_slice", "new_figure", "outlines", "save_png", "show_slice",
            "text_overflow", "training_curves"]
 
 #: label maps are drawn with this qualitative colour map, values 0..9
@@ -283,8 +283,9 @@ def case_preview_figure(pairs: Sequence[CasePair], legend: Mapping[int, str], *,
         img = np.asarray(p.image, dtype=np.float64)
         show_slice(right, img, vmin=float(np.percentile(img, 0.5)), vmax=float(np.percentile(img, 99.5)),
                    title=p.title)
-        right.imshow(_outlines(np.asarray(p.label), colour_of).transpose(1, 0, 2), origin="lower",
-                     interpolation="nearest")
+        lab = np.asarray(p.label)
+        right.imshow(outlines(lab, colour_of).transpose(1, 0, 2), origin="lower", interpolation="nearest",
+                     extent=(-0.5, lab.shape[0] - 0.5, -0.5, lab.shape[1] - 0.5))
     handles = [Line2D([], [], color=colour_of[v], linewidth=2, label=f"{v} {legend[v]}".strip()) for v in order if v]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False,
@@ -292,9 +293,13 @@ def case_preview_figure(pairs: Sequence[CasePair], legend: Mapping[int, str], *,
     return fit_to_text(fig)
 
 
-def _outlines(label: np.ndarray, colour_of: Mapping[int, tuple[float, ...]]) -> np.ndarray:
-    """RGBA ``(*label.shape, 4)``: the boundary voxels of each non-zero label value in its colour
-    (a voxel whose 4-neighbour, or 6-neighbour, has another value), transparent elsewhere."""
+def outlines(label: np.ndarray, colour_of: Mapping[int, tuple[float, ...]], side: int = 256) -> np.ndarray:
+    """RGBA ``(f * i, f * j, 4)`` of a 2D label map ``(i, j)`` drawn ``f`` times finer (``f`` up to 8,
+    so that the longer side is at most about ``side`` pixels): the boundary pixels of each non-zero
+    label value in its colour (a pixel whose 4-neighbour has another value), transparent elsewhere,
+    so that a thin line, not whole voxels, marks each boundary on a small image."""
+    f = max(1, min(8, side // max(1, max(label.shape))))
+    label = np.kron(np.asarray(label), np.ones((f,) * label.ndim, dtype=np.asarray(label).dtype))
     edge = np.zeros(label.shape, bool)
     for axis in range(label.ndim):
         diff = np.diff(label, axis=axis) != 0
