@@ -87,3 +87,23 @@ def test_augment_writes_a_preview_it_records_as_its_own(tmp_path: Path) -> None:
     run_augment(AugmentOptions(input=data, out=out, method="synthseg", num=2, seed=1, progress=False, overwrite=True))
     with Image.open(png) as im:
         assert im.size[0] < width  # two cases: one row of two pairs
+
+
+def test_preview_shows_an_unlabelled_source_image(tmp_path: Path) -> None:
+    """--anatomy unlabelled:BANK / pseudo: the source is a bank's unlabelled image, shown and named so."""
+    from medsynth.augment.preview import preview_pairs
+    from medsynth.data.manifest import Case
+    from medsynth.data.nifti import write_volume
+
+    m = _square_labels(16)
+    rng = np.random.default_rng(0)
+    source_image = rng.random((16, 16, 5)).astype(np.float32)
+    paths = {name: write_volume(tmp_path / f"{name}.nii.gz", arr, np.eye(4), kind=kind) for name, arr, kind in (
+        ("u", source_image, "image"), ("syn", source_image * 2, "image"),
+        ("syn_label", np.repeat(m[..., None], 5, axis=2), "label"))}
+    source = Case("u_000", [paths["u"]], None, "train", {"anatomy": {"bank": "bank", "image": str(paths["u"])}})
+    synthetic = Case("syn_00000", [paths["syn"]], paths["syn_label"], "train", {"synthetic": True, "source": "u_000"})
+    (pair,) = preview_pairs([synthetic], {"u_000": source}, "synthseg")
+    assert pair.source_title == "u_000 (unlabelled)" and pair.title == "syn_00000 (synthseg)"
+    np.testing.assert_allclose(pair.source, source_image[:, :, 2], rtol=1e-6)  # the middle slice, as written
+    np.testing.assert_array_equal(pair.label, m)
