@@ -227,3 +227,28 @@ def test_validate_counts_unlabelled_images_and_refuses_another_dimensionality(sp
     report = json.loads(output)
     assert code != 0 and any("bad.nii.gz" in p["file"] and "3D" in p["message"] and p["severity"] == "error"
                              for p in report["problems"]), report["problems"]
+
+
+def test_a_slice_stored_as_x_y_1_gets_a_mask_of_the_same_shape_and_header(split_data: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    src = nib.load(str(split_data["root"] / "imagesTr" / "phantom_004.nii.gz"))
+    data = np.asarray(src.dataobj, dtype=np.float32)[..., None]
+    img = nib.Nifti1Image(data, src.affine)
+    img.header.set_sform(src.affine, code=4)
+    img.header.set_qform(src.affine, code=2)
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    nib.save(img, str(folder / "slab.nii.gz"))
+    manifest = json.loads(split_data["manifest"].read_text())
+    manifest["test"], manifest["numTest"] = [], 0
+    only_labelled = tmp_path / "dataset.json"
+    for entry in manifest["training"]:
+        for key in ("image", "label"):
+            entry[key] = str(split_data["root"] / entry[key])
+    only_labelled.write_text(json.dumps(manifest))
+    code, output = _run("anatomy", only_labelled, "--unlabelled", folder, "--out", tmp_path / "bank", "--no-loo",
+                        "--no-progress")
+    assert code == 0, output
+    mask = nib.load(str(tmp_path / "bank" / "masks" / "slab.nii.gz"))
+    assert mask.shape == data.shape
+    assert int(mask.header["sform_code"]) == 4 and int(mask.header["qform_code"]) == 2

@@ -21,9 +21,11 @@ from medsynth.data.formats import detect_format
 from medsynth.data.formats.base import Case, Manifest
 from medsynth.data.nifti import (
     SUPPORTED_SUFFIXES,
+    SourceHeader,
     check_case_size,
     header_codes,
     read_volume,
+    source_header,
     strip_suffix,
     volume_suffix,
 )
@@ -38,12 +40,14 @@ _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 @dataclass
 class UnlabelledImage:
     """One unlabelled case in memory: images ``(C, *spatial)`` float32; affine ``(4, 4)`` voxel -> RAS mm
-    of its first channel; codes: that file's ``(sform_code, qform_code)``."""
+    of its first channel; codes: that file's ``(sform_code, qform_code)``; header: its header facts, for
+    files written on its grid (:func:`medsynth.data.nifti.write_volume`'s ``like``)."""
 
     case_id: str
     images: np.ndarray
     affine: np.ndarray
     codes: tuple[int, int] = (1, 1)
+    header: SourceHeader | None = None
 
     @property
     def spatial_ndim(self) -> int:
@@ -144,4 +148,4 @@ def read_unlabelled_image(case: Case, *, channels: int, spatial_ndim: int | None
     if spatial_ndim is not None and ndim != spatial_ndim:
         raise DataError(f"{case.images[0]}: unlabelled image is {ndim}D, the labelled cases are {spatial_ndim}D")
     return UnlabelledImage(case.case_id, np.stack(arrays), np.asarray(first.affine, dtype=np.float64),
-                           header_codes(first))
+                           header_codes(first), source_header(first))

@@ -264,7 +264,8 @@ def _run_task(task: _Task) -> dict[str, Any]:
     else:
         for rel, arr, kind in ((f"masks/{tgt.case_id}.nii.gz", fused, "label"),
                                (f"agreement/{tgt.case_id}.nii.gz", agreement.astype(np.float32), "image")):
-            write_volume(out / rel, arr, fixed.affine, kind=kind, codes=fixed.codes)  # type: ignore[arg-type]
+            write_volume(out / rel, arr, fixed.affine, kind=kind, like=fixed.header,  # type: ignore[arg-type]
+                         codes=fixed.codes)
             files[rel] = sha256_file(out / rel)
         record["shape"] = list(image.shape)
     record["files"] = files
