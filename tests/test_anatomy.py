@@ -252,3 +252,18 @@ def test_a_slice_stored_as_x_y_1_gets_a_mask_of_the_same_shape_and_header(split_
     mask = nib.load(str(tmp_path / "bank" / "masks" / "slab.nii.gz"))
     assert mask.shape == data.shape
     assert int(mask.header["sform_code"]) == 4 and int(mask.header["qform_code"]) == 2
+
+
+def test_workers_write_the_same_bank(bank: Path, split_data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "bank2"
+    code, output = _run("anatomy", split_data["manifest"], "--out", out, "--workers", 2, "--no-loo", "--no-progress")
+    assert code == 0, output
+    for sub in ("masks", "agreement", "fields"):
+        names = sorted(p.name for p in (bank / sub).iterdir())
+        assert names and names == sorted(p.name for p in (out / sub).iterdir())
+        for name in names:
+            a = nib.load(str(bank / sub / name)) if name.endswith(".nii.gz") else None
+            if a is None:
+                np.testing.assert_array_equal(np.load(bank / sub / name), np.load(out / sub / name))
+            else:
+                np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(nib.load(str(out / sub / name)).dataobj))

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import SimpleITK as sitk
 
 from medsynth.data.atomic import atomic_write_text, atomic_write_with
 from medsynth.data.manifest import Case, Manifest, read_manifest
@@ -194,9 +195,27 @@ def _fuse(target_images: np.ndarray, propagated: list[np.ndarray], warped: list[
     return fuse_labels(propagated, weights=weights)
 
 
+@contextlib.contextmanager
+def _itk_threads(threads: int) -> Iterator[None]:
+    """ITK's default thread count set to ``threads`` for the block (restored after): a filter the registration
+    does not configure itself would otherwise split its work by the machine's cores, and the bytes of a bank
+    would depend on where it ran (``--workers``)."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
 def _run_task(task: _Task) -> dict[str, Any]:
     """Register every atlas of ``task`` to its target, fuse, write the target's files (an unlabelled
     target) or measure Dice (a labelled one). Returns the journal record."""
+    with _itk_threads(task.settings.threads):
+        return _run_task_threads(task)
+
+
+def _run_task_threads(task: _Task) -> dict[str, Any]:
     t0 = time.perf_counter()
     tgt = task.target
     root = None if task.root is None else Path(task.root)
