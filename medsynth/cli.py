@@ -124,13 +124,15 @@ def validate(
         typer.Option("--memory-limit", help="Largest decoded size of one case, e.g. 8GiB; a file claiming more is "
                      "an error (default: a quarter of this machine's memory, at most 16 GiB)."),
     ] = None,
+    unlabelled: Annotated[Path | None, typer.Option(help="More unlabelled images to check with the dataset: a manifest, "
+                                                    "or a folder of NIfTI / .mha / .nrrd files.")] = None,
 ) -> None:
     """Decode every file of a dataset and check it; print all problems, or a fingerprint."""
     from medsynth.data.limits import parse_size
     from medsynth.data.validate import print_report, validate_dataset
 
     limit = None if memory_limit is None else parse_size(memory_limit, what="--memory-limit")
-    report = validate_dataset(path, progress=progress and not json_out, memory_limit=limit)
+    report = validate_dataset(path, progress=progress and not json_out, memory_limit=limit, unlabelled=unlabelled)
     if json_out:
         print_json(report.to_dict())
     else:
@@ -265,6 +267,9 @@ def train(
     allow_changed_data: Annotated[bool, typer.Option(
         "--allow-changed-data", help="With --resume: go on although a training file changed since the run started.")
     ] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="ldm: start the diffusion stage although the autoencoder reconstructs below "
+        "model.autoencoder.target_psnr (otherwise training stops there with an error).")] = False,
 ) -> None:
     """Train a mask-conditioned generator (the recipe's model.family) on a labelled dataset."""
     check_seed(seed)
@@ -274,9 +279,6 @@ def train(
     overrides = list(set_ or [])
     if data is not None:
         overrides.append(f"data.manifest={json.dumps(str(data.resolve()))}")
-    force: Annotated[bool, typer.Option(
-        "--force", help="ldm: start the diffusion stage although the autoencoder reconstructs below "
-        "model.autoencoder.target_psnr (otherwise training stops there with an error).")] = False,
     if max_steps is not None:
         overrides.append(f"training.max_steps={max_steps}")
     if seed is not None:
@@ -484,7 +486,11 @@ def anatomy(
     unlabelled: Annotated[Path | None, typer.Option(help="More unlabelled images: a manifest, or a folder of NIfTI / "
                                                     ".mha / .nrrd files.")] = None,
     transform: Annotated[str, typer.Option(help="deformable (affine, then deformable) or affine.")] = "deformable",
-    fusion: Annotated[str, typer.Option(help="majority (vote) or weighted (locally weighted voting).")] = "majority",
+    deformable: Annotated[str | None, typer.Option(help="The deformable stage: demons or bspline (default: the "
+                                                   "registration settings' own).")] = None,
+    fusion: Annotated[str, typer.Option(help="intensity (the atlases' votes as a prior, times an intensity model per "
+                                        "label fitted on the image), majority (vote) or weighted (locally weighted "
+                                        "voting).")] = "intensity",
     fields: Annotated[bool, typer.Option(help="Keep every displacement field (for augment --anatomy bank:BANK).")] = True,
     loo: Annotated[bool, typer.Option(help="Measure leave-one-out Dice on the labelled cases.")] = True,
     threads: Annotated[int, typer.Option(help="Threads per registration.")] = 1,
@@ -508,11 +514,15 @@ def anatomy(
 
     if transform not in ("deformable", "affine"):
         fail(f"--transform {transform!r}: must be deformable or affine")
-    if fusion not in ("majority", "weighted"):
-        fail(f"--fusion {fusion!r}: must be majority or weighted")
+    if fusion not in ("intensity", "majority", "weighted"):
+        fail(f"--fusion {fusion!r}: must be intensity, majority or weighted")
     if not 1 <= threads <= 64:
         fail(f"--threads {threads}: must be from 1 to 64")
+    if deformable not in (None, "demons", "bspline"):
+        fail(f"--deformable {deformable!r}: must be demons or bspline")
     settings = replace(RegistrationSettings(), transform=transform, threads=threads, seed=seed)  # type: ignore[arg-type]
+    if deformable is not None:
+        settings = replace(settings, deformable=deformable)  # type: ignore[arg-type]
     options = BankOptions(dataset=dataset, out=out, unlabelled=unlabelled, registration=settings,
                           fusion=fusion, loo=loo, keep_fields=fields, workers=workers,  # type: ignore[arg-type]
                           resume=resume, overwrite=overwrite, progress=progress and not json_out)
@@ -624,6 +634,8 @@ def downstream(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier downstream run's outputs in OUT.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    plain_sets: Annotated[bool, typer.Option(help="Also train real+SET without online classic augmentation "
+                                             "(--no-plain-sets: only real+SET+classic per set, half the time).")] = True,
 ) -> None:
     """Train the same segmenter on real, real+classic, real+SET, real+SET+classic; compare Dice/HD95 on a test set."""
     from medsynth.evaluation.downstream import DownstreamOptions, run_downstream
@@ -633,7 +645,7 @@ def downstream(
         train=train, test=test, synthetic=tuple(synthetic or ()), out=out, seeds=_parse_seeds(seeds), steps=steps,
         network=network, batch_size=batch_size, folds=folds, device=device, channels=channels,  # type: ignore[arg-type]
         patch_size=patch_size, real_fraction=real_fraction, workers=workers, overwrite=overwrite,
-        progress=progress and not json_out,
+        progress=progress and not json_out, plain_sets=plain_sets,
     )
     with _plain_warnings():
         summary = run_downstream(options)
