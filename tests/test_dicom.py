@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from typer.testing import CliRunner
 
 from medsynth.cli import app
+from medsynth.data.dicom import keep_locale
 from medsynth.data.manifest import read_manifest
 from medsynth.data.nifti import read_volume, write_volume
 from medsynth.data.phantoms import LABELS, make_phantom
@@ -36,7 +37,14 @@ def write_series(folder: Path, array: np.ndarray, affine: np.ndarray, uid: str =
     image.SetDirection([float(d) for d in direction.ravel()])
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for z in range(array.shape[2]):
+    with keep_locale():  # GDCM's writer sets the C locale too
+        _write_slices(writer, image, folder, array.shape[2], uid, direction)
+    return folder
+
+
+def _write_slices(writer: sitk.ImageFileWriter, image: sitk.Image, folder: Path, slices: int, uid: str,
+                  direction: np.ndarray) -> None:
+    for z in range(slices):
         s = image[:, :, z]
         for tag, value in (
             ("0008|0060", "MR"),
@@ -50,7 +58,6 @@ def write_series(folder: Path, array: np.ndarray, affine: np.ndarray, uid: str =
             s.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(s)
-    return folder
 
 
 def rotated(affine: np.ndarray, degrees: float) -> np.ndarray:

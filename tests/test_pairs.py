@@ -117,7 +117,8 @@ def test_match_range_is_for_synthseg_only(gan_run: Path) -> None:
 def test_an_image_that_ignores_its_mask_is_redrawn_then_refused(data2d: Path, gan_run: Path) -> None:
     """QC compares a family method's image with the run's per-label training statistics: a generator
     that paints the mask's outline faintly (no per-label contrast) fails every try; the same run's
-    label-mean fill of the mask passes; with ``qc.label_agreement`` off only the range checks apply."""
+    label-mean fill of the mask is refused as untextured and passes with ``qc.texture`` off; with
+    ``qc.label_agreement`` off only the range checks apply."""
     from medsynth.errors import JobError
     from medsynth.synthesis.pairs import PairSettings, PairSource, QCConfig, make_pair
     from medsynth.synthesis.synthesizer import Synthesizer
@@ -148,7 +149,11 @@ def test_an_image_that_ignores_its_mask_is_redrawn_then_refused(data2d: Path, ga
     seq = np.random.SeedSequence(3)
     with pytest.raises(JobError, match="does not follow its mask"):
         make_pair(source, settings, stats=stats, labels=sorted(LABELS), seq=seq, synthesizer=Painter(False))  # type: ignore[arg-type]
-    good = make_pair(source, settings, stats=stats, labels=sorted(LABELS), seq=seq, synthesizer=Painter(True))  # type: ignore[arg-type]
+    # the label-mean fill follows its mask but is flat: refused as untextured, accepted with qc.texture off
+    with pytest.raises(JobError, match="untextured"):
+        make_pair(source, settings, stats=stats, labels=sorted(LABELS), seq=seq, synthesizer=Painter(True))  # type: ignore[arg-type]
+    flat_ok = PairSettings(method="gan", qc=QCConfig(texture=False))
+    good = make_pair(source, flat_ok, stats=stats, labels=sorted(LABELS), seq=seq, synthesizer=Painter(True))  # type: ignore[arg-type]
     assert good.attempt == 0 and not good.qc_failures
     off = PairSettings(method="gan", qc=QCConfig(label_agreement=False))
     assert make_pair(source, off, stats=stats, labels=sorted(LABELS), seq=seq, synthesizer=Painter(False)).attempt == 0  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ map given as DICOM must be a series of label values, like an image.
 
 from __future__ import annotations
 
+import locale
 import math
 import os
 from collections.abc import Iterator
@@ -39,13 +40,31 @@ _POSITION = "0020|0032"  # Image Position (Patient)
 _ORIENTATION = "0020|0037"  # Image Orientation (Patient)
 
 
+_LOCALE_CATEGORIES = (locale.LC_CTYPE, locale.LC_NUMERIC, locale.LC_COLLATE, locale.LC_TIME, locale.LC_MONETARY)
+
+
+@contextmanager
+def keep_locale() -> Iterator[None]:
+    """Restore the process's C locale after the block: GDCM (SimpleITK's DICOM reader and writer) sets it to
+    ``"C"``, which turns Python's preferred encoding into ASCII for the rest of the process (a subprocess's
+    UTF-8 output then fails to decode)."""
+    saved = [(c, locale.setlocale(c)) for c in _LOCALE_CATEGORIES]
+    try:
+        yield
+    finally:
+        for category, value in saved:
+            locale.setlocale(category, value)
+
+
 @contextmanager
 def _quiet_itk() -> Iterator[None]:
-    """ITK's own warnings off (``No Series were found`` goes to stderr): the checks here report instead."""
+    """ITK's own warnings off (``No Series were found`` goes to stderr): the checks here report instead;
+    the locale kept (:func:`keep_locale`)."""
     shown = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        yield
+        with keep_locale():
+            yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 

@@ -461,10 +461,16 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
         masks = [foreground_mask(img, lab) for _, img, lab, _ in raw]
         total = sum(int(m.sum()) for m in masks)
         stride = max(1, int(np.ceil(total / _PERCENTILE_VOXELS)))
+        every = max(1, int(np.ceil(sum(img[0].size for _, img, _, _ in raw) / _PERCENTILE_VOXELS)))
         lo, hi = [], []
         for ch in range(nch):
+            # the upper percentile over the foreground (background air would pull it into the bright tail);
+            # the lower over every voxel, so the background stays the darkest value and is not clipped
+            # onto the darkest tissue
             values = np.concatenate([img[ch][m][::stride] for (_, img, _, _), m in zip(raw, masks)])
-            a, b = np.percentile(values, pcts)
+            everything = np.concatenate([img[ch].ravel()[::every] for _, img, _, _ in raw])
+            a = float(np.percentile(everything, pcts[0]))
+            b = float(np.percentile(values, pcts[1]))
             if not b > a:
                 raise DataError(f"{manifest.source}: channel {ch} has constant intensity {a} over the "
                                 f"{pcts} percentiles; cannot normalise (use data.ct_window)")

@@ -48,7 +48,7 @@ from medsynth.errors import ConfigError, DataError, JobError
 from medsynth.registry import TRAINING_FREE_METHODS, is_model_method, method_names
 from medsynth.seeds import PairStream
 from medsynth.synthesis.procedural import IntensityStats, SynthSegConfig, synthseg_image
-from medsynth.synthesis.qc import LabelIntensityStats, check_label_agreement
+from medsynth.synthesis.qc import LabelIntensityStats, QcSettings, check_label_agreement
 
 if TYPE_CHECKING:
     from medsynth.runcard import RunCard
@@ -101,6 +101,12 @@ class QCConfig(BaseModel):
                     "(per-label mean and spread, contrast between touching labels, edges at label borders: "
                     "medsynth.synthesis.qc); a failing image is redrawn, and a run whose images fail every try "
                     "stops the job. Off: only the range checks.",
+    )
+    texture: bool = Field(
+        default=True,
+        description="gan/ldm, with label_agreement: each label's inside must hold at least a fraction of the "
+                    "high-frequency energy (texture) the training cases have, so flat, untextured output is "
+                    "redrawn (a briefly trained run paints flat images: turn this off to try one out).",
     )
 
 
@@ -317,7 +323,7 @@ def make_pair(
         reason = qc_sample(images, label, shape=source.label.shape, affine=source.affine,
                            source_affine=source.affine, labels=labels, ranges=ranges)
         if reason is None and agreement is not None:
-            result = check_label_agreement(images, label, agreement)
+            result = check_label_agreement(images, label, agreement, QcSettings(texture=settings.qc.texture))
             if not result.passed:
                 reason = "the image does not follow its mask (" + "; ".join(result.reasons[:3]) + \
                     ("; ..." if len(result.reasons) > 3 else "") + "); qc.label_agreement: false turns this check off"
