@@ -175,8 +175,12 @@ def test_toy_augments_through_the_augment_job(trained: tuple[Path, Path], tmp_pa
     from medsynth.data.nifti import read_volume
 
     manifest, run = trained
+    from medsynth.augment.options import AugmentConfig
+    from medsynth.synthesis.pairs import QCConfig
+
+    # the toy paints each label flat: the QC's texture floor (meant for real generators) is off for it
     summary = run_augment(AugmentOptions(input=manifest, out=tmp_path / "aug", method="toy", num=2, seed=0,
-                                         model=run))
+                                         model=run, config=AugmentConfig(qc=QCConfig(texture=False))))
     out = read_manifest(summary.manifest)
     synthetic = [c for c in out.cases if c.case_id.startswith("syn_")]
     assert len(synthetic) == 2 and len(out.cases) == 6
