@@ -18,6 +18,7 @@ import torch
 from medsynth.config import GanModelConfig
 from medsynth.errors import CheckpointError, ConfigError
 from medsynth.runcard import RunCard
+from medsynth.synthesis.tiling import TileSettings, receptive_radius, tiled_forward
 
 if TYPE_CHECKING:  # pragma: no cover
     from medsynth.synthesis.synthesizer import GenerationOptions
@@ -43,6 +44,8 @@ class GanBackend:
         card.load_into(self.net, state, "generator")
         self.net.to(device).eval().requires_grad_(False)
         self.size_multiple = self.net.factor
+        #: volumes above ``tiling.max_voxels`` are generated tile by tile (:mod:`medsynth.synthesis.tiling`)
+        self.tiling = TileSettings()
 
     #: ``generate`` reports the share done through ``progress`` (see the Synthesizer's Backend)
     reports_progress = True
@@ -52,7 +55,9 @@ class GanBackend:
         """index ``(N, *spatial)`` int64 label channels, class_index ``(N,)``, one seed per item (it
         alone draws the item's noise map) -> ``(N, C, *spatial)`` float in [0, 1]. Iterative-sampling
         options have no effect (a warning names the ones given). progress: called with the share of
-        the work done after each generator block (weighted by its voxels x channels)."""
+        the work done after each generator block (weighted by its voxels x channels). A volume of
+        more than ``tiling.max_voxels`` voxels is generated in blended tiles with the whole volume's
+        norm statistics (:mod:`medsynth.synthesis.tiling`)."""
         from medsynth.data.loader import one_hot
         from medsynth.models.gan import condition_map
 
@@ -63,10 +68,26 @@ class GanBackend:
         noise = torch.stack([
             torch.randn(self.net.noise_shape(spatial), generator=torch.Generator().manual_seed(s)) for s in seeds
         ]).to(self.device)
-        cond = condition_map(one_hot(index.to(self.device), self.info.num_labels),
-                             class_index.to(self.device), self.info.num_classes)
-        with torch.no_grad(), _block_progress(self.net, progress):
-            out = self.net(cond, noise)
+        classes = class_index.to(self.device)
+
+        def run(box: tuple[slice, ...]) -> torch.Tensor:
+            # the generator on one box of the volume: every input cropped to it (each at its own grid)
+            def crop(t: torch.Tensor) -> torch.Tensor:
+                return t[(slice(None), slice(None)) + tuple(
+                    slice(b.start * n // s, b.stop * n // s) for b, n, s in zip(box, t.shape[2:], spatial))]
+
+            cond = condition_map(one_hot(index[(slice(None),) + box].to(self.device), self.info.num_labels),
+                                 classes, self.info.num_classes)
+            return self.net(cond, crop(noise))
+
+        whole = tuple(slice(0, s) for s in spatial)
+        with torch.no_grad():
+            if int(np.prod(spatial)) <= self.tiling.max_voxels:
+                with _block_progress(self.net, progress):
+                    out = run(whole)
+            else:
+                radius = receptive_radius(len(self.net.blocks), self.net.fill_sigma)
+                out = tiled_forward(self.net, run, spatial, self.net.factor, self.tiling, radius, progress)
         return (out.float() * 0.5 + 0.5).clamp(0.0, 1.0)
 
 

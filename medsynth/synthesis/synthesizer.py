@@ -18,10 +18,11 @@ A backend loader is called as ``loader(card, device)`` and returns a :class:`Bac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from typing import TYPE_CHECKING, Protocol, TypedDict, cast
 
 import numpy as np
 
@@ -60,6 +61,8 @@ class Backend(Protocol):
     given) -> ``(N, C, *spatial)`` float in [0, 1].
     reports_progress (optional, default False): ``generate`` also takes ``progress``, a callable it
     calls with the share of the call done (0..1) as it goes, so that one long volume shows an ETA.
+    tiling (optional): a :class:`~medsynth.synthesis.tiling.TileSettings`; ``generate`` tiles items of
+    more than ``tiling.max_voxels`` voxels (``Synthesizer.from_run(tile_voxels=...)`` sets it).
     """
 
     size_multiple: int
@@ -83,9 +86,11 @@ class Synthesizer:
         self.device = device
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, *, device: str = "auto") -> Synthesizer:
+    def from_run(cls, run_dir: str | Path, *, device: str = "auto", tile_voxels: int | None = None) -> Synthesizer:
         """Load ``run_dir`` (run card + weights; no pickle). ``device``: auto, cpu or cuda (under
-        torchrun, the process's own GPU ``cuda:LOCAL_RANK``)."""
+        torchrun, the process's own GPU ``cuda:LOCAL_RANK``). ``tile_voxels``: a backend that tiles
+        (``tiling``: the GAN's) generates a volume of more voxels in tiles of at most this many
+        (None: its default, :data:`medsynth.synthesis.tiling.DEFAULT_MAX_VOXELS`)."""
         import torch
 
         from medsynth.distributed import torchrun_env
@@ -110,7 +115,13 @@ class Synthesizer:
         env = torchrun_env()
         if dev.type == "cuda" and env.distributed:  # one GPU per torchrun process
             dev = torch.device("cuda", env.local_rank % torch.cuda.device_count())
-        return cls(card, loader(card, dev), dev)
+        backend = loader(card, dev)
+        if tile_voxels is not None:
+            if tile_voxels < 1:
+                raise ConfigError(f"tile_voxels: expected a positive number of voxels, got {tile_voxels}")
+            if hasattr(backend, "tiling"):
+                backend.tiling = dataclasses.replace(backend.tiling, max_voxels=int(tile_voxels))
+        return cls(card, backend, dev)
 
     @property
     def family(self) -> str:
@@ -147,7 +158,8 @@ class Synthesizer:
                             f"(its labels: {self.info.labels})")
         return self.info.label_lut()[arr.astype(np.int64)]
 
-    def generate(self, mask: Volume | np.ndarray, seed: int = 0, *, class_value: str | None = None, steps: int | None = None,
+    def generate(self, mask: Volume | np.ndarray | Sequence[Volume | np.ndarray], seed: int | Sequence[int] = 0, *,
+                 class_value: str | None = None, steps: int | None = None,
                  sampler: str | None = None, guidance: float | None = None,
                  progress: bool | ProgressBar = False) -> np.ndarray:
         """mask: (H, W) or (X, Y, Z) label values (numpy array or Volume) -> image with the mask's
@@ -157,8 +169,21 @@ class Synthesizer:
         class-conditioned runs; steps/sampler/guidance are options of families that sample iteratively;
         progress shows the slices (or the share of the volume) generated, with an ETA, on stderr; an
         open :class:`~medsynth.progress.ProgressBar` instead: its total grows by this work, which moves it.
+
+        A batch: a list of masks of one shape, or a ``(B, X, Y, Z)`` array for a 3D run (a 2D run reads a
+        3D array as one volume of slices: give it a list) -> ``(B, *image shape)``, image b equal to
+        ``generate(mask[b], seed[b])`` (``seed`` one per mask, or one for all), generated in batches.
         """
         import torch
+
+        # 0. a batch of masks: one image per mask, generated together
+        if isinstance(mask, (list, tuple)) or (isinstance(mask, np.ndarray) and self.info.dim == 3 and mask.ndim == 4):
+            return self._generate_batch(list(mask), seed, class_value=class_value, steps=steps, sampler=sampler,
+                                        guidance=guidance, progress=progress)
+        if not isinstance(seed, (int, np.integer)):
+            raise ConfigError(f"seed: one mask takes one seed, got {seed!r}")
+        seed = int(seed)
+        mask = cast("Volume | np.ndarray", mask)
 
         # 1. label values -> channel indices, and the shape to work on
         index = self._index(mask)
@@ -217,6 +242,54 @@ class Synthesizer:
             unit = unit[0]
         image = self.info.normalization.from_unit(unit)
         return image[0] if image.shape[0] == 1 else image
+
+    def _generate_batch(self, masks: list[Volume | np.ndarray], seed: int | Sequence[int], *, class_value: str | None,
+                        steps: int | None, sampler: str | None, guidance: float | None,
+                        progress: bool | ProgressBar) -> np.ndarray:
+        """:meth:`generate` of a batch: ``(B, *image shape)``, image b as ``generate(masks[b], seeds[b])``."""
+        import torch
+
+        # 1. seeds, channel indices and one shape
+        seeds = [int(seed)] * len(masks) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+        if len(seeds) != len(masks) or not masks:
+            raise ConfigError(f"seed: expected one seed per mask ({len(masks)}) or one for all, got {len(seeds)}")
+        indices = [self._index(m) for m in masks]
+        shapes = sorted({i.shape for i in indices})
+        if len(shapes) > 1:
+            raise DataError(f"a batch of masks must share one shape; got {shapes} (generate them one by one)")
+        if indices[0].ndim != self.info.dim:  # a 2D run given 3D masks: each is a stack of slices already
+            return np.stack([self.generate(m, s, class_value=class_value, steps=steps, sampler=sampler,
+                                           guidance=guidance, progress=progress)
+                             for m, s in zip(masks, seeds)])
+        cls_idx = self._class_index(class_value)
+        options = GenerationOptions(steps=steps, sampler=sampler, guidance=guidance)
+
+        # 2. pad to the network's size multiple; as many masks per forward as the tile bound allows
+        mult = int(self.backend.size_multiple)
+        spatial = indices[0].shape
+        padded = [int(np.ceil(s / mult) * mult) for s in spatial]
+        before = [(p - s) // 2 for p, s in zip(padded, spatial)]
+        pads = [(0, 0)] + [(b, p - s - b) for b, p, s in zip(before, padded, spatial)]
+        items = np.pad(np.stack(indices), pads, mode="constant", constant_values=int(self.info.label_lut()[0]))
+        tiling = getattr(self.backend, "tiling", None)
+        bound = int(getattr(tiling, "max_voxels", 0)) or int(np.prod(padded)) * _SLICE_CHUNK
+        chunk = max(1, min(_SLICE_CHUNK, bound // int(np.prod(padded))))
+        unit = np.empty((len(items), self.info.num_channels, *padded), np.float32)
+
+        # 3. generate, chunk by chunk (each mask's noise from its own seed, as one by one)
+        with _opened(progress, f"generating ({'volumes' if self.info.dim == 3 else 'images'})", len(items)) as bar:
+            for start in range(0, len(items), chunk):
+                ks = range(start, min(start + chunk, len(items)))
+                part = torch.from_numpy(np.ascontiguousarray(items[start : ks.stop])).long()
+                unit[start : ks.stop] = self.backend.generate(
+                    part, torch.full((len(part),), cls_idx, dtype=torch.int64),
+                    [derive_seed(seeds[k], Stream.SYNTH_ITEM, 0) for k in ks], options).float().cpu().numpy()
+                bar.update(bar.completed + len(part))
+
+        # 4. crop and the dataset's intensity units
+        unit = unit[(slice(None), slice(None)) + tuple(slice(b, b + s) for b, s in zip(before, spatial))]
+        images = np.stack([self.info.normalization.from_unit(u) for u in unit])
+        return images[:, 0] if images.shape[1] == 1 else images
 
     def _skipped_slices(self, items: np.ndarray, mask_ndim: int) -> np.ndarray:
         """(N,) bool: the items the empty-slice policy paints instead of generating (module docstring)."""
