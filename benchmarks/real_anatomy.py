@@ -456,11 +456,18 @@ def sample_eval(run: Path, test_path: Path, train_path: Path, seeds: list[int], 
     between = [score(fakes[c.case_id, a], fakes[c.case_id, b], scale)[0]
                for c in test for a, b in itertools.combinations(seeds, 2)]
     fill = rows[0]
-    label_mean = {}
+    label_mean, label_spread = {}, {}
     for v in sorted(scale.means):
         real = np.concatenate([c.image[c.label == v] for c in test])
         fake = np.concatenate([fakes[c.case_id, s][c.label == v] for c in test for s in seeds])
         label_mean[LABELS.get(v, str(v))] = [round(float(fake.mean()), 1), round(float(real.mean()), 1)]
+        # spread of the per-image label mean: over all samples, over the seeds of one mask (mean over
+        # masks), and over the real held-out cases
+        has = [c for c in test if (c.label == v).any()]
+        per = np.array([[fakes[c.case_id, s][c.label == v].mean() for s in seeds] for c in has])
+        label_spread[LABELS.get(v, str(v))] = [
+            round(float(per.std()), 2), round(float(per.std(axis=1).mean()), 2),
+            round(float(np.std([c.image[c.label == v].mean() for c in has])), 2)]
     rows.append(dict(
         what="mask_to_image", model=name or run.name, run=str(run), seeds=seeds, cases=len(test),
         ssim=round(ssim_v, 4), psnr=round(psnr_v, 2),
@@ -470,6 +477,7 @@ def sample_eval(run: Path, test_path: Path, train_path: Path, seeds: list[int], 
         beats_blurred_fill=bool(ssim_v > rows[1]["ssim"] and psnr_v > rows[1]["psnr"]),
         between_seed_ssim=round(float(np.mean(between)), 4) if between else None,
         label_mean_fake_real=label_mean,
+        label_mean_spread_samples_seeds_real=label_spread,
         seconds_per_sample=round(seconds / len(fakes), 2),
     ))
     return rows

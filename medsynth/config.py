@@ -193,6 +193,20 @@ class GeneratorConfig(StrictModel):
         "`residual` gives it to the generator as input channels and adds the generator's output to it, so a "
         "fresh model paints the fill and per-label intensities match the training set by construction; "
         "`input` gives it as input channels only; `none` is the plain SPADE generator."))
+    appearance: Literal["pooled", "per_case"] = Field(default="pooled", description=(
+        "Which label means the fill paints: `pooled` (the whole training set's, one appearance for every "
+        "image) or `per_case` (each training image starts from its own case's per-label means; at inference "
+        "the seed draws a label-mean vector from the training cases' distribution, or `generate(..., "
+        "appearance=...)` picks one): contrast that varies as the training cases' does. Needs a fill."))
+    level_noise: bool = Field(default=False, description=(
+        "Add a noise map at every generator level (StyleGAN-style, a learned scale per channel) besides the "
+        "coarse noise map: texture that differs from seed to seed at every scale."))
+
+    @model_validator(mode="after")
+    def _appearance_needs_fill(self) -> GeneratorConfig:
+        if self.appearance == "per_case" and self.fill == "none":
+            raise ValueError("appearance: per_case needs a fill (fill: residual or input)")
+        return self
 
 
 class DiscriminatorConfig(StrictModel):
@@ -252,6 +266,13 @@ class GanLossConfig(StrictModel):
         "[-1, 1]); higher ties images closer to the real ones and leaves less variety across seeds."))
     perceptual: PerceptualConfig = Field(default_factory=PerceptualConfig, description=(
         "Optional perceptual loss (off by default)."))
+    diversity_weight: float = Field(default=0.0, ge=0, description=(
+        "Weight of the mode-seeking (diversity-sensitive) term (Mao et al. 2019): each step also generates "
+        "the first half of the batch with a second noise draw and rewards |G(z1) - G(z2)| / |z1 - z2| (mean "
+        "absolute differences), up to diversity_clamp; 0 turns it off (and saves that extra pass)."))
+    diversity_clamp: float = Field(default=0.1, gt=0, description=(
+        "The ratio |G(z1) - G(z2)| / |z1 - z2| above which the mode-seeking term stops rewarding variety "
+        "(image in [-1, 1] units, noise standard normal): it bounds how much the seed may change an image."))
 
 
 class GanModelConfig(ModelSection):

@@ -37,6 +37,8 @@ class Stream(IntEnum):
     LDM_EVAL = 17
     #: downstream: a segmenter's initial weights -> (seed, SEGMENTER_INIT, fold)
     SEGMENTER_INIT = 19
+    #: synthesizer: the label means drawn for one ``generate`` call of a per-case-fill run -> (seed, APPEARANCE)
+    APPEARANCE = 23
 
 
 class CaseTag(IntEnum):

@@ -279,7 +279,8 @@ class TrainingData:
     """Cases in memory and the seeded sampling of patches/slices.
 
     ``sample(g)`` -> dict with ``image`` (C, *size) float32 in [0, 1], ``label_index`` (*size) int64,
-    ``class_index`` () int64, ``index`` () int64 (= g). Batches add ``label``: (N, L, *size) one-hot.
+    ``class_index`` () int64, ``index`` () int64 (= g), ``case_index`` () int64 (the training case, the
+    order of ``DataInfo.case_stats``). Batches add ``label``: (N, L, *size) one-hot.
     """
 
     def __init__(self, cases: list[CaseArrays], info: DataInfo, seed: int) -> None:
@@ -342,6 +343,7 @@ class TrainingData:
             "label_index": torch.from_numpy(np.ascontiguousarray(index[sl]).astype(np.int64)),
             "class_index": torch.tensor(case.class_index, dtype=torch.int64),
             "index": torch.tensor(g, dtype=torch.int64),
+            "case_index": torch.tensor(case_idx, dtype=torch.int64),
         }
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

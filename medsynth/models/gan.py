@@ -20,9 +20,20 @@ area averaging (:func:`medsynth.models.conditioning.resize_condition`).
 - ``none``: no fill, output ``tanh`` (the plain SPADE generator).
 
 The fill is blurred by the partial-volume width fitted on the training set (``DataInfo.fill_sigma``).
-The per-label means are a buffer of the generator (saved with its weights). The network is fully
-convolutional: a model trained on patches generates any size divisible by F; the noise map makes
-one mask give many images (the seed picks one).
+The pooled per-label means are a buffer of the generator (saved with its weights); ``forward`` may
+instead take one table per sample (``label_means`` ``(N, C, L)``: the *per-case* fill of
+``model.generator.appearance: per_case``, drawn at inference from
+:class:`medsynth.models.appearance.AppearanceDistribution`). The fill also enters every SPADE
+modulation (it is part of the conditioning map), after the instance norm: a per-sample appearance
+that no normalisation erases. The network is fully convolutional: a model trained on patches
+generates any size divisible by F; the noise makes one mask give many images (the seed picks one).
+
+Noise: the map ``(N, Z, *spatial / F)`` at the coarsest level, and with ``level_noise`` (StyleGAN,
+Karras et al. 2019) one more single-channel map per level ``(N, 1, *level spatial)``, added after
+each block (before its upsampling) with a learned per-channel scale (zero at the start, so a fresh
+generator is the one without it). :meth:`SpadeGenerator.draw_noise` draws all of them from one
+``torch.Generator`` in a fixed order (the coarse map first: a run without level noise draws what it
+always drew).
 
 Discriminator: pix2pixHD-style multi-scale: ``num_d`` MONAI ``PatchDiscriminator`` s, the i-th seeing
 the input average-pooled by 2**i, each convolution under spectral normalisation (Miyato et al. 2018;
@@ -112,7 +123,7 @@ class SpadeGenerator(nn.Module):
     def __init__(self, spatial_dims: int, cond_channels: int, out_channels: int, channels: list[int],
                  noise_channels: int, spade_hidden: int, *, num_labels: int | None = None,
                  fill: FillMode = "none", label_means: list[list[float]] | None = None,
-                 fill_sigma: float = 0.0) -> None:
+                 fill_sigma: float = 0.0, level_noise: bool = False) -> None:
         super().__init__()
         if fill != "none" and (label_means is None or num_labels is None):
             raise ConfigError(f"model.generator.fill={fill!r} needs the training set's per-label means "
@@ -139,6 +150,9 @@ class SpadeGenerator(nn.Module):
             prev = ch
         self.blocks = nn.ModuleList(blocks)
         self.conv_out = _conv(spatial_dims, prev, out_channels)
+        shape = (1, -1) + (1,) * spatial_dims
+        self.noise_scales = nn.ParameterList(
+            [nn.Parameter(torch.zeros(ch).view(shape)) for ch in channels]) if level_noise else None
         if fill == "residual":  # a fresh generator paints the fill exactly
             nn.init.zeros_(self.conv_out.weight)
             if self.conv_out.bias is not None:
@@ -148,21 +162,50 @@ class SpadeGenerator(nn.Module):
         """(Z, *spatial / F) for an output of ``spatial`` (each divisible by F)."""
         return (self.noise_channels, *[int(s) // self.factor for s in spatial])
 
-    def fill_of(self, cond: torch.Tensor) -> torch.Tensor:
-        """The label-mean fill (N, C, *spatial) of ``cond``'s label channels, in [-1, 1] units, float32:
-        computed outside autocast, so bf16/fp16 training and fp32 inference paint the same fill."""
-        with torch.autocast(cond.device.type, enabled=False):
-            return fill_image(cond[:, : self.num_labels].float(), self.label_means.float(), self.fill_sigma) * 2.0 - 1.0
+    def level_noise_shapes(self, spatial: tuple[int, ...] | list[int]) -> list[tuple[int, ...]]:
+        """(1, *level spatial) per level, coarsest first (empty without level noise)."""
+        if self.noise_scales is None:
+            return []
+        levels = len(self.blocks)
+        return [(1, *[int(s) // 2 ** (levels - 1 - k) for s in spatial]) for k in range(levels)]
 
-    def forward(self, cond: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def draw_noise(self, n: int, spatial: tuple[int, ...] | list[int], generator: torch.Generator
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The coarse noise map ``(n, Z, *spatial / F)`` and the level maps (``level_noise_shapes``),
+        standard normal, drawn from ``generator`` in that order (on the CPU)."""
+        coarse = torch.randn((n, *self.noise_shape(spatial)), generator=generator)
+        return coarse, [torch.randn((n, *shape), generator=generator) for shape in self.level_noise_shapes(spatial)]
+
+    def fill_of(self, cond: torch.Tensor, label_means: torch.Tensor | None = None) -> torch.Tensor:
+        """The label-mean fill (N, C, *spatial) of ``cond``'s label channels, in [-1, 1] units, float32:
+        computed outside autocast, so bf16/fp16 training and fp32 inference paint the same fill.
+        label_means: ``(N, C, L)`` per sample in [0, 1] units (None: the pooled buffer for all)."""
+        with torch.autocast(cond.device.type, enabled=False):
+            onehot = cond[:, : self.num_labels].float()
+            if label_means is None:
+                return fill_image(onehot, self.label_means.float(), self.fill_sigma) * 2.0 - 1.0
+            fill = torch.cat([fill_image(onehot[i : i + 1], label_means[i].float(), self.fill_sigma)
+                              for i in range(len(onehot))])
+            return fill * 2.0 - 1.0
+
+    def forward(self, cond: torch.Tensor, noise: torch.Tensor, level_noise: list[torch.Tensor] | None = None,
+                label_means: torch.Tensor | None = None) -> torch.Tensor:
+        """cond ``(N, L [+ K], *spatial)``, noise ``(N, Z, *spatial / F)``, level_noise one map per level
+        (needed with level noise; :meth:`draw_noise`), label_means ``(N, C, L)`` the per-sample fill
+        means in [0, 1] units (None: the pooled ones) -> ``(N, C, *spatial)``."""
+        if self.noise_scales is not None and (level_noise is None or len(level_noise) != len(self.blocks)):
+            raise ValueError(f"this generator adds noise at each of its {len(self.blocks)} levels: pass "
+                             "level_noise (see draw_noise)")
         fill = None
         if self.fill != "none":
-            fill = self.fill_of(cond)
-            cond = torch.cat([cond, fill], dim=1)
+            fill = self.fill_of(cond, label_means)
+            cond = torch.cat([cond, fill.to(cond.dtype)], dim=1)
         x = torch.cat([noise, resize_condition(cond, noise.shape[2:])], dim=1)
         x = self.conv_in(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cond)
+            if self.noise_scales is not None and level_noise is not None:
+                x = x + self.noise_scales[i] * level_noise[i].to(x.dtype)
             if i < len(self.blocks) - 1:
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         out = self.conv_out(F.leaky_relu(x, 0.2))
@@ -248,7 +291,7 @@ def build_generator(model: GanModelConfig, info: DataInfo) -> SpadeGenerator:
     g = model.generator
     return SpadeGenerator(info.dim, info.condition_channels, info.num_channels, list(g.channels),
                           g.noise_channels, g.spade_hidden, num_labels=info.num_labels, fill=g.fill,
-                          label_means=info.label_means, fill_sigma=info.fill_sigma)
+                          label_means=info.label_means, fill_sigma=info.fill_sigma, level_noise=g.level_noise)
 
 
 def build_discriminator(model: GanModelConfig, info: DataInfo) -> MultiScaleDiscriminator:

@@ -46,18 +46,22 @@ class GanBackend:
         self.size_multiple = self.net.factor
         #: volumes above ``tiling.max_voxels`` are generated tile by tile (:mod:`medsynth.synthesis.tiling`)
         self.tiling = TileSettings()
+        #: trained on a per-case fill: ``generate`` takes the label means of the image (``appearance``)
+        self.per_case_appearance = model_cfg.generator.appearance == "per_case"
 
     #: ``generate`` reports the share done through ``progress`` (see the Synthesizer's Backend)
     reports_progress = True
 
     def generate(self, index: torch.Tensor, class_index: torch.Tensor, seeds: list[int],
-                 options: GenerationOptions, progress: Callable[[float], None] | None = None) -> torch.Tensor:
+                 options: GenerationOptions, progress: Callable[[float], None] | None = None,
+                 appearance: np.ndarray | None = None) -> torch.Tensor:
         """index ``(N, *spatial)`` int64 label channels, class_index ``(N,)``, one seed per item (it
-        alone draws the item's noise map) -> ``(N, C, *spatial)`` float in [0, 1]. Iterative-sampling
+        alone draws the item's noise maps) -> ``(N, C, *spatial)`` float in [0, 1]. Iterative-sampling
         options have no effect (a warning names the ones given). progress: called with the share of
         the work done after each generator block (weighted by its voxels x channels). A volume of
         more than ``tiling.max_voxels`` voxels is generated in blended tiles with the whole volume's
-        norm statistics (:mod:`medsynth.synthesis.tiling`)."""
+        norm statistics (:mod:`medsynth.synthesis.tiling`). appearance:
+        ``(C, L)`` label means in [0, 1] units the fill paints for every item (None: the pooled ones)."""
         from medsynth.data.loader import one_hot
         from medsynth.models.gan import condition_map
 
@@ -65,9 +69,11 @@ class GanBackend:
         if given:
             warnings.warn(f"generation options {given} have no effect on a GAN", stacklevel=3)
         spatial = tuple(index.shape[1:])
-        noise = torch.stack([
-            torch.randn(self.net.noise_shape(spatial), generator=torch.Generator().manual_seed(s)) for s in seeds
-        ]).to(self.device)
+        draws = [self.net.draw_noise(1, spatial, torch.Generator().manual_seed(s)) for s in seeds]
+        noise = torch.cat([d[0] for d in draws]).to(self.device)
+        levels = [torch.cat([d[1][k] for d in draws]).to(self.device) for k in range(len(draws[0][1]))]
+        means = None if appearance is None else \
+            torch.as_tensor(appearance, dtype=torch.float32, device=self.device).expand(len(seeds), -1, -1)
         classes = class_index.to(self.device)
 
         def run(box: tuple[slice, ...]) -> torch.Tensor:
@@ -78,7 +84,7 @@ class GanBackend:
 
             cond = condition_map(one_hot(index[(slice(None),) + box].to(self.device), self.info.num_labels),
                                  classes, self.info.num_classes)
-            return self.net(cond, crop(noise))
+            return self.net(cond, crop(noise), [crop(level) for level in levels] or None, means)
 
         whole = tuple(slice(0, s) for s in spatial)
         with torch.no_grad():

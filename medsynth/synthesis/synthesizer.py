@@ -12,6 +12,11 @@ slice without foreground, so the same policy holds when generating: a slice of a
 background is not generated but painted with the background's mean training intensity
 (``DataInfo.label_means``; 0 in [0, 1] units when the card has none).
 
+Appearance: a run trained on a per-case fill (``model.generator.appearance: per_case``) paints each
+image from a label-mean vector: by default drawn from the training cases' distribution
+(:class:`medsynth.models.appearance.AppearanceDistribution`) with the seed, once per ``generate`` call
+(every slice of a volume shares it); ``appearance=`` picks it instead (see :meth:`Synthesizer.generate`).
+
 A backend loader is called as ``loader(card, device)`` and returns a :class:`Backend`.
 """
 
@@ -20,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypedDict, cast
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, cast
 
 import numpy as np
 
 from medsynth.errors import CheckpointError, ConfigError, DataError
+from medsynth.models.appearance import AppearanceDistribution
 from medsynth.progress import ProgressBar, progress_bar
 from medsynth.seeds import Stream, derive_seed
 
@@ -41,6 +47,11 @@ if TYPE_CHECKING:  # pragma: no cover
 _SLICE_CHUNK = 16
 # progress units of one volume generated in one call (its share done, in percent)
 _VOLUME_UNITS = 100
+
+
+#: ``generate(appearance=...)``: "pooled" (the training set's means), an int (training case k's own
+#: means, manifest order), {label value: intensity} or a (L,) / (C, L) sequence in the dataset's units
+Appearance = Literal["pooled"] | int | Mapping[int, float] | Sequence[float] | np.ndarray
 
 
 class GenerationOptions(TypedDict):
@@ -63,6 +74,8 @@ class Backend(Protocol):
     calls with the share of the call done (0..1) as it goes, so that one long volume shows an ETA.
     tiling (optional): a :class:`~medsynth.synthesis.tiling.TileSettings`; ``generate`` tiles items of
     more than ``tiling.max_voxels`` voxels (``Synthesizer.from_run(tile_voxels=...)`` sets it).
+    per_case_appearance (optional, default False): ``generate`` also takes ``appearance``, the ``(C, L)``
+    label means ([0, 1] units) the fill paints (None: the pooled ones).
     """
 
     size_multiple: int
@@ -161,7 +174,7 @@ class Synthesizer:
     def generate(self, mask: Volume | np.ndarray | Sequence[Volume | np.ndarray], seed: int | Sequence[int] = 0, *,
                  class_value: str | None = None, steps: int | None = None,
                  sampler: str | None = None, guidance: float | None = None,
-                 progress: bool | ProgressBar = False) -> np.ndarray:
+                 progress: bool | ProgressBar = False, appearance: Appearance | None = None) -> np.ndarray:
         """mask: (H, W) or (X, Y, Z) label values (numpy array or Volume) -> image with the mask's
         shape, float32 in the dataset's intensity units ((C, *shape) when the run has C > 1 channels).
 
@@ -169,6 +182,11 @@ class Synthesizer:
         class-conditioned runs; steps/sampler/guidance are options of families that sample iteratively;
         progress shows the slices (or the share of the volume) generated, with an ETA, on stderr; an
         open :class:`~medsynth.progress.ProgressBar` instead: its total grows by this work, which moves it.
+        appearance (runs trained on a per-case fill): the per-label means the image starts from: None
+        (drawn from the training cases' distribution with the seed), ``"pooled"`` (the training set's),
+        an int k (training case k's own, manifest order), ``{label value: intensity}`` (labels left out
+        keep the pooled mean) or a sequence of one intensity per label (``labels`` order; ``(C, L)`` for
+        C channels), intensities in the dataset's units.
 
         A batch: a list of masks of one shape, or a ``(B, X, Y, Z)`` array for a 3D run (a 2D run reads a
         3D array as one volume of slices: give it a list) -> ``(B, *image shape)``, image b equal to
@@ -179,7 +197,7 @@ class Synthesizer:
         # 0. a batch of masks: one image per mask, generated together
         if isinstance(mask, (list, tuple)) or (isinstance(mask, np.ndarray) and self.info.dim == 3 and mask.ndim == 4):
             return self._generate_batch(list(mask), seed, class_value=class_value, steps=steps, sampler=sampler,
-                                        guidance=guidance, progress=progress)
+                                        guidance=guidance, progress=progress, appearance=appearance)
         if not isinstance(seed, (int, np.integer)):
             raise ConfigError(f"seed: one mask takes one seed, got {seed!r}")
         seed = int(seed)
@@ -193,6 +211,7 @@ class Synthesizer:
             raise DataError(f"this is a 3D run; the mask is 2D (shape {index.shape})")
         cls_idx = self._class_index(class_value)
         options = GenerationOptions(steps=steps, sampler=sampler, guidance=guidance)
+        fill_means = self.appearance_of(appearance, seed)
 
         # 2. one stack of items to generate: the volume itself, or its slices (2D run, 3D mask)
         axis = self.info.slice_axis
@@ -225,7 +244,11 @@ class Synthesizer:
                 seeds = [derive_seed(seed, Stream.SYNTH_ITEM, int(k)) for k in ks]
                 classes = torch.full((len(part),), cls_idx, dtype=torch.int64)
                 done = bar.completed
-                extra = {"progress": lambda share, d=done: bar.update(d + int(share * per_item))} if within else {}
+                extra: dict[str, object] = {}
+                if within:
+                    extra["progress"] = lambda share, d=done: bar.update(d + int(share * per_item))
+                if fill_means is not None:
+                    extra["appearance"] = fill_means
                 unit[ks] = self.backend.generate(part, classes, seeds, options, **extra).float().cpu().numpy()
                 bar.update(done + len(part) * per_item)
         if skip.any():
@@ -243,9 +266,53 @@ class Synthesizer:
         image = self.info.normalization.from_unit(unit)
         return image[0] if image.shape[0] == 1 else image
 
+    def appearance_of(self, appearance: Appearance | None, seed: int) -> np.ndarray | None:
+        """The ``(C, L)`` label means in [0, 1] units that ``generate(appearance=..., seed=seed)`` paints
+        from (see :meth:`generate`); None for a run without a per-case fill (which takes none)."""
+        if not getattr(self.backend, "per_case_appearance", False):
+            if appearance is not None:
+                raise ConfigError(f"appearance={appearance!r}: this run was not trained on a per-case fill "
+                                  "(model.generator.appearance: per_case); it paints one appearance")
+            return None
+        info = self.info
+        if info.label_means is None:
+            raise CheckpointError(f"{self.card.path}: the card holds no label means (data.label_means)")
+        pooled = np.asarray(info.label_means, np.float64)
+        cases = info.case_stats.means if info.case_stats is not None else np.zeros((0, *pooled.shape))
+        if appearance is None:
+            rng = np.random.default_rng(derive_seed(seed, Stream.APPEARANCE))
+            return AppearanceDistribution.from_cases(cases, pooled).draw(rng)
+        if isinstance(appearance, str):
+            if appearance != "pooled":
+                raise ConfigError(f"appearance={appearance!r}: expected 'pooled', a training case index, a "
+                                  "{label value: intensity} mapping or one intensity per label")
+            return pooled.astype(np.float32)
+        if isinstance(appearance, (int, np.integer)) and not isinstance(appearance, bool):
+            if not 0 <= int(appearance) < len(cases):
+                raise ConfigError(f"appearance={appearance}: the run has {len(cases)} training case(s) "
+                                  f"(0..{len(cases) - 1})")
+            own = cases[int(appearance)]
+            return np.where(np.isfinite(own), own, pooled).astype(np.float32)
+        nch, nl = pooled.shape
+        if isinstance(appearance, Mapping):
+            unknown = sorted(int(k) for k in appearance if int(k) not in set(info.labels))
+            if unknown or nch != 1:
+                raise ConfigError(f"appearance: label values {unknown} are not the run's labels {info.labels}"
+                                  if unknown else f"appearance: a mapping gives one channel; the run has {nch}: "
+                                  "pass a (C, L) table")
+            table: np.ndarray | None = info.normalization.from_unit(pooled)
+            for value, intensity in appearance.items():
+                table[0, info.labels.index(int(value))] = float(intensity)  # type: ignore[index]
+        else:
+            table = np.asarray(appearance, np.float64).reshape(-1, nl) if np.size(appearance) == nch * nl else None
+            if table is None or not np.all(np.isfinite(table)):
+                raise ConfigError(f"appearance: expected {nch * nl} finite intensities ({nch} channel(s) x "
+                                  f"labels {info.labels}), got {np.shape(appearance)}")
+        return info.normalization.to_unit(np.asarray(table, np.float64))
+
     def _generate_batch(self, masks: list[Volume | np.ndarray], seed: int | Sequence[int], *, class_value: str | None,
                         steps: int | None, sampler: str | None, guidance: float | None,
-                        progress: bool | ProgressBar) -> np.ndarray:
+                        progress: bool | ProgressBar, appearance: Appearance | None) -> np.ndarray:
         """:meth:`generate` of a batch: ``(B, *image shape)``, image b as ``generate(masks[b], seeds[b])``."""
         import torch
 
@@ -259,10 +326,11 @@ class Synthesizer:
             raise DataError(f"a batch of masks must share one shape; got {shapes} (generate them one by one)")
         if indices[0].ndim != self.info.dim:  # a 2D run given 3D masks: each is a stack of slices already
             return np.stack([self.generate(m, s, class_value=class_value, steps=steps, sampler=sampler,
-                                           guidance=guidance, progress=progress)
+                                           guidance=guidance, progress=progress, appearance=appearance)
                              for m, s in zip(masks, seeds)])
         cls_idx = self._class_index(class_value)
         options = GenerationOptions(steps=steps, sampler=sampler, guidance=guidance)
+        fills = [self.appearance_of(appearance, s) for s in seeds]
 
         # 2. pad to the network's size multiple; as many masks per forward as the tile bound allows
         mult = int(self.backend.size_multiple)
@@ -281,9 +349,12 @@ class Synthesizer:
             for start in range(0, len(items), chunk):
                 ks = range(start, min(start + chunk, len(items)))
                 part = torch.from_numpy(np.ascontiguousarray(items[start : ks.stop])).long()
+                extra: dict[str, object] = {}
+                if fills[0] is not None:
+                    extra["appearance"] = np.stack([np.asarray(fills[k]) for k in ks])
                 unit[start : ks.stop] = self.backend.generate(
                     part, torch.full((len(part),), cls_idx, dtype=torch.int64),
-                    [derive_seed(seeds[k], Stream.SYNTH_ITEM, 0) for k in ks], options).float().cpu().numpy()
+                    [derive_seed(seeds[k], Stream.SYNTH_ITEM, 0) for k in ks], options, **extra).float().cpu().numpy()
                 bar.update(bar.completed + len(part))
 
         # 4. crop and the dataset's intensity units
@@ -319,13 +390,14 @@ class Synthesizer:
 
     def generate_volume(self, mask: Volume, seed: int = 0, *, class_value: str | None = None,
                         steps: int | None = None, sampler: str | None = None,
-                        guidance: float | None = None, progress: bool = False) -> Volume:
+                        guidance: float | None = None, progress: bool = False,
+                        appearance: Appearance | None = None) -> Volume:
         """mask: a label Volume -> an image Volume with the mask's shape and affine (progress: as
         :meth:`generate`).
 
         When the run was trained at a target spacing (``data.spacing``) and the mask's grid differs,
         the mask is resampled to it (nearest), generated there, and the image resampled back
-        (linear) onto the mask's grid.
+        (linear) onto the mask's grid. appearance: as :meth:`generate`.
         """
         from medsynth.data.loader import resample, target_shape
         from medsynth.data.nifti import Volume
@@ -337,13 +409,13 @@ class Synthesizer:
             self._index(mask)  # unknown labels fail before any work
             small = resample(arr.astype(np.int32)[None], shape, label=True)[0]
             image = self.generate(small, seed, class_value=class_value, steps=steps, sampler=sampler,
-                                  guidance=guidance, progress=progress)
+                                  guidance=guidance, progress=progress, appearance=appearance)
             chans = image if image.ndim == arr.ndim + 1 else image[None]
             image = resample(chans, arr.shape, label=False).astype(np.float32)
             image = image[0] if image.shape[0] == 1 else image
         else:
             image = self.generate(mask, seed, class_value=class_value, steps=steps, sampler=sampler,
-                                  guidance=guidance, progress=progress)
+                                  guidance=guidance, progress=progress, appearance=appearance)
         return Volume(array=image, affine=np.array(mask.affine, dtype=np.float64), path=None, header={})
 
 

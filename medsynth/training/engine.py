@@ -663,6 +663,7 @@ def full_size_batch(data: TrainingData, n: int, multiple: int) -> Batch:
             "label_index": torch.from_numpy(np.ascontiguousarray(pad_to(index, shape, 0)).astype(np.int64)),
             "class_index": torch.tensor(case.class_index, dtype=torch.int64),
             "index": torch.tensor(2**62 + j, dtype=torch.int64),
+            "case_index": torch.tensor(int(picks[j]), dtype=torch.int64),
         })
     return data.collate(samples)
 

@@ -2,9 +2,12 @@
 
 Step (pix2pixHD / SPADE recipe), images mapped from [0, 1] to [-1, 1]:
   1. generator: fake = G(cond, noise) (a residual over the label-mean fill by default, see
-     :mod:`medsynth.models.gan`); loss = w_adv * adv(D(fake|cond)) + w_fm * feature matching (L1
+     :mod:`medsynth.models.gan`; with ``appearance: per_case`` the fill of each sample's own training
+     case's label means); loss = w_adv * adv(D(fake|cond)) + w_fm * feature matching (L1
      between D's intermediate maps of fake and real, summed over layers, mean over scales) + w_l1 *
-     |fake - real| (+ w_p * perceptual); Adam step on G only (D frozen, not DDP-wrapped for this pass).
+     |fake - real| (+ w_p * perceptual) (+ the mode-seeking term: the first half of the batch again
+     with a second noise draw, ``- w_div * min(mean|fake2 - fake| / mean|z2 - z|, clamp)``, Mao et al.
+     2019); Adam step on G only (D frozen, not DDP-wrapped for this pass).
   2. EMA update of G.
   3. discriminator: D(real|cond) vs D(fake.detach()|cond) in one batch; hinge or least squares.
 Noise for step s is drawn from ``rt.generator(s)``, so resumed runs draw the same noise.
@@ -15,12 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from medsynth.config import GanModelConfig
 from medsynth.errors import ConfigError
+from medsynth.models.appearance import AppearanceDistribution, case_mean_table
 from medsynth.models.gan import build_discriminator, build_generator, check_sizes, condition_map
 from medsynth.runcard import WEIGHTS_FILE
 from medsynth.seeds import Stream, derive_seed
@@ -51,6 +56,14 @@ def adversarial_g_loss(fake_out: list[torch.Tensor], kind: str) -> torch.Tensor:
     """Generator adversarial loss: hinge ``-D(fake)`` or least squares ``(D(fake) - 1)^2``."""
     terms = [(-f.float()).mean() if kind == "hinge" else ((f.float() - 1.0) ** 2).mean() for f in fake_out]
     return torch.stack(terms).mean()
+
+
+def mode_seeking_ratio(fake_a: torch.Tensor, fake_b: torch.Tensor, noise_a: list[torch.Tensor],
+                       noise_b: list[torch.Tensor]) -> torch.Tensor:
+    """Mao et al. 2019: ``mean|fake_a - fake_b| / mean|noise_a - noise_b|`` (the noise tensors of one
+    draw flattened together), the image change per unit of noise change."""
+    dz = torch.cat([(a - b).abs().flatten() for a, b in zip(noise_a, noise_b)]).mean()
+    return (fake_a.float() - fake_b.float()).abs().mean() / (dz + 1e-8)
 
 
 def feature_matching_loss(fake_feats: list[list[torch.Tensor]], real_feats: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -154,6 +167,12 @@ class GanFamily(FamilyBase):
         self.flips = model.flips
         dev = rt.device
         self.G = build_generator(model, info).to(dev)
+        self.case_means: torch.Tensor | None = None  # (K, C, L) per training case, [0, 1] units
+        if model.generator.appearance == "per_case":
+            if info.case_stats is None or info.label_means is None:
+                raise ConfigError("model.generator.appearance=per_case needs the training cases' label means")
+            table = case_mean_table(info.case_stats.means, np.asarray(info.label_means))
+            self.case_means = torch.as_tensor(table, dtype=torch.float32, device=dev)
         self.D = build_discriminator(model, info).to(dev)
         self.modules = {"generator": self.G, "discriminator": self.D}
         self.optimizers = {
@@ -173,9 +192,21 @@ class GanFamily(FamilyBase):
     def cond(self, batch: Batch) -> torch.Tensor:
         return condition_map(batch["label"], batch.get("class_index"), self.info.num_classes)
 
-    def noise(self, n: int, spatial: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-        z = torch.randn((n, *self.G.noise_shape(spatial)), generator=gen)
-        return z.to(self.rt.device)
+    def noise(self, n: int, spatial: tuple[int, ...], gen: torch.Generator) -> list[torch.Tensor]:
+        """[coarse map, level maps...] on the device (:meth:`SpadeGenerator.draw_noise`)."""
+        coarse, levels = self.G.draw_noise(n, spatial, gen)
+        return [t.to(self.rt.device) for t in (coarse, *levels)]
+
+    def means_of(self, batch: Batch) -> torch.Tensor | None:
+        """(N, C, L) the per-case fill means of the batch's cases (None: the pooled fill, also for a
+        batch that names no cases)."""
+        if self.case_means is None or "case_index" not in batch:
+            return None
+        return self.case_means[batch["case_index"].to(self.case_means.device)]
+
+    def generate(self, net: nn.Module, cond: torch.Tensor, z: list[torch.Tensor],
+                 means: torch.Tensor | None) -> torch.Tensor:
+        return cast(torch.Tensor, net(cond, z[0], z[1:] or None, means))
 
     # -- contract
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
@@ -185,12 +216,22 @@ class GanFamily(FamilyBase):
         real = batch["image"] * 2.0 - 1.0
         cond = self.cond(batch)
         n = real.shape[0]
-        z = self.noise(n, tuple(real.shape[2:]), rt.generator(step))
+        gen = rt.generator(step)
+        z = self.noise(n, tuple(real.shape[2:]), gen)
+        means = self.means_of(batch)
+        # mode seeking: the first h samples again with a second draw, in the same forward pass (one
+        # graph: DDP sees one forward per backward)
+        h = (n + 1) // 2 if lc.diversity_weight > 0 else 0
+        z2 = self.noise(h, tuple(real.shape[2:]), gen) if h else []
+        cond_g = torch.cat([cond, cond[:h]]) if h else cond
+        z_g = [torch.cat([a, b]) for a, b in zip(z, z2)] if h else z
+        means_g = None if means is None else (torch.cat([means, means[:h]]) if h else means)
 
         # 1. generator step (D frozen; the raw D, so no DDP sync for D here)
         self.D.requires_grad_(False)
         with rt.autocast():
-            fake = self.G_train(cond, z)
+            fake_all = self.generate(self.G_train, cond_g, z_g, means_g)
+            fake = fake_all[:n]
             outs, feats = self.D(torch.cat([torch.cat([fake, cond], 1), torch.cat([real, cond], 1)], 0))
         fake_out = [o[:n] for o in outs]
         fake_feats = [[f[:n] for f in fs] for fs in feats]
@@ -205,6 +246,10 @@ class GanFamily(FamilyBase):
             g_p = self.perceptual(fake, real)
             loss_g = loss_g + lc.perceptual.weight * g_p
             logs["g_perceptual"] = g_p.item()
+        if h:
+            ratio = mode_seeking_ratio(fake_all[n:], fake[:h], z2, [t[:h] for t in z])
+            loss_g = loss_g - lc.diversity_weight * torch.clamp(ratio, max=lc.diversity_clamp)
+            logs["g_diversity"] = ratio.item()
         self.clip_and_step("generator", loss_g)
         self.D.requires_grad_(True)
 
@@ -222,18 +267,19 @@ class GanFamily(FamilyBase):
         logs["g_total"] = loss_g.item()
         return logs
 
-    def _fixed_noise(self, batch: Batch) -> torch.Tensor:
+    def _fixed_noise(self, batch: Batch) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(derive_seed(self.rt.seed, Stream.GAN_EVAL))
         return self.noise(batch["image"].shape[0], tuple(batch["image"].shape[2:]), gen)
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> dict[str, float]:
-        """L1 (in [0, 1] units) of the raw and EMA generators to the real images, fixed noise."""
-        cond, z = self.cond(batch), self._fixed_noise(batch)
-        out = {"l1": float((self.G(cond, z) * 0.5 + 0.5 - batch["image"]).abs().mean())}
+        """L1 (in [0, 1] units) of the raw and EMA generators to the real images, fixed noise (and the
+        cases' own fill means with a per-case fill)."""
+        cond, z, means = self.cond(batch), self._fixed_noise(batch), self.means_of(batch)
+        out = {"l1": float((self.generate(self.G, cond, z, means) * 0.5 + 0.5 - batch["image"]).abs().mean())}
         if "generator" in self.emas:
             ema = self.emas["generator"].module
-            out["l1_ema"] = float((ema(cond, z) * 0.5 + 0.5 - batch["image"]).abs().mean())
+            out["l1_ema"] = float((self.generate(ema, cond, z, means) * 0.5 + 0.5 - batch["image"]).abs().mean())
         return out
 
     def preview_multiple(self) -> int:
@@ -244,7 +290,7 @@ class GanFamily(FamilyBase):
     @torch.no_grad()
     def preview(self, batch: Batch) -> dict[str, torch.Tensor]:
         g = self.inference_module("generator")
-        fake = g(self.cond(batch), self._fixed_noise(batch)) * 0.5 + 0.5
+        fake = self.generate(g, self.cond(batch), self._fixed_noise(batch), self.means_of(batch)) * 0.5 + 0.5
         return {"real": batch["image"], "generated": fake}
 
     def export(self, run_dir: Path) -> dict[str, Any]:
@@ -254,5 +300,12 @@ class GanFamily(FamilyBase):
         g = self.inference_module("generator")
         save_weights(Path(run_dir) / WEIGHTS_FILE, g.state_dict(),
                      {"format": "medsynth-gan-generator", "ema": "generator" in self.emas})
-        return {"weights": WEIGHTS_FILE, "network": "SpadeGenerator", "ema": "generator" in self.emas,
-                "size_multiple": self.G.factor, "noise_channels": self.G.noise_channels, "fill": self.G.fill}
+        out: dict[str, Any] = {"weights": WEIGHTS_FILE, "network": "SpadeGenerator", "ema": "generator" in self.emas,
+                               "size_multiple": self.G.factor, "noise_channels": self.G.noise_channels,
+                               "fill": self.G.fill, "level_noise": self.G.noise_scales is not None}
+        if self.case_means is not None and self.info.case_stats is not None and self.info.label_means is not None:
+            dist = AppearanceDistribution.from_cases(self.info.case_stats.means, np.asarray(self.info.label_means))
+            out["appearance"] = {"fill": "per_case", **dist.describe()}
+        else:
+            out["appearance"] = {"fill": "pooled"}
+        return out
