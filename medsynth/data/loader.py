@@ -11,6 +11,7 @@ only the step and the seed, and a torchrun job of P processes shards every globa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # cap on the voxels per channel used to estimate percentiles (deterministic stride subsample)
 _PERCENTILE_VOXELS = 20_000_000
+#: values :meth:`Normalization.to_unit` converts in float64 at a time
+_UNIT_SLAB = 1 << 20
 #: 3D training crops: the fraction centred near a random foreground voxel (the rest uniform), so a
 #: large volume does not give mostly-background patches; foreground coordinates kept per case
 FOREGROUND_CROPS = 2 / 3
@@ -56,11 +59,20 @@ class Normalization:
     region: str = "foreground"
 
     def to_unit(self, image: np.ndarray) -> np.ndarray:
-        """image: (C, *spatial) in dataset units -> float32 in [0, 1]."""
+        """image: (C, *spatial) in dataset units -> float32 in [0, 1] (computed in float64, a slab of
+        :data:`_UNIT_SLAB` values at a time: no float64 copy of a whole volume)."""
         lo = np.asarray(self.lo, np.float64).reshape(-1, *([1] * (image.ndim - 1)))
         hi = np.asarray(self.hi, np.float64).reshape(lo.shape)
-        out = (image.astype(np.float64) - lo) / np.maximum(hi - lo, 1e-12)
-        return np.clip(out, 0.0, 1.0).astype(np.float32)
+        scale = np.maximum(hi - lo, 1e-12)
+        if image.ndim < 2 or image[0].size <= _UNIT_SLAB:
+            out = (np.asarray(image, np.float64) - lo) / scale
+            return np.clip(out, 0.0, 1.0).astype(np.float32)
+        result = np.empty(image.shape, np.float32)
+        step = max(1, _UNIT_SLAB // max(1, image[0, 0].size))
+        for a in range(0, image.shape[1], step):
+            part = (np.asarray(image[:, a : a + step], np.float64) - lo) / scale
+            result[:, a : a + step] = np.clip(part, 0.0, 1.0)
+        return result
 
     def from_unit(self, unit: np.ndarray) -> np.ndarray:
         """unit: (C, *spatial) in [0, 1] -> float32 in dataset units."""
@@ -223,6 +235,14 @@ class CaseArrays:
 # ---------------------------------------------------------------------------- helpers
 
 
+def with_one_hot(batch: dict[str, Any], num: int) -> dict[str, Any]:
+    """``batch`` with ``label`` (N, num, *spatial) float32 built from ``label_index`` on its device, when
+    it has none (the training loader's batches: one-hot is built where the batch is, not in collate)."""
+    if "label" in batch or "label_index" not in batch:
+        return batch
+    return {**batch, "label": one_hot(batch["label_index"], num)}
+
+
 def one_hot(index: torch.Tensor, num: int) -> torch.Tensor:
     """index: (N, *spatial) int64 channel indices -> (N, num, *spatial) float32 one-hot."""
     import torch
@@ -250,6 +270,23 @@ def resample(array: np.ndarray, size: tuple[int, ...], *, label: bool) -> np.nda
 def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: list[float]) -> tuple[int, ...]:
     """Grid size that covers the same extent at ``target`` spacing."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def crop_padded(array: np.ndarray, starts: list[int], size: list[int], value: float = 0) -> np.ndarray:
+    """``pad_to(array, size, value)[..., a:a+s, ...]`` (``starts`` in the padded grid) without padding the
+    whole array: a view when the crop lies inside ``array``, else a new array of the crop's size."""
+    spatial = array.shape[-len(size):]
+    lead = (slice(None),) * (array.ndim - len(size))
+    src, dst = [], []
+    for a, s, n in zip(starts, size, spatial):
+        lo = a - max(0, s - n) // 2  # the crop's first voxel in the unpadded array
+        src.append(slice(max(lo, 0), min(lo + s, n)))
+        dst.append(slice(max(lo, 0) - lo, min(lo + s, n) - lo))
+    if all(d.start == 0 and d.stop == s for d, s in zip(dst, size)):
+        return array[lead + tuple(src)]
+    out = np.full(array.shape[: array.ndim - len(size)] + tuple(size), value, dtype=array.dtype)
+    out[lead + tuple(dst)] = array[lead + tuple(src)]
+    return out
 
 
 def pad_to(array: np.ndarray, size: list[int], value: float = 0) -> np.ndarray:
@@ -327,30 +364,33 @@ class TrainingData:
             image = np.take(image, k, axis=axis + 1)
             index = np.take(index, k, axis=axis)
         shape = index.shape
-        image = pad_to(image, info.size, 0.0)
-        index = pad_to(index, info.size, 0)
+        padded = [max(n, s) for n, s in zip(shape, info.size)]  # a short axis is padded, lazily (crop_padded)
         if info.dim == 3 and len(case.fg_voxels) and rng.random() < FOREGROUND_CROPS:
             # a random foreground voxel at a random place inside the crop
             voxel = case.fg_voxels[rng.integers(len(case.fg_voxels))]
             offset = [max(0, s - n) // 2 for n, s in zip(shape, info.size)]
             starts = [int(np.clip(v + o - rng.integers(0, s), 0, n - s))
-                      for v, o, s, n in zip(voxel, offset, info.size, index.shape)]
+                      for v, o, s, n in zip(voxel, offset, info.size, padded)]
         else:
-            starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(index.shape, info.size)]
-        sl = tuple(slice(a, a + s) for a, s in zip(starts, info.size))
+            starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(padded, info.size)]
+        image = crop_padded(image, starts, info.size, 0.0)
+        index = crop_padded(index, starts, info.size, 0)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image[(slice(None),) + sl], dtype=np.float32)),
-            "label_index": torch.from_numpy(np.ascontiguousarray(index[sl]).astype(np.int64)),
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "label_index": torch.from_numpy(np.ascontiguousarray(index).astype(np.int64)),
             "class_index": torch.tensor(case.class_index, dtype=torch.int64),
             "index": torch.tensor(g, dtype=torch.int64),
             "case_index": torch.tensor(case_idx, dtype=torch.int64),
         }
 
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(self, samples: list[dict[str, Any]], *, one_hot_labels: bool = True) -> dict[str, Any]:
+        """Stack samples; with ``one_hot_labels`` add ``label`` (N, L, *size) float32. The training loader
+        leaves it out: the engine builds it on the device from ``label_index`` (:func:`with_one_hot`)."""
         import torch
 
         batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-        batch["label"] = one_hot(batch["label_index"], self.info.num_labels)
+        if one_hot_labels:
+            batch["label"] = one_hot(batch["label_index"], self.info.num_labels)
         return batch
 
     def fixed_batch(self, n: int) -> dict[str, Any]:
@@ -386,7 +426,8 @@ def make_loader(data: TrainingData, *, start_step: int, max_steps: int, batch_si
 
     sampler = StepBatchSampler(start_step, max_steps, batch_size, rank, world_size)
     dataset = cast("Dataset[dict[str, Any]]", data)  # a map-style dataset: __len__ and __getitem__
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=data.collate,
+    collate = functools.partial(data.collate, one_hot_labels=False)  # one-hot on the device: with_one_hot
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
                       pin_memory=pin_memory, persistent_workers=False)
 
 
@@ -394,7 +435,7 @@ def make_loader(data: TrainingData, *, start_step: int, max_steps: int, batch_si
 
 
 def load_case(case: Case, cfg: DataConfig, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One case as training reads it (resampled to ``cfg.spacing``): (image (C, *spatial) float64 in
+    """One case as training reads it (resampled to ``cfg.spacing``): (image (C, *spatial) float32 in
     dataset units, label (*spatial) int, affine). ``root``: the folder MetaImage/NRRD data files must
     resolve inside (the manifest's)."""
     from medsynth.data.nifti import read_case_arrays
@@ -402,13 +443,13 @@ def load_case(case: Case, cfg: DataConfig, root: Path | None = None) -> tuple[np
     if case.label is None:
         raise DataError(f"case {case.case_id}: has no label map")
     arrays = read_case_arrays(case.images, case.label, root=root)  # root: where MetaImage/NRRD data may lie
-    image, lab = arrays.images.astype(np.float64), arrays.label
+    image, lab = arrays.images.astype(np.float32, copy=False), arrays.label
     if cfg.spacing is not None:
         if len(cfg.spacing) != lab.ndim:
             raise DataError(f"data.spacing has {len(cfg.spacing)} values but {case.label} is {lab.ndim}D")
         shape = target_shape(lab.shape, arrays.spacing, cfg.spacing)
         if shape != lab.shape:
-            image = resample(image, shape, label=False).astype(np.float64)
+            image = resample(image, shape, label=False).astype(np.float32, copy=False)
             lab = resample(lab.astype(np.int32)[None], shape, label=True)[0]
     return image, lab, arrays.affine
 
@@ -469,8 +510,8 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
             # the upper percentile over the foreground (background air would pull it into the bright tail);
             # the lower over every voxel, so the background stays the darkest value and is not clipped
             # onto the darkest tissue
-            values = np.concatenate([img[ch][m][::stride] for (_, img, _, _), m in zip(raw, masks)])
-            everything = np.concatenate([img[ch].ravel()[::every] for _, img, _, _ in raw])
+            values = np.concatenate([img[ch][m][::stride] for (_, img, _, _), m in zip(raw, masks)], dtype=np.float64)
+            everything = np.concatenate([img[ch].ravel()[::every] for _, img, _, _ in raw], dtype=np.float64)
             a = float(np.percentile(everything, pcts[0]))
             b = float(np.percentile(values, pcts[1]))
             if not b > a:
@@ -519,7 +560,7 @@ def foreground_mask(image: np.ndarray, label: np.ndarray | None, threshold: floa
     image's range above its minimum. image: (C, *spatial); label: (*spatial) or None -> (*spatial) bool."""
     if label is not None and (label > 0).any():
         return np.asarray(label > 0)
-    mean = np.asarray(image, np.float64).mean(axis=0)
+    mean = np.asarray(image).mean(axis=0, dtype=np.float64)
     low = float(mean.min())
     mask = mean > low + threshold * (float(mean.max()) - low)
     return mask if mask.any() else np.ones(mean.shape, bool)

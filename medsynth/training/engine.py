@@ -18,13 +18,15 @@ importing the engine imports no family) under the value of ``config.model.family
         (e.g. a size not divisible by the network's downsampling factor).
     family.max_steps() -> int
         Steps to train (default ``config.training.max_steps``; a stage may use its own count).
-    family.train_step(batch: dict[str, Tensor], step: int) -> dict[str, float]
+    family.train_step(batch: dict[str, Tensor], step: int) -> Mapping[str, Tensor | float]
         One optimisation step on ``batch`` (see DataInfo / medsynth.data.loader.TrainingData for the
         keys: ``image`` (N, C, *spatial) float32 in [0, 1]; ``label`` (N, L, *spatial) one-hot
         float32 over ``info.labels``; ``label_index`` (N, *spatial) int64; ``class_index`` (N,) int64).
         Every random draw comes from ``rt.generator(step, stream)`` (a CPU torch.Generator seeded
         from (seed, step, rank, stream)), so a resumed run draws the same numbers. Use
-        ``rt.autocast()`` around forwards. Update EMA copies here. Return float losses for logging.
+        ``rt.autocast()`` around forwards. Update EMA copies here. Return the losses for logging as
+        detached scalar tensors (left on the device: the engine sums them there and synchronises once
+        per ``training.log_every``) or floats.
     family.state_dict() / family.load_state_dict(state)
         Everything the family owns, as tensors and plain Python types only (the default collects
         modules, optimisers, schedulers, EMA copies, the GradScaler and ``extra_state()``); the engine
@@ -102,6 +104,7 @@ import numpy as np
 
 from medsynth.data.atomic import atomic_write_text
 from medsynth.data.ledger import LEDGER, LOCK_FILE, check_out_path, check_outside_inputs, claim_folder, made_by
+from medsynth.data.loader import with_one_hot
 from medsynth.distributed import TorchrunEnv, torchrun_env
 from medsynth.errors import CheckpointError, ConfigError, JobError
 from medsynth.journal import changed_input, dataset_inputs, output_lock
@@ -332,7 +335,7 @@ class FamilyBase:
     def max_steps(self) -> int:
         return self.config.training.max_steps
 
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> Mapping[str, torch.Tensor | float]:
         raise NotImplementedError
 
     def evaluate(self, batch: Batch) -> dict[str, float]:
@@ -596,6 +599,27 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     import torch
 
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def add_losses(sums: dict[str, torch.Tensor], losses: Mapping[str, torch.Tensor | float],
+               device: torch.device) -> None:
+    """Add one step's ``losses`` to ``sums`` (float64 scalars on ``device``) without a device sync."""
+    import torch
+
+    for k, v in losses.items():
+        t = v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64)
+        t = t.to(device, non_blocking=True)
+        sums[k] = sums[k] + t if k in sums else t
+
+
+def mean_losses(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """``sums`` divided by ``count`` as floats: one device sync for all of them."""
+    import torch
+
+    if not sums:
+        return {}
+    values = torch.stack(list(sums.values())).cpu().tolist()
+    return {k: v / count for k, v in zip(sums, values)}
 
 
 def write_preview(path: Path, batch: Batch, rows: dict[str, torch.Tensor], info: DataInfo) -> Path:
@@ -871,26 +895,28 @@ def _train(rt: Runtime, manifest: Manifest, inputs: dict[str, Any] | None, *, re
             first.advance()
     bar = progress_bar(stage or cfg.model.family, max_steps, start=start_step, enabled=progress and rt.is_main)
     logged: dict[str, float] = {}  # the last train record of metrics.jsonl: what the run reports
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # losses summed on the device since the last log
     count, busy, last_ckpt = 0, 0.0, None
     step = start_step
+    num_labels = data.info.num_labels
     with bar:
         mark = time.perf_counter()
         for batch in loader:
-            # 5a. one optimisation step (timed with its data loading)
-            out = family.train_step(_to_device(batch, rt.device), step)
-            step_losses = {k: float(v) for k, v in out.items()}
-            busy += time.perf_counter() - mark
+            # 5a. one optimisation step (timed with its data loading; one-hot labels made on the device)
+            out = family.train_step(with_one_hot(_to_device(batch, rt.device), num_labels), step)
             step += 1
-            if any(not math.isfinite(v) for v in step_losses.values()):
-                raise JobError(f"{run_dir}: training diverged at step {step} (losses {step_losses}); "
-                               "lower the learning rate or check the data")
-            for k, v in step_losses.items():
-                sums[k] = sums.get(k, 0.0) + v
+            add_losses(sums, out, rt.device)
             count += 1
+            log_now = step % cfg.training.log_every == 0 or step == max_steps
+            # the only device sync of the losses: at a log or a checkpoint (never save a diverged model)
+            means = mean_losses(sums, count) if log_now or step % cfg.training.checkpoint_every == 0 else None
+            busy += time.perf_counter() - mark
+            if means is not None and any(not math.isfinite(v) for v in means.values()):
+                raise JobError(f"{run_dir}: training diverged by step {step} (mean losses of the last {count} "
+                               f"steps {means}); lower the learning rate or check the data")
             # 5b. logs, progress, previews, checkpoints, report (not timed)
-            if step % cfg.training.log_every == 0 or step == max_steps:
-                logged = {k: v / count for k, v in sums.items()}
+            if log_now and means is not None:
+                logged = means
                 rate = count / max(busy, 1e-9)
                 if rt.is_main:
                     _append_jsonl(metrics_path, {

@@ -209,7 +209,7 @@ class GanFamily(FamilyBase):
         return cast(torch.Tensor, net(cond, z[0], z[1:] or None, means))
 
     # -- contract
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         lc, rt = self.loss_cfg, self.rt
         if self.flips:
             batch = flip_batch(batch, rt.generator(step, FLIP_STREAM))
@@ -241,15 +241,15 @@ class GanFamily(FamilyBase):
         g_fm = feature_matching_loss(fake_feats, real_feats)
         g_l1 = F.l1_loss(fake, real)
         loss_g = lc.adversarial_weight * g_adv + lc.feature_matching_weight * g_fm + lc.l1_weight * g_l1
-        logs = {"g_adv": g_adv.item(), "g_fm": g_fm.item(), "g_l1": g_l1.item()}
+        logs = {"g_adv": g_adv.detach(), "g_fm": g_fm.detach(), "g_l1": g_l1.detach()}
         if self.perceptual is not None:
             g_p = self.perceptual(fake, real)
             loss_g = loss_g + lc.perceptual.weight * g_p
-            logs["g_perceptual"] = g_p.item()
+            logs["g_perceptual"] = g_p.detach()
         if h:
             ratio = mode_seeking_ratio(fake_all[n:], fake[:h], z2, [t[:h] for t in z])
             loss_g = loss_g - lc.diversity_weight * torch.clamp(ratio, max=lc.diversity_clamp)
-            logs["g_diversity"] = ratio.item()
+            logs["g_diversity"] = ratio.detach()
         self.clip_and_step("generator", loss_g)
         self.D.requires_grad_(True)
 
@@ -263,8 +263,8 @@ class GanFamily(FamilyBase):
             outs, _ = self.D_train(torch.cat([torch.cat([real, cond], 1), torch.cat([fake.detach(), cond], 1)], 0))
         loss_d = adversarial_d_loss([o[:n] for o in outs], [o[n:] for o in outs], lc.adversarial)
         self.clip_and_step("discriminator", loss_d)
-        logs["d"] = loss_d.item()
-        logs["g_total"] = loss_g.item()
+        logs["d"] = loss_d.detach()
+        logs["g_total"] = loss_g.detach()
         return logs
 
     def _fixed_noise(self, batch: Batch) -> list[torch.Tensor]:

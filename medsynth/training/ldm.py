@@ -301,7 +301,7 @@ class LdmFamily(FamilyBase):
             return label.new_zeros((label.shape[0], self.info.num_channels, *label.shape[2:]))
         return fill_image(label, self.label_means, self.info.fill_sigma)
 
-    def _autoencoder_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def _autoencoder_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         c, rt = self.ae_cfg, self.rt
         real = batch["image"]
         base = self.base(batch["label"])
@@ -317,16 +317,16 @@ class LdmFamily(FamilyBase):
         ssim = ssim_loss(recon, real) if c.ssim_weight > 0 else recon.new_zeros(())
         kl = kl_loss(mu, sigma)
         loss = l1 + c.ssim_weight * ssim + c.kl_weight * kl
-        logs = {"l1": l1.item(), "ssim_loss": ssim.item(), "kl": kl.item()}
+        logs = {"l1": l1.detach(), "ssim_loss": ssim.detach(), "kl": kl.detach()}
         if self.perceptual is not None:
             p = self.perceptual(recon * 2 - 1, real * 2 - 1)
             loss = loss + c.perceptual.weight * p
-            logs["perceptual"] = p.item()
+            logs["perceptual"] = p.detach()
         if adv_on:
             with rt.autocast():
                 g_adv = lsgan_loss(self.discriminator(recon)[-1], real=True)
             loss = loss + c.adv_weight * g_adv
-            logs["g_adv"] = g_adv.item()
+            logs["g_adv"] = g_adv.detach()
         self.clip_and_step("autoencoder", loss)
         self.discriminator.requires_grad_(True)
         # 2. patch discriminator (after the warm-up)
@@ -336,8 +336,8 @@ class LdmFamily(FamilyBase):
             n = real.shape[0]
             d = 0.5 * (lsgan_loss(out[:n], real=True) + lsgan_loss(out[n:], real=False))
             self.clip_and_step("discriminator", c.adv_weight * d)
-            logs["d"] = d.item()
-        logs["loss"] = loss.item()
+            logs["d"] = d.detach()
+        logs["loss"] = loss.detach()
         return logs
 
     @torch.no_grad()
@@ -406,7 +406,7 @@ class LdmFamily(FamilyBase):
         labels = batch.get("class_index") if self.num_classes > 0 else None
         return Condition(mask=batch["label"], class_labels=labels)
 
-    def _diffusion_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def _diffusion_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         rt = self.rt
         # 1. scaled latents of the frozen autoencoder
         z = self.latents(batch["image"], batch["label"], rt.generator(step, _ENCODE))
@@ -431,13 +431,13 @@ class LdmFamily(FamilyBase):
         ema = self.emas.get("unet")
         if ema is not None:
             ema.update_parameters(self.unet)
-        return {"mse": loss.item()}
+        return {"mse": loss.detach()}
 
     # ------------------------------------------------------------------ the contract
     def max_steps(self) -> int:
         return stage_steps(self.config, self.stage)
 
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def train_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         if self.flips:
             batch = flip_batch(batch, self.rt.generator(step, FLIP_STREAM))
         if self.stage == "autoencoder":
