@@ -37,6 +37,14 @@ ideal mask generator plus an ideal image generator would give; fill pairs made f
 ``OUT/oracle/``, makes the fill pairs of the training masks (the control) and of the above masks, and runs
 ``medsynth downstream`` on the four sets (``OUT/oracle/downstream/``).
 
+Unlabelled pool (``build``, 2D): ``OUT/pool`` lists every slice with brain that lies outside the training block
+and at least 6 mm from the held-out block as MSD ``test`` entries (images only; 46 slices), and ``OUT/pool_truth``
+the same slices with their labels, marked synthetic: the ceiling, never read by the product. ``unlabelled OUT``
+fits an anatomy bank (``medsynth anatomy``) on the training slices and the pool, makes the sets of each anatomy
+source (``pseudo``, fill pairs on the propagated masks, fill pairs on bank-warped labelled masks) and runs
+``medsynth downstream`` on them beside the pool's truth; it also prints the propagated masks' Dice against the
+truth (measured, never used to choose anything).
+
 Layout: ``OUT/train/dataset.json``, ``OUT/test/dataset.json`` and (2D) ``OUT/val/dataset.json`` (MSD; the
 held-out cases are listed under ``training`` because they carry labels). Same command, same arrays.
 
@@ -53,6 +61,7 @@ training PSNR).
     python benchmarks/real_anatomy.py fill OUT/train OUT/test
     python benchmarks/real_anatomy.py sample-eval RUN OUT/test [--seeds 0,1,2]
     python benchmarks/real_anatomy.py oracle OUT [--seeds 0,1,2 --steps-seg 300 --num 64]
+    python benchmarks/real_anatomy.py unlabelled OUT [--seeds 0,1,2 --steps-seg 300 --num 64 --no-plain-sets]
     python benchmarks/real_anatomy.py all OUT [--steps-gan 1000 --steps-ldm 1000 --seeds 0,1,2 --num 16]
         [--steps-seg N] [--tier auto|small|tiny] [--until build|train|sample-eval|augment|downstream]
 
