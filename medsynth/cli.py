@@ -256,7 +256,8 @@ def _stage_help() -> str:
 @user_errors
 def train(
     config: Annotated[Path, typer.Argument(help="A recipe: a YAML file, or a shipped name (see `medsynth recipes`).")],
-    out: Annotated[Path, typer.Option("--out", help="Run folder to create (refused if it exists, unless --resume).")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Run folder to create (refused if it exists, unless --resume).")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Dataset manifest (overrides data.manifest).")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Total steps (overrides training.max_steps).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (overrides training.seed).")] = None,
@@ -270,6 +271,12 @@ def train(
     force: Annotated[bool, typer.Option(
         "--force", help="ldm: start the diffusion stage although the autoencoder reconstructs below "
         "model.autoencoder.target_psnr (otherwise training stops there with an error).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=(
+        "Print the recipe's parameters and estimated peak training memory (the memory model) and train "
+        "nothing; exit 1 when it cannot fit --device-memory."))] = False,
+    device_memory: Annotated[str | None, typer.Option("--device-memory", help=(
+        "With --dry-run: the memory to fit, e.g. 80GiB (default: 80GiB, or this machine's for a "
+        "training.device: cpu recipe)."))] = None,
 ) -> None:
     """Train a mask-conditioned generator (the recipe's model.family) on a labelled dataset."""
     check_seed(seed)
@@ -286,6 +293,19 @@ def train(
     from medsynth.recipes import recipe_path
 
     cfg = load_config(recipe_path(config), overrides)
+    if dry_run:
+        from medsynth.data.limits import format_bytes, parse_size
+        from medsynth.training.memory import plan_memory
+
+        limit = None if device_memory is None else parse_size(device_memory, what="--device-memory")
+        estimates, available, what = plan_memory(cfg, limit)
+        for estimate in estimates:
+            typer.echo(estimate.line())
+        typer.echo(f"fits the {format_bytes(available)} of the {what}; dry run: nothing trained")
+        return
+    if out is None:
+        fail("--out: the run folder to create is needed (only --dry-run goes without)")
+        return
     from medsynth.training import run_training
 
     with _plain_warnings():

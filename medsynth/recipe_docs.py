@@ -167,6 +167,26 @@ def _recipe_table() -> list[str]:
     return out
 
 
+def _memory_table() -> list[str]:
+    """Each shipped training recipe's parameters and estimated peak training memory per stage, from the
+    memory model of ``medsynth train --dry-run`` (:func:`medsynth.training.memory.estimate_memory`)."""
+    from medsynth.config import load_config
+    from medsynth.data.limits import format_bytes
+    from medsynth.recipes import list_recipes
+    from medsynth.training.memory import DEFAULT_DEVICE_MEMORY, estimate_memory
+
+    out = ["| recipe | stage | parameters | parameters + optimiser | activations | estimated peak | "
+           f"fits {format_bytes(DEFAULT_DEVICE_MEMORY)} |", "|---|---|---|---|---|---|---|"]
+    for recipe in list_recipes():
+        if recipe.kind != "train":
+            continue
+        for e in estimate_memory(load_config(recipe.path)):
+            out.append(f"| `{recipe.name}` | {e.stage or '-'} | {e.parameters:,} | {format_bytes(e.parameter_bytes)} | "
+                       f"{format_bytes(e.activation_bytes)} | {format_bytes(e.peak_bytes)} | "
+                       f"{'yes' if e.peak_bytes <= DEFAULT_DEVICE_MEMORY else 'no'} |")
+    return out
+
+
 def _choice_table() -> list[str]:
     """Which recipe for which data and machine, naming the shipped recipes of each row."""
     from medsynth.config import load_config
@@ -228,6 +248,7 @@ def recipe_reference() -> str:
     """The text of ``docs/recipes.md``."""
     from medsynth.config import Config, DataConfig, OptimizerConfig, TrainingConfig
     from medsynth.training.engine import RESUME_MUTABLE
+    from medsynth.training.memory import ASSUMED_CHANNELS, ASSUMED_LABELS
 
     lines = [
         "# Recipe reference",
@@ -259,6 +280,16 @@ def recipe_reference() -> str:
         "The shipped training recipes (steps: per stage for `ldm`):",
         "",
         *_recipe_table(),
+        "",
+        "Estimated training memory per stage (`medsynth train RECIPE --dry-run` prints the same): the memory",
+        "model counts the trained parameters (16 bytes each: weight, gradient, two Adam moments; 4 more for an EMA",
+        "copy) and runs one training step on the meta device (shapes only, nothing allocated), summing the tensors",
+        "autograd saves for the backward pass between optimiser steps (float32, attention matrices included).",
+        f"It assumes {ASSUMED_LABELS} labels and {ASSUMED_CHANNELS} image channel (`--dry-run` reads both from the "
+        "manifest when one is given); bf16 autocast on a GPU roughly halves the activations. The `ldm` diffusion",
+        "stage needs the trained autoencoder and is not estimated.",
+        "",
+        *_memory_table(),
         "",
         _GUIDE.format(mutable=", ".join(f"`{k}`" for k in sorted(RESUME_MUTABLE))).rstrip(),
         "",
