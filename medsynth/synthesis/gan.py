@@ -61,7 +61,8 @@ class GanBackend:
         the work done after each generator block (weighted by its voxels x channels). A volume of
         more than ``tiling.max_voxels`` voxels is generated in blended tiles with the whole volume's
         norm statistics (:mod:`medsynth.synthesis.tiling`). appearance:
-        ``(C, L)`` label means in [0, 1] units the fill paints for every item (None: the pooled ones)."""
+        ``(C, L)`` label means in [0, 1] units the fill paints for every item, or ``(N, C, L)`` one per
+        item (None: the pooled ones)."""
         from medsynth.data.loader import one_hot
         from medsynth.models.gan import condition_map
 
