@@ -14,8 +14,7 @@ that depth, so MedicalNet's published 3D weights, saved as safetensors, load unc
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from medsynth.errors import CheckpointError, DataError
+from medsynth.safe_weights import load_weights_into, load_weights_only
 
 __all__ = [
     "FID_NETWORKS",
@@ -111,13 +111,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        with warnings.catch_warnings():  # torch warns before it refuses a TorchScript archive
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for a refused or broken file
-        raise CheckpointError(f"{path}: cannot be loaded as plain weights ({type(exc).__name__}; only tensors "
-                              "are read, with torch.load(weights_only=True))") from None
+    obj = load_weights_only(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -126,28 +120,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: key {key!r} holds a {type(value).__name__}, not a tensor")
     return obj
-
-
-def load_weights_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> torch.nn.Module:
-    """``module`` with ``state`` loaded; CheckpointError naming ``path`` and the first missing,
-    unexpected or misshapen key. A ``module.`` prefix on every key (a DataParallel save) is dropped."""
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    want = module.state_dict()
-    missing = [k for k in want if k not in state]
-    extra = [k for k in state if k not in want]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{path}: key {missing[0]!r} is missing{more}; the file does not hold this network")
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise CheckpointError(f"{path}: key {extra[0]!r} is unexpected{more}; the file does not hold this network")
-    for key, tensor in want.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{path}: key {key!r} has shape {tuple(state[key].shape)}, the network expects "
-                                  f"{tuple(tensor.shape)}")
-    module.load_state_dict(dict(state), strict=True)
-    return module
 
 
 def _network_name(path: Path, name: str | None) -> str:
