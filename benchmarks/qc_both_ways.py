@@ -9,7 +9,10 @@ the texture depth from the fill's partial-volume width fitted on the training ca
 - MNI (needs nilearn): ``python benchmarks/real_anatomy.py build OUT --dim 2``; OUT/test and OUT/val as
   held-out, OUT/train as reference.
 
-    python benchmarks/qc_both_ways.py [--mni OUT]
+- 3D: 10 training 3D phantoms (32^3), 100 held-out (the same bright lesions); the MNI 3D split (2 training,
+  2 held-out blocks): ``real_anatomy.py build OUT3D --dim 3``.
+
+    python benchmarks/qc_both_ways.py [--mni OUT] [--mni3d OUT3D]
 
 Prints one JSON line per data set.
 """
@@ -50,10 +53,10 @@ def rates(train: list[tuple[np.ndarray, np.ndarray]], test: list[tuple[np.ndarra
             "fill_max_texture_ratio": max(r.texture_ratio[0] or 0.0 for r in fills)}
 
 
-def phantoms(seed: int, cases: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def phantoms(seed: int, cases: int, dim: int = 2, size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
     out = []
     for k in range(cases):
-        p = make_phantom(2, 64, case_rng(seed, k))
+        p = make_phantom(dim, size, case_rng(seed, k))
         bright = bool((p.label == 6).any()) and k % 3 == 0
         out.append((np.where(p.label == 6, p.image * 2.8, p.image) if bright else p.image.astype(np.float64),
                     p.label.astype(np.int64)))
@@ -63,9 +66,18 @@ def phantoms(seed: int, cases: int) -> list[tuple[np.ndarray, np.ndarray]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mni", type=Path, help="the output folder of real_anatomy.py build --dim 2")
+    parser.add_argument("--mni3d", type=Path, help="the output folder of real_anatomy.py build --dim 3")
     args = parser.parse_args()
     print(json.dumps({"what": "qc_both_ways", "data": "phantoms 2D 64^2", **rates(phantoms(0, 20), phantoms(1, 200),
                                                                                list(range(7)))}))
+    print(json.dumps({"what": "qc_both_ways", "data": "phantoms 3D 32^3",
+                      **rates(phantoms(0, 10, 3, 32), phantoms(1, 100, 3, 32), list(range(7)))}))
+    if args.mni3d is not None:
+        import real_anatomy as ra
+
+        train = [(c.image, c.label) for c in ra.read_cases(args.mni3d / "train")]
+        test = [(c.image, c.label) for c in ra.read_cases(args.mni3d / "test")]
+        print(json.dumps({"what": "qc_both_ways", "data": "MNI152 2 mm 3D blocks", **rates(train, test, sorted(ra.LABELS))}))
     if args.mni is not None:
         import real_anatomy as ra
 

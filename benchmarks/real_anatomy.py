@@ -343,6 +343,7 @@ class Case:
     image: np.ndarray  # template units, float64
     label: np.ndarray  # int
     label_path: Path
+    affine: np.ndarray  # (4, 4) voxel -> RAS mm of the label file
 
 
 def read_cases(path: Path) -> list[Case]:
@@ -358,8 +359,8 @@ def read_cases(path: Path) -> list[Case]:
         if c.label is None:
             continue
         image = read_volume(c.images[0], kind="image").array.astype(np.float64)
-        label = read_volume(c.label, kind="label").array.astype(np.int64)
-        out.append(Case(c.case_id, image, label, Path(c.label)))
+        lab = read_volume(c.label, kind="label")
+        out.append(Case(c.case_id, image, lab.array.astype(np.int64), Path(c.label), np.asarray(lab.affine)))
     if not out:
         raise SystemExit(f"error: {path}: no labelled cases")
     return out
@@ -489,6 +490,73 @@ def sample_eval(run: Path, test_path: Path, train_path: Path, seeds: list[int], 
         label_mean_spread_samples_seeds_real=label_spread,
         seconds_per_sample=round(seconds / len(fakes), 2),
     ))
+    return rows
+
+
+# ---------------------------------------------------------------------------- variety frontier
+
+AMPLITUDES = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]  # texture-transfer samplers: residual amplitude
+
+
+def variety(data: Path, *, dim: int = 2) -> list[dict[str, Any]]:
+    """How much a sampler can vary at a fixed mask on this data and still match the held-out image.
+
+    Two families of ideal samplers, scored like ``sample-eval`` on every held-out mask (SSIM / PSNR to the
+    real slice; between-sample SSIM over pairs of draws for the same mask):
+
+    - *texture transfer*: the blurred label-mean fill of the mask plus ``a`` times the residual of one
+      training case (its real image minus its own blurred fill: the part of a real image its mask does not
+      predict, real texture at real amplitude when ``a = 1``); a draw picks the training case, ``a`` sweeps
+      :data:`AMPLITUDES`.
+    - *registered real*: each training image warped onto the held-out mask (diffeomorphic demons between the
+      two label maps read as images: the mask decides the anatomy, the held-out image is never read): a real
+      appearance of this anatomy, what a perfect generator's draw would look like.
+    """
+    from medsynth.registration import RegistrationError, RegistrationSettings, register, warp_image
+
+    train, test = read_cases(data / "train"), read_cases(data / "test")
+    scale = fit_scale(train)
+    fit = {s: _mean_scores([score(c.image, fill_image(c.label, scale, s), scale) for c in train])[1] for s in SIGMAS}
+    sigma = max(SIGMAS, key=lambda s: fit[s])
+    residuals = [c.image - fill_image(c.label, scale, sigma) for c in train]
+    rows: list[dict[str, Any]] = []
+
+    def summarise(name: str, draws: dict[str, list[np.ndarray]], **extra: Any) -> None:
+        to_real = [score(c.image, d, scale) for c in test for d in draws[c.case_id]]
+        between = [score(a, b, scale)[0] for c in test for a, b in itertools.combinations(draws[c.case_id], 2)]
+        row = dict(what="variety", sampler=name, **extra, ssim=round(float(np.mean([t[0] for t in to_real])), 4),
+                   psnr=round(float(np.mean([t[1] for t in to_real])), 2),
+                   between_ssim=round(float(np.mean(between)), 4) if between else None,
+                   draws_per_mask=len(draws[test[0].case_id]), masks=len(test))
+        emit(**row)
+        rows.append(row)
+
+    def crop(r: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.zeros(shape)
+        region = tuple(slice(0, min(a, b)) for a, b in zip(r.shape, shape))
+        out[region] = r[region]
+        return out
+
+    for a in AMPLITUDES:
+        draws = {c.case_id: [fill_image(c.label, scale, sigma) + a * crop(r, c.image.shape) for r in residuals]
+                 for c in test}
+        summarise("texture transfer", draws, amplitude=a, sigma_vox=sigma)
+
+    settings = RegistrationSettings(transform="deformable", deformable="demons", metric="mse")
+    draws = {}
+    t0 = time.perf_counter()
+    try:
+        for c in test:
+            draws[c.case_id] = []
+            for t in train:
+                reg = register(c.label.astype(np.float32), c.affine, t.label.astype(np.float32), t.affine, settings)
+                draws[c.case_id].append(warp_image(t.image, t.affine, reg))
+    except RegistrationError as err:  # e.g. the 3D split: training and held-out blocks hold different anatomy
+        row = dict(what="variety", sampler="registered real", skipped=str(err))
+        emit(**row)
+        rows.append(row)
+        return rows
+    summarise("registered real", draws, seconds=round(time.perf_counter() - t0, 1))
     return rows
 
 
@@ -776,6 +844,8 @@ def main() -> None:
     u.add_argument("--no-plain-sets", dest="plain_sets", action="store_false",
                    help="downstream trains only real+SET+classic per set")
     u.add_argument("--overwrite", action="store_true")
+    v = sub.add_parser("variety", help="ideal samplers' SSIM to the held-out image against their between-draw SSIM")
+    v.add_argument("data", type=Path, help="OUT of `build` (train/ and test/)")
     a = sub.add_parser("all", help="end to end on the 2D set: build, train, sample-eval, augment, downstream")
     a.add_argument("out", type=Path)
     a.add_argument("--steps-gan", type=int, default=1000)
@@ -805,6 +875,8 @@ def main() -> None:
     elif args.cmd == "unlabelled":
         unlabelled(args.out, seeds=args.seeds, steps_seg=args.steps_seg, num=args.num, overwrite=args.overwrite,
                    deformable=args.deformable, plain_sets=args.plain_sets)
+    elif args.cmd == "variety":
+        variety(args.data)
     elif args.cmd == "oracle":
         oracle(args.out, seeds=args.seeds, steps_seg=args.steps_seg, num=args.num, overwrite=args.overwrite)
     else:

@@ -181,6 +181,25 @@ def test_texture_and_contrast_follow_the_training_cases() -> None:
     assert any(r.startswith("labels 4/6: contrast") for r in check_label_agreement(img, lab, agreed).reasons)
 
 
+def test_a_sign_seen_in_a_few_cases_is_a_rule_only_when_its_size_is_consistent() -> None:
+    """Three training cases of three with a brighter lesion, by 47 to 1056 (the 3D phantom split): chance,
+    not a rule (t = 2.10 against the one-sided 99.5 % point 9.92 for 2 degrees of freedom), so a darker lesion
+    passes; three of three by 50, 55 and 52 (t = 36.0) is a rule, and the darker lesion fails."""
+    means = np.array([[0.0, 10, 20, 30, 40, 50, 60]])
+    lab = np.zeros((40, 40), np.int64)
+    lab[5:35, 5:35] = 4
+    lab[15:25, 15:25] = 6
+    img = np.where(lab == 4, 40.0, np.where(lab == 6, 20.0, 0.0))  # a lesion darker than white matter
+    for wm_to_lesion, is_rule in (([1056.0, 47.0, 823.0], False), ([50.0, 55.0, 52.0], True)):
+        case_means = np.repeat(means[None], 3, axis=0)
+        case_means[:, 0, 6] = 40.0 + np.array(wm_to_lesion)
+        ref = LabelIntensityStats((0, 1, 2, 3, 4, 5, 6), means, np.full((1, 7), 5.0), case_means, None)
+        reasons = check_label_agreement(img, lab, ref, QcSettings(range_margin=100.0)).reasons
+        assert any(r.startswith("labels 4/6: contrast") for r in reasons) == is_rule, reasons
+    d = np.array([1056.0, 47.0, 823.0])
+    assert np.mean(d) / (np.std(d, ddof=1) / np.sqrt(3)) == pytest.approx(2.10, abs=0.01)
+
+
 def test_the_run_records_per_case_statistics_and_old_cards_still_load(tmp_path: Path) -> None:
     """build_training_data stores each case's label means in [0, 1] units (recomputed here from the
     files), fits the MRI percentiles on the foreground (label > 0), and a run card written before
