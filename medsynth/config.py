@@ -356,6 +356,24 @@ class LdmAutoencoderConfig(StrictModel):
         return self
 
 
+class LatentCacheConfig(StrictModel):
+    """Stage 2's cached latents: each training crop is encoded once by the frozen autoencoder and its
+    posterior (mean and standard deviation) kept, so later steps on that crop skip the encoder."""
+
+    store: Literal["off", "auto", "memory", "disk"] = Field(default="off", description=(
+        "`off`: every step draws fresh crops (and flips) and encodes them (full online augmentation). "
+        "`memory`, `disk` (RUN/latents/), or `auto` (memory when the cache fits memory_gib, else disk): stage 2 "
+        "trains on a fixed pool of crops_per_case crops per case, each flipped once at random when model.flips "
+        "is on, and encodes each crop the first time it is drawn. The cache is keyed by the autoencoder's "
+        "weights, the data and the pool's settings, so a changed autoencoder or dataset never reuses it."))
+    crops_per_case: int = Field(default=16, ge=1, le=4096, description=(
+        "Crops (2D: slices or crops of slices) per training case in the pool; more: more variety, a larger "
+        "cache and a longer first pass over it."))
+    memory_gib: float = Field(default=2.0, gt=0, description=(
+        "The most host memory the cache may hold per process, GiB (mean and standard deviation per crop, "
+        "float32); `memory` refuses a pool larger than this, `auto` puts it on disk."))
+
+
 class LdmDiffusionConfig(StrictModel):
     """Stage 2: MONAI diffusion UNet on scaled latents, conditioned on the one-hot label map (and on
     the class through MONAI's class embedding when data.class_key gives more than one class). The UNet's
@@ -407,6 +425,8 @@ class LdmDiffusionConfig(StrictModel):
         "conditioning spade: hidden channels of the SPADE modulation."))
     controlnet_channels: int = Field(default=16, gt=0, le=MAX_CHANNELS, description=(
         "conditioning controlnet: channels of the ControlNet's first mask-embedding level."))
+    latent_cache: LatentCacheConfig = Field(default_factory=LatentCacheConfig, description=(
+        "Cached latents: encode each training crop once instead of every step (see its fields)."))
 
     def head_channels(self) -> list[int]:
         """Channels per attention head at each level (an int applies to all, capped at the level's width)."""

@@ -39,6 +39,8 @@ class Stream(IntEnum):
     SEGMENTER_INIT = 19
     #: synthesizer: the label means drawn for one ``generate`` call of a per-case-fill run -> (seed, APPEARANCE)
     APPEARANCE = 23
+    #: LDM family: the flips of pool crop p of the cached-latent pool -> (seed, LATENT_POOL, p)
+    LATENT_POOL = 29
 
 
 class CaseTag(IntEnum):

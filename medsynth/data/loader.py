@@ -38,6 +38,9 @@ _UNIT_SLAB = 1 << 20
 #: large volume does not give mostly-background patches; foreground coordinates kept per case
 FOREGROUND_CROPS = 2 / 3
 FOREGROUND_VOXELS = 4096
+#: the sample ``index`` of pool crop 0 (:meth:`TrainingData.pool_item`); training indices stay below it and
+#: the fixed batch uses 2**62 on
+POOL_BASE = 2**61
 
 
 @dataclass
@@ -324,7 +327,11 @@ class TrainingData:
         self.cases = cases
         self.info = info
         self.seed = seed
+        #: None: every sample index draws a fresh crop. k: samples come from a fixed pool of k crops per
+        #: case (:meth:`pool_item`; a family's ``crop_pool``, e.g. the LDM's cached latents)
+        self.pool_per_case: int | None = None
         self._perm_cache: dict[int, np.ndarray] = {}
+        self._pool_perm: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -345,8 +352,27 @@ class TrainingData:
             self._perm_cache = {epoch: perm}  # one epoch at a time is enough
         return int(perm[pos])
 
+    @property
+    def pool_size(self) -> int:
+        """Crops in the pool (0 without one)."""
+        return 0 if self.pool_per_case is None else len(self.cases) * self.pool_per_case
+
+    def pool_item(self, g: int) -> int:
+        """The pool crop of sample ``g``: every pool crop once per epoch of ``pool_size`` samples, in a
+        seeded order. Crop p is case ``p // pool_per_case``'s crop drawn with stream ``POOL_BASE + p``."""
+        epoch, pos = divmod(g, self.pool_size)
+        perm = self._pool_perm.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, 4, epoch]).permutation(self.pool_size)
+            self._pool_perm = {epoch: perm}
+        return int(perm[pos])
+
     def sample(self, g: int) -> dict[str, Any]:
-        """Training sample ``g`` (a global index)."""
+        """Training sample ``g`` (a global index). With a pool, pool crop ``p = pool_item(g)``, whose
+        ``index`` is ``POOL_BASE + p`` (the same for every draw of that crop)."""
+        if self.pool_per_case is not None:
+            p = self.pool_item(g)
+            return self.draw(p // self.pool_per_case, POOL_BASE + p)
         return self.draw(self.case_for(g), g)
 
     def draw(self, case_idx: int, g: int) -> dict[str, Any]:

@@ -38,6 +38,10 @@ importing the engine imports no family) under the value of ``config.model.family
         Named image rows for the preview grid, each (N, C, *spatial) in [0, 1] (e.g. ``real``,
         ``generated``); the engine adds the mask row (with a label legend) and writes
         ``RUN/previews/step_XXXXXXXX.png``.
+    family.crop_pool() -> int | None                         (optional; default None)
+        None: every sample is a fresh crop. An int k: training samples come from a fixed pool of k
+        crops per case (:meth:`medsynth.data.loader.TrainingData.pool_item`); a sample's ``index`` is
+        then the same each time its crop is drawn (the LDM's cached latents use it as the key).
     family.preview_multiple() -> int | None                 (optional; default None)
         None: the preview batch is the fixed batch of training crops. An int m: the family's
         ``preview`` generates at the batch's own size, and the preview batch holds whole slices of a
@@ -323,6 +327,10 @@ class FamilyBase:
         """The EMA copy's module when there is one, else the raw module."""
         ema = self.emas.get(name)
         return ema.module if ema is not None else self.modules[name]
+
+    def crop_pool(self) -> int | None:
+        """None (the default): fresh crops every step. k: a fixed pool of k crops per case."""
+        return None
 
     def preview_multiple(self) -> int | None:
         """None (the default): previews show the fixed batch of training crops. A family whose
@@ -804,6 +812,7 @@ def _train(rt: Runtime, manifest: Manifest, inputs: dict[str, Any] | None, *, re
         torch.manual_seed(cfg.training.seed)
         family = family_cls(cfg, data.info, rt)
     max_steps = family.max_steps()
+    data.pool_per_case = family.crop_pool()
 
     # 3. resume: newest valid checkpoint -> family state, RNG states, step
     ckpt_dir = checkpoint_dir(run_dir, stage)

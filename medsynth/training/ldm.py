@@ -20,7 +20,10 @@ Stage ``autoencoder`` (MONAI AutoencoderKL + PatchDiscriminator), images in [0, 
 
 Stage ``diffusion`` (the autoencoder frozen, read from the newest autoencoder checkpoint):
   1. latents ``z0 = scale * (mu + sigma * eps)``; ``scale = 1 / std`` of the first stage-2 batch's
-     latents (over all ranks), kept in the checkpoints, the model card and the weights file;
+     latents (over all ranks), kept in the checkpoints, the model card and the weights file. With
+     ``model.diffusion.latent_cache`` the stage trains on a fixed pool of crops and each crop's
+     ``(mu, sigma)`` is encoded once (:mod:`medsynth.training.latent_cache`); ``model.flips`` then
+     flips each pool crop once, and ``store: off`` keeps fresh crops and flips every step;
   2. condition dropout (zero mask, null class) with probability ``cond_dropout`` for guidance;
   3. noise and timestep from the run's generators, ``z_t = process.add_noise(z0, noise, t)``;
      MSE of the UNet's prediction to the process's target; Adam step; EMA update.
@@ -50,15 +53,17 @@ import torch
 import torch.nn.functional as F
 
 from medsynth.config import Config, LdmAutoencoderConfig, LdmDiffusionConfig, LdmModelConfig
+from medsynth.data.loader import POOL_BASE
 from medsynth.diffusion import Condition, Denoiser, NoiseProcess, make_process, sample_latents, size_multiple, use_flash
 from medsynth.errors import CheckpointError, ConfigError, JobError
-from medsynth.models.autoencoder import build_autoencoder, build_discriminator, downsample_factor, encode
+from medsynth.models.autoencoder import build_autoencoder, build_discriminator, downsample_factor, encode, randn_like
 from medsynth.models.conditioning import fill_image
 from medsynth.models.diffusion import MaskConditionedUNet
 from medsynth.registry import get_family
 from medsynth.runcard import WEIGHTS_FILE
 from medsynth.seeds import Stream, derive_seed
 from medsynth.training.engine import FLIP_STREAM, Batch, FamilyBase, Runtime, TrainResult, checkpoint_dir, flip_batch
+from medsynth.training.latent_cache import CACHE_DIR, LatentCache, cache_fingerprint, plan_store
 from medsynth.training.report import read_metrics, write_report
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -238,6 +243,7 @@ class LdmFamily(FamilyBase):
         flash = use_flash(m, dev)
         self.autoencoder = build_autoencoder(self.ae_cfg, spatial_dims=info.dim, in_channels=info.num_channels,
                                              use_flash_attention=flash, zero_output=m.fill == "residual").to(dev)
+        self.cache: LatentCache | None = None
         if self.stage == "autoencoder":
             self._init_autoencoder_stage(info)
         else:
@@ -292,6 +298,22 @@ class LdmFamily(FamilyBase):
         self.base_numel = base
         self.process = make_process(self.df_cfg, info.dim, base)
         self.scale_factor: float | None = None
+        self.cache = self._open_cache()
+
+    def _open_cache(self) -> LatentCache | None:
+        """The stage-2 latent cache of ``model.diffusion.latent_cache`` (None when ``store: off``): one row
+        per pool crop, keyed by the autoencoder's digest, the training data and the pool's settings."""
+        lc = self.df_cfg.latent_cache
+        if lc.store == "off":
+            return None
+        row = (2, self.ae_cfg.latent_channels, *self.latent_size)
+        plan = plan_store(lc, self.info.num_cases * lc.crops_per_case, row)
+        data = {k: v for k, v in self.config.data.model_dump(mode="json").items() if k != "manifest"}
+        fp = cache_fingerprint(autoencoder=self.ae_digest, data=self.info.fingerprint, info=self.info.to_dict(),
+                               data_config=data, seed=self.rt.seed, crops_per_case=lc.crops_per_case,
+                               flips=self.flips, fill=self.fill_mode, row=row)
+        folder = self.rt.run_dir / CACHE_DIR / f"rank{self.rt.rank}"
+        return LatentCache(plan, fingerprint=fp, folder=folder if plan.store == "disk" else None)
 
     # ------------------------------------------------------------------ stage 1
     def base(self, label: torch.Tensor) -> torch.Tensor:
@@ -406,10 +428,38 @@ class LdmFamily(FamilyBase):
         labels = batch.get("class_index") if self.num_classes > 0 else None
         return Condition(mask=batch["label"], class_labels=labels)
 
+    @torch.no_grad()
+    def training_latents(self, batch: Batch, step: int) -> torch.Tensor:
+        """Unscaled latents of a training batch with the noise of ``step``: :meth:`latents`, or with the
+        cache, ``mu + sigma * eps`` from the cached posterior of each pool crop (``batch["index"]``),
+        encoding (and storing) only the crops not cached yet. Both give the same latents."""
+        generator = self.rt.generator(step, _ENCODE)
+        if self.cache is None:
+            return self.latents(batch["image"], batch["label"], generator)
+        keys = (batch["index"] - POOL_BASE).cpu()
+        miss = self.cache.missing(keys)
+        if bool(miss.any()):
+            new = miss.to(batch["image"].device)
+            with self.rt.autocast():
+                mu, sigma = self.autoencoder.encode(batch["image"][new] - self.base(batch["label"][new]))
+            self.cache.put(keys[miss], torch.stack([mu.float(), sigma.float()], 1).cpu())
+        rows = self.cache.get(keys).to(self.rt.device, non_blocking=True)
+        mu, sigma = rows[:, 0], rows[:, 1]
+        return mu + randn_like(mu, generator) * sigma
+
+    def _pool_flips(self, batch: Batch) -> Batch:
+        """``model.flips`` with the cache: each pool crop's flips drawn once, from its own stream (a cached
+        row is the encoding of one flipped crop)."""
+        keys = (batch["index"] - POOL_BASE).cpu().tolist()
+        parts = [flip_batch({k: batch[k][i:i + 1] for k in ("image", "label", "label_index")},
+                            torch.Generator().manual_seed(derive_seed(self.rt.seed, Stream.LATENT_POOL, int(p))))
+                 for i, p in enumerate(keys)]
+        return {**batch, **{k: torch.cat([part[k] for part in parts]) for k in ("image", "label", "label_index")}}
+
     def _diffusion_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         rt = self.rt
-        # 1. scaled latents of the frozen autoencoder
-        z = self.latents(batch["image"], batch["label"], rt.generator(step, _ENCODE))
+        # 1. scaled latents of the frozen autoencoder (cached per pool crop with model.diffusion.latent_cache)
+        z = self.training_latents(batch, step)
         scale = self.scale_factor if self.scale_factor is not None else self._set_scale(z)
         z0 = z * scale
         n = z0.shape[0]
@@ -437,8 +487,16 @@ class LdmFamily(FamilyBase):
     def max_steps(self) -> int:
         return stage_steps(self.config, self.stage)
 
+    def crop_pool(self) -> int | None:
+        """Stage 2 with a latent cache: ``crops_per_case`` pool crops per case; else fresh crops."""
+        if self.stage != "diffusion" or self.cache is None:
+            return None
+        return self.df_cfg.latent_cache.crops_per_case
+
     def train_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        if self.flips:
+        if self.flips and self.stage == "diffusion" and self.cache is not None:
+            batch = self._pool_flips(batch)
+        elif self.flips:
             batch = flip_batch(batch, self.rt.generator(step, FLIP_STREAM))
         if self.stage == "autoencoder":
             return self._autoencoder_step(batch, step)
@@ -565,6 +623,9 @@ class LdmFamily(FamilyBase):
             "autoencoder_step": self.ae_step,
             "autoencoder_digest": self.ae_digest,
         })
+        if self.cache is not None:
+            facts["latent_cache"] = {"store": self.cache.plan.store, "crops": self.cache.plan.items,
+                                     "encoded": self.cache.filled}
         tensors = {f"autoencoder.{k}": v for k, v in self.autoencoder.state_dict().items()}
         tensors.update({f"unet.{k}": v for k, v in self.inference_module("unet").state_dict().items()})
         save_weights(Path(run_dir) / WEIGHTS_FILE, tensors,
