@@ -346,7 +346,8 @@ def _check_mask_size(mask: Path, shape: tuple[int, ...], synth: Any) -> None:
 @app.command()
 @user_errors
 def sample(
-    run: Annotated[Path, typer.Argument(help="A trained run folder (holds model_card.json).")],
+    run: Annotated[Path, typer.Argument(help="A trained run folder (holds model_card.json), or a downloaded MAISI CT "
+                                        "bundle folder (configs/, models/; needs --labels; docs/maisi.md).")],
     mask: Annotated[Path, typer.Option("--mask", help="Label map (NIfTI) to generate an image for.")],
     out: Annotated[Path, typer.Option("--out", help="Output image (.nii.gz), written with the mask's on-disk shape, "
                                       "affine and header (codes, units, description).")],
@@ -358,8 +359,10 @@ def sample(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress (slices or chunks generated, ETA) on stderr.")] = True,
+    labels: Annotated[Path | None, typer.Option("--labels", help="With a bundle: the YAML mapping of the mask's "
+                                                "labels to the bundle's (`medsynth bundle-labels` writes one).")] = None,
 ) -> None:
-    """Generate one image for a label map from a trained run."""
+    """Generate one image for a label map from a trained run (or a MAISI CT bundle: an image in HU)."""
     check_seed(seed)
     if sampler is not None and sampler not in ("ddpm", "ddim", "rflow"):
         fail(f"--sampler {sampler!r}: expected ddpm, ddim or rflow")
@@ -379,6 +382,18 @@ def sample(
         fail(f"--out {out}: the image is written as NIfTI; name it .nii.gz or .nii")
     if out.exists() and not overwrite:
         fail(f"{out}: exists; pass --overwrite to replace it")
+    from medsynth.bundles import is_bundle
+
+    if labels is not None or is_bundle(run):
+        if sampler not in (None, "rflow", "ddpm") or guidance is not None or class_value is not None:
+            fail("a bundle samples with its own scheduler: --sampler, --guidance and --class do not apply")
+        from medsynth.bundles.sampler import sample_file
+
+        with _plain_warnings():
+            source, hu = sample_file(run, labels, mask, seed=seed, steps=steps, device=device)
+        write_volume(out, hu.array, source.affine, kind="image", like=source)
+        typer.echo(f"wrote {out} (shape {tuple(hu.array.shape)}, HU, seed {seed})")
+        return
     from medsynth.synthesis.synthesizer import Synthesizer
 
     with _plain_warnings():
@@ -404,6 +419,20 @@ def sample(
     for c, name in enumerate(names):
         write_volume(name, image.array[c], label.affine, kind="image", like=label)
     typer.echo(f"wrote {len(names)} channels {names[0]} ... {names[-1]} (shape {tuple(image.array.shape[1:])}, seed {seed})")
+
+@app.command("bundle-labels")
+@user_errors
+def bundle_labels(
+    bundle: Annotated[Path, typer.Argument(help="A downloaded MAISI CT bundle folder (configs/label_dict.json).")],
+    data: Annotated[Path, typer.Option("--data", help="The dataset whose label names to map (MSD JSON or nnU-Net raw folder).")],
+    out: Annotated[Path, typer.Option("--out", help="The mapping YAML to write (check every line before use).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing mapping file.")] = False,
+) -> None:
+    """Write a first mapping of a dataset's labels onto a MAISI bundle's vocabulary, by name similarity."""
+    from medsynth.bundles.sampler import write_mapping_file
+
+    path = write_mapping_file(bundle, data, out, overwrite=overwrite)
+    typer.echo(f"wrote {path}: check every line (names were matched by spelling), then pass it as --labels")
 
 # ------------------------------------------------------------------------------------ augment
 

@@ -83,6 +83,18 @@ class WorkGrid:
         sign = -1.0 if self.flip[b] else 1.0
         return (na - 1) / 2 + sign * j * self.spacing[b] / self.mask_spacing[a]
 
+    def affine(self, mask_affine: np.ndarray) -> np.ndarray:
+        """The work grid's voxel (RAS order) -> RAS mm affine, given the mask's."""
+        m = np.eye(4)
+        m[:3, :] = 0.0
+        for b in range(3):
+            a = self.order[b]
+            sign = -1.0 if self.flip[b] else 1.0
+            m[a, b] = sign * self.spacing[b] / self.mask_spacing[a]
+            m[a, 3] = (self.mask_shape[a] - 1) / 2 - sign * (self.shape[b] - 1) / 2 * self.spacing[b] / self.mask_spacing[a]
+        m[3, 3] = 1.0
+        return np.asarray(mask_affine, np.float64) @ m
+
     def to_work(self, labels: np.ndarray) -> np.ndarray:
         """``labels`` (mask voxel order) on the work grid (RAS order), nearest neighbour; 0 outside."""
         idx = [np.rint(self._mask_index(b)).astype(np.int64) for b in range(3)]

@@ -15,14 +15,15 @@ of the bundle's ``scripts/sample.py``, on MONAI 1.6's classes):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medsynth.bundles.geometry import MAISI_LIMITS, FitLimits, WorkGrid, fit_grid
+from medsynth.bundles import geometry
+from medsynth.bundles.geometry import FitLimits, WorkGrid, fit_grid
 from medsynth.bundles.labels import LabelMapping, add_body, apply_mapping, read_mapping
 from medsynth.bundles.networks import MaisiNetworks, build, load_networks
 from medsynth.bundles.reader import Bundle, read_bundle
@@ -61,12 +62,12 @@ class BundleSampler:
     bundle: Bundle
     networks: MaisiNetworks
     mapping: LabelMapping
-    limits: FitLimits = MAISI_LIMITS
+    limits: FitLimits = field(default_factory=lambda: geometry.MAISI_LIMITS)
     dataset_names: dict[int, str] | None = None
 
     @classmethod
     def from_bundle(cls, root: str | Path, mapping: str | Path, *, device: str = "auto",
-                    limits: FitLimits = MAISI_LIMITS) -> BundleSampler:
+                    limits: FitLimits | None = None) -> BundleSampler:
         """Read the bundle at ``root`` and the mapping file, load the weights on ``device`` (auto, cpu, cuda)."""
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected auto, cpu or cuda, got {device!r}")
@@ -76,6 +77,7 @@ class BundleSampler:
             raise ConfigError("device: cuda was asked for but no CUDA device is available")
         bundle = read_bundle(root)
         label_map = read_mapping(mapping, bundle)
+        limits = limits or geometry.MAISI_LIMITS  # read at call time: the published limits
         limits.check(downsample_factor(bundle))
         return cls(bundle, load_networks(bundle, torch.device(device)), label_map, limits)
 
@@ -158,3 +160,35 @@ class BundleSampler:
         hu = unit * (HU_RANGE[1] - HU_RANGE[0]) + HU_RANGE[0]
         hu[lab[0, 0] == 0] = HU_RANGE[0]
         return hu.cpu().numpy().astype(np.float32)
+
+
+def sample_file(bundle: str | Path, mapping: str | Path | None, mask: str | Path, *, seed: int = 0,
+                steps: int | None = None, device: str = "auto") -> tuple[Volume, Volume]:
+    """``medsynth sample BUNDLE --labels MAPPING --mask MASK``: (the mask as read, the image in HU on its grid)."""
+    from medsynth.data.nifti import read_volume
+
+    if mapping is None:
+        raise ConfigError(f"{bundle}: a bundle needs --labels MAPPING (the dataset's labels -> the bundle's names; "
+                          "`medsynth bundle-labels BUNDLE --data DATASET --out MAPPING` writes a first one)")
+    sampler = BundleSampler.from_bundle(bundle, mapping, device=device)
+    label = read_volume(mask, kind="label")
+    return label, sampler.generate(label, seed, steps=steps)
+
+
+def write_mapping_file(bundle: str | Path, dataset: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """``medsynth bundle-labels``: a first mapping of ``dataset``'s label names onto the bundle's, written to ``out``."""
+    from medsynth.bundles.labels import mapping_text, suggest_mapping
+    from medsynth.data.atomic import atomic_write_text
+    from medsynth.data.manifest import read_manifest
+    from medsynth.errors import DataError, JobError
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise JobError(f"{out}: exists; pass --overwrite to replace it")
+    read = read_bundle(bundle)
+    manifest = read_manifest(dataset)
+    if not manifest.labels:
+        raise DataError(f"{dataset}: the manifest names no labels (a CSV manifest cannot); write the mapping by hand")
+    text = mapping_text(suggest_mapping(dict(manifest.labels), read), read, str(dataset))
+    atomic_write_text(out, text)
+    return out
