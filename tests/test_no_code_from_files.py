@@ -330,3 +330,71 @@ def test_medsynth_has_no_loader_that_runs_code() -> None:
     for path in sorted(PACKAGE.rglob("*.py")):
         found += [f"{path.relative_to(PACKAGE.parent)}:{hit}" for hit in unsafe_loads(path.read_text(encoding="utf-8"))]
     assert found == []
+
+
+# ------------------------------------------------------------------------------------ MAISI bundles
+
+
+def _bundle_case(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A tiny rflow bundle, a mask and a mapping: the arguments of ``medsynth sample BUNDLE``."""
+    import nibabel as nib
+
+    from medsynth.bundles.random_bundle import write_random_bundle
+
+    bundle = write_random_bundle(tmp_path / "bundle", "rflow")
+    mask = np.zeros((16, 16, 8), np.uint8)
+    mask[4:12, 4:12, 2:6] = 1
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / "mask.nii.gz"))
+    (tmp_path / "map.yaml").write_text("labels:\n  1: liver\n")
+    return bundle, ["sample", str(bundle), "--mask", str(tmp_path / "mask.nii.gz"), "--out",
+                    str(tmp_path / "out.nii.gz"), "--labels", str(tmp_path / "map.yaml"), "--steps", "1"]
+
+
+def test_malicious_bundle_is_refused_and_nothing_in_it_runs(tmp_path: Path) -> None:
+    """A bundle whose config carries ``$`` code and a foreign ``_target_``, whose ``scripts`` package and
+    weights pickle would each create a marker: every one is refused, and no marker appears."""
+    import sys
+
+    from medsynth.bundles.random_bundle import WEIGHT_FILES
+
+    bundle, args = _bundle_case(tmp_path)
+    markers = {k: tmp_path / f"ran_{k}" for k in ("imports", "expression", "target", "scripts", "pickle")}
+    (bundle / "scripts").mkdir()
+    (bundle / "scripts" / "__init__.py").write_text(f"open({str(markers['scripts'])!r}, 'w').close()\n")
+    (bundle / "scripts" / "rectified_flow.py").write_text(f"open({str(markers['scripts'])!r}, 'w').close()\n")
+    config_path = bundle / "configs" / "inference.json"
+    clean = json.loads(config_path.read_text())
+    clean["imports"] = [f"$open({str(markers['imports'])!r}, 'w')", "$import scripts"]
+
+    # 1. a '$' expression where a value is needed, and a _target_ off the allow-list
+    evil = json.loads(json.dumps(clean))
+    evil["diffusion_unet_def"]["num_res_blocks"] = f"$open({str(markers['expression'])!r}, 'w') and 1"
+    config_path.write_text(json.dumps(evil))
+    result = runner.invoke(app, args)
+    one_error_line(result)
+    assert "diffusion_unet_def.num_res_blocks" in result.output and "evaluates no '$' expression" in result.output
+    evil = json.loads(json.dumps(clean))
+    evil["noise_scheduler"]["_target_"] = "os.system"
+    config_path.write_text(json.dumps(evil))
+    result = runner.invoke(app, args)
+    one_error_line(result)
+    assert "noise_scheduler._target_ is 'os.system'" in result.output
+
+    # 2. a weights file whose pickle opens a marker: live when loaded the unsafe way, refused by name here
+    config_path.write_text(json.dumps(clean))
+    weights = bundle / "models" / WEIGHT_FILES["rflow"][1]
+    state = torch.load(weights, weights_only=True)
+    torch.save({**state, "hook": OpensMarker(markers["pickle"])}, weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.load(weights, weights_only=False)  # the payload is live
+    assert markers["pickle"].exists()
+    markers["pickle"].unlink()
+    result = runner.invoke(app, args)
+    one_error_line(result)
+    assert WEIGHT_FILES["rflow"][1] in result.output and "open" in result.output
+
+    # 3. nothing ran, nothing was imported from the bundle, nothing was written
+    assert [k for k, m in markers.items() if m.exists()] == []
+    assert "scripts" not in sys.modules and "scripts.rectified_flow" not in sys.modules
+    assert not (tmp_path / "out.nii.gz").exists()
