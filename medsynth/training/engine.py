@@ -241,6 +241,20 @@ class Runtime(TorchrunEnv):
 
         return torch.Generator().manual_seed(derive_seed(self.seed, Stream.TRAIN_STEP, step, self.rank, stream))
 
+    def ranks_with(self, flag: bool) -> list[int]:
+        """The ranks whose ``flag`` is true, the same list on every rank (one all-reduce under torchrun;
+        every rank must call it at the same step). A decision one rank cannot take alone: a divergence."""
+        import torch
+
+        if not self.distributed:
+            return [self.rank] if flag else []
+        import torch.distributed as dist
+
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        flags[self.rank] = int(flag)
+        dist.all_reduce(flags)
+        return [int(r) for r in torch.nonzero(flags).flatten().tolist()]
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -920,8 +934,11 @@ def _train(rt: Runtime, manifest: Manifest, inputs: dict[str, Any] | None, *, re
             # the only device sync of the losses: at a log or a checkpoint (never save a diverged model)
             means = mean_losses(sums, count) if log_now or step % cfg.training.checkpoint_every == 0 else None
             busy += time.perf_counter() - mark
-            if means is not None and any(not math.isfinite(v) for v in means.values()):
-                raise JobError(f"{run_dir}: training diverged by step {step} (mean losses of the last {count} "
+            # decided on all ranks together: a rank that stopped alone would leave the others waiting
+            diverged = [] if means is None else rt.ranks_with(any(not math.isfinite(v) for v in means.values()))
+            if diverged:
+                where = f" on rank(s) {diverged}" if rt.distributed else ""
+                raise JobError(f"{run_dir}: training diverged by step {step}{where} (mean losses of the last {count} "
                                f"steps {means}); lower the learning rate or check the data")
             # 5b. logs, progress, previews, checkpoints, report (not timed)
             if log_now and means is not None:
