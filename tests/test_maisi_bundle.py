@@ -268,3 +268,12 @@ def test_every_bundle_error_names_the_file_and_the_key(bundles: dict[str, Path],
     (b / "configs" / "metadata.json").write_text(json.dumps({"version": "1.0.0"}))
     with pytest.raises(CheckpointError, match="builds DDPMScheduler, but version 1.0.0"):
         read_bundle(b)
+
+
+def test_augment_refuses_a_bundle_by_name_and_writes_nothing(bundles: dict[str, Path], tmp_path: Path) -> None:
+    data = make_phantom_dataset(tmp_path / "data", dim=3, cases=2, seed=0, size=16)
+    out = tmp_path / "aug"
+    line = one_error(runner.invoke(app, ["augment", str(data), "--method", "ldm", "--num", "1", "--out", str(out),
+                                         "--model", str(bundles["rflow"]), "--no-progress"]))
+    assert "a MAISI bundle" in line and "medsynth sample" in line
+    assert not out.exists()

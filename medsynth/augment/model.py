@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medsynth.bundles import is_bundle
 from medsynth.data.manifest import Case
 from medsynth.errors import CheckpointError, ConfigError, DataError
 from medsynth.journal import sha256_file
@@ -13,7 +14,11 @@ from medsynth.synthesis.pairs import check_run_family
 
 
 def read_model(model: Path) -> RunCard:
-    """The card of the run folder ``--model``."""
+    """The card of the run folder ``--model`` (a MAISI bundle folder is refused with what to run instead)."""
+    if is_bundle(model):
+        raise ConfigError(f"--model {model}: a MAISI bundle; augment does not take bundles yet: make an image per "
+                          f"mask with `medsynth sample {model} --labels MAPPING --mask MASK --out IMAGE` "
+                          "(docs/maisi.md)")
     return read_run_card(Path(model))
 
 
