@@ -24,3 +24,7 @@ class CheckpointError(MedsynthError):
 
 class JobError(MedsynthError):
     """A job that cannot start or continue (output folder clashes, resume mismatch)."""
+
+
+class QualityControlError(JobError):
+    """No draw of a synthetic pair passed quality control (``qc.max_tries`` attempts)."""

@@ -62,13 +62,15 @@ class PairStream(IntEnum):
 
 
 class MixTag(IntEnum):
-    """First spawn-key element of :class:`medsynth.synthesis.online.SyntheticMixDataset` streams."""
+    """First spawn-key element of :class:`medsynth.synthesis.online.SyntheticMixDataset` and
+    :class:`medsynth.synthesis.online_batch.SyntheticBatch` streams."""
 
     LAYOUT = 0  #: (LAYOUT, epoch): which items are real and which synthetic
     REAL = 1  #: the order of the real items
     SOURCE = 2  #: the order of the source masks
     ITEM = 3  #: (ITEM, epoch, i): the synthetic pair of item i
     TRANSFORM = 4  #: (TRANSFORM, epoch, i): the seed of the user's transform for item i
+    BATCH = 5  #: SyntheticBatch: (BATCH, step) which samples of a step's batch; (BATCH, step, i) sample i's pair
 
 
 class DownstreamTag(IntEnum):

@@ -269,3 +269,82 @@ def test_gan_method_uses_the_run(gan_run: Path) -> None:
     assert norm.lo[0] - 1e-3 <= img.min() and img.max() <= norm.hi[0] + 1e-3
     with pytest.raises(ConfigError, match="ldm"):
         RandSyntheticPaird(method="ldm", model=gan_run)
+
+
+# ------------------------------------------------------------------------------------ QC failures in a training loop
+
+
+def _fail_qc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every draw fails QC (the pair core's check, wherever it is called from)."""
+    import medsynth.synthesis.pairs as pairs
+
+    monkeypatch.setattr(pairs, "qc_sample", lambda *args, **kwargs: "forced failure")
+
+
+def test_a_qc_failure_keeps_the_real_pair_and_is_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fail_qc(monkeypatch)
+    t = RandSyntheticPaird(prob=1.0, flag_key="synthetic", qc={"max_tries": 2})
+    t.set_random_state(0)
+    samples = [phantom_sample(k) for k in range(2)]
+    with pytest.warns(UserWarning, match="failed quality control; the real pair was used"):
+        outs = [t(s) for s in samples]
+    for sample, out in zip(samples, outs):
+        assert out["image"] is sample["image"] and out["label"] is sample["label"] and out["synthetic"] is False
+    assert t.qc_fallbacks == 2
+
+
+def test_a_training_loop_goes_on_through_qc_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fail_qc(monkeypatch)
+    real = [numpy_sample(k) for k in range(3)]
+    ds = SyntheticMixDataset(real, ratio=0.5, length=6, seed=0, qc={"max_tries": 1})
+    with pytest.warns(UserWarning, match="failed quality control"):
+        batches = list(torch.utils.data.DataLoader(ds, batch_size=2))  # a loop over every item: nothing raised
+    assert len(batches) == 3
+    fallback = torch.cat([b["qc_fallback"] for b in batches])
+    assert int(fallback.sum()) == ds.num_synthetic == ds.qc_fallbacks == 3
+    assert not any(bool(b["synthetic"].any()) for b in batches)
+    with pytest.warns(UserWarning, match="failed quality control"):
+        items = [ds[i] for i in range(6)]
+    for i, item in enumerate(items):  # a fallback item is its source case, real
+        assert np.array_equal(item["image"], real[ds.source_of(i)]["image"])
+
+
+def _batch(k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    samples = [phantom_sample(j, dim=2, size=32) for j in range(k)]
+    return (torch.stack([s["image"].as_tensor() for s in samples]),
+            torch.stack([s["label"].as_tensor() for s in samples]))
+
+
+def test_synthetic_batch_generates_every_mask_in_one_call(gan_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medsynth.seeds import MixTag, seed_sequence
+    from medsynth.synthesis.online_batch import SyntheticBatch
+    from medsynth.synthesis.pairs import attempt_streams, model_seed
+    from medsynth.synthesis.synthesizer import Synthesizer
+
+    image, label = _batch()
+    batched = SyntheticBatch(gan_run, prob=1.0, device="cpu", seed=1, deform=FLIP0, qc={"label_agreement": False})
+    calls: list[int] = []
+    generate = Synthesizer.generate
+    monkeypatch.setattr(Synthesizer, "generate", lambda self, mask, *a, **k: calls.append(len(mask)) or
+                        generate(self, mask, *a, **k))
+    out = batched(image, label, step=4)
+    assert calls == [3] and bool(out.replaced.all()) and out.qc_fallbacks == 0
+    assert torch.equal(out.label, label.flip(2))  # FLIP0 flips spatial axis 0
+    for i in range(3):  # each image is the run's image of its flipped mask, made alone with its documented seed
+        seed = model_seed(attempt_streams(seed_sequence(1, MixTag.BATCH, 4, i), 0))
+        alone = generate(batched.synthesizer, np.flip(label[i, 0].numpy().astype(np.int64), 0), seed)
+        np.testing.assert_allclose(out.image[i, 0].numpy(), alone, rtol=1e-5, atol=1e-4)
+    none = SyntheticBatch(gan_run, prob=0.0, device="cpu")(image, label, step=4)
+    assert none.image is image and not bool(none.replaced.any())
+
+
+def test_synthetic_batch_keeps_real_pairs_that_fail_qc(gan_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medsynth.synthesis.online_batch import SyntheticBatch
+
+    _fail_qc(monkeypatch)
+    image, label = _batch()
+    batched = SyntheticBatch(gan_run, prob=1.0, device="cpu", qc={"max_tries": 2})
+    with pytest.warns(UserWarning, match="failed quality control"):
+        out = batched(image, label, step=0)
+    assert out.qc_fallbacks == 3 == batched.qc_fallbacks and not bool(out.replaced.any())
+    assert torch.equal(out.image, image) and torch.equal(out.label, label)

@@ -36,6 +36,7 @@ of ``monai.data.DataLoader`` apply), the dataset from ``(seed, epoch, index)`` o
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,7 +50,7 @@ from pydantic import BaseModel, ValidationError
 
 from medsynth.data.labels import as_label_array
 from medsynth.data.transforms import ClassicConfig, DeformConfig, EditConfig, check_edit_labels
-from medsynth.errors import CheckpointError, ConfigError, DataError
+from medsynth.errors import CheckpointError, ConfigError, DataError, QualityControlError
 from medsynth.registry import is_model_method
 from medsynth.runcard import read_run_card
 from medsynth.seeds import MixTag, seed_sequence
@@ -314,9 +315,11 @@ class RandSyntheticPaird(RandomizableTransform, MapTransform):
     flag_key: if set, every sample gets ``data[flag_key] = True/False`` (replaced or not).
 
     Output: the same dict with ``keys`` replaced (same kind, dtype and device; MetaTensor meta
-    kept). The replaced label's values are a subset of the original's.
-    Raises ConfigError (bad settings, naming the parameter), DataError (bad sample) and JobError
-    (no draw passed quality control).
+    kept). The replaced label's values are a subset of the original's. A sample whose draws all fail
+    quality control keeps its real pair (``flag_key`` False), is counted in ``qc_fallbacks`` (this
+    process's count) and warned about once per process: a training loop never stops for it.
+    Raises ConfigError (bad settings, naming the parameter) and DataError (bad sample);
+    :meth:`make_pair` (one explicit seed) raises QualityControlError instead of falling back.
     """
 
     def __init__(
@@ -352,6 +355,7 @@ class RandSyntheticPaird(RandomizableTransform, MapTransform):
             device=device, generate_kwargs=generate_kwargs, qc=qc,
         )
         self.flag_key = flag_key
+        self.qc_fallbacks = 0
         self._entropy = (0, 0)
 
     @property
@@ -382,11 +386,23 @@ class RandSyntheticPaird(RandomizableTransform, MapTransform):
             if self.allow_missing_keys:
                 return d
             raise DataError(f"RandSyntheticPaird: sample has no key(s) {missing} (keys {list(d)})")
-        if self._do_transform:
-            d = self.make_pair(d, np.random.SeedSequence(entropy=list(self._entropy)))
+        replaced = bool(self._do_transform)
+        if replaced:
+            try:
+                d = self.make_pair(d, np.random.SeedSequence(entropy=list(self._entropy)))
+            except QualityControlError:
+                replaced = False
+                self.qc_fallbacks += 1
+                _warn_fallback("RandSyntheticPaird")
         if self.flag_key is not None:
-            d[self.flag_key] = bool(self._do_transform)
+            d[self.flag_key] = replaced
         return d
+
+
+def _warn_fallback(owner: str) -> None:
+    """One warning per process and owner (the text never changes, so Python shows it once)."""
+    warnings.warn(f"{owner}: a synthetic pair failed quality control; the real pair was used instead "
+                  "(counted in qc_fallbacks; training goes on)", stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------ the dataset
@@ -482,8 +498,11 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
     their source case the same way (each real case is the source equally often).
 
     Items: the source dict with ``image`` ``(C, *spatial)`` and ``label`` ``(1, *spatial)``,
-    ``"synthetic": bool`` and ``"source": case id`` (the real case itself, or the synthetic item's
-    source). ``set_epoch(e)`` changes the layout and every draw (call it before each epoch;
+    ``"synthetic": bool``, ``"source": case id`` (the real case itself, or the synthetic item's
+    source) and ``"qc_fallback": bool``: a synthetic position whose draws all failed quality control
+    shows its source case instead (``synthetic`` False), counted in ``qc_fallbacks`` (this process's
+    count; with loader workers, sum the items' flags) and warned about once per process.
+    ``set_epoch(e)`` changes the layout and every draw (call it before each epoch;
     ``persistent_workers=True`` keeps the workers' old copy).
     """
 
@@ -553,6 +572,7 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
         self._layout: tuple[np.ndarray, np.ndarray] | None = None
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._loaded: dict[int, dict[Hashable, Any]] = {}
+        self.qc_fallbacks = 0
 
     @classmethod
     def from_manifest(cls, path: str | Path, **kwargs: Any) -> SyntheticMixDataset:
@@ -668,9 +688,19 @@ class SyntheticMixDataset(torch.utils.data.Dataset):
         is_syn = bool(synthetic[i])
         # 1. the real case this item shows, or a synthetic pair made from it
         j = self._pick(MixTag.SOURCE if is_syn else MixTag.REAL, int(rank[i]))
-        sample = self.make_pair(j, seed_sequence(self.seed, MixTag.ITEM, self.epoch, i)) if is_syn else self._load(j)
+        fallback = False
+        if is_syn:
+            try:
+                sample = self.make_pair(j, seed_sequence(self.seed, MixTag.ITEM, self.epoch, i))
+            except QualityControlError:  # the real case instead: a training loop never stops for it
+                fallback, is_syn = True, False
+                self.qc_fallbacks += 1
+                _warn_fallback("SyntheticMixDataset")
+        if not is_syn:
+            sample = self._load(j)
         sample["source"] = str(sample.pop("case_id"))
         sample["synthetic"] = is_syn
+        sample["qc_fallback"] = fallback
         # 2. the user's transform, seeded from (seed, epoch, index) when it is random
         if self.transform is not None:
             set_state = getattr(self.transform, "set_random_state", None)

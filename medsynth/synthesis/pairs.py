@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from medsynth.data import transforms as T
 from medsynth.data.labels import label_problems
 from medsynth.data.nifti import Volume
-from medsynth.errors import ConfigError, DataError, JobError
+from medsynth.errors import ConfigError, DataError, QualityControlError
 from medsynth.registry import TRAINING_FREE_METHODS, is_model_method, method_names
 from medsynth.seeds import PairStream
 from medsynth.synthesis.procedural import IntensityStats, SynthSegConfig, synthseg_image
@@ -61,11 +61,15 @@ __all__ = [
     "PairSource",
     "QCConfig",
     "SyntheticPair",
+    "agreement_reference",
     "attempt_streams",
     "check_method",
     "check_run_family",
     "load_synthesizer",
+    "draw_label",
     "make_pair",
+    "model_seed",
+    "pair_problem",
     "qc_sample",
     "warp_from_record",
     "warp_like_pair",
@@ -281,7 +285,7 @@ def qc_sample(
     return None
 
 
-def _agreement_reference(synthesizer: Synthesizer | None) -> LabelIntensityStats | None:
+def agreement_reference(synthesizer: Synthesizer | None) -> LabelIntensityStats | None:
     """The run's per-label training statistics in the dataset's units, for the label-agreement check
     of a family method's images (None: no run, or a run trained without those statistics)."""
     if synthesizer is None or synthesizer.info.label_means is None or synthesizer.info.label_stds is None:
@@ -307,7 +311,7 @@ def make_pair(
         other value. seq: the seed of this pair (see the module docstring).
     synthesizer: the trained run (a family method only); generate_options: extra arguments of its
         ``generate_volume`` (``class_value``, ``steps``, ...).
-    Raises JobError naming ``where`` after ``qc.max_tries`` failed attempts, DataError when the run
+    Raises QualityControlError (a JobError) naming ``where`` after ``qc.max_tries`` failed attempts, DataError when the run
     makes another number of channels than the source has.
     """
     if len(stats) != source.images.shape[0]:
@@ -315,22 +319,49 @@ def make_pair(
     if is_model_method(settings.method) and synthesizer is None:
         raise ConfigError(f"{where}: method {settings.method!r} needs a trained run")
     ranges = [s.plausible(settings.qc.range_margin) for s in stats]
-    agreement = _agreement_reference(synthesizer) if settings.qc.label_agreement else None
+    agreement = agreement_reference(synthesizer) if settings.qc.label_agreement else None
     failures: list[str] = []
     for attempt in range(settings.qc.max_tries):
         images, label, record = _draw(source, settings, stats, list(labels), attempt_streams(seq, attempt),
                                       synthesizer, generate_options or GenerateOptions())
-        reason = qc_sample(images, label, shape=source.label.shape, affine=source.affine,
-                           source_affine=source.affine, labels=labels, ranges=ranges)
-        if reason is None and agreement is not None:
-            result = check_label_agreement(images, label, agreement, QcSettings(texture=settings.qc.texture))
-            if not result.passed:
-                reason = "the image does not follow its mask (" + "; ".join(result.reasons[:3]) + \
-                    ("; ..." if len(result.reasons) > 3 else "") + "); qc.label_agreement: false turns this check off"
+        reason = pair_problem(images, label, source, settings, labels=labels, ranges=ranges, agreement=agreement)
         if reason is None:
             return SyntheticPair(images, label, record, attempt, failures)
         failures.append(f"try {attempt}: {reason}")
-    raise JobError(f"{where} failed quality control {settings.qc.max_tries} times: {'; '.join(failures)}")
+    raise QualityControlError(f"{where} failed quality control {settings.qc.max_tries} times: {'; '.join(failures)}")
+
+
+def pair_problem(images: np.ndarray, label: np.ndarray, source: PairSource, settings: PairSettings, *,
+                 labels: Sequence[int], ranges: Sequence[tuple[float, float]],
+                 agreement: LabelIntensityStats | None) -> str | None:
+    """The QC of one attempt at a pair of ``source``: :func:`qc_sample`, then (``agreement``: the run's
+    per-label statistics, :func:`agreement_reference`) whether the image follows its mask. None: passed."""
+    reason = qc_sample(images, label, shape=source.label.shape, affine=source.affine,
+                       source_affine=source.affine, labels=labels, ranges=ranges)
+    if reason is None and agreement is not None:
+        result = check_label_agreement(images, label, agreement, QcSettings(texture=settings.qc.texture))
+        if not result.passed:
+            reason = "the image does not follow its mask (" + "; ".join(result.reasons[:3]) + \
+                ("; ..." if len(result.reasons) > 3 else "") + "); qc.label_agreement: false turns this check off"
+    return reason
+
+
+def draw_label(source: PairSource, settings: PairSettings, labels: list[int],
+               streams: dict[PairStream, np.random.SeedSequence]) -> tuple[np.ndarray, dict[str, object]]:
+    """The label of one attempt of a synthseg or family pair: ``source.label`` deformed (``DEFORM``
+    stream), then edited (``EDIT``); ``(label (*spatial) int64, record)``."""
+    spacing = source.spacing
+    warp = warp_record(streams[PairStream.DEFORM], tuple(source.label.shape), spacing, settings.deform)
+    params = T.draw_spatial(source.label.shape, spacing, settings.deform, np.random.default_rng(streams[PairStream.DEFORM]))
+    deformed, _ = T.apply_spatial(params, source.label)
+    edits = T.random_edits(deformed, settings.edits, np.random.default_rng(streams[PairStream.EDIT]), labels,
+                           donor=source.donor, donor_id=source.donor_id)
+    return edits.label, {"spatial": params.summary(), "warp": warp, "mask_edits": edits.edits}
+
+
+def model_seed(streams: dict[PairStream, np.random.SeedSequence]) -> int:
+    """The seed an attempt hands to a trained run: the first 31 bits of its ``MODEL`` stream."""
+    return int(streams[PairStream.MODEL].generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def _draw(
@@ -343,31 +374,25 @@ def _draw(
     options: GenerateOptions,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, object]]:
     """One attempt: (images (C, *spatial) float32, label (*spatial) int64, record)."""
-    rng = {s: np.random.default_rng(streams[s]) for s in (PairStream.DEFORM, PairStream.EDIT, PairStream.IMAGE)}
-    spacing = source.spacing
-    warp = warp_record(streams[PairStream.DEFORM], tuple(source.label.shape), spacing, settings.deform)
     # 1. classic: one joint spatial transform, then intensity transforms of the real image
     if settings.method == "classic":
+        warp = warp_record(streams[PairStream.DEFORM], tuple(source.label.shape), source.spacing, settings.deform)
         images, label, classic = T.classic_pair(
-            source.images, source.label, spacing, deform=settings.deform, intensity=settings.classic,
-            ranges=[(s.low, s.high) for s in stats], rng=rng[PairStream.DEFORM],
+            source.images, source.label, source.spacing, deform=settings.deform, intensity=settings.classic,
+            ranges=[(s.low, s.high) for s in stats], rng=np.random.default_rng(streams[PairStream.DEFORM]),
         )
         return images, label, {**classic, "warp": warp, "mask_edits": []}
     # 2. deform the label, then edit it
-    params = T.draw_spatial(source.label.shape, spacing, settings.deform, rng[PairStream.DEFORM])
-    deformed, _ = T.apply_spatial(params, source.label)
-    edits = T.random_edits(deformed, settings.edits, rng[PairStream.EDIT], labels,
-                           donor=source.donor, donor_id=source.donor_id)
-    label = edits.label
-    record: dict[str, object] = {"spatial": params.summary(), "warp": warp, "mask_edits": edits.edits}
+    label, record = draw_label(source, settings, labels, streams)
     # 3. an image for the new label
     if settings.method == "synthseg":
-        images = np.stack([synthseg_image(label, rng=rng[PairStream.IMAGE], config=settings.synthseg, stats=s,
+        rng = np.random.default_rng(streams[PairStream.IMAGE])
+        images = np.stack([synthseg_image(label, rng=rng, config=settings.synthseg, stats=s,
                                           labels=labels) for s in stats])
         return images, label, record
     if settings.method in TRAINING_FREE_METHODS or synthesizer is None:
         raise ConfigError(f"method {settings.method!r} has no image stage here")
-    seed = int(streams[PairStream.MODEL].generate_state(1)[0] & 0x7FFFFFFF)
+    seed = model_seed(streams)
     if "class_value" in options:
         record["class_value"] = options["class_value"]
     generated = synthesizer.generate_volume(Volume(array=label, affine=np.asarray(source.affine, dtype=np.float64)),
