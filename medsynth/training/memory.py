@@ -7,6 +7,7 @@ backward pass summed per optimiser step. ``medsynth train --dry-run`` prints it 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from medsynth.data.loader import CaseStatistics, DataInfo, Normalization, one_ho
 from medsynth.errors import ConfigError
 
 __all__ = ["MemoryEstimate", "assumed_info", "check_estimates", "check_memory", "device_memory", "estimate_memory",
-           "plan_memory"]
+           "StepMeasurement", "measure_step_memory", "plan_memory", "step_batch"]
 
 
 def device_memory(device: str) -> tuple[str, int]:
@@ -61,6 +62,12 @@ DEFAULT_DEVICE_MEMORY = 80 * 1024**3
 #: bytes per trained parameter: float32 weight, gradient and Adam's two moments; an EMA copy adds 4
 BYTES_PER_PARAMETER = 16
 BYTES_PER_EMA_PARAMETER = 4
+#: gradients in flight during the backward pass, beyond the saved tensors: the gradient into and the gradient
+#: out of the layer being differentiated, each counted as the step's largest saved tensor
+TRANSIENT_FACTOR = 2
+#: a training step's memory that does not scale with the recipe (autograd's graph, kernels' scratch, the
+#: allocator's slack): measured on the CPU, peak RSS growth of the tiny recipes beyond the rest of the model
+STEP_OVERHEAD_BYTES = 4 * 1024**2
 #: stages whose networks need an earlier stage's weights (their step cannot run without a trained run)
 _NEEDS_EARLIER_STAGE = {("ldm", "diffusion")}
 
@@ -72,26 +79,31 @@ class MemoryEstimate:
     parameters: trained parameters (every network the stage optimises); parameter_bytes: their weights,
     gradients and Adam moments (16 bytes each) and EMA copies (4); activation_bytes: the largest
     optimiser step's tensors saved for the backward pass (``saved_tensors_hooks``; float32, no
-    activation checkpointing, attention matrices included); batch_bytes: the batch (image, index map,
-    one-hot labels)."""
+    activation checkpointing; attention as the recipe's device computes it: fused, without the
+    tokens x tokens matrix, for a GPU recipe whose ``model.use_flash_attention`` is auto or true);
+    transient_bytes: gradients in flight in the backward pass (:data:`TRANSIENT_FACTOR` x the largest
+    saved tensor) and the step's fixed :data:`STEP_OVERHEAD_BYTES`; batch_bytes: the batch (image,
+    index map, one-hot labels)."""
 
     recipe: str
     stage: str | None
     parameters: int
     parameter_bytes: int
     activation_bytes: int
+    transient_bytes: int
     batch_bytes: int
 
     @property
     def peak_bytes(self) -> int:
-        return self.parameter_bytes + self.activation_bytes + self.batch_bytes
+        return self.parameter_bytes + self.activation_bytes + self.transient_bytes + self.batch_bytes
 
     def line(self) -> str:
         """``gan3d: 12,345 parameters, estimated peak 9.1 GiB (parameters and optimiser ..., ...)``."""
         name = self.recipe + (f" ({self.stage})" if self.stage else "")
         return (f"{name}: {self.parameters:,} parameters, estimated peak {format_bytes(self.peak_bytes)} "
                 f"(parameters and optimiser {format_bytes(self.parameter_bytes)}, activations "
-                f"{format_bytes(self.activation_bytes)}, batch {format_bytes(self.batch_bytes)})")
+                f"{format_bytes(self.activation_bytes)}, gradients in flight {format_bytes(self.transient_bytes)}, "
+                f"batch {format_bytes(self.batch_bytes)})")
 
 
 def assumed_info(cfg: Config, num_labels: int = ASSUMED_LABELS, channels: int = ASSUMED_CHANNELS) -> DataInfo:
@@ -107,6 +119,27 @@ def assumed_info(cfg: Config, num_labels: int = ASSUMED_LABELS, channels: int = 
         num_cases=2, class_key=cfg.data.class_key, label_means=means,
         label_stds=[[0.1] * num_labels for _ in range(channels)], fill_sigma=0.5,
         case_stats=CaseStatistics(table, table * 0 + 0.1, table * 0 + 0.1, 1))
+
+
+@contextlib.contextmanager
+def _fused_attention_on_meta() -> Iterator[None]:
+    """``F.scaled_dot_product_attention`` on meta tensors as the fused (memory-efficient) kernel a GPU runs,
+    while open: on the meta device torch takes the math path, which saves the tokens x tokens matrix."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+             dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, **kw: Any) -> torch.Tensor:
+        if query.device.type != "meta" or kw:
+            return real(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, True, dropout_p,
+                                                                      is_causal, scale=scale)
+        return out[0]
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real
 
 
 @contextlib.contextmanager
@@ -130,6 +163,9 @@ def _stage_estimate(cfg: Config, info: DataInfo, stage: str | None) -> MemoryEst
     tensors autograd saves between optimiser steps."""
     from medsynth.training.engine import Runtime, family_class
 
+    if cfg.training.device != "cpu" and getattr(cfg.model, "use_flash_attention", None) == "auto":
+        cfg = cfg.model_copy(deep=True)  # auto resolves to fused attention on the GPU the recipe is for
+        cfg.model.use_flash_attention = True  # type: ignore[attr-defined]
     meta = torch.device("meta")
     rt = Runtime(config=cfg, run_dir=Path("memory-estimate"), device=meta, stage=stage)
     with torch.random.fork_rng(devices=[]), torch.device(meta):
@@ -141,12 +177,13 @@ def _stage_estimate(cfg: Config, info: DataInfo, stage: str | None) -> MemoryEst
     # 1. what autograd saves for the backward pass, per optimiser step (a step's graph is freed at its
     # backward); parameters are counted above, a tensor saved twice once
     weights = {id(p) for net in nets for p in net.parameters()}
-    segments, current, seen = [0], [0], set()
+    segments, current, seen, largest = [0], [0], set(), [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in weights and id(t) not in seen:
             seen.add(id(t))
             current[0] += t.numel() * t.element_size()
+            largest[0] = max(largest[0], t.numel() * t.element_size())
         return t
 
     step = family.clip_and_step
@@ -159,20 +196,91 @@ def _stage_estimate(cfg: Config, info: DataInfo, stage: str | None) -> MemoryEst
 
     family.clip_and_step = clip_and_step  # type: ignore[method-assign]
     family.emas.clear()  # an EMA update reads its step count as a Python number (none on meta)
-    n, size = cfg.training.batch_size, list(cfg.data.size)
+    n = cfg.training.batch_size
     try:
-        with _autocast_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            index = torch.zeros((n, *size), dtype=torch.int64, device=meta)
-            batch = {"image": torch.zeros((n, info.num_channels, *size), device=meta), "label_index": index,
-                     "label": one_hot(index, info.num_labels),
-                     **{k: torch.zeros(n, dtype=torch.int64, device=meta) for k in ("class_index", "index", "case_index")}}
-            family.train_step(batch, 10**9)  # a late step: every warm-up (adversarial terms) has passed
+        with _autocast_on_meta(), _fused_attention_on_meta(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            family.train_step(step_batch(cfg, info, meta), 10**9)  # a late step: every warm-up has passed
     finally:
         family.clip_and_step = step  # type: ignore[method-assign]
-    voxels = int(np.prod(size))
+    voxels = int(np.prod(cfg.data.size))
     batch_bytes = n * voxels * (4 * info.num_channels + 8 + 4 * info.num_labels)
     return MemoryEstimate(cfg.name, stage, parameters, parameters * BYTES_PER_PARAMETER + ema * BYTES_PER_EMA_PARAMETER,
-                          max(segments + [current[0]]), batch_bytes)
+                          max(segments + [current[0]]), TRANSIENT_FACTOR * largest[0] + STEP_OVERHEAD_BYTES, batch_bytes)
+
+
+def step_batch(cfg: Config, info: DataInfo, device: torch.device) -> dict[str, torch.Tensor]:
+    """A training batch of ``cfg`` on ``device`` (``image``, ``label_index``, one-hot ``label``, ...),
+    zeros: what the memory model steps on, and :func:`measure_step_memory`."""
+    n, size = cfg.training.batch_size, list(cfg.data.size)
+    index = torch.zeros((n, *size), dtype=torch.int64, device=device)
+    return {"image": torch.zeros((n, info.num_channels, *size), device=device), "label_index": index,
+            "label": one_hot(index, info.num_labels),
+            **{k: torch.zeros(n, dtype=torch.int64, device=device) for k in ("class_index", "index", "case_index")}}
+
+
+def _proc_status(key: str) -> int:
+    """A ``/proc/self/status`` size (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """What :func:`measure_step_memory` measured: peak_bytes, the peak memory growth of building the
+    stage and training ``steps`` steps; step_seconds, the mean wall time of the steps after the first."""
+
+    peak_bytes: int
+    step_seconds: float
+
+
+def measure_step_memory(cfg: Config, stage: str | None = None, *, device: str = "cpu", steps: int = 3) -> StepMeasurement:
+    """The memory :func:`estimate_memory` models, measured: build ``stage``'s family for ``cfg`` on ``device``
+    (with :func:`assumed_info`), run ``steps`` (>= 2) training steps on :func:`step_batch`, and return the
+    peak growth over the memory in use before the family was built, and the time per step. CUDA: the
+    allocator's peak. CPU (Linux): peak RSS (``VmHWM`` after resetting it through ``/proc/self/clear_refs``),
+    after a warm-up step at batch 1 so that kernels and thread pools are loaded first; run it in a fresh
+    process with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the RSS. The ldm diffusion
+    stage needs a trained autoencoder: not measured here."""
+    from medsynth.training.engine import Runtime, family_class
+
+    dev = torch.device(device)
+    info = assumed_info(cfg)
+
+    def build(c: Config) -> Any:
+        rt = Runtime(config=c, run_dir=Path("memory-measure"), device=dev, stage=stage)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return family_class(c.model.family)(c, info, rt)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        warm = cfg.model_copy(deep=True)
+        warm.training.batch_size = 1
+        family = build(warm)
+        family.train_step(step_batch(warm, info, dev), 10**9)
+        del family
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _proc_status("VmRSS")
+    family = build(cfg)
+    batch = step_batch(cfg, info, dev)
+    family.train_step(batch, 10**9)
+    sync()
+    start = time.perf_counter()
+    for k in range(1, max(2, steps)):
+        family.train_step(batch, 10**9 + k)
+    sync()
+    seconds = (time.perf_counter() - start) / (max(2, steps) - 1)
+    peak = torch.cuda.max_memory_allocated() - before if dev.type == "cuda" else _proc_status("VmHWM") - before
+    return StepMeasurement(int(peak), seconds)
 
 
 def estimate_memory(cfg: Config, info: DataInfo | None = None) -> list[MemoryEstimate]:
