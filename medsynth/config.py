@@ -92,8 +92,14 @@ class DataConfig(StrictModel):
         "[0, 1], and generated images mapped back. Set either this or mri_percentiles."))
     mri_percentiles: tuple[float, float] | None = Field(default=None, description=(
         "[lo, hi] percentiles (0-100) of the training set's intensities, per channel, mapped to [0, 1] "
-        "(values outside are clipped) and generated images mapped back. Without ct_window it defaults to "
-        "[0.5, 99.5]."))
+        "(values below lo are clipped; above hi see upper_tail) and generated images mapped back. Without "
+        "ct_window it defaults to [0.5, 99.5]."))
+    upper_tail: Literal["clip", "soft"] = Field(default="clip", description=(
+        "mri_percentiles only: what happens above the upper percentile. `clip` maps the range to [0, 1] and "
+        "clips (every value above the percentile becomes one: a lesion brighter than the brightest tissue is "
+        "lost); `soft` maps the range to [0, 0.8] and compresses brighter values smoothly towards 1 "
+        "(invertible), so a bright lesion or vessel is learned and generated with its own intensity. On in "
+        "the GPU recipes; the tiny and small CPU recipes keep `clip`, their calibration was measured with it."))
     class_key: str | None = Field(default=None, description=(
         "A per-case manifest field (e.g. `modality`) whose value conditions the model; sampling then needs "
         "`--class VALUE`. null: no class conditioning."))

@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover
 _PERCENTILE_VOXELS = 20_000_000
 #: values :meth:`Normalization.to_unit` converts in float64 at a time
 _UNIT_SLAB = 1 << 20
+# soft upper tail (Normalization.tail == "soft"): the upper percentile maps to KNEE, brighter values approach 1
+KNEE = 0.8
+SOFT_MAX_UNIT = 0.9995  # generated values above this map back as this (about lo + 2.9 (hi - lo))
 #: 3D training crops: the fraction centred near a random foreground voxel (the rest uniform), so a
 #: large volume does not give mostly-background patches; foreground coordinates kept per case
 FOREGROUND_CROPS = 2 / 3
@@ -52,7 +55,12 @@ class Normalization:
     ``foreground`` (label > 0: background air does not pull them down, :func:`foreground_mask`) or
     ``all`` (run cards written before medsynth took them on the foreground; their stored lo/hi are used
     as they are).
-    ``to_unit``: ``clip((x - lo) / (hi - lo), 0, 1)``; ``from_unit``: ``u * (hi - lo) + lo``.
+    tail: ``clip`` (run cards before it: ``to_unit`` is ``clip((x - lo) / (hi - lo), 0, 1)``, ``from_unit``
+    ``u * (hi - lo) + lo``: anything above ``hi`` is lost) or ``soft``: with ``v = (x - lo) / (hi - lo)``,
+    ``u = KNEE * v`` up to ``hi`` and ``KNEE + (1 - KNEE) (1 - exp(-(v - 1) KNEE / (1 - KNEE)))`` above it (slope
+    continuous at the knee, approaching 1), so a bright lesion or vessel above the upper percentile keeps its
+    own value: ``from_unit`` inverts it exactly up to ``SOFT_MAX_UNIT`` (``v`` about 2.9: ``lo + 2.9 (hi - lo)``).
+    Below ``lo`` both clip (background).
     """
 
     mode: str
@@ -60,6 +68,33 @@ class Normalization:
     hi: list[float]
     percentiles: list[float] | None = None
     region: str = "foreground"
+    tail: str = "clip"
+
+    def _squash(self, v: np.ndarray) -> np.ndarray:
+        """v: (x - lo) / (hi - lo), float64 -> unit values (in place where it can)."""
+        if self.tail != "soft":
+            return np.clip(v, 0.0, 1.0, out=v)
+        np.clip(v, 0.0, None, out=v)
+        above = v > 1.0
+        out = KNEE * v
+        out[above] = KNEE + (1.0 - KNEE) * -np.expm1(-(v[above] - 1.0) * (KNEE / (1.0 - KNEE)))
+        return out
+
+    def _unsquash(self, u: np.ndarray) -> np.ndarray:
+        """unit values, float64 -> (x - lo) / (hi - lo)."""
+        if self.tail != "soft":
+            return u
+        u = np.clip(u, None, SOFT_MAX_UNIT)
+        above = u > KNEE
+        v = u / KNEE
+        v[above] = 1.0 - ((1.0 - KNEE) / KNEE) * np.log1p(-(u[above] - KNEE) / (1.0 - KNEE))
+        return v
+
+    def slope(self) -> np.ndarray:
+        """(C,) dataset units per unit below the upper percentile (the linear part): what spreads and
+        textures measured in unit values scale by."""
+        span = np.asarray(self.hi, np.float64) - np.asarray(self.lo, np.float64)
+        return span / KNEE if self.tail == "soft" else span
 
     def to_unit(self, image: np.ndarray) -> np.ndarray:
         """image: (C, *spatial) in dataset units -> float32 in [0, 1] (computed in float64, a slab of
@@ -69,28 +104,29 @@ class Normalization:
         scale = np.maximum(hi - lo, 1e-12)
         if image.ndim < 2 or image[0].size <= _UNIT_SLAB:
             out = (np.asarray(image, np.float64) - lo) / scale
-            return np.clip(out, 0.0, 1.0).astype(np.float32)
+            return self._squash(out).astype(np.float32)
         result = np.empty(image.shape, np.float32)
         step = max(1, _UNIT_SLAB // max(1, image[0, 0].size))
         for a in range(0, image.shape[1], step):
             part = (np.asarray(image[:, a : a + step], np.float64) - lo) / scale
-            result[:, a : a + step] = np.clip(part, 0.0, 1.0)
+            result[:, a : a + step] = self._squash(part)
         return result
 
     def from_unit(self, unit: np.ndarray) -> np.ndarray:
         """unit: (C, *spatial) in [0, 1] -> float32 in dataset units."""
         lo = np.asarray(self.lo, np.float64).reshape(-1, *([1] * (unit.ndim - 1)))
         hi = np.asarray(self.hi, np.float64).reshape(lo.shape)
-        return (np.asarray(unit, np.float64) * (hi - lo) + lo).astype(np.float32)
+        return (self._unsquash(np.asarray(unit, np.float64)) * (hi - lo) + lo).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "lo": list(self.lo), "hi": list(self.hi), "percentiles": self.percentiles,
-                "region": self.region}
+                "region": self.region, "tail": self.tail}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalization:
         return cls(mode=d["mode"], lo=[float(v) for v in d["lo"]], hi=[float(v) for v in d["hi"]],
-                   percentiles=d.get("percentiles"), region=str(d.get("region", "all")))
+                   percentiles=d.get("percentiles"), region=str(d.get("region", "all")),
+                   tail=str(d.get("tail", "clip")))
 
 
 @dataclass
@@ -545,7 +581,7 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
                                 f"{pcts} percentiles; cannot normalise (use data.ct_window)")
             lo.append(float(a))
             hi.append(float(b))
-        norm = Normalization("mri_percentiles", lo, hi, pcts)
+        norm = Normalization("mri_percentiles", lo, hi, pcts, tail=cfg.upper_tail)
 
     info = DataInfo(
         dim=cfg.dim, slice_axis=cfg.slice_axis, volume_ndim=volume_ndim, size=list(cfg.size),

@@ -26,7 +26,7 @@ recorded them), and returns a :class:`QcResult` with every reason it fails:
    has that sign and at least ``contrast_fraction`` of the smallest such training difference.
    Without per-case statistics: the pooled means' sign and ``contrast_fraction`` of their difference;
 4. **edges at label borders**: the mean gradient magnitude on voxels next to a border between
-   contrasting labels is at least ``min_edge_ratio`` times the mean elsewhere (the image changes where
+   contrasting labels (a sign agreed by ``contrast_agreement`` of the training cases, a rule or not) is at least ``min_edge_ratio`` times the mean elsewhere (the image changes where
    the mask says it should);
 5. **texture inside labels** (``texture``; on for trained generators, off for images meant to be flat,
    synthseg's and the label-mean fill): for each label with an interior (voxels at least
@@ -89,11 +89,12 @@ class LabelIntensityStats:
         case_means = None if cases is None else cases.means
         case_texture = None if cases is None else cases.texture
         if units == "dataset":
-            lo = np.asarray(info.normalization.lo, np.float64)[:, None]
-            span = np.asarray(info.normalization.hi, np.float64)[:, None] - lo
-            means, stds = lo + means * span, stds * span
-            if cases is not None:  # the Laplacian is linear: texture scales with the span
-                case_means, case_texture = lo + cases.means * span, cases.texture * span
+            norm = info.normalization
+            slope = norm.slope()[:, None]
+            means, stds = norm.from_unit(means).astype(np.float64), stds * slope
+            if cases is not None:  # the Laplacian is linear: texture scales with the slope
+                case_means = np.swapaxes(norm.from_unit(np.swapaxes(cases.means, 0, 1)), 0, 1).astype(np.float64)
+                case_texture = cases.texture * slope
         return cls(tuple(info.labels), means, stds, case_means, case_texture,
                    cases.texture_depth if cases is not None else 1)
 
@@ -205,17 +206,21 @@ def _sign_is_a_rule(d: np.ndarray, agree: int, s: QcSettings) -> bool:
     return bool(t >= stats.t.ppf(s.contrast_confidence, d.size - 1))
 
 
-def _contrasts(reference: LabelIntensityStats, c: int, margin: float, s: QcSettings) -> np.ndarray:
-    """``(L, L)``: the sign and smallest size a difference ``mean[b] - mean[a]`` must have in channel
-    ``c`` (+-size), 0 where no sign holds reliably (see the module docstring, check 3)."""
+def _contrasts(reference: LabelIntensityStats, c: int, margin: float,
+               s: QcSettings) -> tuple[np.ndarray, np.ndarray]:
+    """``(want, edges)``, each ``(L, L)``: ``want`` the sign and smallest size a difference ``mean[b] -
+    mean[a]`` must have in channel ``c`` (+-size), 0 where no sign is a rule (see the module docstring,
+    check 3); ``edges`` the pairs whose border the edge check (4) reads: those where ``contrast_agreement``
+    of the training cases agree on a sign, rule or not (an edge is expected there either way)."""
     n = len(reference.labels)
     want = np.zeros((n, n))
+    edges = np.zeros((n, n), bool)
     if reference.case_means is None:
         ref_m = reference.means[c]
         diff = ref_m[None, :] - ref_m[:, None]
         ok = np.isfinite(diff) & (np.abs(np.nan_to_num(diff)) > margin)
         want[ok] = s.contrast_fraction * diff[ok]
-        return want
+        return want, ok
     cases = reference.case_means[:, c]
     for a in range(n):
         for b in range(n):
@@ -225,9 +230,11 @@ def _contrasts(reference: LabelIntensityStats, c: int, margin: float, s: QcSetti
                 continue
             for sign in (1.0, -1.0):
                 agree = d[sign * d > 0]
-                if agree.size >= s.contrast_agreement * d.size and _sign_is_a_rule(d, agree.size, s):
-                    want[a, b] = sign * s.contrast_fraction * float(np.abs(agree).min())
-    return want
+                if agree.size >= s.contrast_agreement * d.size:
+                    edges[a, b] = True
+                    if _sign_is_a_rule(d, agree.size, s):
+                        want[a, b] = sign * s.contrast_fraction * float(np.abs(agree).min())
+    return want, edges
 
 
 def check_label_agreement(image: np.ndarray, label: np.ndarray, reference: LabelIntensityStats,
@@ -281,8 +288,8 @@ def check_label_agreement(image: np.ndarray, label: np.ndarray, reference: Label
                 if spread > s.std_factor * ref_s[j] + margin:
                     reasons.append(f"{name}: spread {spread:.4g}, training {ref_s[j]:.3g}")
         # 3. contrast between touching labels where the training cases agree on its sign
-        want = _contrasts(reference, c, margin, s)
-        band, pairs = _borders(index, want != 0)
+        want, edges = _contrasts(reference, c, margin, s)
+        band, pairs = _borders(index, edges)
         for a, b in sorted(pairs):
             if want[a, b] == 0 or a not in present or b not in present:
                 continue

@@ -224,7 +224,8 @@ def _data_lines(config: dict[str, Any], card: Any) -> list[str]:
                      + (f"; classes ({info.class_key}): {', '.join(info.classes)}" if info.classes else ""))
         norm = info.normalization
         lines.append(f"- intensities: {norm.mode} {[round(x, 4) for x in norm.lo]} .. "
-                     f"{[round(x, 4) for x in norm.hi]} (dataset units) -> [0, 1]")
+                     f"{[round(x, 4) for x in norm.hi]} (dataset units) -> "
+                     + ("[0, 0.8], brighter values softly towards 1 (upper_tail soft)" if norm.tail == "soft" else "[0, 1]"))
     else:
         lines.append(f"- data: a {dim}D model (data.dim); the data facts are written when training finishes")
     lines.append(f"- data.size {size}: the random crop each training step sees; generation works on the "
