@@ -26,7 +26,8 @@ recorded them), and returns a :class:`QcResult` with every reason it fails:
    has that sign and at least ``contrast_fraction`` of the smallest such training difference.
    Without per-case statistics: the pooled means' sign and ``contrast_fraction`` of their difference;
 4. **edges at label borders**: the mean gradient magnitude on voxels next to a border between
-   contrasting labels (a sign agreed by ``contrast_agreement`` of the training cases, a rule or not) is at least ``min_edge_ratio`` times the mean elsewhere (the image changes where
+   contrasting labels (a sign agreed by ``contrast_agreement`` of the training cases, a rule or not) is
+   at least ``min_edge_ratio`` times the mean elsewhere (the image changes where
    the mask says it should);
 5. **texture inside labels** (``texture``; on for trained generators, off for images meant to be flat,
    synthseg's and the label-mean fill): for each label with an interior (voxels at least
