@@ -357,6 +357,13 @@ def register(
     # 2. centring and affine
     transform = _affine_stage(fixed_img, moving_img, settings, mask_img, clock)
     stages: tuple[str, ...] = ("affine",)
+    affine_folding = folding_fraction(_field(transform, fixed_img, settings.threads), fixed_affine)
+    if affine_folding > settings.max_folding_fraction:
+        raise RegistrationError(
+            f"the affine stage turns the moving image inside out ({100 * affine_folding:.2f} % of the fixed voxels "
+            "with Jacobian determinant <= 0): the two images hold mirror-image or different anatomy, or do not "
+            "overlap after centring (try initializer='moments')"
+        )
     converged = True
     # 3. deformable on top of the affine
     if settings.transform == "deformable":
