@@ -472,7 +472,20 @@ class LdmModelConfig(ModelSection):
         "`condition` gives it to the diffusion UNet beside the mask; `residual` also makes the autoencoder "
         "code the difference between the image and the fill, and adds the fill back after decoding, so a "
         "model that has learned little still paints the training set's per-label intensities; `none`: off."))
+    appearance: Literal["pooled", "per_case"] = Field(default="pooled", description=(
+        "Which label means the fill paints (as model.generator.appearance for a GAN): `pooled` (the whole "
+        "training set's) or `per_case` (each training image's fill, the autoencoder's residual and the UNet's "
+        "fill channels come from its own case's per-label means; at inference the seed draws a label-mean "
+        "vector from the training cases' distribution, or `generate(..., appearance=...)` picks one). Needs "
+        "a fill."))
     flips: bool = Field(default=False, description=FLIPS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _appearance_needs_fill(self) -> LdmModelConfig:
+        if self.appearance == "per_case" and self.fill == "none":
+            raise ValueError("appearance: per_case paints each case's own label means into the fill; set "
+                             "fill: condition or residual")
+        return self
 
 
 # ---------------------------------------------------------------------------- optimiser / training

@@ -26,10 +26,12 @@ class Condition:
     mask: one-hot label map ``(N, L, *image_spatial)``, float, at the image grid
         (``image_spatial = latent_spatial * downsample_factor``).
     class_labels: ``(N,)`` long class indices, or None.
+    label_means: ``(N, C, L)`` per-sample fill means of a per-case run, or None (the pooled ones).
     """
 
     mask: torch.Tensor
     class_labels: torch.Tensor | None = None
+    label_means: torch.Tensor | None = None
 
 
 Denoiser = Callable[..., torch.Tensor]
@@ -40,11 +42,17 @@ def guided_prediction(net: Denoiser, z: torch.Tensor, t: torch.Tensor, cond: Con
     """``net(z, t, mask, class)``, with classifier-free guidance when ``guidance != 1``:
     ``pred = uncond + guidance * (cond - uncond)`` (both halves in one batched forward)."""
     if guidance == 1.0 or null is None:
-        return net(z, t, cond.mask, cond.class_labels)
+        if cond.label_means is None:
+            return net(z, t, cond.mask, cond.class_labels)
+        return net(z, t, cond.mask, cond.class_labels, label_means=cond.label_means)
     labels = None
     if cond.class_labels is not None and null.class_labels is not None:
         labels = torch.cat([cond.class_labels, null.class_labels])
-    out = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond.mask, null.mask]), labels)
+    if cond.label_means is None:
+        out = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond.mask, null.mask]), labels)
+    else:  # the null mask is all zero: its fill is zero whatever the means
+        out = net(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond.mask, null.mask]), labels,
+                  label_means=torch.cat([cond.label_means, cond.label_means]))
     c, u = out.chunk(2)
     return u + guidance * (c - u)
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fill_image", "gaussian_blur", "resize_condition"]
+__all__ = ["fill_image", "fill_means_of", "gaussian_blur", "resize_condition"]
 
 
 def resize_condition(cond: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -44,11 +44,23 @@ def resize_condition(cond: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 def fill_image(onehot: torch.Tensor, means: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
     """The label-mean fill. onehot: ``(N, L, *spatial)`` (soft maps give the weighted mean);
-    means: ``(C, L)`` per channel and label, [0, 1] units; sigma: Gaussian blur width in voxels
-    (0: none) -> ``(N, C, *spatial)``."""
+    means: ``(C, L)`` per channel and label, [0, 1] units, or ``(N, C, L)`` one table per sample (a
+    per-case fill); sigma: Gaussian blur width in voxels (0: none) -> ``(N, C, *spatial)``."""
     means = means.to(device=onehot.device, dtype=onehot.dtype)
-    fill = torch.einsum("nl...,cl->nc...", onehot, means)
+    if means.ndim == 3:
+        fill = torch.einsum("nl...,ncl->nc...", onehot, means)
+    else:
+        fill = torch.einsum("nl...,cl->nc...", onehot, means)
     return gaussian_blur(fill, sigma) if sigma > 0 else fill
+
+
+def fill_means_of(image: torch.Tensor, onehot: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """Each image's own per-label means: image ``(N, C, *spatial)``, onehot ``(N, L, *spatial)`` ->
+    ``(N, C, L)``; a label an image lacks takes ``pooled`` ``(C, L)``."""
+    count = onehot.flatten(2).sum(-1)  # (N, L)
+    total = torch.einsum("nc...,nl...->ncl", image.float(), onehot.float())
+    own = total / count.clamp_min(1.0)[:, None, :]
+    return torch.where(count[:, None, :] > 0, own, pooled.to(own)[None].expand_as(own))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:

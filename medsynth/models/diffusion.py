@@ -152,12 +152,13 @@ class MaskConditionedUNet(nn.Module):
             null_labels = torch.full_like(class_labels, self.null_class)
         return torch.zeros_like(mask), null_labels
 
-    def fill_of(self, mask: torch.Tensor) -> torch.Tensor:
+    def fill_of(self, mask: torch.Tensor, label_means: torch.Tensor | None = None) -> torch.Tensor:
         """The label-mean fill ``(N, C, *spatial)`` in [0, 1] units of a one-hot mask (zero where the
-        mask is all zero, as in the null condition)."""
+        mask is all zero, as in the null condition); label_means ``(N, C, L)``: one table per sample (a
+        per-case fill; None: the pooled buffer)."""
         if not self.fill:
             raise ValueError("this UNet was built without label means (no fill conditioning)")
-        return fill_image(mask, self.label_means, self.fill_sigma)
+        return fill_image(mask, self.label_means if label_means is None else label_means, self.fill_sigma)
 
     def forward(
         self,
@@ -165,10 +166,12 @@ class MaskConditionedUNet(nn.Module):
         timesteps: torch.Tensor,
         mask: torch.Tensor,
         class_labels: torch.Tensor | None = None,
+        label_means: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """z: ``(N, Cz, *latent)`` noisy latents; timesteps: ``(N,)``; mask: one-hot ``(N, L, *image)``
         at full resolution (image = latent * factor); class_labels: ``(N,)`` long or None
-        (None means the null class when the model is class-conditional).
+        (None means the null class when the model is class-conditional); label_means: ``(N, C, L)`` the
+        per-sample fill means of a per-case run (None: the pooled ones).
         Returns the prediction ``(N, Cz, *latent)``."""
         if self.num_classes > 0 and class_labels is None:
             class_labels = torch.full((z.shape[0],), self.null_class, dtype=torch.long, device=z.device)
@@ -176,7 +179,7 @@ class MaskConditionedUNet(nn.Module):
             class_labels = None
         mask = mask.to(dtype=z.dtype)
         if self.fill:
-            mask = torch.cat([mask, self.fill_of(mask)], dim=1)
+            mask = torch.cat([mask, self.fill_of(mask, label_means)], dim=1)
         if self.controlnet is not None:  # conditioning == "controlnet"
             down, mid = self.controlnet(z, timesteps, controlnet_cond=mask, class_labels=class_labels)
             return self.unet(

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +66,7 @@ class LatentDiffusionPipeline:
     def __init__(self, autoencoder: AutoencoderKL, unet: MaskConditionedUNet, process: NoiseProcess, *,
                  scale_factor: float, factor: int, multiple: int, latent_channels: int, defaults: SamplingDefaults,
                  decode_tile: int | None = None, decode_overlap: float = 0.25, can_guide: bool = True,
-                 residual: bool = False) -> None:
+                 residual: bool = False, per_case_appearance: bool = False) -> None:
         self.autoencoder = autoencoder.eval()
         self.unet = unet.eval()
         self.process = process
@@ -78,6 +79,9 @@ class LatentDiffusionPipeline:
         self.decode_overlap = decode_overlap
         self.can_guide = can_guide
         self.residual = residual
+        #: trained on a per-case fill (model.appearance: per_case): ``generate`` takes the label means
+        #: of the image (``appearance``)
+        self.per_case_appearance = per_case_appearance
         self.cuda_graph = True  # on CUDA: replay one captured UNet forward per step
         self.num_labels = int(unet.num_labels)
 
@@ -122,7 +126,8 @@ class LatentDiffusionPipeline:
                    latent_channels=model.autoencoder.latent_channels, defaults=defaults,
                    decode_tile=model.autoencoder.decode_tile, decode_overlap=model.autoencoder.decode_overlap,
                    can_guide=float(facts.get("cond_dropout", model.diffusion.cond_dropout)) > 0,
-                   residual=fill == "residual")
+                   residual=fill == "residual",
+                   per_case_appearance=dict(facts.get("appearance") or {}).get("fill") == "per_case")
 
     def resolve(self, sampler: str | None, steps: int | None, guidance: float | None) -> SamplingDefaults:
         """Per-call settings over the recipe's defaults, checked (ConfigError names the option)."""
@@ -150,26 +155,30 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def __call__(self, mask: torch.Tensor, *, class_labels: torch.Tensor | None = None,
                  seed: int | list[int] = 0, sampler: str | None = None, steps: int | None = None,
-                 guidance: float | None = None) -> torch.Tensor:
+                 guidance: float | None = None, label_means: torch.Tensor | None = None) -> torch.Tensor:
         """mask: ``(N, L, *spatial)`` one-hot float; class_labels: ``(N,)`` long or None; seed: one
-        seed for the batch, or one per item (an item's image then depends only on its own seed).
+        seed for the batch, or one per item (an item's image then depends only on its own seed);
+        label_means: ``(N, C, L)`` the fill means of a per-case run (None: the pooled ones).
         Returns ``(N, C, *spatial)`` float32 in [0, 1] on the CPU."""
         opts = self.resolve(sampler, steps, guidance)
         if isinstance(seed, (list, tuple)):
             generator: torch.Generator | list[torch.Generator] = [torch.Generator().manual_seed(int(s)) for s in seed]
         else:
             generator = torch.Generator().manual_seed(int(seed))
-        return self._generate(mask, class_labels, opts, generator)
+        return self._generate(mask, class_labels, opts, generator, label_means)
 
     #: ``generate`` reports the share done through ``progress`` (see the Synthesizer's Backend)
     reports_progress = True
 
     def generate(self, index: torch.Tensor, class_index: torch.Tensor, seeds: list[int],
-                 options: GenerationOptions, progress: Callable[[float], None] | None = None) -> torch.Tensor:
+                 options: GenerationOptions, progress: Callable[[float], None] | None = None,
+                 appearance: np.ndarray | None = None) -> torch.Tensor:
         """The Synthesizer's backend call: index ``(N, *spatial)`` int64 label channels, class_index
         ``(N,)``, one seed per item, options ``steps``/``sampler``/``guidance`` (None: the run's
         defaults) -> ``(N, C, *spatial)`` float in [0, 1]. progress: called with the share done after
-        each UNet forward (the steps make 90%, the decoder the rest; a CUDA-graph replay reports none)."""
+        each UNet forward (the steps make 90%, the decoder the rest; a CUDA-graph replay reports none).
+        appearance (a per-case run): ``(C, L)`` label means in [0, 1] units for every item, or ``(N, C, L)``
+        one per item (None: the pooled ones)."""
         from medsynth.data.loader import one_hot
 
         mask = one_hot(index.long(), self.num_labels)
@@ -185,14 +194,17 @@ class LatentDiffusionPipeline:
 
             handle = self.unet.register_forward_hook(after)
         try:
+            means = None if appearance is None else \
+                torch.as_tensor(appearance, dtype=torch.float32).expand(len(seeds), -1, -1)
             return self(mask, class_labels=labels, seed=[int(s) for s in seeds], sampler=options.get("sampler"),
-                        steps=options.get("steps"), guidance=options.get("guidance"))
+                        steps=options.get("steps"), guidance=options.get("guidance"), label_means=means)
         finally:
             if handle is not None:
                 handle.remove()
 
     def _generate(self, mask: torch.Tensor, class_labels: torch.Tensor | None, opts: SamplingDefaults,
-                  generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+                  generator: torch.Generator | list[torch.Generator],
+                  label_means: torch.Tensor | None = None) -> torch.Tensor:
         from medsynth.models.autoencoder import decode
 
         dev = self.device
@@ -208,7 +220,8 @@ class LatentDiffusionPipeline:
         labels = class_labels.to(dev).long() if class_labels is not None else None
         if labels is None and self.unet.num_classes > 0:
             labels = torch.full((mask.shape[0],), self.unet.null_class, dtype=torch.long, device=dev)
-        cond = Condition(mask=mask, class_labels=labels)
+        means = None if label_means is None else label_means.to(dev, torch.float32)
+        cond = Condition(mask=mask, class_labels=labels, label_means=means)
         null = Condition(*self.unet.null_condition(mask, labels))
         # 2. latents
         amp = torch.bfloat16 if dev.type == "cuda" else None
@@ -236,7 +249,7 @@ class LatentDiffusionPipeline:
         image = decode(self.autoencoder, z.float() / self.scale_factor, tile=self.decode_tile,
                        overlap=self.decode_overlap).float()
         if self.residual:
-            image = image + self.unet.fill_of(mask)
+            image = image + self.unet.fill_of(mask, means)
         crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
         return image[crop].clamp(0.0, 1.0).cpu()
 

@@ -56,8 +56,9 @@ from medsynth.config import Config, LdmAutoencoderConfig, LdmDiffusionConfig, Ld
 from medsynth.data.loader import POOL_BASE
 from medsynth.diffusion import Condition, Denoiser, NoiseProcess, make_process, sample_latents, size_multiple, use_flash
 from medsynth.errors import CheckpointError, ConfigError, JobError
+from medsynth.models.appearance import AppearanceDistribution, case_mean_table
 from medsynth.models.autoencoder import build_autoencoder, build_discriminator, downsample_factor, encode, randn_like
-from medsynth.models.conditioning import fill_image
+from medsynth.models.conditioning import fill_image, fill_means_of
 from medsynth.models.diffusion import MaskConditionedUNet
 from medsynth.registry import get_family
 from medsynth.runcard import WEIGHTS_FILE
@@ -116,15 +117,17 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 def denoising_loss(net: Denoiser, process: NoiseProcess, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    mask: torch.Tensor, labels: torch.Tensor | None,
-                   autocast: contextlib.AbstractContextManager[object] | None = None) -> torch.Tensor:
+                   autocast: contextlib.AbstractContextManager[object] | None = None,
+                   label_means: torch.Tensor | None = None) -> torch.Tensor:
     """MSE between ``net(z_t, t, mask, labels)`` and the process's target, ``z_t = add_noise(z0, noise, t)``.
 
     z0, noise: ``(N, Cz, *latent)``; t: ``(N,)``; mask: one-hot ``(N, L, *image)``; autocast: a context
-    for the forward (e.g. bf16 on CUDA) or None.
+    for the forward (e.g. bf16 on CUDA) or None; label_means: ``(N, C, L)`` per-case fill means (None:
+    the pooled ones).
     """
     z_t = process.add_noise(z0, noise, t)
     with autocast if autocast is not None else contextlib.nullcontext():
-        pred = net(z_t, t, mask, labels)
+        pred = net(z_t, t, mask, labels) if label_means is None else net(z_t, t, mask, labels, label_means=label_means)
     return F.mse_loss(pred.float(), process.target(z0, noise, t))
 
 
@@ -240,6 +243,12 @@ class LdmFamily(FamilyBase):
             raise ConfigError(f"model.fill={m.fill!r} needs the training set's per-label means (DataInfo.label_means)")
         self.label_means = torch.tensor(info.label_means or [[0.0] * info.num_labels], dtype=torch.float32)
         dev = rt.device
+        self.case_means: torch.Tensor | None = None  # (K, C, L) per training case, [0, 1] units
+        if m.appearance == "per_case":
+            if info.case_stats is None or info.label_means is None:
+                raise ConfigError("model.appearance=per_case needs the training cases' label means")
+            table = case_mean_table(info.case_stats.means, np.asarray(info.label_means))
+            self.case_means = torch.as_tensor(table, dtype=torch.float32, device=dev)
         flash = use_flash(m, dev)
         self.autoencoder = build_autoencoder(self.ae_cfg, spatial_dims=info.dim, in_channels=info.num_channels,
                                              use_flash_attention=flash, zero_output=m.fill == "residual").to(dev)
@@ -311,22 +320,31 @@ class LdmFamily(FamilyBase):
         data = {k: v for k, v in self.config.data.model_dump(mode="json").items() if k != "manifest"}
         fp = cache_fingerprint(autoencoder=self.ae_digest, data=self.info.fingerprint, info=self.info.to_dict(),
                                data_config=data, seed=self.rt.seed, crops_per_case=lc.crops_per_case,
-                               flips=self.flips, fill=self.fill_mode, row=row)
+                               flips=self.flips, fill=self.fill_mode, row=row,
+                               **({"appearance": "per_case"} if self.case_means is not None else {}))
         folder = self.rt.run_dir / CACHE_DIR / f"rank{self.rt.rank}"
         return LatentCache(plan, fingerprint=fp, folder=folder if plan.store == "disk" else None)
 
     # ------------------------------------------------------------------ stage 1
-    def base(self, label: torch.Tensor) -> torch.Tensor:
+    def means_of(self, batch: Batch) -> torch.Tensor | None:
+        """(N, C, L) the per-case fill means of the batch's cases (``model.appearance: per_case``; None:
+        the pooled fill, also for a batch that names no cases)."""
+        if self.case_means is None or "case_index" not in batch:
+            return None
+        return self.case_means[batch["case_index"].to(self.case_means.device)]
+
+    def base(self, label: torch.Tensor, means: torch.Tensor | None = None) -> torch.Tensor:
         """What the autoencoder's output is added to: the label-mean fill ``(N, C, *spatial)`` of the
-        one-hot ``label`` with ``model.fill: residual``, else zeros."""
+        one-hot ``label`` with ``model.fill: residual`` (painted with ``means`` ``(N, C, L)`` when given:
+        a per-case fill), else zeros."""
         if self.fill_mode != "residual":
             return label.new_zeros((label.shape[0], self.info.num_channels, *label.shape[2:]))
-        return fill_image(label, self.label_means, self.info.fill_sigma)
+        return fill_image(label, self.label_means if means is None else means, self.info.fill_sigma)
 
     def _autoencoder_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         c, rt = self.ae_cfg, self.rt
         real = batch["image"]
-        base = self.base(batch["label"])
+        base = self.base(batch["label"], self.means_of(batch))
         adv_on = c.adv_weight > 0 and step >= c.adv_start
         # 1. autoencoder: reconstruction, SSIM, KL (+ perceptual, + adversarial)
         self.discriminator.requires_grad_(False)
@@ -363,10 +381,10 @@ class LdmFamily(FamilyBase):
         return logs
 
     @torch.no_grad()
-    def _reconstruct(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Posterior-mean reconstruction ``(N, C, *spatial)`` of images with one-hot ``label``
-        (eval, previews and the held-out check), float32."""
-        base = self.base(label)
+    def _reconstruct(self, image: torch.Tensor, label: torch.Tensor, means: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior-mean reconstruction ``(N, C, *spatial)`` of images with one-hot ``label`` and, for a
+        per-case fill, their fill means ``(N, C, L)`` (eval, previews and the held-out check), float32."""
+        base = self.base(label, means)
         return self.autoencoder.decode(self.autoencoder.encode(image - base)[0]).float() + base
 
     def heldout_reconstruction(self) -> dict[str, Any]:
@@ -394,7 +412,10 @@ class LdmFamily(FamilyBase):
                 index = pad_to(index, list(image.shape[1:]), 0)
             x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None].to(self.rt.device)
             lab = one_hot(torch.from_numpy(np.ascontiguousarray(index, np.int64))[None], self.info.num_labels)
-            recon = self._reconstruct(x, lab.to(self.rt.device)).clamp(0, 1)[0].cpu().numpy()
+            own = None
+            if self.case_means is not None:  # a per-case fill: the item's own label means (pooled where absent)
+                own = fill_means_of(x, lab.to(self.rt.device), self.label_means.to(self.rt.device))
+            recon = self._reconstruct(x, lab.to(self.rt.device), own).clamp(0, 1)[0].cpu().numpy()
             reals.append(image)
             recons.append(recon)
         if not items:
@@ -405,11 +426,12 @@ class LdmFamily(FamilyBase):
 
     # ------------------------------------------------------------------ stage 2
     @torch.no_grad()
-    def latents(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def latents(self, image: torch.Tensor, label: torch.Tensor, generator: torch.Generator,
+                means: torch.Tensor | None = None) -> torch.Tensor:
         """Unscaled latents ``(N, Cz, *size/f)`` of images in [0, 1] with one-hot ``label`` (the
-        autoencoder codes ``image - base(label)``), reparameterised with ``generator``."""
+        autoencoder codes ``image - base(label, means)``), reparameterised with ``generator``."""
         with self.rt.autocast():
-            z, _, _ = encode(self.autoencoder, image - self.base(label), generator=generator)
+            z, _, _ = encode(self.autoencoder, image - self.base(label, means), generator=generator)
         return z.float()
 
     def _set_scale(self, z: torch.Tensor) -> float:
@@ -426,7 +448,7 @@ class LdmFamily(FamilyBase):
 
     def condition(self, batch: Batch) -> Condition:
         labels = batch.get("class_index") if self.num_classes > 0 else None
-        return Condition(mask=batch["label"], class_labels=labels)
+        return Condition(mask=batch["label"], class_labels=labels, label_means=self.means_of(batch))
 
     @torch.no_grad()
     def training_latents(self, batch: Batch, step: int) -> torch.Tensor:
@@ -434,14 +456,16 @@ class LdmFamily(FamilyBase):
         cache, ``mu + sigma * eps`` from the cached posterior of each pool crop (``batch["index"]``),
         encoding (and storing) only the crops not cached yet. Both give the same latents."""
         generator = self.rt.generator(step, _ENCODE)
+        means = self.means_of(batch)
         if self.cache is None:
-            return self.latents(batch["image"], batch["label"], generator)
+            return self.latents(batch["image"], batch["label"], generator, means)
         keys = (batch["index"] - POOL_BASE).cpu()
         miss = self.cache.missing(keys)
         if bool(miss.any()):
             new = miss.to(batch["image"].device)
             with self.rt.autocast():
-                mu, sigma = self.autoencoder.encode(batch["image"][new] - self.base(batch["label"][new]))
+                mu, sigma = self.autoencoder.encode(batch["image"][new] - self.base(
+                    batch["label"][new], None if means is None else means[new]))
             self.cache.put(keys[miss], torch.stack([mu.float(), sigma.float()], 1).cpu())
         rows = self.cache.get(keys).to(self.rt.device, non_blocking=True)
         mu, sigma = rows[:, 0], rows[:, 1]
@@ -476,7 +500,8 @@ class LdmFamily(FamilyBase):
         # 3. noise, timesteps, prediction, loss
         noise = torch.randn(z0.shape, generator=rt.generator(step, _NOISE)).to(rt.device)
         t = self.process.training_timesteps(n, tuple(z0.shape), rt.generator(step, _TIME), rt.device)
-        loss = denoising_loss(self.unet_train, self.process, z0, noise, t, mask, labels, rt.autocast())
+        loss = denoising_loss(self.unet_train, self.process, z0, noise, t, mask, labels, rt.autocast(),
+                              cond.label_means)
         self.clip_and_step("unet", loss)
         ema = self.emas.get("unet")
         if ema is not None:
@@ -511,14 +536,14 @@ class LdmFamily(FamilyBase):
         raw and EMA UNets on fixed noise at 8 evenly spread timesteps (once the scale is known, i.e.
         not before the first diffusion step)."""
         if self.stage == "autoencoder":
-            recon = self._reconstruct(batch["image"], batch["label"])
+            recon = self._reconstruct(batch["image"], batch["label"], self.means_of(batch))
             return {"l1": float(F.l1_loss(recon, batch["image"])), "ssim_loss": float(ssim_loss(recon, batch["image"]))}
         if self.scale_factor is None:
             return {}
         # every item at EVAL_LEVELS stratified timesteps, fixed noise: a low-variance loss estimate
         k = EVAL_LEVELS
         image = batch["image"]
-        z0 = self.latents(image, batch["label"], self._fixed_generator(0)) * self.scale_factor
+        z0 = self.latents(image, batch["label"], self._fixed_generator(0), self.means_of(batch)) * self.scale_factor
         z0 = z0.repeat(k, *[1] * (image.ndim - 1))
         n = image.shape[0]
         levels = (torch.arange(k, dtype=torch.float32) + 0.5) / k * self.process.T
@@ -549,7 +574,8 @@ class LdmFamily(FamilyBase):
     def preview(self, batch: Batch) -> dict[str, torch.Tensor]:
         if self.stage == "autoencoder":
             return {"real": batch["image"],
-                    "reconstruction": self._reconstruct(batch["image"], batch["label"]).clamp(0, 1)}
+                    "reconstruction": self._reconstruct(batch["image"], batch["label"],
+                                                        self.means_of(batch)).clamp(0, 1)}
         if self.scale_factor is None:
             return {}
         net = self.inference_module("unet").eval()
@@ -558,7 +584,7 @@ class LdmFamily(FamilyBase):
                            process=self.process, sampler=self.df_cfg.sampler, steps=self.df_cfg.sample_steps,
                            generator=self._fixed_generator(3))
         self.unet.train()
-        image = self.autoencoder.decode(z / self.scale_factor).float() + self.base(batch["label"])
+        image = self.autoencoder.decode(z / self.scale_factor).float() + self.base(batch["label"], self.means_of(batch))
         return {"real": batch["image"], "generated": image.clamp(0, 1)}
 
     def extra_state(self) -> dict[str, Any]:
@@ -586,6 +612,11 @@ class LdmFamily(FamilyBase):
             "latent_channels": self.ae_cfg.latent_channels,
             "fill": self.fill_mode,
         }
+        if self.case_means is not None and self.info.case_stats is not None and self.info.label_means is not None:
+            dist = AppearanceDistribution.from_cases(self.info.case_stats.means, np.asarray(self.info.label_means))
+            facts["appearance"] = {"fill": "per_case", **dist.describe()}
+        else:
+            facts["appearance"] = {"fill": "pooled"}
         if self.stage == "autoencoder":
             quality = self.heldout_reconstruction()
             if quality:
