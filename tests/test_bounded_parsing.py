@@ -1,5 +1,6 @@
 """Bounded before parsed: YAML alias bombs, huge values in error messages, 100k-entry manifests, case
-paths that resolve to one file, and the memory ceiling counted in decoded bytes.
+paths that resolve to one file, and the memory ceiling counted in decoded bytes (NIfTI scl_slope, DICOM
+Rescale Slope, MetaImage/NRRD as SimpleITK decodes them).
 
 Each test is one reproduction from issue 19; time is measured with a wall clock and memory with
 tracemalloc, and the expected numbers come from a hand count (9 ** 9 values in the bomb, 8 bytes a
@@ -8,6 +9,7 @@ scaled voxel).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
@@ -17,15 +19,18 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import yaml
+from test_dicom import write_series
 from typer.testing import CliRunner
 
 from medsynth.cli import app
 from medsynth.config import load_config, short_repr
+from medsynth.data.dicom import keep_locale
 from medsynth.data.export import _check_no_collisions
 from medsynth.data.formats import get_format
 from medsynth.data.manifest import Case, read_manifest
-from medsynth.data.nifti import claimed_bytes, read_volume
+from medsynth.data.nifti import check_case_size, claimed_bytes, read_volume
 from medsynth.data.phantoms import make_phantom_dataset
 from medsynth.data.validate import validate_dataset
 from medsynth.errors import ConfigError, DataError
@@ -284,3 +289,80 @@ def test_validate_counts_decoded_bytes_per_case(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert ("the case's files claim 36 KiB (36864 bytes) of voxel data together (imagesTr/phantom_001.nii.gz 32 KiB, "
             "labelsTr/phantom_001.nii.gz 4 KiB)") in result.output
+
+
+def _metaimage(path: Path, data: np.ndarray, extra: str = "") -> Path:
+    """A .mha with the voxels after the header (x fastest, as MetaIO stores them)."""
+    etype = {np.dtype(np.uint8): "MET_UCHAR", np.dtype(np.int16): "MET_SHORT"}[data.dtype]
+    dims = " ".join(str(s) for s in data.shape)
+    head = f"ObjectType = Image\nNDims = {data.ndim}\nDimSize = {dims}\nElementType = {etype}\n{extra}ElementDataFile = LOCAL\n"
+    path.write_bytes(head.encode() + np.asfortranarray(data).tobytes(order="F"))
+    return path
+
+
+def _nrrd_gzip(path: Path, data: np.ndarray) -> Path:
+    sizes = " ".join(str(s) for s in data.shape)
+    head = f"NRRD0004\ntype: uint8\ndimension: {data.ndim}\nsizes: {sizes}\nencoding: gzip\n\n"
+    path.write_bytes(head.encode() + gzip.compress(data.tobytes(order="F")))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["mha", "nrrd"])
+def test_itk_formats_count_the_bytes_simpleitk_decodes(tmp_path: Path, kind: str) -> None:
+    data = (np.arange(32**3) % 251).astype(np.uint8).reshape(32, 32, 32)  # 32 KiB, decoded as stored
+    if kind == "mha":  # MetaIO's intensity slope is not applied by SimpleITK: still one byte a voxel
+        path = _metaimage(tmp_path / "v.mha", data, "ElementToIntensityFunctionSlope = 8\n")
+    else:
+        path = _nrrd_gzip(tmp_path / "v.nrrd", data)
+    volume = read_volume(path, memory_limit=32 * 1024)
+    assert volume.array.dtype == np.uint8 and volume.array.nbytes == claimed_bytes(path) == 32**3
+    assert np.array_equal(volume.array, data)
+    with pytest.raises(DataError) as info:
+        read_volume(path, memory_limit=32 * 1024 - 1)
+    message = str(info.value)
+    assert message.startswith(f"{path}: header claims size (32, 32, 32) of 1-byte values = 32 KiB (32768 bytes) ")
+    assert "memory limit of 32 KiB (32767 bytes)" in message
+
+
+DICOM_SHAPE = (64, 64, 8)  # 64 KiB stored as int16 (and ~1 KiB of header a slice); 256 KiB decoded as float64
+DICOM_VOXELS = 64 * 64 * 8
+
+
+def _dicom_with_slope(folder: Path, slope: str) -> Path:
+    """An int16 series (2 bytes a voxel stored) whose Rescale Slope is ``slope``. GDCM's writer refuses a
+    slope that is not a whole number for integer pixels, so a written ``2`` is replaced in the bytes."""
+    write_series(folder, (np.arange(DICOM_VOXELS) % 50).astype(np.int16).reshape(DICOM_SHAPE), np.eye(4),
+                 tags=(("0028|1053", "2"), ("0028|1052", "0")))
+    written = b"(\x00S\x10\x02\x00\x00\x002 "  # implicit VR little endian: tag, length 2, "2 "
+    value = slope.encode() + b" " * (len(slope) % 2)
+    for f in folder.iterdir():
+        raw = f.read_bytes()
+        if raw.count(written) != 1:
+            pytest.skip("GDCM wrote Rescale Slope in another form")
+        f.write_bytes(raw.replace(written, b"(\x00S\x10" + len(value).to_bytes(4, "little") + value))
+    return folder
+
+
+def test_dicom_series_counts_the_pixel_type_after_rescale(tmp_path: Path) -> None:
+    voxels = DICOM_VOXELS
+    plain = tmp_path / "plain"
+    write_series(plain, (np.arange(voxels) % 50).astype(np.int16).reshape(DICOM_SHAPE), np.eye(4))
+    scaled = _dicom_with_slope(tmp_path / "scaled", "0.5")
+    with keep_locale():  # the decoded type, from SimpleITK itself
+        assert sitk.ReadImage(sorted(str(f) for f in scaled.iterdir())).GetPixelID() == sitk.sitkFloat64
+    limit = 4 * voxels
+    assert read_volume(plain, memory_limit=limit).array.dtype == np.int16
+    assert claimed_bytes(plain) == 2 * voxels and claimed_bytes(scaled) == 8 * voxels
+    with pytest.raises(DataError) as info:
+        read_volume(scaled, memory_limit=limit)
+    assert str(info.value).startswith(
+        f"{scaled}: header claims a series of 8 files, 64 x 64 x 8 voxels of 16-bit signed integer rescaled "
+        f"(0028,1053/1052) to 64-bit float = 256 KiB ({8 * voxels} bytes) to decode, above the memory limit of "
+        f"128 KiB ({limit} bytes)")
+    decoded = read_volume(scaled, memory_limit=8 * voxels).array
+    assert decoded.dtype == np.float64 and decoded.nbytes == 8 * voxels
+    # a case's files together (validate, unlabelled): the series counts decoded too
+    label = _scaled_nifti(tmp_path / "label.nii.gz", DICOM_SHAPE, slope=None)
+    with pytest.raises(DataError) as info:
+        check_case_size([scaled, label], 8 * voxels)
+    assert f"together ({tmp_path.name}/scaled 256 KiB, {tmp_path.name}/label.nii.gz 32 KiB)" in str(info.value)

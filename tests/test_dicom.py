@@ -25,8 +25,10 @@ SIZE = 16
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS, computed by hand here, not by the reader
 
 
-def write_series(folder: Path, array: np.ndarray, affine: np.ndarray, uid: str = "1.2.826.0.1.3680043.2.1125.7") -> Path:
-    """Write ``array`` ``(X, Y, Z)`` int16 with the RAS ``affine`` as one DICOM file per slice."""
+def write_series(folder: Path, array: np.ndarray, affine: np.ndarray, uid: str = "1.2.826.0.1.3680043.2.1125.7",
+                 tags: tuple[tuple[str, str], ...] = ()) -> Path:
+    """Write ``array`` ``(X, Y, Z)`` int16 with the RAS ``affine`` as one DICOM file per slice; ``tags``:
+    more ``(tag, value)`` pairs for every slice."""
     folder.mkdir(parents=True, exist_ok=True)
     lps = LPS @ affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
@@ -38,12 +40,12 @@ def write_series(folder: Path, array: np.ndarray, affine: np.ndarray, uid: str =
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     with keep_locale():  # GDCM's writer sets the C locale too
-        _write_slices(writer, image, folder, array.shape[2], uid, direction)
+        _write_slices(writer, image, folder, array.shape[2], uid, direction, tags)
     return folder
 
 
 def _write_slices(writer: sitk.ImageFileWriter, image: sitk.Image, folder: Path, slices: int, uid: str,
-                  direction: np.ndarray) -> None:
+                  direction: np.ndarray, tags: tuple[tuple[str, str], ...]) -> None:
     for z in range(slices):
         s = image[:, :, z]
         for tag, value in (
@@ -54,6 +56,7 @@ def _write_slices(writer: sitk.ImageFileWriter, image: sitk.Image, folder: Path,
             ("0020|0013", str(z + 1)),
             ("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, z)))),
             ("0020|0037", "\\".join(f"{v:.6f}" for v in [*direction[:, 0], *direction[:, 1]])),
+            *tags,
         ):
             s.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))

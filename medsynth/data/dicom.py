@@ -6,8 +6,9 @@ GDCM opens anything:
 
 1. every entry of the folder is a regular file (no FIFOs, devices or sockets); a symbolic link must
    resolve to a regular file inside the folder; sub-folders are not read;
-2. the files' bytes together, and what their headers claim (rows x columns x frames x bytes per
-   value, summed over the series), are within the memory ceiling;
+2. the files' bytes together, and what their headers claim decoded (rows x columns x frames x bytes
+   per value *after* Rescale Slope/Intercept, summed over the series: GDCM turns int16 slices with a
+   slope of 0.5 into float64), are within the memory ceiling;
 3. the folder holds exactly one series (``GetGDCMSeriesIDs``), its slices (``GetGDCMSeriesFileNames``,
    sorted by position) share one grid and pixel type and are evenly spaced (a missing slice is an
    error, not a silent stretch).
@@ -24,6 +25,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +34,14 @@ import SimpleITK as sitk
 from medsynth.data.limits import check_claimed_size, default_memory_limit, format_bytes, regular_file_size
 from medsynth.errors import DataError
 
-__all__ = ["read_dicom_series"]
+__all__ = ["SeriesClaim", "read_dicom_series", "series_claim"]
 
 #: relative tolerance on the gaps between slice positions (ITK's series reader only warns)
 GAP_TOLERANCE = 1e-3
 _POSITION = "0020|0032"  # Image Position (Patient)
 _ORIENTATION = "0020|0037"  # Image Orientation (Patient)
+_BITS_ALLOCATED = "0028|0100"
+_PIXEL_REPRESENTATION = "0028|0103"  # 0 unsigned, 1 signed
 
 
 _LOCALE_CATEGORIES = (locale.LC_CTYPE, locale.LC_NUMERIC, locale.LC_COLLATE, locale.LC_TIME, locale.LC_MONETARY)
@@ -104,8 +108,33 @@ def _last_line(exc: Exception) -> str:
     return text.splitlines()[-1] if text else type(exc).__name__
 
 
-def _check_claim(folder: Path, files: list[str], memory_limit: int | None) -> None:
-    """What the series' headers claim: one grid and pixel type, within the memory ceiling."""
+@dataclass(frozen=True)
+class SeriesClaim:
+    """What the headers of a folder's one DICOM series claim, before any voxel is decoded.
+
+    files: the slice files in the reader's order; decoded_bytes: bytes of the volume the reader allocates
+    (the pixel type *after* Rescale Slope/Intercept: GDCM turns int16 with slope 0.5 into float64);
+    itemsize: bytes per decoded value; description: the grid and types, for messages.
+    """
+
+    files: list[str]
+    decoded_bytes: int
+    itemsize: int
+    description: str
+
+
+def _stored_type(info: sitk.ImageFileReader) -> str:
+    """``"16-bit signed integer"`` from Bits Allocated / Pixel Representation ("" if either is missing)."""
+    try:
+        bits = int(info.GetMetaData(_BITS_ALLOCATED).strip())
+        signed = int(info.GetMetaData(_PIXEL_REPRESENTATION).strip()) == 1
+    except (RuntimeError, ValueError):
+        return ""
+    return f"{bits}-bit {'signed' if signed else 'unsigned'} integer"
+
+
+def _series_claim(folder: Path, files: list[str]) -> SeriesClaim:
+    """What the series' headers claim: one grid and pixel type, evenly spaced slices."""
     first = _slice_info(files[0])
     size, pixel, comps = first.GetSize(), first.GetPixelID(), first.GetNumberOfComponents()
     positions: list[np.ndarray] = []
@@ -123,12 +152,16 @@ def _check_claim(folder: Path, files: list[str], memory_limit: int | None) -> No
         frames += depth
         if info.HasMetaDataKey(_POSITION):
             positions.append(_numbers(info.GetMetaData(_POSITION), f, _POSITION))
-    itemsize = sitk.Image([1, 1], pixel).GetSizeOfPixelComponent()
-    claimed = size[0] * size[1] * frames * comps * itemsize
-    check_claimed_size(folder, claimed, f"a series of {len(files)} files, {size[0]} x {size[1]} x {frames} voxels of "
-                       f"{sitk.GetPixelIDValueAsString(pixel)}", memory_limit)
     if len(files) > 1 and len(positions) == len(files) and first.HasMetaDataKey(_ORIENTATION):
         _check_gaps(folder, files, positions, _numbers(first.GetMetaData(_ORIENTATION), files[0], _ORIENTATION))
+    # GDCM reports the pixel type after Rescale Slope/Intercept: what reading the series allocates
+    itemsize = sitk.Image([1, 1], pixel).GetSizeOfPixelComponent()
+    decoded = sitk.GetPixelIDValueAsString(pixel)
+    stored = _stored_type(first)
+    values = decoded if not stored or stored == decoded else f"{stored} rescaled (0028,1053/1052) to {decoded}"
+    comp = f" x {comps} components" if comps > 1 else ""
+    return SeriesClaim(files, size[0] * size[1] * frames * comps * itemsize, itemsize,
+                       f"a series of {len(files)} files, {size[0]} x {size[1]} x {frames} voxels{comp} of {values}")
 
 
 def _numbers(text: str, path: str, tag: str) -> np.ndarray:
@@ -157,11 +190,39 @@ def _check_gaps(folder: Path, files: list[str], positions: list[np.ndarray], ori
                         f"({len(files)} slices); a slice is missing or repeated")
 
 
+def _series_files(folder: Path, files: dict[str, int]) -> list[str]:
+    """The files of the one series in ``folder`` (checked by :func:`_folder_files`), in the reader's order."""
+    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))) if files else []
+    if not ids:
+        count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
+        raise DataError(f"{folder}: is a folder with no DICOM series in it ({count}); expected a volume file, "
+                        "or a folder holding one DICOM series")
+    series = {i: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), i)) for i in ids}
+    if len(ids) > 1:
+        shown = ", ".join(f"{i} ({len(f)} files)" for i, f in series.items())
+        raise DataError(f"{folder}: holds {len(ids)} DICOM series ({shown}); put each series in a folder of its own")
+    names = [os.path.normpath(f) for f in series[ids[0]]]
+    stray = [f for f in names if f not in files]
+    if stray or not names:
+        raise DataError(f"{folder}: the series lists files that were not checked ({', '.join(stray[:3])})")
+    return names
+
+
+def series_claim(folder: str | Path) -> SeriesClaim:
+    """What the one DICOM series in ``folder`` claims (files checked, headers read, no voxel decoded);
+    DataError naming the folder (or file) if it is not one clean series."""
+    folder = Path(folder)
+    files = _folder_files(folder)
+    with _quiet_itk():
+        return _series_claim(folder, _series_files(folder, files))
+
+
 def read_dicom_series(folder: str | Path, *, memory_limit: int | None = None) -> sitk.Image:
     """Read the one DICOM series in ``folder``; DataError naming the folder (or file) otherwise.
 
     memory_limit: the most bytes the series may hold on disk and decode to (``None``:
-        :func:`~medsynth.data.limits.default_memory_limit`), checked before anything is decoded.
+        :func:`~medsynth.data.limits.default_memory_limit`), checked before anything is decoded; the decoded
+        size counts the pixel type after Rescale Slope/Intercept.
     Returns the volume as SimpleITK reads it: ``(x, y, z)`` with ITK's LPS geometry.
     """
     folder = Path(folder)
@@ -174,24 +235,11 @@ def read_dicom_series(folder: str | Path, *, memory_limit: int | None = None) ->
                         f"limit of {format_bytes(limit)} ({limit} bytes) per case; if the series is genuine, raise the "
                         "limit (medsynth validate --memory-limit, or memory_limit= in Python)")
     with _quiet_itk():
-        # 2. one series
-        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))) if files else []
-        if not ids:
-            count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
-            raise DataError(f"{folder}: is a folder with no DICOM series in it ({count}); expected a volume file, "
-                            "or a folder holding one DICOM series")
-        series = {i: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), i)) for i in ids}
-        if len(ids) > 1:
-            shown = ", ".join(f"{i} ({len(f)} files)" for i, f in series.items())
-            raise DataError(f"{folder}: holds {len(ids)} DICOM series ({shown}); put each series in a folder of its own")
-        names = [os.path.normpath(f) for f in series[ids[0]]]
-        stray = [f for f in names if f not in files]
-        if stray or not names:
-            raise DataError(f"{folder}: the series lists files that were not checked ({', '.join(stray[:3])})")
-        # 3. what the headers claim, before the voxels are decoded
-        _check_claim(folder, names, memory_limit)
+        # 2. one series; 3. what its headers claim, decoded, before the voxels are decoded
+        claim = _series_claim(folder, _series_files(folder, files))
+        check_claimed_size(folder, claim.decoded_bytes, claim.description, memory_limit)
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(names)
+        reader.SetFileNames(claim.files)
         reader.SetImageIO("GDCMImageIO")
         try:
             image = reader.Execute()
@@ -199,4 +247,7 @@ def read_dicom_series(folder: str | Path, *, memory_limit: int | None = None) ->
             raise DataError(f"{folder}: DICOM series cannot be read ({_last_line(exc)})") from None
     if math.prod(image.GetSize()) == 0:
         raise DataError(f"{folder}: has a zero-size axis (size {image.GetSize()})")
+    if image.GetSizeOfPixelComponent() != claim.itemsize:
+        raise DataError(f"{folder}: decoded {image.GetSizeOfPixelComponent()}-byte values, the headers claim "
+                        f"{claim.itemsize}-byte values ({claim.description})")
     return image

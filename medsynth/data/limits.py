@@ -8,7 +8,9 @@ symlink to ``/dev/zero`` or a FIFO never ends. The readers of :mod:`medsynth.dat
    then ``fstat`` on the open descriptor, so a swap after the check cannot slip through);
 2. compare the claimed size with the memory ceiling (:func:`check_claimed_size`) before anything
    of that size is allocated; the size counted is the *decoded* one (a NIfTI's ``scl_slope`` makes
-   a uint8 volume decode to float64: 8 bytes a voxel), since that is what reading allocates;
+   a uint8 volume decode to float64: 8 bytes a voxel; a DICOM series counts the pixel type GDCM
+   reports after Rescale Slope/Intercept; MetaImage/NRRD decode as stored, checked against
+   SimpleITK's own pixel type before it reads), since that is what reading allocates;
 3. read compressed data through :class:`CappedInflater`, which never produces more than the
    header claims and tells a stream that ends early from one that goes on after the data.
 

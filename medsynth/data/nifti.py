@@ -311,8 +311,13 @@ def _claim_of(path: Path, root: str | Path | None) -> tuple[int, int]:
     path = Path(path)
     if "\x00" in str(path):
         raise DataError(f"{path!r}: a file name cannot contain a NUL byte")
+    if path.is_dir():  # a DICOM series: its pixel type after Rescale Slope/Intercept
+        from medsynth.data.dicom import series_claim  # SimpleITK, as in read_volume
+
+        series = series_claim(path)
+        return series.decoded_bytes, series.itemsize
     suffix = volume_suffix(path)
-    if suffix in ITK_SUFFIXES:
+    if suffix in ITK_SUFFIXES:  # SimpleITK decodes MetaImage/NRRD as stored (no intensity scaling)
         itk = itk_claim(path, suffix, root=None if root is None else Path(root))
         return itk.data_bytes, itk.itemsize
     fh, _ = open_regular(path)
@@ -423,10 +428,16 @@ def _read_itk(path: Path, suffix: str, claim: ItkClaim) -> Volume:
     # the ImageIO is named, so SimpleITK reads the format whose header was checked, never another
     reader.SetImageIO("MetaImageIO" if suffix in (".mha", ".mhd") else "NrrdImageIO")
     try:
-        img = reader.Execute()
+        # what SimpleITK will allocate, before it does: the claim counted these bytes per value
+        reader.ReadImageInformation()
+        decoded = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
+        img = reader.Execute() if decoded == claim.itemsize else None
     except Exception as exc:  # SimpleITK raises RuntimeError with its own text
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{path}: not a readable image ({first})") from None
+    if img is None:
+        raise DataError(f"{path}: SimpleITK would decode {decoded}-byte values, the header claims "
+                        f"{claim.describe()}; the header does not describe this file")
     size = img.GetSize()
     if math.prod(size) * img.GetNumberOfComponentsPerPixel() != math.prod(claim.sizes) * claim.components:
         raise DataError(f"{path}: SimpleITK read size {size} x {img.GetNumberOfComponentsPerPixel()} components, "
