@@ -132,6 +132,13 @@ register_family(Family(
     stages=("autoencoder", "diffusion"),
     runner="medsynth.training.ldm:train_ldm",
 ))
+register_family(Family(
+    name="maisi_controlnet",
+    summary="the ControlNet of a downloaded MAISI CT bundle fine-tuned on your pairs (UNet and autoencoder frozen)",
+    config="medsynth.bundles.finetune_config:MaisiControlNetConfig",
+    trainer="medsynth.training.maisi:MaisiControlNetFamily",
+    backend="medsynth.synthesis.maisi:load_maisi_backend",
+))
 
 __all__ = [
     "TRAINING_FREE_METHODS",

@@ -76,7 +76,7 @@ def test_config_intensity_normalisation_and_size_rules() -> None:
 def test_config_model_family_union(tmp_path: Path) -> None:
     assert isinstance(load_config(None).model, GanModelConfig)  # default family
     assert isinstance(load_config(None, ["model.family=ldm"]).model, LdmModelConfig)
-    with pytest.raises(ConfigError, match=r"model.family: unknown model family 'vae' \(known: gan, ldm\)"):
+    with pytest.raises(ConfigError, match=r"model.family: unknown model family 'vae' \(known: gan, ldm, maisi_controlnet\)"):
         load_config(None, ["model.family=vae"])
     # the family's own config class validates the section: bad fields keep their paths
     with pytest.raises(ConfigError, match=r"(?s)2 invalid settings.*model.autoencoder.lr: .*model.generator: unknown field"):

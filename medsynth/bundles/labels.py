@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from medsynth.bundles.reader import Bundle
-from medsynth.errors import ConfigError, DataError
+from medsynth.errors import CheckpointError, ConfigError, DataError
 from medsynth.safe_yaml import read_yaml_file
 
 __all__ = ["BODY_LABEL", "LabelMapping", "Suggestion", "add_body", "apply_mapping", "mapping_text",
@@ -49,6 +49,26 @@ class LabelMapping:
     def new_classes(self) -> dict[int, int]:
         """user value -> bundle value of the classes placed in spare slots."""
         return {k: v for k, v in self.values.items() if self.names.get(k) == SPARE}
+
+    def to_facts(self) -> dict[str, object]:
+        """The mapping as JSON-able facts (a fine-tuned run's card keeps them: sampling needs no file)."""
+        return {"values": {str(k): int(v) for k, v in self.values.items()},
+                "names": {str(k): str(v) for k, v in self.names.items()}, "body": self.body, "source": self.source}
+
+    @classmethod
+    def from_facts(cls, facts: object, where: str) -> LabelMapping:
+        """:meth:`to_facts` read back; CheckpointError naming ``where`` when they are not such facts."""
+        try:
+            if not isinstance(facts, dict):
+                raise TypeError
+            values = {int(k): int(v) for k, v in facts["values"].items()}
+            names = {int(k): str(v) for k, v in facts.get("names", {}).items()}
+            body = facts.get("body", "outline")
+            if body not in ("outline", "none") or not all(0 <= v < 256 for v in values.values()):
+                raise ValueError
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise CheckpointError(f"{where}: field 'model.label_mapping' is not a label mapping medsynth wrote") from None
+        return cls(values=values, body=body, names=names, source=str(facts.get("source", where)))
 
 
 def spare_values(bundle: Bundle) -> list[int]:

@@ -70,6 +70,8 @@ _TINY = {
                        "use_flash_attention": False, "conditioning_embedding_num_channels": [8, 8, 8],
                        "use_checkpointing": False},
 }
+#: the spread given to the weights MONAI initialises at zero (see :func:`write_random_bundle`)
+ZERO_INIT_STD = 0.02
 #: a few names of the bundle vocabulary (configs/label_dict.json) for the tiny bundle
 TINY_LABELS = {"liver": 1, "spleen": 3, "pancreas": 4, "right kidney": 5, "left kidney": 14, "hepatic tumor": 26,
                "bone lesion": 128, "body": 200}
@@ -126,6 +128,11 @@ def write_random_bundle(root: str | Path, layout: Literal["ddpm", "rflow"] = "rf
         torch.manual_seed(seed)
         ae, unet, cn = (build(_resolved(config, k), cpu)
                         for k in ("autoencoder_def", "diffusion_unet_def", "controlnet_def"))
+        with torch.no_grad():  # MONAI starts the UNet's output and the ControlNet's residual convolutions at
+            for net in (unet, cn):  # zero; trained ones are not, and a zero UNet output passes no gradient
+                for param in net.parameters():
+                    if param.dim() > 1 and not param.any():
+                        param.normal_(0.0, ZERO_INIT_STD)
     files = WEIGHT_FILES[layout]
     torch.save(ae.state_dict(), root / "models" / files[0])
     torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(scale_factor), "epoch": 0},

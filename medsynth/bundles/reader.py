@@ -31,9 +31,10 @@ from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMais
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
+from medsynth.data.ledger import sha256_file
 from medsynth.errors import CheckpointError, DataError
 
-__all__ = ["ALLOWED_TARGETS", "Bundle", "Layout", "NetworkDef", "read_bundle"]
+__all__ = ["ALLOWED_TARGETS", "FROZEN_KEYS", "Bundle", "Layout", "NetworkDef", "read_bundle"]
 
 Layout = Literal["ddpm", "rflow"]
 
@@ -56,6 +57,8 @@ NETWORK_KEYS: dict[str, type] = {
 }
 #: the config keys naming the weights files
 WEIGHT_KEYS = ("trained_autoencoder_path", "trained_diffusion_path", "trained_controlnet_path")
+#: the networks a fine-tuned ControlNet run keeps frozen: their files' sha256 is recorded and checked again
+FROZEN_KEYS = ("trained_autoencoder_path", "trained_diffusion_path")
 #: bundle major version -> layout (metadata.json ``version``)
 KNOWN_MAJOR: dict[int, Layout] = {0: "ddpm", 1: "rflow"}
 #: the largest config file read
@@ -94,6 +97,10 @@ class Bundle:
     @property
     def latent_channels(self) -> int:
         return int(self.unet.kwargs["in_channels"])
+
+    def checksums(self, keys: tuple[str, ...] = WEIGHT_KEYS) -> dict[str, str]:
+        """Weights config key -> sha256 of its file (a fine-tuned run records its frozen networks' files)."""
+        return {key: sha256_file(self.weights[key]) for key in keys}
 
     @property
     def label_names(self) -> dict[int, str]:

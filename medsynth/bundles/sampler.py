@@ -15,6 +15,7 @@ of the bundle's ``scripts/sample.py``, on MONAI 1.6's classes):
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from medsynth.bundles.reader import Bundle, read_bundle
 from medsynth.data.nifti import Volume
 from medsynth.errors import ConfigError
 
-__all__ = ["HU_RANGE", "BundleSampler", "binarize_labels", "downsample_factor"]
+__all__ = ["HU_RANGE", "BundleSampler", "binarize_labels", "downsample_factor", "unet_conditions"]
 
 #: MAISI's CT intensity window: the autoencoder's [0, 1] is this range in HU
 HU_RANGE = (-1000.0, 1000.0)
@@ -46,6 +47,19 @@ def binarize_labels(labels: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """``(N, 1, *spatial)`` integer labels 0..255 -> ``(N, bits, *spatial)`` float: channel k is bit k."""
     shifts = torch.arange(bits, device=labels.device).view(1, bits, *([1] * (labels.ndim - 2)))
     return ((labels.long() >> shifts) & 1).float()
+
+
+def unet_conditions(bundle: Bundle, spacings: Sequence[Sequence[float]], device: torch.device) -> dict[str, torch.Tensor]:
+    """The UNet's extra inputs for volumes of RAS ``spacings`` (mm, one per volume): spacing x 100, the
+    modality class (CT) when the UNet has class embeddings, the ddpm layout's body-region indices."""
+    n = len(spacings)
+    out = {"spacing_tensor": torch.tensor([[float(s) * 100.0 for s in sp] for sp in spacings], device=device)}
+    if bundle.unet.kwargs.get("num_class_embeds"):
+        out["class_labels"] = torch.full((n,), CT_MODALITY, dtype=torch.long, device=device)
+    if bundle.unet.kwargs.get("include_top_region_index_input"):
+        out["top_region_index_tensor"] = torch.tensor([DDPM_REGION[0]] * n, device=device)
+        out["bottom_region_index_tensor"] = torch.tensor([DDPM_REGION[1]] * n, device=device)
+    return out
 
 
 def downsample_factor(bundle: Bundle) -> int:
@@ -64,6 +78,8 @@ class BundleSampler:
     mapping: LabelMapping
     limits: FitLimits = field(default_factory=lambda: geometry.MAISI_LIMITS)
     dataset_names: dict[int, str] | None = None
+    #: sampler steps when ``generate`` is given none (None: the layout's :data:`DEFAULT_STEPS`)
+    default_steps: int | None = None
 
     @classmethod
     def from_bundle(cls, root: str | Path, mapping: str | Path, *, device: str = "auto",
@@ -111,22 +127,15 @@ class BundleSampler:
         return scheduler
 
     def conditions(self, spacing: tuple[float, ...], n: int = 1) -> dict[str, torch.Tensor]:
-        """The UNet's extra inputs: spacing x 100, modality class, ddpm body-region indices."""
-        dev = self.device
-        out = {"spacing_tensor": torch.tensor([[s * 100.0 for s in spacing]] * n, device=dev)}
-        if self.bundle.unet.kwargs.get("num_class_embeds"):
-            out["class_labels"] = torch.full((n,), CT_MODALITY, dtype=torch.long, device=dev)
-        if self.bundle.unet.kwargs.get("include_top_region_index_input"):
-            out["top_region_index_tensor"] = torch.tensor([DDPM_REGION[0]] * n, device=dev)
-            out["bottom_region_index_tensor"] = torch.tensor([DDPM_REGION[1]] * n, device=dev)
-        return out
+        """The UNet's extra inputs for ``n`` volumes of one ``spacing`` (:func:`unet_conditions`)."""
+        return unet_conditions(self.bundle, [spacing] * n, self.device)
 
     @torch.no_grad()
     def generate_work(self, labels: np.ndarray, spacing: tuple[float, ...], seed: int, *,
                       steps: int | None = None) -> np.ndarray:
         """Stages 3-5 on the work grid: ``labels`` (X, Y, Z) bundle values -> image (X, Y, Z) float32 in HU."""
         nets, dev = self.networks, self.device
-        steps = int(steps or DEFAULT_STEPS[self.bundle.layout])
+        steps = int(steps or self.default_steps or DEFAULT_STEPS[self.bundle.layout])
         if steps < 1:
             raise ConfigError(f"steps: must be at least 1, got {steps}")
         factor = 2 ** (len(self.bundle.autoencoder.kwargs["num_channels"]) - 1)

@@ -194,6 +194,9 @@ class Synthesizer:
         """
         import torch
 
+        if getattr(self.backend, "generates_volumes", False):  # the mask's grid is the backend's job
+            return self._generate_on_grid(mask, seed, class_value=class_value, steps=steps, sampler=sampler,
+                                          guidance=guidance, appearance=appearance)
         # 0. a batch of masks: one image per mask, generated together
         if isinstance(mask, (list, tuple)) or (isinstance(mask, np.ndarray) and self.info.dim == 3 and mask.ndim == 4):
             return self._generate_batch(list(mask), seed, class_value=class_value, steps=steps, sampler=sampler,
@@ -265,6 +268,30 @@ class Synthesizer:
             unit = unit[0]
         image = self.info.normalization.from_unit(unit)
         return image[0] if image.shape[0] == 1 else image
+
+    def _generate_on_grid(self, mask: Volume | np.ndarray | Sequence[Volume | np.ndarray], seed: int | Sequence[int], *,
+                          class_value: str | None, steps: int | None, sampler: str | None, guidance: float | None,
+                          appearance: Appearance | None) -> np.ndarray:
+        """:meth:`generate` with a backend that fits each mask's grid itself (``generates_volumes``: a
+        fine-tuned MAISI ControlNet run): a Volume keeps its affine; an array is read at the run's
+        ``data.spacing`` on RAS axes. Images come back in the dataset's units."""
+        from medsynth.data.nifti import Volume
+
+        if class_value is not None or sampler is not None or guidance is not None or appearance is not None:
+            raise ConfigError(f"the {self.family} run samples with its bundle's own scheduler: class_value, sampler, "
+                              "guidance and appearance do not apply")
+        many = isinstance(mask, (list, tuple)) or (isinstance(mask, np.ndarray) and mask.ndim == 4)
+        masks = cast("list[Volume | np.ndarray]", list(mask) if many else [mask])  # type: ignore[arg-type]
+        seeds = [int(seed)] * len(masks) if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+        if len(seeds) != len(masks):
+            raise ConfigError(f"seed: expected one seed per mask ({len(masks)}) or one for all, got {len(seeds)}")
+        out = []
+        for m, s in zip(masks, seeds):
+            self._index(m)  # label values the run was not trained on fail here, by value
+            vol = m if isinstance(m, Volume) else Volume(
+                array=np.asarray(m), affine=_spacing_affine(np.ndim(m), self.info.spacing), path=None, header={})
+            out.append(np.asarray(self.backend.generate_volume(vol, s, steps=steps).array, np.float32))  # type: ignore[attr-defined]
+        return np.stack(out) if many else out[0]
 
     def appearance_of(self, appearance: Appearance | None, seed: int) -> np.ndarray | None:
         """The ``(C, L)`` label means in [0, 1] units that ``generate(appearance=..., seed=seed)`` paints
@@ -402,6 +429,10 @@ class Synthesizer:
         from medsynth.data.loader import resample, target_shape
         from medsynth.data.nifti import Volume
 
+        if getattr(self.backend, "generates_volumes", False):  # it fits the mask's own grid and affine
+            image = self._generate_on_grid(mask, seed, class_value=class_value, steps=steps, sampler=sampler,
+                                           guidance=guidance, appearance=appearance)
+            return Volume(array=image, affine=np.array(mask.affine, dtype=np.float64), path=None, header={})
         arr = np.asarray(mask.array)
         target = self.info.spacing
         if target is not None and len(target) == arr.ndim and not np.allclose(mask.spacing, target, rtol=1e-3):
@@ -417,6 +448,14 @@ class Synthesizer:
             image = self.generate(mask, seed, class_value=class_value, steps=steps, sampler=sampler,
                                   guidance=guidance, progress=progress, appearance=appearance)
         return Volume(array=image, affine=np.array(mask.affine, dtype=np.float64), path=None, header={})
+
+
+def _spacing_affine(ndim: int, spacing: list[float] | None) -> np.ndarray:
+    """The affine of a mask given as a bare array: ``spacing`` mm (1 mm without one) on RAS axes."""
+    aff = np.eye(4)
+    if spacing is not None and len(spacing) == ndim == 3:
+        aff[:3, :3] = np.diag([float(s) for s in spacing])
+    return aff
 
 
 @contextlib.contextmanager
