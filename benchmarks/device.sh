@@ -6,6 +6,7 @@
 #   $OUT/memory_model.jsonl   per recipe stage: the memory model's estimate beside the measured allocator peak
 #                             and seconds per step (benchmarks/memory_model.py --device cuda; the ldm diffusion
 #                             stage needs a trained autoencoder and is timed by train_ldm.py instead)
+#   $OUT/switches.jsonl       the same rows with training.channels_last (gan3d, ldm3d) and training.compile (gan2d)
 #   $OUT/train_ldm.jsonl      stage-2 UNet and stage-1 autoencoder steps, plain fp32 vs ours (bf16, fused
 #                             attention, fused Adam) vs + torch.compile, with peak memory
 #   $OUT/train_gan.jsonl      gan2d and gan3d steps (benchmarks/train_gan.py)
@@ -22,7 +23,7 @@
 #     -d .device/whl monai==1.6.1 nibabel==5.4.2 pydantic==2.13.4 pydantic-core==2.46.4 \
 #     annotated-types==0.7.0 typing-inspection==0.4.2
 # Then one device call:  run(command="bash benchmarks/device.sh", carry=[".device"], timeout_s=600)
-# Each part has its own time limit (the sum is 560 s); a part that runs out leaves what it printed.
+# Each part has its own time limit (the sum is 540 s); a part that runs out leaves what it printed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./device_out}"
@@ -54,15 +55,19 @@ part() {  # part SECONDS NAME COMMAND...: run one measurement into $OUT/NAME.jso
 }
 
 # 1. peak memory and step time of each GPU recipe stage, the memory model's estimate beside it
-part 170 memory_model python3 benchmarks/memory_model.py --device cuda --recipes gan2d,gan3d,ldm2d,ldm3d --timeout 120
-# 2. training steps: our stage-2 UNet and stage-1 autoencoder (plain, ours, + compile), the GAN recipes
-part 130 train_ldm python3 benchmarks/train_ldm.py --device cuda --compile --steps 10 --warmup 3
-part 60 train_gan python3 benchmarks/train_gan.py --recipe configs/gan2d.yaml --recipe configs/gan3d.yaml --steps 10
-# 3. sampling throughput (no 1000-step DDPM: the peer times that one)
-part 100 sample python3 benchmarks/sample.py --device cuda --skip-ddpm
-# 4. the peer, in the same call
+part 140 memory_model python3 benchmarks/memory_model.py --device cuda --recipes gan2d,gan3d,ldm2d,ldm3d --timeout 110
+# 2. the switches that stay off until measured: channels-last (3D) and torch.compile (gan2d), same rows
+part 100 switches bash -c 'python3 benchmarks/memory_model.py --device cuda --recipes gan3d,ldm3d --timeout 50 \
+  --set training.channels_last=true; python3 benchmarks/memory_model.py --device cuda --recipes gan2d --timeout 55 \
+  --set training.compile=true'
+# 3. training steps: our stage-2 UNet and stage-1 autoencoder (plain, ours, + compile), the GAN recipes
+part 100 train_ldm python3 benchmarks/train_ldm.py --device cuda --compile --steps 10 --warmup 3
+part 50 train_gan python3 benchmarks/train_gan.py --recipe configs/gan2d.yaml --recipe configs/gan3d.yaml --steps 10
+# 4. sampling throughput (no 1000-step DDPM: the peer times that one)
+part 75 sample python3 benchmarks/sample.py --device cuda --skip-ddpm
+# 5. the peer, in the same call
 if [ -n "$PEER" ]; then
-  part 100 peer python3 "$PEER"
+  part 75 peer python3 "$PEER"
 else
   echo '{"what": "peer", "error": "monai_baseline.py not carried (see the header)"}' > "$OUT/peer.jsonl"
 fi

@@ -524,6 +524,13 @@ class TrainingConfig(StrictModel):
         "Learning rate of the discriminators (the GAN's, the LDM autoencoder's patch discriminator)."))
     amp: bool = Field(default=True, description=(
         "bf16 autocast on CUDA (faster, less activation memory); ignored on the CPU, where bf16 is slow."))
+    channels_last: bool = Field(default=False, description=(
+        "Channels-last memory format (channels_last_3d for 3D) for the trained networks and the batch: faster "
+        "convolutions on recent GPUs, the same results up to float rounding. Off until measured on a GPU "
+        "(benchmarks/device.sh)."))
+    compile: bool = Field(default=False, description=(
+        "torch.compile the networks a step trains (CUDA; the first steps take minutes to compile, and each new "
+        "input shape compiles again). Off until measured on a GPU (benchmarks/device.sh)."))
     ema: float | None = Field(default=0.999, gt=0, lt=1, description=(
         "Decay of the exponential moving average of the main network's weights, which previews, export and "
         "sampling use (0.999 averages over about the last 1000 steps); null: off, the raw weights are used."))

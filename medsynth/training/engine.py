@@ -102,7 +102,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import numpy as np
 
@@ -158,6 +158,8 @@ RESUME_MUTABLE = {
     "training.keep_last",
     "training.device",
     "training.threads",
+    "training.channels_last",
+    "training.compile",
 }
 #: the most torch threads ``training.threads: 0`` picks
 MAX_AUTO_THREADS = 32
@@ -226,14 +228,42 @@ class Runtime(TorchrunEnv):
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
 
-    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """DDP-wrap ``module`` under torchrun (its gradients are averaged across ranks)."""
-        if not self.distributed:
-            return module
-        from torch.nn.parallel import DistributedDataParallel
+    def memory_format(self) -> torch.memory_format | None:
+        """``training.channels_last``: channels_last (2D) or channels_last_3d (3D); else None."""
+        import torch
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
+        if not self.config.training.channels_last:
+            return None
+        return torch.channels_last if self.config.data.dim == 2 else torch.channels_last_3d
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module a step trains: ``module`` in the channels-last memory format with
+        ``training.channels_last`` (its parameters converted in place), DDP-wrapped under torchrun (its
+        gradients are averaged across ranks), then compiled with ``training.compile``."""
+        import torch
+
+        fmt = self.memory_format()
+        if fmt is not None:
+            module = module.to(memory_format=fmt)  # type: ignore[call-overload]  # Module.to takes it; its stubs do not
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = DistributedDataParallel(module, device_ids=ids)
+        if self.config.training.compile:
+            module = cast("torch.nn.Module", torch.compile(module))
+        return module
+
+    def prepare(self, batch: Batch, num_labels: int) -> Batch:
+        """A loader batch as a step takes it: on the device, one-hot ``label`` built there, images and
+        labels in the channels-last format with ``training.channels_last``."""
+        out = with_one_hot(_to_device(batch, self.device), num_labels)
+        fmt = self.memory_format()
+        if fmt is None:
+            return out
+        sd = 4 if self.config.data.dim == 2 else 5
+        return {k: (v.contiguous(memory_format=fmt) if k in ("image", "label") and v.ndim == sd else v)
+                for k, v in out.items()}
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
         """A CPU generator seeded from (seed, step, rank, stream): draw, then ``.to(rt.device)``."""
@@ -926,7 +956,7 @@ def _train(rt: Runtime, manifest: Manifest, inputs: dict[str, Any] | None, *, re
         mark = time.perf_counter()
         for batch in loader:
             # 5a. one optimisation step (timed with its data loading; one-hot labels made on the device)
-            out = family.train_step(with_one_hot(_to_device(batch, rt.device), num_labels), step)
+            out = family.train_step(rt.prepare(batch, num_labels), step)
             step += 1
             add_losses(sums, out, rt.device)
             count += 1

@@ -144,7 +144,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     """sha256 over a state dict's names and bytes (the identity of an autoencoder's weights)."""
     h = hashlib.sha256()
     for k in sorted(state):
-        t = state[k].detach().to("cpu").contiguous()
+        t = state[k].detach().to("cpu").reshape(-1)  # logical order, whatever the memory format
         h.update(k.encode())
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

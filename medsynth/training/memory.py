@@ -68,8 +68,9 @@ TRANSIENT_FACTOR = 2
 #: a training step's memory that does not scale with the recipe (autograd's graph, kernels' scratch, the
 #: allocator's slack): measured on the CPU, peak RSS growth of the tiny recipes beyond the rest of the model
 STEP_OVERHEAD_BYTES = 4 * 1024**2
-#: stages whose networks need an earlier stage's weights (their step cannot run without a trained run)
-_NEEDS_EARLIER_STAGE = {("ldm", "diffusion")}
+#: stages whose networks need an earlier stage's weights (their step cannot run without a trained run), or a
+#: downloaded bundle's (maisi_controlnet: its networks are the bundle's)
+_NEEDS_EARLIER_STAGE = {("ldm", "diffusion"), ("maisi_controlnet", None)}
 
 
 @dataclass(frozen=True)
@@ -248,11 +249,13 @@ def measure_step_memory(cfg: Config, stage: str | None = None, *, device: str = 
     dev = torch.device(device)
     info = assumed_info(cfg)
 
-    def build(c: Config) -> Any:
+    def build(c: Config) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The family and a batch as a training step takes them (``Runtime.prepare``: memory format)."""
         rt = Runtime(config=c, run_dir=Path("memory-measure"), device=dev, stage=stage)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return family_class(c.model.family)(c, info, rt)
+            family = family_class(c.model.family)(c, info, rt)
+        return family, rt.prepare(step_batch(c, info, dev), info.num_labels)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -265,13 +268,12 @@ def measure_step_memory(cfg: Config, stage: str | None = None, *, device: str = 
     else:
         warm = cfg.model_copy(deep=True)
         warm.training.batch_size = 1
-        family = build(warm)
-        family.train_step(step_batch(warm, info, dev), 10**9)
-        del family
+        family, batch = build(warm)
+        family.train_step(batch, 10**9)
+        del family, batch
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         before = _proc_status("VmRSS")
-    family = build(cfg)
-    batch = step_batch(cfg, info, dev)
+    family, batch = build(cfg)
     family.train_step(batch, 10**9)
     sync()
     start = time.perf_counter()
