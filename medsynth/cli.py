@@ -7,8 +7,10 @@ Each command parses its options and calls one library function. This is the only
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import io
 import json
 import math
 import sys
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+
+from medsynth.data.atomic import shown
 
 #: ``--set key=value`` (augment; train's is :data:`TrainSetOption`): a dotted key and a YAML value, repeatable
 SetOption = Annotated[list[str] | None, typer.Option(
@@ -43,12 +47,6 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def shown(text: str) -> str:
-    """``text`` printable whatever the terminal: a file name's bytes that are not UTF-8 (surrogate
-    escapes) shown as ``\\udcff``."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def os_error_message(exc: OSError) -> str:
     """``<path>: <reason>`` for a file-system error (``No space left on device``, ``Read-only file
     system``, ``Permission denied``, ``File exists``, ...), naming both paths of a rename or link."""
@@ -73,16 +71,28 @@ def os_error_message(exc: OSError) -> str:
     return f"{where}: {reason}"
 
 
+def _escaped_output() -> None:
+    """stdout and stderr show a file name's bytes that are not UTF-8 escaped (``c\\udcff``, as
+    :func:`~medsynth.data.atomic.shown`) in every line a command prints (plans, tables, progress), on
+    any terminal: a strict UTF-8 stream would raise UnicodeEncodeError, a surrogate-escaping one would
+    print bytes the terminal cannot show."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):  # not a TextIOWrapper
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+
+
 def user_errors(func: F) -> F:
     """Turn MedsynthError, file-system errors (an OSError with an errno: full disk, read-only file
     system, permissions, ...) and Ctrl-C into one message and an exit code; never a traceback.
     Anything else (a bug) keeps its traceback. Python warnings print as one ``warning:`` line
-    (:func:`_plain_warnings`) in every command."""
+    (:func:`_plain_warnings`) in every command; a file name that is not UTF-8 prints escaped
+    (:func:`_escaped_output`)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from medsynth.errors import MedsynthError
 
+        _escaped_output()
         try:
             with _plain_warnings():
                 return func(*args, **kwargs)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medsynth.data.atomic import atomic_write_with
+from medsynth.data.atomic import atomic_write_with, shown
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["CasePair", "CurvePanel", "case_preview", "case_preview_figure", "downstream_chart", "fit_to_text", "grid",
            "label_preview", "label_preview_figure", "middle_slice", "new_figure", "outlines", "save_png", "show_slice",
-           "text_overflow", "training_curves"]
+           "shown_text", "text_overflow", "training_curves"]
 
 #: label maps are drawn with this qualitative colour map, values 0..9
 LABEL_CMAP = "tab10"
@@ -48,9 +48,24 @@ def grid(rows: int, cols: int, scale: float = 1.6) -> tuple[Figure, np.ndarray]:
 
 
 def save_png(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG atomically (the folder is created if needed)."""
+    """Write ``fig`` as a PNG atomically (the folder is created if needed); a name that is not UTF-8 in
+    its text is drawn escaped (:func:`shown_text`)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    shown_text(fig)
     return atomic_write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def shown_text(fig: Figure) -> Figure:
+    """Every title, label and legend entry of ``fig`` with the bytes of a file name that are not UTF-8
+    shown escaped (:func:`medsynth.data.atomic.shown`: ``c\\udcff``); matplotlib cannot draw a surrogate
+    escape. Returns ``fig``."""
+    from matplotlib.text import Text
+
+    for artist in fig.findobj(Text):
+        text = artist.get_text()
+        if isinstance(text, str) and shown(text) != text:
+            artist.set_text(shown(text))
+    return fig
 
 
 def middle_slice(array: np.ndarray) -> np.ndarray:
@@ -220,6 +235,7 @@ def text_overflow(fig: Figure) -> float:
     from matplotlib.text import Text
 
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    shown_text(fig)
     fig.draw_without_rendering()
     width = fig.bbox.width
     over = 0.0

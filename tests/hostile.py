@@ -1,14 +1,20 @@
-"""A small generator of hostile output paths and case ids, for the ownership and error-line tests.
+"""A small generator of hostile output paths, case ids and file names, for the ownership, error-line
+and name tests.
 
 :func:`hostile_out` makes one of :data:`HOSTILE_OUTS` under a folder and returns the ``--out`` to pass
-and a fragment the one ``error:`` line must hold. :func:`snapshot` records every file (bytes) and link
-under a folder, so a test can prove a command changed nothing there.
+and a fragment the one ``error:`` line must hold. :func:`hostile_dataset` writes a small phantom
+dataset whose cases' files carry :data:`HOSTILE_NAMES`. :func:`snapshot` records every file (bytes)
+and link under a folder, so a test can prove a command changed nothing there.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+from medsynth.data.phantoms import make_phantom_dataset
 
 #: kind -> the words the error line must use
 HOSTILE_OUTS = {
@@ -25,6 +31,34 @@ HOSTILE_OUTS = {
 PATH_KINDS = ("loop", "dangling", "fifo", "file", "under_a_file", "under_a_loop")
 #: case ids that differ as strings, name bytes that are not UTF-8, or climb out of a folder
 HOSTILE_CASE_IDS = ("c\udcff", "./a", "a/../../labelsTr/b", "../escape", "a\nb")
+
+
+#: kind -> a case id a file system can hold as a file name ``<id>.nii.gz`` (the case's image and label)
+HOSTILE_NAMES = {
+    "space": "case one",
+    "leading_dash": "--help",
+    "unicode": "Bücher_脑_é",
+    "dots": "..",
+    "long": "n" * (255 - len(".nii.gz")),  # the file name is 255 bytes, the most most file systems allow
+    "newline": "a\nb",
+    "not_utf8": os.fsdecode(b"c\xff"),  # byte 0xff: Python's surrogate escape "c\udcff"
+}
+
+
+def hostile_dataset(root: Path, names: Sequence[str], *, dim: int = 2, size: int = 16) -> Path:
+    """An MSD phantom dataset in ``root`` with ``len(names) + 1`` cases: case ``k`` (from 1) has image and
+    label files named ``names[k - 1] + ".nii.gz"``, case 0 keeps its plain name. Returns its
+    ``dataset.json``. OSError (from the rename) where the file system refuses a name: the caller skips."""
+    manifest = make_phantom_dataset(root, dim=dim, cases=len(names) + 1, seed=0, size=size)
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    for k, name in enumerate(names, start=1):
+        entry = data["training"][k]
+        for key in ("image", "label"):
+            old = root / entry[key]
+            os.rename(old, old.with_name(f"{name}.nii.gz"))
+            entry[key] = f"{old.parent.name}/{name}.nii.gz"
+    manifest.write_text(json.dumps(data, indent=2), encoding="ascii")  # a name that is not UTF-8: JSON's \udcff
+    return manifest
 
 
 def hostile_out(kind: str, root: Path) -> tuple[Path, str]:

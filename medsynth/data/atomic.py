@@ -1,6 +1,15 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then ``os.replace``.
+"""Atomic file writes: a temp file in the same folder, fsync, then ``os.replace``; and how a file name
+that is not UTF-8 is written into text.
 
 A reader (or a resumed job) never sees a half-written file under its final name.
+
+A file system may hold names that are not UTF-8 (byte ``0xff``); Python reads them with surrogate
+escapes (``os.fsdecode(b"c\xff") == "c\udcff"``), which UTF-8 cannot encode. Such a name is
+written *as the file system has it* where it is a file name to be opened again (the file itself; a
+manifest: :func:`atomic_write_text` with ``names="as_stored"``), and *shown escaped* (``c\udcff``, the
+six characters: :func:`shown`) in every text meant to be read: reports, tables, JSON summaries,
+pictures (:mod:`medsynth.plots`) and messages (``medsynth.cli``). In a JSON string the escaped form is
+the JSON escape of the same name, so ``json.loads`` gives the name back.
 """
 
 from __future__ import annotations
@@ -12,15 +21,24 @@ import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
+
+#: the longest file name (bytes) most file systems hold; a temp name is cut to fit it
+NAME_MAX = 255
 
 
 def temp_path_for(path: Path) -> Path:
-    """A unique temp name beside ``path`` that keeps its extension (``.nii.gz`` included)."""
+    """A unique temp name beside ``path`` that keeps its extension (``.nii.gz`` included), at most
+    :data:`NAME_MAX` bytes (the stem is cut: a 255-byte final name still gets a temp name)."""
     path = Path(path)
     name = path.name
     suffix = "".join(path.suffixes[-2:]) if name.endswith(".nii.gz") else path.suffix
     stem = name[: len(name) - len(suffix)] if suffix else name
-    return path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:12]}{suffix}")
+    tail = f".tmp-{uuid.uuid4().hex[:12]}{suffix}"
+    room = max(NAME_MAX - 1 - len(os.fsencode(tail)), 0)
+    # cut in bytes; fsdecode turns a split character into surrogate escapes, which re-encode to the same bytes
+    stem = os.fsdecode(os.fsencode(stem)[:room])
+    return path.with_name(f".{stem}{tail}")
 
 
 def _fsync_file(path: Path) -> None:
@@ -109,8 +127,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
     return Path(path)
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def shown(text: object) -> str:
+    """``text`` (``str()`` of it) with each byte of a file name that is not UTF-8 (a surrogate escape,
+    ``\udcff``) shown as the six characters ``\udcff``: printable on any terminal, writable as UTF-8."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def atomic_write_text(path: Path, text: str, *, names: Literal["shown", "as_stored"] = "shown") -> Path:
+    """Write ``text`` as UTF-8, atomically.
+
+    names: how a file name that is not UTF-8 in ``text`` is written: ``"shown"`` escaped (:func:`shown`;
+    reports, tables, JSON), ``"as_stored"`` byte for byte as the file system has it (a manifest, whose
+    file names are opened again)."""
+    return atomic_write_bytes(path, text.encode("utf-8", "backslashreplace" if names == "shown" else "surrogateescape"))
 
 
 def atomic_write_with(path: Path, writer: Callable[[Path], None]) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsynth.data.atomic import temp_path_for
+from medsynth.data.atomic import NAME_MAX, temp_path_for
 from medsynth.data.formats import ManifestFormat, get_format
 from medsynth.data.ledger import check_out_path, claim_folder
 from medsynth.data.manifest import Case, Manifest, write_manifest
@@ -232,11 +232,16 @@ def _export_paths(case: Case, channels: int, fmt: ManifestFormat, out: Path,
 def _check_no_collisions(cases: list[Case], channels: int, fmt: ManifestFormat, out: Path, ending: str | None) -> None:
     """Before anything is written: DataError if two cases would write one file (case ids that
     differ as strings but resolve to the same path, ``./a`` and ``a``), so an export never holds
-    fewer cases than its input."""
+    fewer cases than its input; or if a file's name would be longer than the file system allows
+    (a 255-byte case name with nnU-Net's ``_0000``)."""
     owner: dict[str, str] = {}
     for case in cases:
         images, label = _export_paths(case, channels, fmt, out, ending)
         for path in [*images, *([label] if label is not None else [])]:
+            if len(os.fsencode(path.name)) > NAME_MAX:
+                raise DataError(f"case {case.case_id!r}: its file name in the export, {path.name}, would be "
+                                f"{len(os.fsencode(path.name))} bytes, more than the {NAME_MAX} a file system allows; "
+                                "rename the case")
             first = owner.setdefault(os.path.normcase(os.path.normpath(path)), case.case_id)
             if first != case.case_id:
                 raise DataError(f"cases {first!r} and {case.case_id!r} would both be written to {path}; "

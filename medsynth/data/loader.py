@@ -593,7 +593,7 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
     digest = hashlib.sha256()
     arrays = []
     for (case, image, lab, _), cls in zip(raw, class_values):
-        digest.update(case.case_id.encode())
+        digest.update(case.case_id.encode("utf-8", "surrogateescape"))  # a name that is not UTF-8: its bytes
         digest.update(np.ascontiguousarray(image, dtype=np.float32).tobytes())
         digest.update(np.ascontiguousarray(lab, dtype=np.int64).tobytes())
         index = lut[lab.astype(np.int64)].astype(np.int16)

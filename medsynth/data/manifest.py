@@ -49,4 +49,5 @@ def write_manifest(manifest: Manifest, path: str | Path, fmt: str | None = None)
     """
     target_format = get_format(fmt or manifest.format)
     target = target_format.manifest_path(Path(path))
-    return atomic_write_text(target, target_format.text(manifest, target.parent))
+    # file names as the file system has them (a JSON format escapes them itself, as JSON does)
+    return atomic_write_text(target, target_format.text(manifest, target.parent), names="as_stored")

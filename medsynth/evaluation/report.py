@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medsynth.data.atomic import atomic_write_bytes
+from medsynth.data.atomic import atomic_write_text
 from medsynth.plots import fit_to_text, middle_slice, new_figure, save_png, show_slice
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,17 +89,6 @@ def _csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
-def _write_text(path: Path, text: str) -> Path:
-    """Write ``text`` as UTF-8; a case name that is not UTF-8 (surrogate escapes from the file system)
-    is written as the file system has it, byte for byte."""
-    return atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
-
-
-def shown(name: object) -> str:
-    """A case name for a picture: bytes that are not UTF-8 shown escaped (``\\udcff``)."""
-    return str(name).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _json(summary: dict[str, Any]) -> str:
     return json.dumps(summary, indent=2, allow_nan=False) + "\n"
 
@@ -113,8 +102,8 @@ def write_paired_report(summary: dict[str, Any], previews: Sequence[Preview], ou
     out.mkdir(parents=True, exist_ok=True)
     rows = summary["cases"]
     written = [
-        _write_text(out / "metrics.csv", _csv(rows, PAIRED_COLUMNS)),
-        _write_text(out / "summary.json", _json(summary)),
+        atomic_write_text(out / "metrics.csv", _csv(rows, PAIRED_COLUMNS)),
+        atomic_write_text(out / "summary.json", _json(summary)),
         save_png(_distribution_figure(rows), out / "metrics.png"),
     ]
     if previews:
@@ -162,7 +151,7 @@ def _paired_montage(rows: Sequence[dict[str, Any]], previews: Sequence[Preview])
         fig.colorbar(im, ax=axes[r, 2], fraction=0.046)
         ssim_txt = "n/a" if row["ssim"] is None else f"{row['ssim']:.4f}"
         psnr_txt = "inf" if row["psnr"] is None else f"{row['psnr']:.2f} dB"
-        axes[r, 0].set_ylabel(f"{shown(p.case_id)}\nSSIM {ssim_txt}\nPSNR {psnr_txt}", fontsize=9)
+        axes[r, 0].set_ylabel(f"{p.case_id}\nSSIM {ssim_txt}\nPSNR {psnr_txt}", fontsize=9)
     axes[0, 0].set_title("reference")
     axes[0, 1].set_title("candidate")
     axes[0, 2].set_title("|difference|")
@@ -184,8 +173,8 @@ def write_unpaired_report(summary: dict[str, Any], extras: UnpairedExtras, out: 
     ]
     columns = ("case_id", "nearest_reference", "max_ssim", "warped_source_ssim", "flagged")
     written = [
-        _write_text(out / "metrics.csv", _csv(rows, columns)),
-        _write_text(out / "summary.json", _json(summary)),
+        atomic_write_text(out / "metrics.csv", _csv(rows, columns)),
+        atomic_write_text(out / "summary.json", _json(summary)),
         save_png(_feature_figure(summary, extras), out / "features.png"),
         save_png(_memorisation_figure(mem), out / "memorisation.png"),
     ]
@@ -285,7 +274,7 @@ def _nearest_montage(mem: dict[str, Any], extras: UnpairedExtras, limit: int = 4
         show_slice(axes[r, 0], a, vmin=lo, vmax=hi)
         show_slice(axes[r, 1], b, vmin=lo, vmax=hi)
         flag = "  FLAGGED" if c["flagged"] else ""
-        axes[r, 0].set_ylabel(f"{shown(c['case_id'])}\nSSIM {c['max_ssim']:.4f}{flag}", fontsize=9)
+        axes[r, 0].set_ylabel(f"{c['case_id']}\nSSIM {c['max_ssim']:.4f}{flag}", fontsize=9)
         axes[r, 1].set_ylabel(c["nearest_id"], fontsize=9)
     axes[0, 0].set_title("candidate")
     axes[0, 1].set_title("nearest reference")

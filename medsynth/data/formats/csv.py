@@ -30,7 +30,7 @@ class CsvFormat(ManifestFormat):
         path = Path(path)
         root = path.parent.resolve()
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")  # names as the file system has them
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{path}: cannot read manifest ({exc})") from None
         reader = csv.DictReader(io.StringIO(text))
