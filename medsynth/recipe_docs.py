@@ -291,7 +291,8 @@ def recipe_reference() -> str:
         "(`benchmarks/memory_model.py`; tested for the tiny ones).",
         f"It assumes {ASSUMED_LABELS} labels and {ASSUMED_CHANNELS} image channel (`--dry-run` reads both from the "
         "manifest when one is given); bf16 autocast on a GPU roughly halves the activations. The `ldm` diffusion",
-        "stage needs the trained autoencoder and is not estimated.",
+        "stage needs the trained autoencoder and is not estimated, nor is `maisi_controlnet` (its networks come from",
+        "a downloaded bundle; docs/maisi.md gives MAISI's published figures).",
         "",
         *_memory_table(),
         "",
