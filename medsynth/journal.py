@@ -14,17 +14,19 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
-import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medsynth.data.atomic import atomic_write_text, file_kind, named_os_error
+from medsynth.data.atomic import atomic_write_text, named_os_error
 from medsynth.data.ledger import LOCK_FILE, check_out_path, sha256_file
+
+# the lock's home is medsynth.data.ledger (the data layer's writers take it too); named here for the jobs
+from medsynth.data.ledger import held_here as held_here
+from medsynth.data.ledger import lock_holder as lock_holder
+from medsynth.data.ledger import output_lock as output_lock
 from medsynth.data.manifest import Manifest
 from medsynth.errors import JobError, MedsynthError
 
@@ -122,121 +124,6 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and all(child.name == LOCK_FILE for child in path.iterdir())
 
 
-# ------------------------------------------------------------------------------------ the lock
-
-
-def _lock_pid(fd: int) -> str:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
-    except OSError:
-        return "unknown"
-    return text if text.isdigit() else "unknown"
-
-
-def _acquire(out: Path) -> int:
-    """An open descriptor of ``OUT/.medsynth.lock`` holding an exclusive flock and this PID."""
-    import fcntl
-
-    path = out / LOCK_FILE
-    while True:
-        try:  # O_NONBLOCK: a FIFO put there opens without waiting for a writer, then is refused below
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise JobError(f"{path} is a symbolic link; remove it (medsynth keeps its lock file there)") from None
-            if exc.errno == errno.EISDIR:
-                raise JobError(f"{path} is a folder, not a regular file; remove it (medsynth keeps its lock file "
-                               "there)") from None
-            raise
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            raise JobError(f"{path} is {file_kind(mode)}, not a regular file; remove it (medsynth keeps its lock "
-                           "file there)")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _lock_pid(fd)
-            os.close(fd)
-            mine = " (this process)" if pid == str(os.getpid()) else ""
-            raise JobError(f"{out} is in use by another medsynth job (PID {pid}{mine}); wait for it to finish, "
-                           "or stop it first") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        # the previous holder removes the file as it lets go: lock the file that is there now
-        try:
-            here = os.stat(path, follow_symlinks=False)
-        except FileNotFoundError:
-            here = None
-        held = os.fstat(fd)
-        if here is not None and (here.st_ino, here.st_dev) == (held.st_ino, held.st_dev):
-            try:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-            except OSError as exc:  # a full disk: name the lock file
-                os.close(fd)
-                raise named_os_error(exc, path) from exc
-            return fd
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def output_lock(out: Path) -> Iterator[Path]:
-    """Hold the output folder ``out`` for one job: ``with output_lock(out): check, claim, write``.
-
-    Creates ``out`` if needed and takes an exclusive, non-blocking ``flock`` on
-    ``out/.medsynth.lock``, which holds this process's PID. A second job (any process, or this one
-    again) gets a :class:`JobError` ``"OUT is in use by another medsynth job (PID n)"``. The lock lives
-    as long as the ``with`` block, or until the process dies (the kernel releases it; a killed job
-    leaves a lock file nobody holds, which the next job takes over). On exit the lock file is removed,
-    and so is ``out`` if this call created it and it is still empty.
-    Take it before :func:`check_output_state`, so that no other job can change the folder between the
-    check and the writes. Under torchrun only rank 0 takes it (the other ranks write under rank 0's).
-    """
-    out = Path(out)
-    check_out_path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = _acquire(out)
-    except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
-    try:
-        yield out
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(out / LOCK_FILE)  # while still held: a waiting job re-checks the file it locked
-        os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if empty: a job that failed before writing leaves nothing behind
-
-
-def lock_holder(out: Path) -> str | None:
-    """The PID (as text) of another process holding :func:`output_lock` on ``out``; None if the lock
-    is free or held by this process."""
-    import fcntl
-
-    try:
-        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = _lock_pid(fd)
-        return None if pid == str(os.getpid()) else pid
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)  # nobody held it
-        return None
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------------------------ what a job made
 
 
@@ -306,25 +193,6 @@ def _job_made_files(out: Path) -> list[Path]:
     remove += journal_paths(out)
     remove.append(out / JOB_FILE)
     return remove
-
-
-def held_here(out: Path) -> bool:
-    """Whether this process holds :func:`output_lock` on ``out``."""
-    import fcntl
-
-    try:
-        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _lock_pid(fd) == str(os.getpid())
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
 
 
 def _remove_strays(out: Path, folders: set[Path]) -> None:

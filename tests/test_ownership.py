@@ -195,11 +195,12 @@ COMMANDS = {
     "augment": lambda data, out: ["augment", data, "--method", "classic", "--num", "1", "--out", out, "--overwrite",
                                   "--no-progress"],
 }
-LOCKED = ("evaluate", "downstream", "demo", "train", "augment")
+#: commands that take the lock on a folder holding a user's file (export refuses a non-empty --out before)
+LOCKED = ("evaluate", "downstream", "demo", "train", "augment", "phantoms")
 
 
 @pytest.mark.parametrize(("command", "kind"), [(c, k) for c in sorted(COMMANDS) for k in sorted(HOSTILE_OUTS)
-                                               if k in PATH_KINDS or c in LOCKED])  # phantoms, export take no lock
+                                               if k in PATH_KINDS or c in LOCKED])
 def test_hostile_out_is_one_error_line_and_changes_nothing(command: str, kind: str, data2d: Path,
                                                            tmp_path: Path) -> None:
     out, words = hostile_out(kind, tmp_path / "place")
@@ -248,6 +249,25 @@ def test_two_train_resumes_on_one_run_folder_the_second_is_refused_naming_the_ho
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("command", ["phantoms", "export"])
+def test_phantoms_and_export_take_the_output_lock(command: str, data2d: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = snapshot(tmp_path)
+        _one_error(_invoke(*COMMANDS[command](data2d, out)),
+                   f"{out} is in use by another medsynth job (PID {holder.pid})")
+        assert snapshot(tmp_path) == before  # nothing written, the holder's lock file as it was
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock let go (the killed holder's file stays, nobody holds it): the same command runs
+    assert _invoke(*COMMANDS[command](data2d, out)).exit_code == 0
+    manifest = out / ("dataset.json" if command == "phantoms" else "dataset.csv")
+    assert manifest.is_file() and not (out / ".medsynth.lock").exists()
 
 
 def test_train_resume_refuses_a_changed_case_by_name_unless_allowed(tmp_path: Path) -> None:

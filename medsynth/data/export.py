@@ -30,7 +30,7 @@ import numpy as np
 
 from medsynth.data.atomic import NAME_MAX, temp_path_for
 from medsynth.data.formats import ManifestFormat, get_format
-from medsynth.data.ledger import check_out_path, claim_folder
+from medsynth.data.ledger import LOCK_FILE, check_out_path, own_output
 from medsynth.data.manifest import Case, Manifest, write_manifest
 from medsynth.data.nifti import (
     NIFTI_SUFFIXES,
@@ -288,7 +288,7 @@ def export_dataset(dataset: str | Path, out: str | Path, fmt: str, *, name: str 
     target = get_format(fmt)
     out = Path(out).expanduser().absolute()
     check_out_path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(f.name != LOCK_FILE for f in out.iterdir())):  # a job's lock: own_output
         raise JobError(f"--out {out} exists and is not an empty folder; export into a new folder")
     # 2. the dataset, every file decoded and checked
     manifest = load_valid_dataset(Path(dataset), progress=progress)
@@ -300,16 +300,17 @@ def export_dataset(dataset: str | Path, out: str | Path, fmt: str, *, name: str 
     if ending is not None and ending not in NIFTI_SUFFIXES:
         raise ConfigError(f"format {target.name} declares file ending {ending!r}; medsynth export writes NIfTI only")
     _check_no_collisions(manifest.cases, manifest.num_channels, target, out, ending)
-    # 3. the files, case by case
+    # 3. the files, case by case, holding the folder's lock (a second job on it is refused); new or empty:
+    # nothing there is replaced
     writer = _Writer("copy" if copy else "auto")
-    claim_folder(out, "export", overwrite=False)  # new or empty: nothing there is replaced
     cases = []
-    with progress_bar(f"export ({target.name})", len(manifest.cases), enabled=progress) as bar:
+    with own_output(out, "export", inputs=[Path(dataset)]), \
+            progress_bar(f"export ({target.name})", len(manifest.cases), enabled=progress) as bar:
         for case in manifest.cases:
             cases.append(_export_case(case, manifest.num_channels, target, out, ending, writer))
             bar.advance()
-    # 4. the manifest, last
-    path = write_manifest(replace(result, cases=cases), out, fmt=target.name)
+        # 4. the manifest, last
+        path = write_manifest(replace(result, cases=cases), out, fmt=target.name)
     c = writer.counts
     return ExportSummary(out=out, format=target.name, name=result.name, manifest=path, cases=len(cases),
                          linked=c["link"], copied=c["copy"], rewritten=c["rewrite"])

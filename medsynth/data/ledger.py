@@ -4,29 +4,33 @@ One JSON object a line: ``{"command": "demo", "medsynth": "0.x"}`` when a comman
 then ``{"command": "demo", "files": {relative path: sha256}}`` as it writes. Lines of other commands
 (an evaluate report beside a demo's files) are kept when one command replaces its own.
 :func:`claim_folder` applies the rule of :mod:`medsynth.ownership` (a command removes or replaces only
-files this record proves it made, unchanged since); the lock around it lives there too.
+files this record proves it made, unchanged since); :func:`output_lock` is the folder's lock (one job a
+folder), and :func:`own_output` the one helper that checks, locks and claims an output folder for a
+command (the data layer's writers, phantoms and export, use it as the jobs do).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+import stat
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from medsynth.data.atomic import atomic_write_text, file_kind, link_problem
+from medsynth.data.atomic import atomic_write_text, file_kind, link_problem, named_os_error
 from medsynth.data.limits import open_regular
 from medsynth.data.manifest import read_manifest
 from medsynth.errors import JobError
 
 LEDGER = ".medsynth-owner.jsonl"
-#: the lock file of :func:`medsynth.journal.output_lock` (never a command's output)
+#: the lock file of :func:`output_lock` (never a command's output)
 LOCK_FILE = ".medsynth.lock"
 
 __all__ = ["LEDGER", "LOCK_FILE", "OwnedFolder", "check_out_path", "check_outside_inputs", "claim_folder",
-           "dataset_folders", "made_by", "sha256_file"]
+           "dataset_folders", "held_here", "lock_holder", "made_by", "output_lock", "own_output", "sha256_file"]
 
 
 def sha256_file(path: Path) -> str:
@@ -263,3 +267,162 @@ def check_outside_inputs(out: Path, inputs: Iterable[Path], option: str = "--out
             if target in folder.parents:
                 raise JobError(f"{option} {out} contains the folder {folder} of the input dataset {path}; "
                                "medsynth never writes around an input: choose another folder")
+
+
+# ------------------------------------------------------------------------------------ the lock
+
+
+def _lock_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+def _acquire(out: Path) -> int:
+    """An open descriptor of ``OUT/.medsynth.lock`` holding an exclusive flock and this PID."""
+    import fcntl
+
+    path = out / LOCK_FILE
+    while True:
+        try:  # O_NONBLOCK: a FIFO put there opens without waiting for a writer, then is refused below
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise JobError(f"{path} is a symbolic link; remove it (medsynth keeps its lock file there)") from None
+            if exc.errno == errno.EISDIR:
+                raise JobError(f"{path} is a folder, not a regular file; remove it (medsynth keeps its lock file "
+                               "there)") from None
+            raise
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise JobError(f"{path} is {file_kind(mode)}, not a regular file; remove it (medsynth keeps its lock "
+                           "file there)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _lock_pid(fd)
+            os.close(fd)
+            mine = " (this process)" if pid == str(os.getpid()) else ""
+            raise JobError(f"{out} is in use by another medsynth job (PID {pid}{mine}); wait for it to finish, "
+                           "or stop it first") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # the previous holder removes the file as it lets go: lock the file that is there now
+        try:
+            here = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            here = None
+        held = os.fstat(fd)
+        if here is not None and (here.st_ino, here.st_dev) == (held.st_ino, held.st_dev):
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            except OSError as exc:  # a full disk: name the lock file
+                os.close(fd)
+                raise named_os_error(exc, path) from exc
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[Path]:
+    """Hold the output folder ``out`` for one job: ``with output_lock(out): check, claim, write``.
+
+    Creates ``out`` if needed and takes an exclusive, non-blocking ``flock`` on
+    ``out/.medsynth.lock``, which holds this process's PID. A second job (any process, or this one
+    again) gets a :class:`JobError` ``"OUT is in use by another medsynth job (PID n)"``. The lock lives
+    as long as the ``with`` block, or until the process dies (the kernel releases it; a killed job
+    leaves a lock file nobody holds, which the next job takes over). On exit the lock file is removed,
+    and so is ``out`` if this call created it and it is still empty.
+    Take it before :func:`check_output_state`, so that no other job can change the folder between the
+    check and the writes. Under torchrun only rank 0 takes it (the other ranks write under rank 0's).
+    """
+    out = Path(out)
+    check_out_path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = _acquire(out)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out / LOCK_FILE)  # while still held: a waiting job re-checks the file it locked
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty: a job that failed before writing leaves nothing behind
+
+
+def lock_holder(out: Path) -> str | None:
+    """The PID (as text) of another process holding :func:`output_lock` on ``out``; None if the lock
+    is free or held by this process."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _lock_pid(fd)
+        return None if pid == str(os.getpid()) else pid
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)  # nobody held it
+        return None
+    finally:
+        os.close(fd)
+
+
+def held_here(out: Path) -> bool:
+    """Whether this process holds :func:`output_lock` on ``out``."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _lock_pid(fd) == str(os.getpid())
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------ the one helper
+
+
+@contextlib.contextmanager
+def own_output(out: Path, command: str, *, overwrite: bool = False, writes: Sequence[str] | None = None,
+               inputs: Iterable[Path] = (), option: str = "--out") -> Iterator[OwnedFolder]:
+    """Hold the output folder ``out`` for ``command`` (``"demo"``, ``"evaluate"``, ...) while it writes.
+
+    Refused (JobError, nothing touched) when ``out`` is a broken link, a file, or lies inside, on or
+    around a folder of ``inputs`` (dataset paths: :func:`dataset_folders`); when another job holds it;
+    when it is not empty and not ``overwrite``; with ``overwrite``, when the files it would replace are
+    not provably this command's (:func:`claim_folder`). The yielded
+    :class:`OwnedFolder` records the files the command writes."""
+    out = Path(out)
+    check_out_path(out, option)
+    check_outside_inputs(out, inputs, option)
+    with output_lock(out):
+        owned = claim_folder(out, command, overwrite=overwrite, writes=writes, option=option)
+        try:
+            yield owned
+        except BaseException:
+            owned.withdraw()  # failed before writing: a folder this call created is left as it was, absent
+            raise

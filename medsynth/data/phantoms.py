@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from medsynth.data.ledger import OwnedFolder, claim_folder
+from medsynth.data.ledger import own_output
 from medsynth.data.limits import format_bytes
 from medsynth.errors import ConfigError, JobError
 
@@ -389,31 +389,32 @@ def make_phantom_dataset(
     check_disk_space(out, dim, size, int(cases))
     ids = [f"phantom_{k:03d}" for k in range(int(cases))]
     files = [(fmt.image_paths(out, i, 1, ".nii.gz")[0], fmt.label_path(out, i, ".nii.gz")) for i in ids]
-    owned = _prepare_output(out, overwrite, [p.relative_to(out).as_posix() for pair in files for p in pair]
-                            + [fmt.manifest_path(out).relative_to(out).as_posix()])
+    writes = [p.relative_to(out).as_posix() for p in [*(p for pair in files for p in pair), fmt.manifest_path(out)]]
+    _refuse_foreign_files(out, overwrite)
+    # the folder's lock while it is claimed and written: a second job on it is refused
+    with own_output(out, "phantoms", overwrite=overwrite, writes=writes, option="output folder") as owned:
+        # 2. generate and write each case (case k depends only on seed and k)
+        records: list[Case] = []
+        for k, (case_id, (img_path, lab_path)) in enumerate(zip(ids, files, strict=True)):
+            phantom = make_phantom(dim, size, case_rng(seed, k))
+            write_volume(img_path, phantom.image, phantom.affine, kind="image")
+            write_volume(lab_path, phantom.label, phantom.affine, kind="label")
+            owned.record(img_path, lab_path)
+            records.append(Case(case_id=case_id, images=[img_path], label=lab_path, split="train"))
 
-    # 2. generate and write each case (case k depends only on seed and k)
-    records: list[Case] = []
-    for k, (case_id, (img_path, lab_path)) in enumerate(zip(ids, files, strict=True)):
-        phantom = make_phantom(dim, size, case_rng(seed, k))
-        write_volume(img_path, phantom.image, phantom.affine, kind="image")
-        write_volume(lab_path, phantom.label, phantom.affine, kind="label")
-        owned.record(img_path, lab_path)
-        records.append(Case(case_id=case_id, images=[img_path], label=lab_path, split="train"))
-
-    # 3. the manifest last, so a dataset with a manifest is complete
-    manifest = Manifest(
-        format=format,
-        cases=records,
-        labels=dict(LABELS),
-        channels=[CHANNEL],
-        name=f"medsynth_phantoms_{dim}d",
-        meta={
-            "description": f"medsynth head phantoms ({dim}D, size {size}, seed {seed}); T1-like, synthetic",
-            "tensorImageSize": f"{dim}D",
-        },
-    )
-    owned.record(write_manifest(manifest, out, fmt=format))
+        # 3. the manifest last, so a dataset with a manifest is complete
+        manifest = Manifest(
+            format=format,
+            cases=records,
+            labels=dict(LABELS),
+            channels=[CHANNEL],
+            name=f"medsynth_phantoms_{dim}d",
+            meta={
+                "description": f"medsynth head phantoms ({dim}D, size {size}, seed {seed}); T1-like, synthetic",
+                "tensorImageSize": f"{dim}D",
+            },
+        )
+        owned.record(write_manifest(manifest, out, fmt=format))
     return fmt.dataset_path(out)
 
 
@@ -444,9 +445,9 @@ def check_disk_space(out: Path, dim: int, size: int, cases: int) -> None:
                        f"but {here} has {format_bytes(free)} free; free some space or lower --cases")
 
 
-def _prepare_output(out: Path, overwrite: bool, writes: list[str]) -> OwnedFolder:
-    """Claim ``out`` for the phantom files ``writes`` (:func:`medsynth.data.ledger.claim_folder`), never
-    when a folder where cases go holds other files (it would become part of the dataset)."""
+def _refuse_foreign_files(out: Path, overwrite: bool) -> None:
+    """JobError when an overwrite would write into a folder where cases go that holds other files (they
+    would become part of the dataset); the claim itself is :func:`medsynth.ownership.own_output`'s."""
     if overwrite and out.is_dir():
         folders, _ = _owned()
         for sub in folders:
@@ -458,4 +459,3 @@ def _prepare_output(out: Path, overwrite: bool, writes: list[str]) -> OwnedFolde
                         f"output folder {folder} holds files that are not phantoms "
                         f"({', '.join(sorted(foreign)[:3])}); refusing to overwrite it"
                     )
-    return claim_folder(out, "phantoms", overwrite=overwrite, writes=writes, option="output folder")
