@@ -468,7 +468,11 @@ def augment(
     num: Annotated[int, typer.Option(help="Number of synthetic cases to make.")],
     out: Annotated[Path, typer.Option(help="Output folder (written in the input's format).")],
     seed: Annotated[int, typer.Option(help="Job seed: same seed, same bytes.")] = 0,
-    model: Annotated[Path | None, typer.Option(help="Trained run folder (for a model family's --method, e.g. gan).")] = None,
+    model: Annotated[Path | None, typer.Option(help="Trained run folder (for a model family's --method, e.g. gan), or "
+                                              "a downloaded MAISI CT bundle folder with --method ldm and --labels "
+                                              "(docs/maisi.md).")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="With a MAISI bundle as --model: the YAML mapping of "
+                                                "the dataset's labels to the bundle's (`medsynth bundle-labels`).")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the job in OUT (same settings; a larger --num grows a finished job).")
     ] = False,
@@ -501,7 +505,7 @@ def augment(
     from medsynth.recipes import recipe_path
 
     options = AugmentOptions(
-        input=input, out=out, method=method, num=num, seed=seed, model=model, resume=resume,
+        input=input, out=out, method=method, num=num, seed=seed, model=model, labels=labels, resume=resume,
         overwrite=overwrite, synthetic_only=synthetic_only, workers=workers, dry_run=dry_run,
         config=load_augment_config(None if config is None else recipe_path(config, "augment"), set_ or []),
         progress=progress and not json_out, real=real,

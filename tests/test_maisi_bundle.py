@@ -270,10 +270,11 @@ def test_every_bundle_error_names_the_file_and_the_key(bundles: dict[str, Path],
         read_bundle(b)
 
 
-def test_augment_refuses_a_bundle_by_name_and_writes_nothing(bundles: dict[str, Path], tmp_path: Path) -> None:
+def test_augment_refuses_a_bundle_without_its_mapping_and_writes_nothing(bundles: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
     data = make_phantom_dataset(tmp_path / "data", dim=3, cases=2, seed=0, size=16)
     out = tmp_path / "aug"
     line = one_error(runner.invoke(app, ["augment", str(data), "--method", "ldm", "--num", "1", "--out", str(out),
                                          "--model", str(bundles["rflow"]), "--no-progress"]))
-    assert "a MAISI bundle" in line and "medsynth sample" in line
+    assert "a MAISI bundle needs --labels MAPPING" in line and "medsynth bundle-labels" in line
     assert not out.exists()

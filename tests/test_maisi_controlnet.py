@@ -233,3 +233,52 @@ def test_case_axes_turn_into_ras_as_nibabel_reorients(axes: tuple[int, int, int]
 def test_the_family_section_validates_its_limits() -> None:
     with pytest.raises(ValueError, match="xy_spacing needs 0 < lo <= hi"):
         MaisiControlNetConfig.model_validate({"limits": {"xy_spacing": [3.0, 0.5]}})
+
+
+# ------------------------------------------------------------------------------------ augment with a bundle
+
+
+def test_augment_with_a_bundle_keeps_each_masks_grid_and_labels(world: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from medsynth.bundles import geometry
+
+    monkeypatch.setattr(geometry, "MAISI_LIMITS", FitLimits(xy_sizes=(32, 48), z_sizes=(16, 32, 48)))
+    before = digest_tree(world["rflow"])
+    out = tmp_path / "aug"
+    args = ["augment", str(world["manifest"]), "--method", "ldm", "--model", str(world["rflow"]), "--labels",
+            str(world["mapping"]), "--num", "2", "--out", str(out), "--no-progress", "--set", "qc.label_agreement=false",
+            "--set", "qc.range_margin=3"]  # random weights: the range check only
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "dataset.json").read_text())
+    synthetic = [c for c in manifest["training"] if c.get("synthetic")]
+    assert len(synthetic) == 2
+    for case in synthetic:
+        image, label = nib.load(str(out / case["image"])), nib.load(str(out / case["label"]))
+        assert image.shape == label.shape and np.allclose(image.affine, label.affine)
+        values = np.asarray(label.dataobj)
+        assert set(np.unique(values).tolist()) <= set(range(7))
+        hu = image.get_fdata()
+        assert hu.min() >= -1000.0 - 1e-3 and hu.max() <= 1000.0 + 1e-3
+        assert np.median(hu[values == 0]) == -1000.0  # air outside the body, as MAISI sets it
+    provenance = (out / ".medsynth_job.json").read_text()
+    assert str(world["mapping"].resolve()) in provenance
+    assert digest_tree(world["rflow"]) == before
+    again = runner.invoke(app, [*args, "--resume"])
+    assert again.exit_code == 0 and "2 verified" in again.output, again.output
+
+
+def test_augment_with_a_bundle_needs_its_mapping(world: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "aug"
+    result = runner.invoke(app, ["augment", str(world["manifest"]), "--method", "ldm", "--model", str(world["rflow"]),
+                                 "--num", "1", "--out", str(out), "--no-progress"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "needs --labels MAPPING" in errors[0] and not out.exists()
+    (tmp_path / "half.yaml").write_text("labels:\n  1: liver\n")
+    result = runner.invoke(app, ["augment", str(world["manifest"]), "--method", "ldm", "--model", str(world["rflow"]),
+                                 "--labels", str(tmp_path / "half.yaml"), "--num", "1", "--out", str(out),
+                                 "--no-progress"])
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert result.exit_code != 0 and len(errors) == 1 and "[2, 3, 4, 5, 6] are not mapped" in errors[0]
+    assert not (out / "imagesTr").exists() or not any((out / "imagesTr").glob("syn_*"))

@@ -61,6 +61,8 @@ class JobContext:
     #: ``--anatomy bank:`` / ``unlabelled:``: the anatomy bank, and the ``--anatomy`` value
     bank: AnatomyBank | None = None
     anatomy: str = "deform"
+    #: a MAISI bundle as ``model``: its label mapping file
+    labels: Path | None = None
 
     @property
     def method(self) -> str:
@@ -78,14 +80,15 @@ class CaseResult:
     redraws: int
 
 
-def job_synthesizer(run: Path) -> Synthesizer:
-    """The run's synthesizer for this process: under torchrun on GPUs, one GPU per local rank."""
+def job_synthesizer(run: Path, labels: Path | None = None) -> Synthesizer:
+    """The run's synthesizer for this process (a bundle's, with ``labels`` its mapping): under torchrun on
+    GPUs, one GPU per local rank."""
     import torch
 
     env = torchrun_env()
     if env.distributed and torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    return load_synthesizer(run)
+    return load_synthesizer(run, labels=labels)
 
 
 @contextlib.contextmanager
@@ -139,7 +142,7 @@ def _make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
         options["class_value"] = str(ctx.sources[plan.source].extra[ctx.class_key])
     synthesizer = None
     if is_model_method(ctx.method) and ctx.model is not None:
-        synthesizer = job_synthesizer(ctx.model)
+        synthesizer = job_synthesizer(ctx.model, ctx.labels)
     # 2. the pair, through QC (pseudo: the unlabelled image itself with its propagated mask)
     if ctx.method == PSEUDO:
         images, label, attempt, qc_failures = source.images, source.label, 0, []
@@ -173,6 +176,7 @@ def _make_case(ctx: JobContext, plan: PlannedCase) -> CaseResult:
         "label": plan.label,
         "model": None if ctx.model is None else str(ctx.model),
         "model_sha256": ctx.model_sha,
+        **({"labels": str(ctx.labels)} if ctx.labels is not None else {}),
         "anatomy": anatomy,
         **record,
     }

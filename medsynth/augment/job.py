@@ -53,7 +53,7 @@ from medsynth.augment.layout import (
     synthetic_case,
     write_output_manifest,
 )
-from medsynth.augment.model import check_model, class_key, fill_warning, model_checksum, read_model
+from medsynth.augment.model import check_model, class_key, fill_warning, model_digest, model_inputs, read_model
 from medsynth.augment.options import AugmentOptions, check_options
 from medsynth.augment.plan import SYNTHETIC_PREFIX, PlannedCase, growth_settings, plan_cases
 from medsynth.augment.preview import PREVIEW_FILE, write_preview
@@ -144,7 +144,7 @@ def input_files(manifest: Manifest, card: RunCard | None) -> dict[str, dict[str,
     a changed input (:func:`medsynth.journal.check_output_state`)."""
     inputs = dataset_inputs(manifest)
     if card is not None:
-        inputs["model"] = {str(card.weights_path): model_checksum(card)}
+        inputs["model"] = dict(model_inputs(card))
     return inputs
 
 
@@ -167,11 +167,13 @@ def job_settings(options: AugmentOptions, manifest: Manifest, card: RunCard | No
         "synthetic_only": bool(options.synthetic_only),
         "real": options.real,
         "model": None if options.model is None else str(Path(options.model).resolve()),
-        "model_sha256": None if card is None else next(iter(inputs["model"].values())),
+        "model_sha256": None if card is None else model_digest({k: str(v) for k, v in inputs["model"].items()}),
         "config": options.config.model_dump(mode="json"),
         "anatomy": options.anatomy,
         INPUTS_KEY: inputs,
     }
+    if options.labels is not None:  # a bundle's label mapping (jobs without one keep their settings as before)
+        settings["labels"] = str(Path(options.labels).resolve())
     result: dict[str, object] = json.loads(json.dumps(settings))
     return result
 
@@ -235,7 +237,7 @@ def run_augment(options: AugmentOptions) -> AugmentSummary:
     check_output_location(out, manifest)
     check_real_mode(options.real, get_format(manifest.format))
     model = None if options.model is None else Path(options.model).expanduser().resolve()
-    card = None if model is None else read_model(model)
+    card = None if model is None else read_model(model, options.labels)
     bank_path = options.anatomy_source[1]
     bank = None if bank_path is None else open_bank(bank_path)
     settings = job_settings(options, manifest, card, bank)
@@ -336,6 +338,7 @@ def _run(options: AugmentOptions, out: Path, card: RunCard | None, settings: dic
     ctx = JobContext(
         out=out, seed=options.seed, settings=options.pair_settings(), facts=facts,
         sources={c.case_id: c for c in starts}, model=model, model_sha=model_sha,
+        labels=None if options.labels is None else Path(options.labels).resolve(),
         class_key=None if card is None else class_key(card), root=manifest.root, bank=bank, anatomy=options.anatomy,
     )
     error: BaseException | None = None

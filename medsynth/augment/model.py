@@ -3,6 +3,7 @@ the checksum of its weights for provenance, and whether it fits the method and t
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from medsynth.bundles import is_bundle
@@ -13,13 +14,43 @@ from medsynth.runcard import RunCard, read_run_card
 from medsynth.synthesis.pairs import check_run_family
 
 
-def read_model(model: Path) -> RunCard:
-    """The card of the run folder ``--model`` (a MAISI bundle folder is refused with what to run instead)."""
+def read_model(model: Path, labels: Path | None = None) -> RunCard:
+    """The card of the run folder ``--model``, or of a MAISI bundle folder with its label mapping ``--labels``
+    (:func:`medsynth.synthesis.maisi.bundle_card`: the bundle is only read)."""
     if is_bundle(model):
-        raise ConfigError(f"--model {model}: a MAISI bundle; augment does not take bundles yet: make an image per "
-                          f"mask with `medsynth sample {model} --labels MAPPING --mask MASK --out IMAGE` "
-                          "(docs/maisi.md)")
+        if labels is None:
+            raise ConfigError(f"--model {model}: a MAISI bundle needs --labels MAPPING (the dataset's labels -> the "
+                              "bundle's names; `medsynth bundle-labels BUNDLE --data DATASET --out MAPPING` writes a "
+                              "first one)")
+        from medsynth.synthesis.maisi import bundle_card  # torch and MONAI only when a bundle is used
+
+        return bundle_card(model, labels)
+    if labels is not None:
+        raise ConfigError(f"--labels {labels}: a label mapping goes with a MAISI bundle as --model, not a run folder")
     return read_run_card(Path(model))
+
+
+def is_bundle_card(card: RunCard) -> bool:
+    """Whether ``card`` stands for a MAISI bundle used as it is (no run folder, no weights file of its own)."""
+    return "bundle" in card.model and card.model.get("weights", "") is None
+
+
+def model_inputs(card: RunCard) -> dict[str, str]:
+    """The model's files the job stands on, path -> sha256: the run's weights file, or a bundle's configs,
+    weights and label mapping."""
+    if is_bundle_card(card):
+        from medsynth.synthesis.maisi import bundle_inputs
+
+        return bundle_inputs(card)
+    return {str(card.weights_path): model_checksum(card)}
+
+
+def model_digest(inputs: dict[str, str]) -> str:
+    """The provenance checksum of :func:`model_inputs`: the one file's sha256, or the sha256 of the files'
+    sha256 in path order (a bundle)."""
+    if len(inputs) == 1:
+        return next(iter(inputs.values()))
+    return hashlib.sha256("\n".join(inputs[k] for k in sorted(inputs)).encode()).hexdigest()
 
 
 def model_checksum(card: RunCard) -> str:
@@ -32,6 +63,14 @@ def model_checksum(card: RunCard) -> str:
 def check_model(card: RunCard, method: str, labels: list[int], channels: int, sources: list[Case]) -> None:
     """Refuse a run that does not fit the method or the dataset (family, label set, channels, classes)."""
     check_run_family(card, method, option="--method")
+    if is_bundle_card(card):
+        unmapped = sorted(set(labels) - set(card.labels))
+        if unmapped:
+            raise ConfigError(f"{card.model.get('labels_file')}: the dataset's label value(s) {unmapped} are not "
+                              "mapped; map each to a bundle label name (or 'spare')")
+        if channels != 1:
+            raise ConfigError(f"the bundle {card.run_dir} makes one CT image channel, the dataset has {channels}")
+        return
     if sorted(card.labels) != sorted(labels):
         raise ConfigError(f"the run {card.run_dir} was trained with labels {sorted(card.labels)}, "
                           f"the dataset has {sorted(labels)}")

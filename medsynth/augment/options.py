@@ -71,7 +71,8 @@ class AugmentOptions:
 
     input: a dataset manifest (any registered format). out: output folder (same format as the input).
     method: a training-free method or a registered family (:func:`medsynth.registry.method_names`).
-    num: synthetic cases to make. seed: job seed (>= 0). model: run folder for a family method.
+    num: synthetic cases to make. seed: job seed (>= 0). model: run folder for a family method, or a
+    MAISI bundle folder for ``ldm`` with ``labels``, its label mapping file.
     workers: parallel CPU processes (results identical for any value).
     real: how real cases enter the output folder (:data:`medsynth.augment.layout.REAL_MODES`).
     """
@@ -82,6 +83,7 @@ class AugmentOptions:
     num: int
     seed: int = 0
     model: Path | None = None
+    labels: Path | None = None
     resume: bool = False
     overwrite: bool = False
     synthetic_only: bool = False
@@ -152,3 +154,5 @@ def check_options(options: AugmentOptions) -> None:
         raise ConfigError(f"--method {options.method} needs --model RUN (a trained run folder)")
     if not is_model_method(options.method) and options.model is not None:
         raise ConfigError(f"--model is only used by a trained model's method, not {options.method}")
+    if options.labels is not None and options.model is None:
+        raise ConfigError(f"--labels {options.labels}: a label mapping goes with a MAISI bundle as --model")

@@ -9,6 +9,10 @@ sampling limits come from the card, so a mask is generated in HU on its own grid
 
 A :class:`MaisiRunBackend` works on whole volumes (``generates_volumes``): the mask's affine decides the
 work grid, so :class:`~medsynth.synthesis.synthesizer.Synthesizer` hands it the mask itself.
+
+A bundle used as it is (``medsynth augment --method ldm --model BUNDLE --labels MAPPING``) gets the same
+backend with the bundle's own ControlNet and a card made from the bundle and the mapping
+(:func:`bundle_card`, :func:`bundle_synthesizer`): nothing is written into the bundle folder.
 """
 
 from __future__ import annotations
@@ -19,15 +23,22 @@ from pathlib import Path
 import torch
 
 from medsynth.bundles.finetune_config import FitLimitsConfig
-from medsynth.bundles.labels import LabelMapping
+from medsynth.bundles.labels import LabelMapping, read_mapping
 from medsynth.bundles.networks import load_networks
-from medsynth.bundles.reader import FROZEN_KEYS, read_bundle
-from medsynth.bundles.sampler import BundleSampler
+from medsynth.bundles.reader import FROZEN_KEYS, WEIGHT_KEYS, read_bundle
+from medsynth.bundles.sampler import HU_RANGE, BundleSampler
+from medsynth.data.ledger import sha256_file
+from medsynth.data.loader import DataInfo, Normalization
 from medsynth.data.nifti import Volume
-from medsynth.errors import CheckpointError
+from medsynth.errors import CheckpointError, ConfigError
 from medsynth.runcard import RunCard
+from medsynth.synthesis.synthesizer import Synthesizer
 
-__all__ = ["MaisiRunBackend", "load_maisi_backend"]
+__all__ = ["BUNDLE_METHOD", "MaisiRunBackend", "bundle_card", "bundle_inputs", "bundle_synthesizer",
+           "load_maisi_backend"]
+
+#: the augment method a bundle used as it is stands for: a pretrained latent diffusion model
+BUNDLE_METHOD = "ldm"
 
 
 @dataclass
@@ -83,3 +94,40 @@ def load_maisi_backend(card: RunCard, device: torch.device) -> MaisiRunBackend:
                             default_steps=int(steps) if isinstance(steps, int) else None)
     return MaisiRunBackend(sampler)
 
+
+
+def bundle_card(root: str | Path, mapping_path: str | Path) -> RunCard:
+    """A card for a bundle used as it is (no run folder): family :data:`BUNDLE_METHOD`, the mapping's dataset
+    labels, one CT channel in HU (``ct_window`` -1000..1000), and in ``model`` the bundle, the sha256 of its
+    weights files and the mapping. Nothing is written."""
+    bundle = read_bundle(root)
+    mapping = read_mapping(mapping_path, bundle)
+    labels = sorted(mapping.values)
+    info = DataInfo(dim=3, slice_axis=2, volume_ndim=3, size=[], labels=labels,
+                    label_names={v: mapping.names.get(v, f"label_{v}") for v in labels}, channels=["CT"],
+                    classes=[], spacing=None,
+                    normalization=Normalization("ct_window", [HU_RANGE[0]], [HU_RANGE[1]]))
+    model = {"bundle": str(bundle.root.resolve()), "bundle_layout": bundle.layout, "bundle_version": bundle.version,
+             "label_mapping": mapping.to_facts(), "labels_file": str(Path(mapping_path).resolve()), "weights": None}
+    return RunCard(run_dir=bundle.root.resolve(), family=BUNDLE_METHOD, config={}, data=info, steps=0,
+                   final_losses={}, model=model)
+
+
+def bundle_inputs(card: RunCard) -> dict[str, str]:
+    """The files a :func:`bundle_card` card stands on, path -> sha256: the bundle's configs, its three weights
+    files and the mapping file (a resumed augment job refuses any that changed)."""
+    bundle = read_bundle(card.model["bundle"])
+    files = [bundle.config_path, bundle.root / "configs" / "label_dict.json", *(bundle.weights[k] for k in WEIGHT_KEYS),
+             Path(card.model["labels_file"])]
+    return {str(f): sha256_file(f) for f in files}
+
+
+def bundle_synthesizer(root: str | Path, mapping_path: str | Path, device: str = "auto") -> Synthesizer:
+    """A Synthesizer of the bundle at ``root`` with its own ControlNet and the mapping file: images in HU on
+    each mask's grid (the published limits, the bundle's sampler steps)."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: expected auto, cpu or cuda, got {device!r}")
+    card = bundle_card(root, mapping_path)
+    sampler = BundleSampler.from_bundle(root, mapping_path, device=device)
+    sampler.dataset_names = dict(card.data.label_names)
+    return Synthesizer(card, MaisiRunBackend(sampler), sampler.device)

@@ -173,16 +173,22 @@ def check_run_family(card: RunCard, method: str, option: str = "method") -> None
         raise ConfigError(f"{option} {method} but the run {card.run_dir} is a {card.family} model")
 
 
-_SYNTHESIZERS: dict[tuple[str, str], Synthesizer] = {}
+_SYNTHESIZERS: dict[tuple[str, str, str], Synthesizer] = {}
 
 
-def load_synthesizer(run: Path, device: str = "auto") -> Synthesizer:
-    """``Synthesizer.from_run(run, device=device)``, loaded once per process and kept."""
+def load_synthesizer(run: Path, device: str = "auto", *, labels: Path | None = None) -> Synthesizer:
+    """``Synthesizer.from_run(run, device=device)``, loaded once per process and kept; with ``labels``, ``run``
+    is a MAISI bundle and ``labels`` its label mapping (:func:`medsynth.synthesis.maisi.bundle_synthesizer`)."""
     from medsynth.synthesis.synthesizer import Synthesizer
 
-    key = (str(Path(run).resolve()), device)
+    key = (str(Path(run).resolve()), device, "" if labels is None else str(Path(labels).resolve()))
     if key not in _SYNTHESIZERS:
-        _SYNTHESIZERS[key] = Synthesizer.from_run(run, device=device)
+        if labels is not None:
+            from medsynth.synthesis.maisi import bundle_synthesizer
+
+            _SYNTHESIZERS[key] = bundle_synthesizer(run, labels, device)
+        else:
+            _SYNTHESIZERS[key] = Synthesizer.from_run(run, device=device)
     return _SYNTHESIZERS[key]
 
 
