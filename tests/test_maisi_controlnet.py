@@ -176,7 +176,8 @@ def test_a_changed_bundle_is_refused_for_sampling_and_resume(world: dict[str, Pa
 
     bundle = tmp_path / "bundle"
     shutil.copytree(world["rflow"], bundle)
-    mine = dict(world, rflow=bundle)
+    (tmp_path / "map.yaml").write_text(MAPPING)
+    mine = dict(world, rflow=bundle, mapping=tmp_path / "map.yaml")
     run = tmp_path / "run"
     train(mine, "rflow", 2, run)
     Synthesizer.from_run(run, device="cpu")
@@ -187,6 +188,10 @@ def test_a_changed_bundle_is_refused_for_sampling_and_resume(world: dict[str, Pa
     with pytest.raises(CheckpointError, match="diff_unet_ckpt_epoch19350.pt: changed since the run"):
         Synthesizer.from_run(run, device="cpu")
     with pytest.raises(CheckpointError, match="changed since the run started"):
+        run_training(validate_config(recipe(mine, "rflow", 3)), run, resume=True, progress=False)
+    shutil.copy(world["rflow"] / "models" / "diff_unet_ckpt_epoch19350.pt", unet)  # the bundle as it was ...
+    (tmp_path / "map.yaml").write_text(MAPPING.replace("2: spleen", "2: spare"))  # ... the mapping changed
+    with pytest.raises(CheckpointError, match="maps the labels otherwise than when the run started"):
         run_training(validate_config(recipe(mine, "rflow", 3)), run, resume=True, progress=False)
     shutil.rmtree(bundle)
     with pytest.raises(CheckpointError, match="the run's bundle .* is missing"):

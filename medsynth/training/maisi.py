@@ -279,10 +279,16 @@ class MaisiControlNetFamily(FamilyBase):
 
     # ------------------------------------------------------------------ state and export
     def extra_state(self) -> dict[str, Any]:
-        return {"bundle_sha256": dict(self.checksums)}
+        values = {str(k): int(v) for k, v in self.mapping.values.items()}
+        return {"bundle_sha256": dict(self.checksums), "label_values": values, "body": self.mapping.body}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._check_bundle_unchanged(state.get("bundle_sha256", {}))
+        now = self.extra_state()
+        if (state.get("label_values"), state.get("body")) != (now["label_values"], now["body"]):
+            raise CheckpointError(f"{self.mapping.source}: maps the labels otherwise than when the run started "
+                                  f"({state.get('label_values')}, body {state.get('body')}); resume with the same "
+                                  "mapping")
 
     def export(self, run_dir: Path) -> dict[str, Any]:
         """RUN/model.safetensors: the fine-tuned ControlNet (EMA weights when kept); the facts sampling needs."""
