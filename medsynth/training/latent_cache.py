@@ -95,8 +95,8 @@ class LatentCache:
         rows, flags = folder / f"{name}.npy", folder / f"{name}.filled.npy"
         reuse = rows.is_file() and flags.is_file()
         if reuse:
-            r = np.load(rows, mmap_mode="r+")
-            f = np.load(flags, mmap_mode="r+")
+            r = np.load(rows, mmap_mode="r+", allow_pickle=False)
+            f = np.load(flags, mmap_mode="r+", allow_pickle=False)
             reuse = r.shape == shape and r.dtype == np.float32 and f.shape == (plan.items,)
         if not reuse:
             r = np.lib.format.open_memmap(rows, mode="w+", dtype=np.float32, shape=shape)
