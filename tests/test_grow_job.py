@@ -102,7 +102,7 @@ def test_a_case_is_computed_on_one_torch_thread_whatever_the_process_has(tmp_pat
     options = opts(data, tmp_path / "o", method="gan", model=tmp_path, num=1)
     plan = plan_cases(options, manifest.cases, facts, OutputLayout.for_manifest(manifest))[0]
     synth = ConvSynthesizer()
-    monkeypatch.setattr(case_module, "job_synthesizer", lambda run: synth)
+    monkeypatch.setattr(case_module, "job_synthesizer", lambda run, labels=None: synth)
     written = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
