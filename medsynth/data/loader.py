@@ -513,7 +513,20 @@ def load_case(case: Case, cfg: DataConfig, root: Path | None = None) -> tuple[np
         if shape != lab.shape:
             image = resample(image, shape, label=False).astype(np.float32, copy=False)
             lab = resample(lab.astype(np.int32)[None], shape, label=True)[0]
-    return image, lab, arrays.affine
+    return image, compact_labels(lab), arrays.affine
+
+
+def compact_labels(label: np.ndarray) -> np.ndarray:
+    """``label`` in the smallest of int16 / int32 / int64 that holds its values (a case's label map is
+    kept for the whole build: int64 would be twice its float32 image)."""
+    if label.size == 0:
+        return label
+    lo, hi = int(label.min()), int(label.max())
+    for dtype in (np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return label.astype(dtype, copy=False)
+    return label
 
 
 def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progress: bool = False) -> TrainingData:
@@ -572,10 +585,13 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
             # the upper percentile over the foreground (background air would pull it into the bright tail);
             # the lower over every voxel, so the background stays the darkest value and is not clipped
             # onto the darkest tissue
-            values = np.concatenate([img[ch][m][::stride] for (_, img, _, _), m in zip(raw, masks)], dtype=np.float64)
+            # one float64 sample at a time, partitioned in place (no second copy)
             everything = np.concatenate([img[ch].ravel()[::every] for _, img, _, _ in raw], dtype=np.float64)
-            a = float(np.percentile(everything, pcts[0]))
-            b = float(np.percentile(values, pcts[1]))
+            a = float(np.percentile(everything, pcts[0], overwrite_input=True))
+            del everything
+            values = np.concatenate([img[ch][m][::stride] for (_, img, _, _), m in zip(raw, masks)], dtype=np.float64)
+            b = float(np.percentile(values, pcts[1], overwrite_input=True))
+            del values
             if not b > a:
                 raise DataError(f"{manifest.source}: channel {ch} has constant intensity {a} over the "
                                 f"{pcts} percentiles; cannot normalise (use data.ct_window)")
@@ -594,9 +610,11 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
     arrays = []
     for (case, image, lab, _), cls in zip(raw, class_values):
         digest.update(case.case_id.encode("utf-8", "surrogateescape"))  # a name that is not UTF-8: its bytes
-        digest.update(np.ascontiguousarray(image, dtype=np.float32).tobytes())
-        digest.update(np.ascontiguousarray(lab, dtype=np.int64).tobytes())
-        index = lut[lab.astype(np.int64)].astype(np.int16)
+        # the same bytes as float32 / int64 copies of the whole arrays, a slab at a time
+        for flat, dtype in ((np.ravel(image), np.float32), (np.ravel(lab), np.int64)):
+            for a in range(0, flat.size, _STAT_SLAB):
+                digest.update(np.ascontiguousarray(flat[a : a + _STAT_SLAB], dtype=dtype).tobytes())
+        index = lut.astype(np.int16)[lab] if lab.dtype.kind in "iu" else lut[lab.astype(np.int64)].astype(np.int16)
         fg: np.ndarray = np.zeros(0, np.int64)
         if cfg.dim == 2 and volume_ndim == 3 and cfg.foreground_slices:
             other = tuple(a for a in range(3) if a != cfg.slice_axis)
@@ -634,6 +652,26 @@ def texture_depth(fill_sigma: float) -> int:
     return 1 + int(np.ceil(2.0 * fill_sigma))
 
 
+#: voxels per slab of the per-label sums (:func:`label_sums`): float64 temporaries of 2 MiB each
+_STAT_SLAB = 1 << 18
+
+
+def label_sums(values: np.ndarray, index: np.ndarray, num_labels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per label: the voxel count, the sum and the sum of squares of ``values`` (float64), over
+    ``index`` (the same shape: label-channel indices), a slab of :data:`_STAT_SLAB` voxels at a time (no
+    float64 or int64 copy of a whole volume) -> three ``(num_labels,)`` arrays."""
+    flat_v, flat_i = np.ravel(values), np.ravel(index)
+    count, total, square = np.zeros(num_labels), np.zeros(num_labels), np.zeros(num_labels)
+    for a in range(0, flat_v.size, _STAT_SLAB):
+        i = flat_i[a : a + _STAT_SLAB].astype(np.intp)
+        v = flat_v[a : a + _STAT_SLAB].astype(np.float64)
+        count += np.bincount(i, minlength=num_labels)[:num_labels]
+        total += np.bincount(i, weights=v, minlength=num_labels)[:num_labels]
+        v *= v
+        square += np.bincount(i, weights=v, minlength=num_labels)[:num_labels]
+    return count, total, square
+
+
 def label_texture(image: np.ndarray, index: np.ndarray, num_labels: int, depth: int) -> np.ndarray:
     """The high-frequency energy inside each label: the standard deviation of the discrete Laplacian
     (:func:`scipy.ndimage.laplace`, edges repeated) over the voxels at least ``depth`` face steps inside
@@ -642,18 +680,34 @@ def label_texture(image: np.ndarray, index: np.ndarray, num_labels: int, depth: 
     from scipy import ndimage
 
     out = np.full((image.shape[0], num_labels), np.nan)
-    lap = [ndimage.laplace(np.asarray(image[c], np.float64), mode="nearest") for c in range(image.shape[0])]
     index = np.asarray(index)
-    inside = np.ones(index.shape, bool)
+    inner = index.astype(np.int16 if num_labels < 2**15 - 1 else np.int32)  # its label where deep inside, else -1
     if depth > 0:  # every voxel within `depth` face steps has the same label (all labels at once)
         ball = ndimage.iterate_structure(ndimage.generate_binary_structure(index.ndim, 1), depth)
-        inside = ndimage.grey_erosion(index, footprint=ball, mode="nearest") == \
+        same = ndimage.grey_erosion(index, footprint=ball, mode="nearest") == \
             ndimage.grey_dilation(index, footprint=ball, mode="nearest")
-    for j in np.unique(index):
-        inner = inside & (index == j)
-        if int(inner.sum()) >= 8:
-            for c in range(image.shape[0]):
-                out[c, int(j)] = float(lap[c][inner].std())
+        inner[~same] = -1
+        del same
+    inner[inner < 0] = num_labels  # the voxels near a border: one bin past the labels
+    n0 = index.shape[0]
+    step = max(1, _STAT_SLAB // max(1, int(np.prod(index.shape[1:]))))
+    for c in range(image.shape[0]):
+        # in the image's own float type (float32 training arrays need no float64 copy), a slab of rows at
+        # a time with one row of halo: the same values as the whole volume's Laplacian, without its copies
+        values = np.asarray(image[c])
+        if values.dtype.kind != "f":
+            values = values.astype(np.float64)
+        count, total, square = np.zeros(num_labels + 1), np.zeros(num_labels + 1), np.zeros(num_labels + 1)
+        for a in range(0, n0, step):
+            lo, hi = max(a - 1, 0), min(a + step + 1, n0)
+            lap = ndimage.laplace(values[lo:hi], mode="nearest")[a - lo : a - lo + min(step, n0 - a)]
+            n, t, q = label_sums(lap, inner[a : a + step], num_labels + 1)
+            count += n
+            total += t
+            square += q
+        for j in np.nonzero(count[:num_labels] >= 8)[0]:
+            mean = total[j] / count[j]
+            out[c, int(j)] = float(np.sqrt(max(square[j] / count[j] - mean * mean, 0.0)))
     return out
 
 
@@ -666,13 +720,11 @@ def case_statistics(cases: list[tuple[np.ndarray, np.ndarray]], num_labels: int,
     stds = np.full_like(means, np.nan)
     texture = np.full_like(means, np.nan)
     for k, (image, index) in enumerate(cases):
-        flat = index.ravel().astype(np.int64)
-        count = np.bincount(flat, minlength=num_labels)[:num_labels]
-        has = count > 0
         for c in range(nch):
-            v = image[c].ravel().astype(np.float64)
-            m = np.bincount(flat, weights=v, minlength=num_labels)[:num_labels] / np.maximum(count, 1)
-            sq = np.bincount(flat, weights=v * v, minlength=num_labels)[:num_labels] / np.maximum(count, 1)
+            count, total, square = label_sums(image[c], index, num_labels)
+            has = count > 0
+            m = total / np.maximum(count, 1)
+            sq = square / np.maximum(count, 1)
             means[k, c, has] = m[has]
             stds[k, c, has] = np.sqrt(np.maximum(sq - m * m, 0.0))[has]
         texture[k] = label_texture(image, index, num_labels, depth)
@@ -691,7 +743,7 @@ def label_mean_fill(means: np.ndarray, index: np.ndarray, sigma: float = 0.0,
     (:func:`medsynth.models.conditioning.fill_image` is the same on torch tensors.)"""
     from scipy.ndimage import gaussian_filter
 
-    fill = means[:, index.astype(np.int64)]
+    fill = means[:, np.asarray(index)] if np.asarray(index).dtype.kind in "iu" else means[:, index.astype(np.int64)]
     if sigma <= 0:
         return fill
     axes = tuple(range(index.ndim)) if axes is None else axes
@@ -710,8 +762,14 @@ def fit_fill_sigma(cases: list[tuple[np.ndarray, np.ndarray]], means: list[list[
     errors = np.zeros(len(FILL_SIGMAS))
     for k in picks:
         image, index = cases[k]
+        # the fill in the image's float type (float32 for training arrays: no float64 volume), errors in float64
+        dtype = image.dtype if image.dtype.kind == "f" else np.float64
         for i, sigma in enumerate(FILL_SIGMAS):
-            errors[i] += float(np.mean((label_mean_fill(table, index, sigma, axes) - image) ** 2))
+            diff = label_mean_fill(table.astype(dtype), index, sigma, axes)
+            diff -= image
+            np.square(diff, out=diff)
+            errors[i] += float(np.mean(diff, dtype=np.float64))
+            del diff
     return float(FILL_SIGMAS[int(np.argmin(errors))])
 
 
@@ -727,12 +785,11 @@ def label_statistics(cases: list[tuple[np.ndarray, np.ndarray]], num_labels: int
     total = np.zeros((nch, num_labels))
     square = np.zeros((nch, num_labels))
     for image, index in cases:
-        flat = index.ravel().astype(np.int64)
-        count += np.bincount(flat, minlength=num_labels)[:num_labels]
         for c in range(nch):
-            v = image[c].ravel().astype(np.float64)
-            total[c] += np.bincount(flat, weights=v, minlength=num_labels)[:num_labels]
-            square[c] += np.bincount(flat, weights=v * v, minlength=num_labels)[:num_labels]
+            n, t, q = label_sums(image[c], index, num_labels)
+            total[c] += t
+            square[c] += q
+        count += n
     means, stds = [], []
     for c in range(nch):
         all_mean = total[c].sum() / max(count.sum(), 1)
