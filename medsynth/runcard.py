@@ -127,13 +127,14 @@ class RunCard:
         """The exported inference tensors of ``RUN/model.safetensors`` (read as tensors only, nothing
         executed); CheckpointError when the file is missing or unreadable."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+
+        from medsynth.safe_weights import read_safetensors
 
         weights = self.weights_path
         if not weights.is_file():
             raise CheckpointError(f"{self.run_dir}: no {weights.name} (has the training finished?)")
         try:
-            return load_file(str(weights))
+            return read_safetensors(weights)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{weights}: cannot read the weights ({exc})") from None
 

@@ -7,21 +7,28 @@ one that is neither torch's own nor on the caller's short allow-list is refused 
 ``torch.load(weights_only=True)`` (stated explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` changes
 nothing) read it, with exactly those allowed globals. :func:`load_weights_into` loads a state dict
 strictly, naming the file and the first missing, unexpected or misshapen key.
+
+safetensors files (tensors only, by construction) are read and written by :func:`read_safetensors` and
+:func:`write_safetensors`: through Python's own file objects, so a path that is not UTF-8 (safetensors'
+``load_file`` / ``save_file`` take a UTF-8 string) works like any other.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from medsynth.errors import CheckpointError
 
-__all__ = ["NUMPY_SCALAR_GLOBALS", "load_weights_into", "load_weights_only", "pickled_globals"]
+__all__ = ["NUMPY_SCALAR_GLOBALS", "load_weights_into", "load_weights_only", "pickled_globals", "read_safetensors",
+           "safetensors_metadata", "write_safetensors"]
 
 
 def _numpy_scalar_globals() -> dict[str, Any]:
@@ -107,3 +114,55 @@ def load_weights_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor]
                                   f"{tuple(tensor.shape)}")
     module.load_state_dict(dict(state), strict=True)
     return module
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, nothing executed. A UTF-8 path is memory-mapped by safetensors;
+    any other is read through a Python file object. Raises SafetensorError / OSError / ValueError as
+    ``safetensors.torch.load_file`` does (callers name the file)."""
+    path = Path(path)
+    if _utf8(path):
+        return safetensors.torch.load_file(str(path))
+    with open(path, "rb") as fh:
+        return safetensors.torch.load(fh.read())
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` map of a safetensors file's header (read as JSON data, at most 100 MB of
+    header, as the format allows); ValueError when the header is not one."""
+    import json
+
+    with open(Path(path), "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError("file shorter than a safetensors header")
+        size = int.from_bytes(head, "little")
+        if size > 100_000_000:
+            raise ValueError(f"header of {size} bytes, above the format's 100 MB")
+        raw = fh.read(size)
+    if len(raw) != size:
+        raise ValueError("header cut short")
+    header = json.loads(raw)
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` as safetensors to ``path`` (any path the file system takes). Raises
+    SafetensorError or OSError as ``safetensors.torch.save_file`` does."""
+    path = Path(path)
+    if _utf8(path):
+        safetensors.torch.save_file(dict(tensors), str(path), metadata=metadata)
+        return
+    data = safetensors.torch.save(dict(tensors), metadata=metadata)
+    with open(path, "wb") as fh:
+        fh.write(data)
+

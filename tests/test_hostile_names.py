@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+import nibabel as nib
 import pytest
 from hostile import HOSTILE_NAMES, hostile_dataset, snapshot
 from typer.testing import CliRunner
@@ -149,6 +150,25 @@ def test_train_and_report_on_a_dataset_with_the_name(bad_data: Path, tmp_path: P
                      "--no-progress"))
     assert f"report: {run / 'report.md'}" in succeeded(invoke("report", run))
     strict_utf8(run / "report.md")
+
+
+def test_a_run_folder_whose_own_name_is_not_utf8_trains_and_samples(bad_data: Path, tmp_path: Path) -> None:
+    """safetensors' own load_file/save_file take UTF-8 paths; medsynth writes and reads the run's weights
+    through Python file objects there, so a run folder named with byte 0xff trains, samples and reports."""
+    recipe = Path(__file__).resolve().parents[1] / "configs/tiny/gan2d.yaml"
+    try:
+        run = tmp_path / os.fsdecode(b"run\xff")
+        run.mkdir()
+        run.rmdir()
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    succeeded(invoke("train", recipe, "--data", bad_data, "--out", run, "--set", "training.max_steps=1",
+                     "--no-progress"))
+    assert (run / "model.safetensors").is_file()
+    mask = next((bad_data.parent / "labelsTr").iterdir())
+    out = tmp_path / "sample.nii.gz"
+    succeeded(invoke("sample", run, "--mask", mask, "--out", out, "--seed", 0))
+    assert nib.load(out).shape == nib.load(mask).shape
 
 
 # ------------------------------------------------------------------------------------ every hostile name

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from monai.networks.nets import resnet10, resnet18, resnet34, resnet50
 from monai.networks.nets.resnet import ResNet, get_medicalnet_pretrained_resnet_args
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors import SafetensorError
 
 from medsynth.errors import CheckpointError, DataError
-from medsynth.safe_weights import load_weights_into, load_weights_only
+from medsynth.safe_weights import load_weights_into, load_weights_only, read_safetensors, safetensors_metadata
 
 __all__ = [
     "FID_NETWORKS",
@@ -92,8 +91,7 @@ def _file_metadata(path: Path) -> dict[str, str]:
     if not path.name.lower().endswith(".safetensors"):
         return {}
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
+        return safetensors_metadata(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
@@ -108,7 +106,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     _refuse_suffix(path)
     if path.name.lower().endswith(".safetensors"):
         try:
-            return load_file(str(path))
+            return read_safetensors(path)
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     obj = load_weights_only(path)

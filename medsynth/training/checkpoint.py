@@ -224,7 +224,7 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     """
     import json
 
-    from safetensors.torch import save_file
+    from medsynth.safe_weights import write_safetensors
 
     plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"medsynth": json.dumps(metadata, sort_keys=True, default=str)}
@@ -232,7 +232,7 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
     with atomic_path(Path(path)) as tmp:
         try:
-            save_file(plain, str(tmp), metadata=meta)
+            write_safetensors(plain, tmp, meta)
         except SafetensorError as exc:  # "I/O error: No space left on device (os error 28)"
             raise write_error(Path(path), exc) from None
     return Path(path)

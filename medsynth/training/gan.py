@@ -28,6 +28,7 @@ from medsynth.errors import ConfigError
 from medsynth.models.appearance import AppearanceDistribution, case_mean_table
 from medsynth.models.gan import build_discriminator, build_generator, check_sizes, condition_map
 from medsynth.runcard import WEIGHTS_FILE
+from medsynth.safe_weights import read_safetensors
 from medsynth.seeds import Stream, derive_seed
 from medsynth.training.engine import FLIP_STREAM, Batch, FamilyBase, Runtime, flip_batch
 
@@ -136,9 +137,7 @@ class PerceptualLoss(nn.Module):
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.name.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        return read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
