@@ -618,7 +618,8 @@ def short_repr(value: object, limit: int = SHOWN_CHARS) -> str:
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One message listing every error with its dotted field path and the offending value."""
+    """One message listing every error with its dotted field path and the offending value (one line when
+    there is one error)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
@@ -630,7 +631,9 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         shown = "" if quiet else f" (got {short_repr(got)})"
         lines.append(f"  {short_text(loc, SHOWN_CHARS) or '(top level)'}: {short_text(msg, 4 * SHOWN_CHARS)}{shown}")
     n = len(lines)
-    return f"{source}: {n} invalid setting{'s' if n != 1 else ''}:\n" + "\n".join(lines)
+    if n == 1:  # one problem: one line
+        return f"{source}: invalid setting {lines[0].strip()}"
+    return f"{source}: {n} invalid settings:\n" + "\n".join(lines)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -112,3 +112,9 @@ def test_config_unreadable_files(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_one_bad_setting_is_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["training.steps=2"])
+    assert str(info.value) == "config: invalid setting training.steps: unknown field"
