@@ -29,6 +29,7 @@ from medsynth.bundles.labels import LabelMapping, add_body, apply_mapping, read_
 from medsynth.bundles.networks import MaisiNetworks, build, load_networks
 from medsynth.bundles.reader import Bundle, read_bundle
 from medsynth.data.nifti import Volume
+from medsynth.devices import resolve_device
 from medsynth.errors import ConfigError
 
 __all__ = ["HU_RANGE", "BundleSampler", "binarize_labels", "downsample_factor", "unet_conditions"]
@@ -85,12 +86,7 @@ class BundleSampler:
     def from_bundle(cls, root: str | Path, mapping: str | Path, *, device: str = "auto",
                     limits: FitLimits | None = None) -> BundleSampler:
         """Read the bundle at ``root`` and the mapping file, load the weights on ``device`` (auto, cpu, cuda)."""
-        if device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device: expected auto, cpu or cuda, got {device!r}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device: cuda was asked for but no CUDA device is available")
+        device = resolve_device(device)
         bundle = read_bundle(root)
         label_map = read_mapping(mapping, bundle)
         limits = limits or geometry.MAISI_LIMITS  # read at call time: the published limits

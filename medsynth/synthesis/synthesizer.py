@@ -106,6 +106,7 @@ class Synthesizer:
         (None: its default, :data:`medsynth.synthesis.tiling.DEFAULT_MAX_VOXELS`)."""
         import torch
 
+        from medsynth.devices import resolve_device
         from medsynth.distributed import torchrun_env
         from medsynth.registry import family_names, get_family, load_object
         from medsynth.runcard import read_run_card
@@ -114,12 +115,7 @@ class Synthesizer:
         if card.family not in family_names():
             raise CheckpointError(f"{card.path}: field 'family' is {card.family!r}, not a model family of this "
                                   f"installation (known: {', '.join(family_names())})")
-        if device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device: expected auto, cpu or cuda, got {device!r}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device: cuda was asked for but no CUDA device is available")
+        device = resolve_device(device)
         loader = load_object(get_family(card.family).backend)
         if not callable(loader):
             raise ConfigError(f"model family {card.family!r}: its backend {get_family(card.family).backend} "

@@ -458,14 +458,12 @@ def _init_distributed(cfg: Config) -> tuple[torch.device, int, int, int, bool]:
     import torch
     import torch.distributed as dist
 
+    from medsynth.devices import resolve_device
     from medsynth.distributed import torchrun_env
 
     env = torchrun_env()
     world, rank, local_rank = env.world_size, env.rank, env.local_rank
-    want = cfg.training.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("training.device: cuda was asked for but no CUDA device is available")
-    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(cfg.training.device, "training.device") == "cuda"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
