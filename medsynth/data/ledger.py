@@ -363,9 +363,9 @@ def output_lock(out: Path) -> Iterator[Path]:
                 out.rmdir()  # only if empty: a job that failed before writing leaves nothing behind
 
 
-def lock_holder(out: Path) -> str | None:
-    """The PID (as text) of another process holding :func:`output_lock` on ``out``; None if the lock
-    is free or held by this process."""
+def _holder(out: Path) -> str | None:
+    """The PID (as text, ``"unknown"`` when unreadable) written by whichever process holds
+    :func:`output_lock` on ``out``, this one included; None when nobody holds it."""
     import fcntl
 
     try:
@@ -375,8 +375,7 @@ def lock_holder(out: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid = _lock_pid(fd)
-        return None if pid == str(os.getpid()) else pid
+        return _lock_pid(fd)
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)  # nobody held it
         return None
@@ -384,23 +383,16 @@ def lock_holder(out: Path) -> str | None:
         os.close(fd)
 
 
+def lock_holder(out: Path) -> str | None:
+    """The PID (as text) of another process holding :func:`output_lock` on ``out``; None if the lock
+    is free or held by this process."""
+    pid = _holder(out)
+    return None if pid == str(os.getpid()) else pid
+
+
 def held_here(out: Path) -> bool:
     """Whether this process holds :func:`output_lock` on ``out``."""
-    import fcntl
-
-    try:
-        fd = os.open(Path(out) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _lock_pid(fd) == str(os.getpid())
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
+    return _holder(out) == str(os.getpid())
 
 
 # ------------------------------------------------------------------------------------ the one helper
