@@ -357,13 +357,7 @@ def register(
     # 2. centring and affine
     transform = _affine_stage(fixed_img, moving_img, settings, mask_img, clock)
     stages: tuple[str, ...] = ("affine",)
-    affine_folding = folding_fraction(_field(transform, fixed_img, settings.threads), fixed_affine)
-    if affine_folding > settings.max_folding_fraction:
-        raise RegistrationError(
-            f"the affine stage turns the moving image inside out ({100 * affine_folding:.2f} % of the fixed voxels "
-            "with Jacobian determinant <= 0): the two images hold mirror-image or different anatomy, or do not "
-            "overlap after centring (try initializer='moments')"
-        )
+    affine_only = transform
     converged = True
     # 3. deformable on top of the affine
     if settings.transform == "deformable":
@@ -382,6 +376,15 @@ def register(
         raise RegistrationError(f"the registration diverged: the {settings.resolved_metric} metric after it is not finite")
     folding = folding_fraction(field, fixed_affine)
     if folding > settings.max_folding_fraction:
+        # the affine stage alone folded (inside out): a clearer cause than the deformable stage's folding
+        affine_folding = folding if affine_only is transform else \
+            folding_fraction(_field(affine_only, fixed_img, settings.threads), fixed_affine)
+        if affine_folding > settings.max_folding_fraction:
+            raise RegistrationError(
+                f"the affine stage turns the moving image inside out ({100 * affine_folding:.2f} % of the fixed "
+                "voxels with Jacobian determinant <= 0): the two images hold mirror-image or different anatomy, or "
+                "do not overlap after centring (try initializer='moments')"
+            )
         raise RegistrationError(
             f"the registration folds {100 * folding:.2f} % of the fixed voxels (Jacobian determinant <= 0), above "
             f"max_folding_fraction={settings.max_folding_fraction:g}"
