@@ -15,6 +15,7 @@ safetensors files (tensors only, by construction) are read and written by :func:
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -138,8 +139,6 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The ``__metadata__`` map of a safetensors file's header (read as JSON data, at most 100 MB of
     header, as the format allows); ValueError when the header is not one."""
-    import json
-
     with open(Path(path), "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:

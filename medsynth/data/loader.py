@@ -614,7 +614,7 @@ def build_training_data(manifest: Manifest, cfg: DataConfig, *, seed: int, progr
         for flat, dtype in ((np.ravel(image), np.float32), (np.ravel(lab), np.int64)):
             for a in range(0, flat.size, _STAT_SLAB):
                 digest.update(np.ascontiguousarray(flat[a : a + _STAT_SLAB], dtype=dtype).tobytes())
-        index = lut.astype(np.int16)[lab] if lab.dtype.kind in "iu" else lut[lab.astype(np.int64)].astype(np.int16)
+        index = lut.astype(np.int16)[lab]  # load_case's labels are integers (compact_labels)
         fg: np.ndarray = np.zeros(0, np.int64)
         if cfg.dim == 2 and volume_ndim == 3 and cfg.foreground_slices:
             other = tuple(a for a in range(3) if a != cfg.slice_axis)
@@ -743,7 +743,8 @@ def label_mean_fill(means: np.ndarray, index: np.ndarray, sigma: float = 0.0,
     (:func:`medsynth.models.conditioning.fill_image` is the same on torch tensors.)"""
     from scipy.ndimage import gaussian_filter
 
-    fill = means[:, np.asarray(index)] if np.asarray(index).dtype.kind in "iu" else means[:, index.astype(np.int64)]
+    index = np.asarray(index)
+    fill = means[:, index if index.dtype.kind in "iu" else index.astype(np.int64)]
     if sigma <= 0:
         return fill
     axes = tuple(range(index.ndim)) if axes is None else axes
